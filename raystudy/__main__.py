@@ -1,0 +1,5 @@
+import sys
+
+from raystudy.cli import main
+
+sys.exit(main())

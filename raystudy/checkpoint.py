@@ -1,0 +1,71 @@
+"""Saving and safe loading of model files and resumable training states.
+
+Everything is loaded with `torch.load(weights_only=True)`: a file that would run code when
+unpickled is refused, and a truncated or foreign file gives a RaystudyError, not a crash in torch.
+Writes go to a temporary file first and are renamed into place, so a crash mid-write never
+leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from raystudy.errors import RaystudyError
+
+MODEL_FORMAT = "raystudy-model/1"
+STATE_FORMAT = "raystudy-train-state/1"
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def safe_load(path: Path, expected_format: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise RaystudyError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise RaystudyError(
+            f"refused to load {str(path)!r}: it holds objects other than tensors and plain data "
+            f"(loading it could run code); only raystudy checkpoints are accepted ({str(err).splitlines()[0]})"
+        ) from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise RaystudyError(f"{str(path)!r} is not a readable checkpoint (truncated or corrupt?): {err}") from err
+    if not isinstance(payload, dict) or payload.get("format") != expected_format:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise RaystudyError(f"{str(path)!r} is not a {expected_format} file (found {found!r})")
+    return payload
+
+
+def save_model(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
+    """Weights plus what rebuilds the model: name, classes, input size, normalization, config."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_save({"format": MODEL_FORMAT, "meta": json.dumps(meta, sort_keys=True), "state_dict": state}, path)
+
+
+def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild and load a model file written by `save_model` (eval mode)."""
+    from raystudy.models import build_model
+
+    payload = safe_load(path, MODEL_FORMAT)
+    meta = json.loads(payload["meta"])
+    model = build_model(meta["model"], meta["num_classes"], input_size=meta["input_size"], mean=meta["mean"], std=meta["std"])
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as err:
+        raise RaystudyError(f"{str(path)!r} does not match the {meta['model']!r} architecture: {err}") from err
+    return model.to(device).eval(), meta

@@ -1,0 +1,132 @@
+"""The typed, frozen configuration of one training run, and the schedule presets.
+
+Built once at the boundary (CLI flags, later the search-space YAML) and validated there: every
+check raises a RaystudyError naming the bad key. Below this module nothing takes a raw dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from raystudy.errors import RaystudyError
+from raystudy.mechanisms import get_mechanism
+from raystudy.mechanisms.lgv import LGV_BASES, LGV_BATCH, LGV_EPOCHS, LGV_LR, LGV_MODELS_PER_EPOCH
+
+PRECISIONS = ("fp32", "bf16")
+SCHEDULES = ("cosine", "constant")
+
+# METHOD.md's published schedule, and a short bf16 one for large studies.
+PRESETS: dict[str, dict[str, Any]] = {
+    "faithful": dict(epochs=200, batch_size=128, lr=0.1, momentum=0.9, weight_decay=1e-4, warmup_epochs=10,
+                     schedule="cosine", precision="fp32"),
+    # 40 epochs at batch 512 (4x the batch, 2x the lr), 2 warm-up epochs, bf16 autocast; ~1/20 of the
+    # faithful preset's steps. Weight decay 5e-4 makes up for the shorter run (the usual fast-CIFAR choice).
+    "fast": dict(epochs=40, batch_size=512, lr=0.2, momentum=0.9, weight_decay=5e-4, warmup_epochs=2,
+                 schedule="cosine", precision="bf16"),
+}
+# LGV fine-tuning from a trained surrogate (METHOD.md).
+LGV_SCHEDULE = dict(epochs=LGV_EPOCHS, batch_size=LGV_BATCH, lr=LGV_LR, momentum=0.9, weight_decay=1e-4,
+                    warmup_epochs=0, schedule="constant", snapshots_per_epoch=LGV_MODELS_PER_EPOCH)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    dataset: str = "cifar10"
+    model: str = "resnet18"
+    mechanism: str = "ST"
+    # Every magnitude of the mechanism (defaults filled in), as sorted (name, value) pairs.
+    magnitudes: tuple[tuple[str, float], ...] = ()
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 0.1                 # peak learning rate
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 10         # linear warm-up, then the schedule
+    schedule: str = "cosine"        # cosine decay to 0 per epoch, or constant
+    precision: str = "fp32"         # fp32 or bf16 autocast
+    seed: int = 0                   # weights, batches, augmentation, mechanisms
+    data_seed: int = 0              # which n_train / n_test subset (same for every trial)
+    deterministic: bool = False     # deterministic kernels (slower on GPU)
+    checkpoint_every: int = 1       # epochs between resumable checkpoints
+    n_train: int | None = None      # seeded class-balanced subsets; None = whole split
+    n_test: int | None = None
+    image_size: int = 32            # synthetic data only
+    pretrained: bool = False        # timm weights (ImageNette models)
+    init_checkpoint: str | None = None  # start from these weights (LGV)
+    lgv_base: str = "ST"            # LGV's update: ST (plain SGD), SAM or SAM&JR
+    snapshots_per_epoch: int = 0    # LGV: models saved per epoch
+    data_path: str | None = field(default=None, compare=False)  # where this machine keeps the data
+
+    def __post_init__(self) -> None:
+        spec = get_mechanism(self.recipe_mechanism)
+        resolved = spec.resolve(dict(self.magnitudes), self.dataset)
+        object.__setattr__(self, "magnitudes", tuple(sorted(resolved.items())))
+        _check(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        _check(self.lr > 0, "lr", self.lr, "must be > 0")
+        _check(0 <= self.momentum < 1, "momentum", self.momentum, "must be in [0, 1)")
+        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        _check(self.warmup_epochs == 0 or 0 < self.warmup_epochs < self.epochs, "warmup_epochs",
+               self.warmup_epochs, f"must be 0 or below epochs={self.epochs}")
+        _check(self.schedule in SCHEDULES, "schedule", self.schedule, f"must be one of {', '.join(SCHEDULES)}")
+        _check(self.precision in PRECISIONS, "precision", self.precision, f"must be one of {', '.join(PRECISIONS)}")
+        _check(self.seed >= 0 and self.data_seed >= 0, "seed", self.seed, "must be >= 0")
+        _check(self.checkpoint_every >= 1, "checkpoint_every", self.checkpoint_every, "must be >= 1")
+        for key in ("n_train", "n_test"):
+            value = getattr(self, key)
+            _check(value is None or value >= 1, key, value, "must be >= 1")
+        if self.mechanism == "LGV":
+            _check(self.lgv_base in LGV_BASES, "lgv_base", self.lgv_base, f"must be one of {', '.join(LGV_BASES)}")
+            _check(self.init_checkpoint is not None, "init_checkpoint", None,
+                   "LGV fine-tunes a trained surrogate: pass its checkpoint (--init)")
+            _check(self.snapshots_per_epoch >= 1, "snapshots_per_epoch", self.snapshots_per_epoch, "must be >= 1 for LGV")
+
+    @property
+    def recipe_mechanism(self) -> str:
+        """The mechanism whose loss and update rule a step uses (LGV's base for LGV)."""
+        return self.lgv_base if self.mechanism == "LGV" else self.mechanism
+
+    def recipe(self):
+        return get_mechanism(self.recipe_mechanism).recipe(dict(self.magnitudes), self.dataset)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise RaystudyError(f"unknown training setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        values = dict(values)
+        if "magnitudes" in values:
+            values["magnitudes"] = tuple((str(k), float(v)) for k, v in dict(values["magnitudes"]).items())
+        return cls(**values)
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides: Any) -> "TrainConfig":
+        if preset not in PRESETS:
+            raise RaystudyError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+        base = dict(PRESETS[preset])
+        if overrides.get("mechanism") == "LGV":
+            base.update(LGV_SCHEDULE)
+        if overrides.get("epochs") is not None and overrides.get("warmup_epochs") is None:
+            # A shorter run keeps the preset's warm-up fraction (10/200 faithful, 2/40 fast).
+            base["warmup_epochs"] = base["warmup_epochs"] * overrides["epochs"] // base["epochs"]
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(base)
+
+    def differences(self, other: "TrainConfig") -> list[str]:
+        """Names of the settings (except where the data lives) in which two configs differ."""
+        return [f.name for f in dataclasses.fields(self) if f.compare and getattr(self, f.name) != getattr(other, f.name)]
+
+
+def _check(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise RaystudyError(f"{key}={value!r} {why}")

@@ -1,0 +1,358 @@
+"""Datasets as uint8 tensors on the training device, with batching and augmentation there too.
+
+CIFAR-sized data is decoded once (the decoded array is cached on disk), moved to the device as one
+uint8 tensor, and every batch is cut, cropped and flipped on that device: no DataLoader workers,
+no per-batch host-to-device copies.
+
+Sources, in this order, for `cifar10`: an explicit path (`--data` or `RAYSTUDY_DATA`) holding
+torchvision's `cifar-10-batches-py`, an image-folder layout (`train/<class>/*.png|jpg`,
+`test/<class>/...`) or the packed-JPEG archives (`train.npz`, `test.npz`); else torchvision's
+download into the cache. `imagenette` needs an image-folder layout (`train/`, `val/`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import pickle
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from raystudy.errors import RaystudyError
+from raystudy.models import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
+
+DATASETS = ("cifar10", "imagenette", "synthetic")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".JPEG", ".JPG", ".PNG")
+IMAGENETTE_SIZE = 224
+
+
+@dataclass(frozen=True)
+class Split:
+    images: torch.Tensor  # uint8 (N, 3, H, W)
+    labels: torch.Tensor  # int64 (N,)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def to(self, device: torch.device | str) -> "Split":
+        return Split(self.images.to(device), self.labels.to(device))
+
+    def subset(self, indices: np.ndarray) -> "Split":
+        idx = torch.as_tensor(indices, dtype=torch.long, device=self.labels.device)
+        return Split(self.images[idx], self.labels[idx])
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    train: Split
+    test: Split
+    classes: tuple[str, ...]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train.images.shape[-1])
+
+    def to(self, device: torch.device | str) -> "Dataset":
+        return Dataset(self.name, self.train.to(device), self.test.to(device), self.classes, self.mean, self.std)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+
+
+def load_dataset(
+    name: str,
+    data_path: str | os.PathLike | None = None,
+    n_train: int | None = None,
+    n_test: int | None = None,
+    seed: int = 0,
+    image_size: int = 32,
+    num_classes: int = 10,
+) -> Dataset:
+    """Load `name` on the CPU; `n_train`/`n_test` draw seeded, class-balanced subsets.
+
+    `image_size` and `num_classes` only shape the `synthetic` dataset.
+    """
+    if name == "synthetic":
+        ds = make_synthetic(n_train or 512, n_test or 256, num_classes=num_classes, image_size=image_size, seed=seed)
+        return ds  # already of the requested sizes
+    if name == "cifar10":
+        ds = _load_cifar10(_resolve_path(data_path, required=False))
+    elif name == "imagenette":
+        ds = _load_imagenette(_resolve_path(data_path, required=True))
+    else:
+        raise RaystudyError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    return subsample(ds, n_train, n_test, seed)
+
+
+def subsample(ds: Dataset, n_train: int | None, n_test: int | None, seed: int) -> Dataset:
+    train = ds.train.subset(balanced_subset(ds.train.labels, n_train, seed)) if n_train else ds.train
+    test = ds.test.subset(balanced_subset(ds.test.labels, n_test, seed + 1)) if n_test else ds.test
+    return Dataset(ds.name, train, test, ds.classes, ds.mean, ds.std)
+
+
+def balanced_subset(labels: torch.Tensor, n: int, seed: int) -> np.ndarray:
+    """`n` indices drawn at random (seeded), as equal per class as `n` allows, sorted."""
+    labels_np = labels.cpu().numpy()
+    if n > len(labels_np):
+        raise RaystudyError(f"asked for a subset of {n} images but the split has only {len(labels_np)}")
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels_np)
+    per_class = np.full(len(classes), n // len(classes))
+    per_class[rng.choice(len(classes), n % len(classes), replace=False)] += 1
+    picks = []
+    for c, k in zip(classes, per_class):
+        members = np.flatnonzero(labels_np == c)
+        if k > len(members):
+            raise RaystudyError(f"class {c} has {len(members)} images, fewer than the {k} a balanced subset needs")
+        picks.append(rng.choice(members, k, replace=False))
+    return np.sort(np.concatenate(picks))
+
+
+def _resolve_path(data_path, required: bool) -> Path | None:
+    path = data_path or os.environ.get("RAYSTUDY_DATA")
+    if not path:
+        if required:
+            raise RaystudyError("no data path: pass --data PATH or set RAYSTUDY_DATA (an image folder with train/ and val/)")
+        return None
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise RaystudyError(f"data path {str(path)!r} is not a folder")
+    return path
+
+
+def cache_dir() -> Path:
+    root = Path(os.environ.get("RAYSTUDY_CACHE", Path.home() / ".cache" / "raystudy")).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@contextmanager
+def _file_lock(name: str):
+    """Concurrent trials on one node share the cache; only one decodes or downloads."""
+    with open(cache_dir() / f"{name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _cached_array(key: str, build) -> np.ndarray:
+    """`build()` once per `key`; the result lives in the cache as a .npy (no pickles)."""
+    target = cache_dir() / f"{key}.npy"
+    with _file_lock(key):
+        if not target.exists():
+            array = build()
+            tmp = target.with_suffix(f".tmp{os.getpid()}.npy")
+            np.save(tmp, array, allow_pickle=False)
+            os.replace(tmp, target)
+    return np.load(target, allow_pickle=False)
+
+
+def _fingerprint(path: Path) -> str:
+    stat = path.stat()
+    return hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR-10
+
+
+def _load_cifar10(path: Path | None) -> Dataset:
+    if path is None:
+        train, test, classes = _download_cifar10()
+    elif (path / "cifar-10-batches-py").is_dir() or (path / "data_batch_1").is_file():
+        batches = path / "cifar-10-batches-py" if (path / "cifar-10-batches-py").is_dir() else path
+        train, test, classes = _read_cifar_batches(batches)
+    elif (path / "train.npz").is_file() and (path / "test.npz").is_file():
+        train, test = read_packed_jpeg(path / "train.npz"), read_packed_jpeg(path / "test.npz")
+        classes = _npz_classes(path / "test.npz")
+    elif (path / "train").is_dir() and (path / "test").is_dir():
+        train, classes = read_image_folder(path / "train", size=None)
+        test, _ = read_image_folder(path / "test", size=None, classes=classes)
+    else:
+        raise RaystudyError(
+            f"{str(path)!r} holds no CIFAR-10 in a known layout: expected cifar-10-batches-py/, "
+            "train.npz + test.npz (packed JPEG) or train/<class>/ + test/<class>/ image folders"
+        )
+    return Dataset("cifar10", train, test, tuple(classes), CIFAR10_MEAN, CIFAR10_STD)
+
+
+def _download_cifar10():
+    """torchvision's download into the cache, for users with internet."""
+    import torchvision
+
+    root = cache_dir() / "torchvision"
+    try:
+        with _file_lock("cifar10-download"):
+            train = torchvision.datasets.CIFAR10(root, train=True, download=True)
+            test = torchvision.datasets.CIFAR10(root, train=False, download=True)
+    except (OSError, RuntimeError) as err:  # URLError is an OSError
+        raise RaystudyError(
+            f"CIFAR-10 is not on this machine and could not be downloaded ({err}); pass --data PATH or set "
+            "RAYSTUDY_DATA to a folder holding cifar-10-batches-py/, train.npz + test.npz, or train/ + test/"
+        ) from err
+    as_split = lambda d: Split(_nhwc_to_tensor(d.data), torch.tensor(d.targets, dtype=torch.long))
+    return as_split(train), as_split(test), train.classes
+
+
+def _read_cifar_batches(folder: Path):
+    def read(names):
+        images, labels = [], []
+        for name in names:
+            if not (folder / name).is_file():
+                raise RaystudyError(f"{str(folder / name)!r} is missing from the CIFAR-10 batches")
+            with open(folder / name, "rb") as handle:
+                entry = pickle.load(handle, encoding="bytes")  # torchvision's own format
+            images.append(entry[b"data"].reshape(-1, 3, 32, 32))
+            labels.extend(entry[b"labels"])
+        return Split(torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.long))
+
+    with open(folder / "batches.meta", "rb") as handle:
+        classes = [c.decode() for c in pickle.load(handle, encoding="bytes")[b"label_names"]]
+    return read([f"data_batch_{i}" for i in range(1, 6)]), read(["test_batch"]), classes
+
+
+def read_packed_jpeg(path: Path) -> Split:
+    """Decode a packed-JPEG archive (`jpeg`, `offsets`, `labels`) once; later calls read the cache."""
+
+    def decode() -> np.ndarray:
+        import torchvision.io
+
+        with np.load(path, allow_pickle=False) as archive:
+            blob, offsets = archive["jpeg"], archive["offsets"]
+        chunks = [torch.from_numpy(blob[offsets[i] : offsets[i + 1]]) for i in range(len(offsets) - 1)]
+        decoded = torchvision.io.decode_jpeg(chunks, mode=torchvision.io.ImageReadMode.RGB)
+        return torch.stack(decoded).numpy()
+
+    images = _cached_array(f"packed-{path.stem}-{_fingerprint(path)}", decode)
+    with np.load(path, allow_pickle=False) as archive:
+        labels = torch.from_numpy(archive["labels"].astype(np.int64))
+    return Split(torch.from_numpy(images), labels)
+
+
+def _npz_classes(path: Path) -> list[str]:
+    with np.load(path, allow_pickle=False) as archive:
+        return [str(c) for c in archive["classes"]]
+
+
+def _nhwc_to_tensor(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(0, 3, 1, 2)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folders (CIFAR exported as files, ImageNette)
+
+
+def read_image_folder(root: Path, size: int | None, classes: list[str] | None = None) -> tuple[Split, list[str]]:
+    """`root/<class>/<image>`; images resized (shorter side) and centre-cropped to `size` if given."""
+    classes = classes or sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise RaystudyError(f"{str(root)!r} has no class folders")
+    files = [(f, label) for label, c in enumerate(classes) for f in sorted((root / c).glob("*")) if f.suffix in IMAGE_SUFFIXES]
+    if not files:
+        raise RaystudyError(f"{str(root)!r} has no images ({', '.join(IMAGE_SUFFIXES[:3])}) in its class folders")
+
+    def decode() -> np.ndarray:
+        return torch.stack([_read_image(f, size) for f, _ in files]).numpy()
+
+    key = hashlib.sha1("|".join(f"{f}:{f.stat().st_size}" for f, _ in files).encode()).hexdigest()[:12]
+    images = _cached_array(f"folder-{root.name}-{size}-{key}", decode)
+    labels = torch.tensor([label for _, label in files], dtype=torch.long)
+    return Split(torch.from_numpy(images), labels), classes
+
+
+def _read_image(path: Path, size: int | None) -> torch.Tensor:
+    import torchvision.io
+    import torchvision.transforms.v2.functional as TF
+
+    try:
+        image = torchvision.io.decode_image(str(path), mode=torchvision.io.ImageReadMode.RGB)
+    except RuntimeError as err:
+        raise RaystudyError(f"cannot decode image {str(path)!r}: {err}") from err
+    if size is not None:
+        image = TF.center_crop(TF.resize(image, size, antialias=True), [size, size])
+    return image
+
+
+def _load_imagenette(path: Path) -> Dataset:
+    if not ((path / "train").is_dir() and (path / "val").is_dir()):
+        raise RaystudyError(f"{str(path)!r} is not an ImageNette folder: expected train/<class>/ and val/<class>/")
+    train, classes = read_image_folder(path / "train", size=IMAGENETTE_SIZE)
+    test, _ = read_image_folder(path / "val", size=IMAGENETTE_SIZE, classes=classes)
+    return Dataset("imagenette", train, test, tuple(classes), IMAGENET_MEAN, IMAGENET_STD)
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic
+
+
+def make_synthetic(n_train: int, n_test: int, num_classes: int = 10, image_size: int = 32, seed: int = 0) -> Dataset:
+    """Class-separable images: a smooth random colour pattern per class plus pixel noise."""
+    gen = torch.Generator().manual_seed(seed)
+    prototypes = torch.rand(num_classes, 3, 2, 2, generator=gen)
+    prototypes = F.interpolate(prototypes, size=(image_size, image_size), mode="bilinear", align_corners=False)
+
+    def draw(n: int) -> Split:
+        labels = torch.arange(n) % num_classes
+        labels = labels[torch.randperm(n, generator=gen)]
+        noise = torch.randn(n, 3, image_size, image_size, generator=gen) * 0.1
+        images = ((prototypes[labels] + noise).clamp(0, 1) * 255).round().to(torch.uint8)
+        return Split(images, labels)
+
+    classes = tuple(f"class{i}" for i in range(num_classes))
+    return Dataset("synthetic", draw(n_train), draw(n_test), classes, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches on the device
+
+
+def random_crop_flip(images: torch.Tensor, pad: int) -> torch.Tensor:
+    """Per-sample random crop from a zero-padded image and a random horizontal flip (any dtype)."""
+    b, c, h, w = images.shape
+    device = images.device
+    padded = F.pad(images, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b,), device=device)
+    dx = torch.randint(0, 2 * pad + 1, (b,), device=device)
+    rows = (dy[:, None] + torch.arange(h, device=device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=device))[:, None, None, :]
+    batch = torch.arange(b, device=device)[:, None, None, None]
+    channel = torch.arange(c, device=device)[None, :, None, None]
+    out = padded[batch, channel, rows, cols]
+    flip = torch.rand(b, device=device) < 0.5
+    return torch.where(flip[:, None, None, None], out.flip(3), out)
+
+
+def train_batches(split: Split, batch_size: int, augment: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of shuffled batches in [0, 1], the last partial batch dropped (as published)."""
+    n = len(split)
+    batch_size = min(batch_size, n)
+    order = torch.randperm(n, device=split.labels.device)
+    pad = max(1, split.images.shape[-1] // 8)  # 4 px on 32 px images
+    for start in range(0, n - batch_size + 1, batch_size):
+        idx = order[start : start + batch_size]
+        images = split.images[idx]
+        if augment:
+            images = random_crop_flip(images, pad)
+        yield images.float().div_(255), split.labels[idx]
+
+
+def eval_batches(split: Split, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for start in range(0, len(split), batch_size):
+        yield split.images[start : start + batch_size].float().div_(255), split.labels[start : start + batch_size]

@@ -1,0 +1,106 @@
+"""Data augmentations as batch transforms on the device: mixup (MU), cutmix (CM), cutout (CO).
+
+MU and CM act per sample with probability p, with a random partner from the same batch, and mix
+the soft labels by the same weights; the published code applies them in two independent rounds.
+Beta(1, 1) is the uniform distribution, so mixing weights are drawn with torch.rand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from raystudy.mechanisms.base import MechanismSpec, Param, Recipe, register
+
+ROUNDS = 2  # independent rounds of MU / CM per batch, as in the published code
+
+PROBABILITY_GRID = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+def _probability(meaning: str) -> Param:
+    return Param("p", meaning, grids={"cifar10": PROBABILITY_GRID, "imagenette": PROBABILITY_GRID},
+                 defaults={"cifar10": 0.1, "imagenette": 0.1}, low=0.0, high=1.0, low_inclusive=True)
+
+
+CUTOUT_SIZE = Param(
+    "size", "cutout square side in pixels (at most)",
+    grids={"cifar10": (8, 12, 16, 20, 24), "imagenette": (80, 100, 120, 140, 160)},
+    defaults={"cifar10": 8, "imagenette": 80}, low=0.0, integer=True,
+)
+
+
+def _box_masks(b: int, h: int, w: int, box_h: torch.Tensor, box_w: torch.Tensor, device) -> torch.Tensor:
+    """Boolean (B, 1, H, W) masks of boxes of the given sides at random centres, clipped at borders."""
+    cy = torch.randint(0, h, (b,), device=device)
+    cx = torch.randint(0, w, (b,), device=device)
+    y0, y1 = (cy - box_h // 2).clamp(0, h), (cy + box_h - box_h // 2).clamp(0, h)
+    x0, x1 = (cx - box_w // 2).clamp(0, w), (cx + box_w - box_w // 2).clamp(0, w)
+    rows = torch.arange(h, device=device)[None, :, None]
+    cols = torch.arange(w, device=device)[None, None, :]
+    inside = (rows >= y0[:, None, None]) & (rows < y1[:, None, None]) & (cols >= x0[:, None, None]) & (cols < x1[:, None, None])
+    return inside[:, None]
+
+
+@dataclass(frozen=True)
+class Mixup:
+    p: float
+    rounds: int = ROUNDS
+
+    def __call__(self, x: torch.Tensor, y_soft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        for _ in range(self.rounds):
+            b = x.shape[0]
+            partner = torch.randperm(b, device=x.device)
+            weight = torch.rand(b, device=x.device)
+            weight = torch.where(torch.rand(b, device=x.device) < self.p, weight, torch.ones_like(weight))
+            x = weight[:, None, None, None] * x + (1 - weight[:, None, None, None]) * x[partner]
+            y_soft = weight[:, None] * y_soft + (1 - weight[:, None]) * y_soft[partner]
+        return x, y_soft
+
+
+@dataclass(frozen=True)
+class CutMix:
+    p: float
+    rounds: int = ROUNDS
+
+    def __call__(self, x: torch.Tensor, y_soft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        for _ in range(self.rounds):
+            b, _, h, w = x.shape
+            partner = torch.randperm(b, device=x.device)
+            side = torch.sqrt(1 - torch.rand(b, device=x.device))  # box side S * sqrt(1 - b)
+            apply = torch.rand(b, device=x.device) < self.p
+            box_h = torch.where(apply, (h * side).long(), 0)
+            box_w = torch.where(apply, (w * side).long(), 0)
+            mask = _box_masks(b, h, w, box_h, box_w, x.device)
+            area = mask.float().mean(dim=(1, 2, 3))  # the pasted (clipped) fraction sets the label weight
+            x = torch.where(mask, x[partner], x)
+            y_soft = (1 - area[:, None]) * y_soft + area[:, None] * y_soft[partner]
+        return x, y_soft
+
+
+@dataclass(frozen=True)
+class Cutout:
+    size: int
+
+    def __call__(self, x: torch.Tensor, y_soft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, _, h, w = x.shape
+        side = torch.full((b,), int(self.size), device=x.device)
+        mask = _box_masks(b, h, w, side, side, x.device)
+        return x.masked_fill(mask, 0.0), y_soft
+
+
+register(MechanismSpec(
+    "MU", "mixup with probability p per sample (2 rounds)", (_probability("mixup probability per sample"),),
+    lambda m, family: Recipe(transform=Mixup(m["p"])),
+    tau5={"cifar10": {"p": 0.9}, "imagenette": {"p": 0.9}},
+))
+register(MechanismSpec(
+    "CM", "cutmix with probability p per sample (2 rounds)", (_probability("cutmix probability per sample"),),
+    lambda m, family: Recipe(transform=CutMix(m["p"])),
+    tau5={"cifar10": {"p": 0.9}, "imagenette": {"p": 0.9}},
+))
+register(MechanismSpec(
+    "CO", "cutout of a random square of side up to M", (CUTOUT_SIZE,),
+    lambda m, family: Recipe(transform=Cutout(int(m["size"]))),
+    tau5={"cifar10": {"size": 24}, "imagenette": {"size": 160}},
+))

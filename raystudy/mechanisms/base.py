@@ -1,0 +1,149 @@
+"""What a training mechanism is, and the registry of them.
+
+A mechanism (METHOD.md's table) combines three independent parts:
+  * a batch transform  (x, y_soft) -> (x, y_soft): identity, mixup, cutmix, cutout;
+  * loss terms on the (possibly adversarial) batch: cross-entropy with optional label smoothing,
+    plus penalties (IR, JR, ER) that share the forward pass;
+  * an update rule: SGD, or SAM wrapping it.
+A `MechanismSpec` names its magnitude parameters (with METHOD.md's grids and defaults) and turns
+their values into a `Recipe` of those parts; SAM&JR is a spec whose recipe has SAM and the JR
+penalty, not a new class of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Protocol
+
+import torch
+from torch import nn
+
+from raystudy.errors import RaystudyError
+
+# Which magnitude grid a dataset uses: CIFAR-sized data the CIFAR-10 grid, ImageNette its own.
+GRID_FAMILY = {"cifar10": "cifar10", "synthetic": "cifar10", "imagenette": "imagenette"}
+
+
+class BatchTransform(Protocol):
+    def __call__(self, x: torch.Tensor, y_soft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class Adversary(Protocol):
+    def __call__(self, model: nn.Module, x: torch.Tensor, y_soft: torch.Tensor) -> torch.Tensor: ...
+
+
+class Penalty(Protocol):
+    """A loss term added to the mean cross-entropy, computed from the same forward pass."""
+
+    name: str
+    needs_input_grad: bool
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, logits: torch.Tensor, ce: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The parts of one training step; `None` means the part is absent."""
+
+    transform: BatchTransform | None = None
+    label_smoothing: float = 0.0
+    adversary: Adversary | None = None
+    penalties: tuple[Penalty, ...] = ()
+    sam_rho: float | None = None
+
+
+@dataclass(frozen=True)
+class Param:
+    """A magnitude parameter: its grids and defaults per dataset family, and its valid range."""
+
+    name: str
+    meaning: str
+    grids: Mapping[str, tuple[float, ...]]
+    defaults: Mapping[str, float]
+    low: float
+    high: float = float("inf")
+    low_inclusive: bool = False
+    integer: bool = False
+
+    def check(self, value: float, mechanism: str) -> float:
+        above_low = value >= self.low if self.low_inclusive else value > self.low
+        if not (above_low and value <= self.high):
+            bound = "[" if self.low_inclusive else "("
+            raise RaystudyError(
+                f"{mechanism}: {self.name}={value:g} is outside {bound}{self.low:g}, {self.high:g}]"
+            )
+        if self.integer and value != int(value):
+            raise RaystudyError(f"{mechanism}: {self.name} must be a whole number of pixels, got {value:g}")
+        return float(value)
+
+
+@dataclass(frozen=True)
+class MechanismSpec:
+    name: str
+    summary: str
+    params: tuple[Param, ...]
+    build: Callable[[Mapping[str, float], str], Recipe] = field(repr=False)
+    # Magnitudes of the headline table's second row (augmentations at tau=5); empty if none.
+    tau5: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+
+    def default_magnitudes(self, dataset: str) -> dict[str, float]:
+        family = grid_family(dataset)
+        return {p.name: p.defaults[family] for p in self.params}
+
+    def resolve(self, magnitudes: Mapping[str, float] | None, dataset: str) -> dict[str, float]:
+        """Defaults for the dataset overlaid with `magnitudes`, each checked; unknown names are errors."""
+        values = self.default_magnitudes(dataset)
+        known = {p.name: p for p in self.params}
+        for name, value in (magnitudes or {}).items():
+            if name not in known:
+                valid = ", ".join(known) or "none"
+                raise RaystudyError(f"{self.name} has no magnitude {name!r}; its magnitudes: {valid}")
+            values[name] = known[name].check(float(value), self.name)
+        return values
+
+    def recipe(self, magnitudes: Mapping[str, float] | None, dataset: str) -> Recipe:
+        return self.build(self.resolve(magnitudes, dataset), grid_family(dataset))
+
+
+MECHANISMS: dict[str, MechanismSpec] = {}
+
+
+def register(spec: MechanismSpec) -> MechanismSpec:
+    if spec.name in MECHANISMS:
+        raise ValueError(f"mechanism {spec.name!r} registered twice")
+    MECHANISMS[spec.name] = spec
+    return spec
+
+
+def get_mechanism(name: str) -> MechanismSpec:
+    if name not in MECHANISMS:
+        raise RaystudyError(f"unknown mechanism {name!r}; valid: {', '.join(MECHANISMS)}")
+    return MECHANISMS[name]
+
+
+def grid_family(dataset: str) -> str:
+    if dataset not in GRID_FAMILY:
+        raise RaystudyError(f"unknown dataset {dataset!r}; known: {', '.join(GRID_FAMILY)}")
+    return GRID_FAMILY[dataset]
+
+
+def parse_magnitudes(text: str | None, spec: MechanismSpec) -> dict[str, float]:
+    """'0.1' for a one-parameter mechanism, or 'rho=0.1,lambda_jr=1e-4'."""
+    if text is None or text.strip() == "":
+        return {}
+    pairs = [part.strip() for part in text.split(",") if part.strip()]
+    if len(pairs) == 1 and "=" not in pairs[0]:
+        if len(spec.params) != 1:
+            names = ", ".join(p.name for p in spec.params) or "no magnitude"
+            raise RaystudyError(f"{spec.name} takes {names}: write --magnitude name=value[,name=value]")
+        pairs = [f"{spec.params[0].name}={pairs[0]}"]
+    values = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        try:
+            values[name.strip()] = float(value)
+        except ValueError:
+            raise RaystudyError(f"magnitude {pair!r} is not name=number") from None
+        if not sep:
+            raise RaystudyError(f"magnitude {pair!r} is not name=number")
+    return values

@@ -1,0 +1,161 @@
+"""Model zoo: CIFAR variants of torchvision architectures, timm models for ImageNet-sized data.
+
+Every model built here takes [0, 1] pixels: the dataset normalization is its first layer, so
+attacks and metrics work in pixel space (as torchattacks expects). All models end in an adaptive
+pooling layer, so they also accept the enlarged images of the DI attack.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from raystudy.errors import RaystudyError
+
+# Inputs at most this large get the CIFAR variants (3x3 stem, no early down-sampling).
+CIFAR_MAX_INPUT = 64
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel; the first layer of every model."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def _cifar_resnet(factory: Callable[..., nn.Module]) -> Callable[[int], nn.Module]:
+    def build(num_classes: int) -> nn.Module:
+        net = factory(weights=None, num_classes=num_classes)
+        # CIFAR stem: 3x3 stride-1 convolution, no max-pool (the ImageNet stem would shrink 32 px to 8).
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+        return net
+
+    return build
+
+
+def _cifar_vgg16(num_classes: int) -> nn.Module:
+    from torchvision.models import vgg16_bn
+
+    net = vgg16_bn(weights=None)
+    # Five max-pools take 32 px to 1 px: a single linear classifier on the 512 features.
+    net.avgpool = nn.AdaptiveAvgPool2d(1)
+    net.classifier = nn.Linear(512, num_classes)
+    return net
+
+
+def _cifar_densenet121(num_classes: int) -> nn.Module:
+    from torchvision.models import densenet121
+
+    net = densenet121(weights=None, num_classes=num_classes)
+    net.features.conv0 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    net.features.pool0 = nn.Identity()
+    return net
+
+
+def _cifar_inception_v3(num_classes: int) -> nn.Module:
+    from torchvision.models import inception_v3
+    from torchvision.models.inception import BasicConv2d
+
+    net = inception_v3(weights=None, aux_logits=False, init_weights=True, num_classes=num_classes)
+    # The usual CIFAR variant: one 3x3 stride-1 convolution to 192 channels replaces the stem.
+    net.Conv2d_1a_3x3 = BasicConv2d(3, 192, kernel_size=3, stride=1, padding=1)
+    for name in ("Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3", "maxpool2"):
+        setattr(net, name, nn.Identity())
+    return net
+
+
+class TinyCNN(nn.Module):
+    """Two conv blocks and a linear head: fast enough for CPU tests."""
+
+    def __init__(self, num_classes: int, width: int = 16):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.head = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _torchvision(name: str) -> Callable[..., nn.Module]:
+    import torchvision.models
+
+    return getattr(torchvision.models, name)
+
+
+CIFAR_MODELS: dict[str, Callable[[int], nn.Module]] = {
+    "resnet18": lambda c: _cifar_resnet(_torchvision("resnet18"))(c),
+    "resnet50": lambda c: _cifar_resnet(_torchvision("resnet50"))(c),
+    "vgg16": _cifar_vgg16,
+    "inception_v3": _cifar_inception_v3,
+    "densenet121": _cifar_densenet121,
+    "tiny_cnn": TinyCNN,
+}
+
+
+def build_model(
+    name: str,
+    num_classes: int,
+    pretrained: bool = False,
+    input_size: int = 32,
+    mean: Sequence[float] = CIFAR10_MEAN,
+    std: Sequence[float] = CIFAR10_STD,
+) -> nn.Module:
+    """Build `name` for images of `input_size` pixels, normalization included.
+
+    Small inputs (CIFAR-sized) use the CIFAR variants in `CIFAR_MODELS`; larger ones any timm
+    model by name (`pretrained=True` loads timm's weights, which needs the network).
+    """
+    if input_size <= CIFAR_MAX_INPUT:
+        if name not in CIFAR_MODELS:
+            raise RaystudyError(
+                f"unknown model {name!r} for {input_size}px inputs; known: {', '.join(sorted(CIFAR_MODELS))}"
+            )
+        if pretrained:
+            raise RaystudyError(f"no pretrained weights for the CIFAR variant of {name!r}")
+        net = CIFAR_MODELS[name](num_classes)
+    else:
+        net = _build_timm(name, num_classes, pretrained)
+    return nn.Sequential(Normalize(mean, std), net)
+
+
+def _build_timm(name: str, num_classes: int, pretrained: bool) -> nn.Module:
+    import timm
+
+    if not timm.is_model(name):
+        examples = "resnet50, vgg16, densenet121, mobilenetv2_100, xception41"
+        raise RaystudyError(f"unknown model {name!r}: not a timm model (e.g. {examples}; see timm.list_models())")
+    try:
+        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
+    except (OSError, RuntimeError, ValueError) as err:  # hub download failures surface as these
+        if not pretrained:
+            raise
+        raise RaystudyError(
+            f"could not load timm's pretrained weights for {name!r} ({type(err).__name__}: {err}); "
+            "they are downloaded from the Hugging Face hub: check the network, or set HF_HUB_OFFLINE=1 "
+            "with the weights already in the cache"
+        ) from err
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode and no parameter gradients: how targets are used."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

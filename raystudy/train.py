@@ -1,0 +1,242 @@
+"""The training loop: one model (surrogate, target, or LGV ensemble) from a TrainConfig.
+
+SGD with momentum and weight decay, linear warm-up then cosine decay per epoch (METHOD.md), a
+mechanism's recipe for each step, bf16 autocast optional, channels_last on CUDA. With an output
+folder it writes a resumable checkpoint every `checkpoint_every` epochs (model, optimizer, RNG
+states, history): rerun with the same folder and it continues where it stopped and ends with the
+same weights as an uninterrupted run (deterministic mode). No Ray here: the Ray trainable hangs
+its reporting on `on_epoch_end`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from raystudy import __version__
+from raystudy.checkpoint import STATE_FORMAT, atomic_save, load_model, safe_load, save_model
+from raystudy.config import TrainConfig
+from raystudy.data import Dataset, eval_batches, load_dataset, train_batches
+from raystudy.errors import RaystudyError
+from raystudy.mechanisms import training_step
+from raystudy.mechanisms.sam import SAM
+from raystudy.models import build_model
+
+STATE_FILE = "checkpoint.pt"   # resumable training state (latest)
+MODEL_FILE = "model.pt"        # final weights, what `evaluate` and targets load
+METRICS_FILE = "metrics.json"  # per-epoch records
+LGV_DIR = "lgv"                # LGV snapshots
+
+
+class TrainingDiverged(RaystudyError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    history: list[dict[str, float]] = field(default_factory=list)
+    snapshots: list[Path] = field(default_factory=list)
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # CPU and every CUDA device
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def learning_rate(config: TrainConfig, epoch: int) -> float:
+    """Per-epoch lr: linear warm-up to the peak, then cosine decay to 0 (or constant)."""
+    if epoch < config.warmup_epochs:
+        return config.lr * (epoch + 1) / config.warmup_epochs
+    if config.schedule == "constant":
+        return config.lr
+    progress = (epoch - config.warmup_epochs) / max(1, config.epochs - config.warmup_epochs)
+    return 0.5 * config.lr * (1 + math.cos(math.pi * progress))
+
+
+def model_meta(config: TrainConfig, dataset: Dataset) -> dict[str, Any]:
+    """What a model file records: enough to rebuild it and to know where it came from."""
+    return {
+        "model": config.model, "num_classes": dataset.num_classes, "input_size": dataset.image_size,
+        "mean": list(dataset.mean), "std": list(dataset.std), "dataset": dataset.name,
+        "config": config.to_dict(), "versions": versions(),
+    }
+
+
+def versions() -> dict[str, str]:
+    return {"raystudy": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def evaluate_accuracy(model: nn.Module, split, batch_size: int = 1000, autocast=None) -> float:
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), device=split.labels.device)
+    with torch.no_grad(), (autocast or nullcontext()):
+        for x, y in eval_batches(split, batch_size):
+            correct += (model(_layout(x)).argmax(1) == y).sum()
+    model.train(was_training)
+    return float(correct) / len(split)
+
+
+def _layout(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+
+
+def _autocast(config: TrainConfig, device: torch.device):
+    if config.precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _build(config: TrainConfig, dataset: Dataset, device: torch.device) -> nn.Module:
+    if config.init_checkpoint:
+        model, meta = load_model(Path(config.init_checkpoint))
+        if meta["model"] != config.model or meta["num_classes"] != dataset.num_classes:
+            raise RaystudyError(
+                f"--init {config.init_checkpoint!r} is a {meta['model']} with {meta['num_classes']} classes, "
+                f"not a {config.model} for {dataset.name}"
+            )
+    else:
+        model = build_model(config.model, dataset.num_classes, config.pretrained, dataset.image_size, dataset.mean, dataset.std)
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
+def _restore(state_path: Path, config: TrainConfig, model, optimizer, device) -> tuple[int, list[dict]]:
+    """Load a training state written by an earlier run of the same config; returns (epoch, history)."""
+    state = safe_load(state_path, STATE_FORMAT, map_location=device)
+    saved = TrainConfig.from_dict(json.loads(state["config"]))
+    if saved != config:
+        raise RaystudyError(
+            f"{str(state_path.parent)!r} holds a run with other settings ({', '.join(config.differences(saved))}); "
+            "use another --out or the same settings"
+        )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng_cpu"].cpu())
+    if device.type == "cuda" and state["rng_cuda"]:
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["rng_cuda"]])
+    return int(state["epoch"]), json.loads(state["history"])
+
+
+def _save_state(path: Path, config: TrainConfig, model, optimizer, epoch: int, history: list[dict]) -> None:
+    atomic_save({
+        "format": STATE_FORMAT, "config": config.to_json(), "epoch": epoch, "history": json.dumps(history),
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }, path)
+
+
+def train(
+    config: TrainConfig,
+    dataset: Dataset | None = None,
+    out_dir: str | os.PathLike | None = None,
+    on_epoch_end: Callable[[dict[str, float], Path | None], None] | None = None,
+    device: str | None = None,
+    log: Callable[[str], None] | None = print,
+) -> TrainResult:
+    """Train per `config`; resumes from `out_dir/checkpoint.pt` when present.
+
+    `on_epoch_end(record, checkpoint_path)` runs after every epoch; `checkpoint_path` is the state
+    written at that epoch, or None. Raises TrainingDiverged on a non-finite loss.
+    """
+    dev = pick_device(device)
+    seed_everything(config.seed, config.deterministic)
+    out = Path(out_dir) if out_dir is not None else None
+    if dataset is None:
+        dataset = load_dataset(config.dataset, config.data_path, config.n_train, config.n_test, config.data_seed, config.image_size)
+    dataset = dataset.to(dev)
+    model = _build(config, dataset, dev)
+    recipe = config.recipe()
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    sam = SAM(model.parameters(), recipe.sam_rho) if recipe.sam_rho else None
+    start, history = 0, []
+    if out is not None and (out / STATE_FILE).is_file():
+        start, history = _restore(out / STATE_FILE, config, model, optimizer, dev)
+        _say(log, f"resuming {out} after epoch {start}/{config.epochs}")
+    autocast = _autocast(config, dev)
+    # LGV snapshots of the epochs already done; a resumed epoch rewrites its own by index.
+    snapshots = [out / LGV_DIR / f"model_{i:03d}.pt" for i in range(start * config.snapshots_per_epoch)] if out else []
+    for epoch in range(start, config.epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, epoch)
+        record = _run_epoch(config, dataset, model, recipe, optimizer, sam, autocast, epoch, out, snapshots)
+        record["test_acc"] = evaluate_accuracy(model, dataset.test, autocast=autocast)
+        history.append(record)
+        _say(log, _epoch_line(record, config.epochs))
+        state_path = None
+        if out is not None and ((epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs):
+            state_path = out / STATE_FILE
+            _save_state(state_path, config, model, optimizer, epoch + 1, history)
+        if on_epoch_end is not None:
+            on_epoch_end(record, state_path)
+    if out is not None:
+        save_model(out / MODEL_FILE, model, model_meta(config, dataset))
+        (out / METRICS_FILE).write_text(json.dumps({"config": config.to_dict(), "versions": versions(), "epochs": history}, indent=1))
+    return TrainResult(model, history, snapshots)
+
+
+def _run_epoch(config, dataset, model, recipe, optimizer, sam, autocast, epoch, out, snapshots) -> dict[str, float]:
+    model.train()
+    sums: dict[str, torch.Tensor] = {}
+    n_batches = max(1, len(dataset.train) // min(config.batch_size, len(dataset.train)))
+    snapshot_after = _snapshot_steps(n_batches, config.snapshots_per_epoch)
+    seen, started = 0, time.perf_counter()
+    for step, (x, y) in enumerate(train_batches(dataset.train, config.batch_size)):
+        parts = training_step(model, recipe, optimizer, _layout(x), y, dataset.num_classes, sam, autocast)
+        for key, value in parts.items():
+            sums[key] = sums.get(key, 0) + value
+        seen += y.shape[0]
+        if step in snapshot_after and out is not None:
+            snapshots.append(_save_snapshot(out, model, config, dataset, len(snapshots)))
+    if dataset.train.labels.is_cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "seconds": seconds, "images_per_s": seen / seconds}
+    record.update({k: float(v) / n_batches for k, v in sums.items() if k != "correct"})
+    record["train_acc"] = float(sums["correct"]) / seen
+    if not math.isfinite(record["loss"]):
+        raise TrainingDiverged(f"training diverged at epoch {epoch + 1}: loss is {record['loss']} (lr {record['lr']:g})")
+    return record
+
+
+def _snapshot_steps(n_batches: int, per_epoch: int) -> set[int]:
+    """Steps (0-based) after which LGV saves a model: evenly spread, the last one ending the epoch."""
+    return {round((k + 1) * n_batches / per_epoch) - 1 for k in range(per_epoch)} if per_epoch else set()
+
+
+def _save_snapshot(out: Path, model, config, dataset, index: int) -> Path:
+    path = out / LGV_DIR / f"model_{index:03d}.pt"
+    save_model(path, model, model_meta(config, dataset))
+    return path
+
+
+def _epoch_line(r: dict[str, float], epochs: int) -> str:
+    return (f"epoch {int(r['epoch'])}/{epochs}  loss {r['loss']:.4f}  train {100 * r['train_acc']:.1f}%  "
+            f"test {100 * r['test_acc']:.1f}%  lr {r['lr']:.4g}  {r['images_per_s']:.0f} img/s  {r['seconds']:.1f}s")
+
+
+def _say(log, text: str) -> None:
+    if log is not None:
+        log(text)

@@ -1,0 +1,125 @@
+"""Data sources, subsets and on-device augmentation."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SHARED_CIFAR
+from raystudy.data import balanced_subset, eval_batches, load_dataset, make_synthetic, random_crop_flip, train_batches
+from raystudy.errors import RaystudyError
+
+
+@pytest.mark.skipif(not (SHARED_CIFAR / "test.npz").is_file(), reason="../shared/data/cifar10-jpeg is absent here")
+def test_packed_jpeg_reader_decodes_the_cifar10_test_set():
+    from raystudy.data import read_packed_jpeg
+
+    split = read_packed_jpeg(SHARED_CIFAR / "test.npz")
+    assert split.images.shape == (10000, 3, 32, 32) and split.images.dtype == torch.uint8
+    with np.load(SHARED_CIFAR / "test.npz") as archive:
+        assert torch.equal(split.labels, torch.from_numpy(archive["labels"].astype(np.int64)))
+        assert list(archive["classes"])[:2] == ["airplane", "automobile"]
+    assert torch.equal(split.labels.bincount(), torch.full((10,), 1000))
+    # Real photographs, not blank decodes: varied pixels, means near CIFAR-10's.
+    means = split.images.float().div(255).mean(dim=(0, 2, 3))
+    assert torch.allclose(means, torch.tensor([0.49, 0.48, 0.45]), atol=0.03)
+    again = read_packed_jpeg(SHARED_CIFAR / "test.npz")  # from the decoded cache
+    assert torch.equal(again.images, split.images)
+
+
+def test_balanced_subset_is_seeded_random_and_class_balanced():
+    labels = torch.arange(1000) // 100  # ordered by class, like the archives
+    a = balanced_subset(labels, 50, seed=0)
+    assert np.array_equal(a, balanced_subset(labels, 50, seed=0))
+    assert not np.array_equal(a, balanced_subset(labels, 50, seed=1))
+    assert np.bincount(labels[a].numpy(), minlength=10).tolist() == [5] * 10
+    assert not np.array_equal(a, np.arange(50))  # never the first N
+    counts = np.bincount(labels[balanced_subset(labels, 23, seed=3)].numpy(), minlength=10)
+    assert counts.sum() == 23 and counts.max() - counts.min() <= 1
+    with pytest.raises(RaystudyError, match="only 1000"):
+        balanced_subset(labels, 2000, seed=0)
+
+
+def write_cifar_batches(folder, n_per_batch=20):
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        entry = {b"data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8), b"labels": list(range(10)) * (n_per_batch // 10)}
+        with open(folder / name, "wb") as handle:
+            pickle.dump(entry, handle)
+    with open(folder / "batches.meta", "wb") as handle:
+        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, handle)
+
+
+def test_cifar10_from_torchvision_batches_and_image_folders(tmp_path):
+    write_cifar_batches(tmp_path / "tv" / "cifar-10-batches-py")
+    ds = load_dataset("cifar10", tmp_path / "tv")
+    assert ds.train.images.shape == (100, 3, 32, 32) and len(ds.test) == 20 and ds.classes[0] == "c0"
+
+    import torchvision.io
+
+    for split in ("train", "test"):
+        for c in ("cat", "dog"):
+            (tmp_path / "folder" / split / c).mkdir(parents=True)
+            for i in range(3):
+                image = torch.full((3, 32, 32), 40 * i, dtype=torch.uint8)
+                torchvision.io.write_png(image, str(tmp_path / "folder" / split / c / f"{i}.png"))
+    ds = load_dataset("cifar10", tmp_path / "folder")
+    assert ds.classes == ("cat", "dog") and ds.train.images.shape == (6, 3, 32, 32)
+    assert ds.train.labels.tolist() == [0, 0, 0, 1, 1, 1] and int(ds.train.images[1].max()) == 40
+
+
+def test_missing_data_gives_one_clear_error(tmp_path, monkeypatch):
+    with pytest.raises(RaystudyError, match="no CIFAR-10 in a known layout"):
+        load_dataset("cifar10", tmp_path)
+    with pytest.raises(RaystudyError, match="not a folder"):
+        load_dataset("cifar10", tmp_path / "nope")
+    with pytest.raises(RaystudyError, match="pass --data PATH"):
+        load_dataset("imagenette")
+
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(RaystudyError, match="could not be downloaded.*--data PATH"):
+        load_dataset("cifar10")  # no path, no RAYSTUDY_DATA: the download route
+
+
+def test_imagenette_folder_is_resized_to_224(tmp_path):
+    import torchvision.io
+
+    for split in ("train", "val"):
+        (tmp_path / split / "n01440764").mkdir(parents=True)
+        torchvision.io.write_jpeg(torch.randint(0, 255, (3, 300, 400), dtype=torch.uint8), str(tmp_path / split / "n01440764" / "a.JPEG"))
+    ds = load_dataset("imagenette", tmp_path)
+    assert ds.train.images.shape == (1, 3, 224, 224) and ds.num_classes == 1
+
+
+def test_synthetic_is_seeded_and_sized():
+    a = make_synthetic(40, 20, num_classes=4, image_size=24, seed=0)
+    b = make_synthetic(40, 20, num_classes=4, image_size=24, seed=0)
+    assert torch.equal(a.train.images, b.train.images) and a.image_size == 24
+    assert a.train.labels.bincount().tolist() == [10] * 4
+
+
+def test_crop_and_flip_keep_content_and_shape():
+    torch.manual_seed(0)
+    images = torch.randint(1, 255, (64, 3, 8, 8), dtype=torch.uint8)
+    out = random_crop_flip(images, pad=2)
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    centred = [i for i in range(64) if torch.equal(out[i], images[i]) or torch.equal(out[i], images[i].flip(2))]
+    assert 0 < len(centred) < 64  # some crops are the identity (offset 0), most are shifted
+    zero_rows = (out == 0).all(dim=(1, 3)).sum(1)  # padding shows up as zero rows
+    assert zero_rows.max() <= 2
+
+
+def test_batches_cover_an_epoch_once(synthetic):
+    seen = torch.cat([y for _, y in train_batches(synthetic.train, 64, augment=False)])
+    assert len(seen) == 256 and torch.equal(seen.sort().values, synthetic.train.labels.sort().values)
+    x, _ = next(eval_batches(synthetic.test, 100))
+    assert x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1

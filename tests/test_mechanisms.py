@@ -1,0 +1,229 @@
+"""Every mechanism against its formula in METHOD.md, on tiny models with known answers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from raystudy.errors import RaystudyError
+from raystudy.mechanisms import MECHANISMS, get_mechanism, objective, parse_magnitudes, soft_targets, training_step
+from raystudy.mechanisms.adversarial import L2PGD
+from raystudy.mechanisms.augmentation import CutMix, Cutout, Mixup
+from raystudy.mechanisms.gradient_norms import InputGradientNorm, InputJacobianNorm, WeightGradientNorm, jacobian_projection_norm
+from raystudy.mechanisms.sam import SAM, bn_running_stats_frozen
+from raystudy.mechanisms.step import soft_cross_entropy
+from raystudy.models import build_model
+
+ALL = ("ST", "MU", "CM", "CO", "LS", "AT", "IR", "JR", "ER", "SAM", "SAM&IR", "SAM&JR", "LGV")
+
+
+def linear_model(d_in: int = 12, classes: int = 3, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(d_in, classes))
+
+
+def test_registry_lists_all_thirteen_in_method_order():
+    assert tuple(MECHANISMS) == ALL
+
+
+def test_unknown_mechanism_lists_valid_names():
+    with pytest.raises(RaystudyError, match="valid: ST, MU, CM"):
+        get_mechanism("XX")
+
+
+def test_magnitudes_parse_and_check():
+    spec = get_mechanism("SAM&JR")
+    assert parse_magnitudes("rho=0.05,lambda_jr=1e-3", spec) == {"rho": 0.05, "lambda_jr": 1e-3}
+    assert spec.resolve({}, "cifar10") == {"rho": 0.1, "lambda_jr": 1e-4}
+    assert spec.resolve({}, "imagenette") == {"rho": 0.2, "lambda_jr": 0.1}
+    with pytest.raises(RaystudyError, match="takes rho, lambda_jr"):
+        parse_magnitudes("0.1", spec)
+    with pytest.raises(RaystudyError, match="no magnitude 'lambda'"):
+        spec.resolve({"lambda": 1.0}, "cifar10")
+    with pytest.raises(RaystudyError, match="outside"):
+        get_mechanism("MU").resolve({"p": 1.5}, "cifar10")
+    with pytest.raises(RaystudyError, match="whole number"):
+        get_mechanism("CO").resolve({"size": 8.5}, "cifar10")
+    assert get_mechanism("IR").resolve(parse_magnitudes("0.7", get_mechanism("IR")), "cifar10") == {"lambda_ir": 0.7}
+
+
+def separable_batch(n=64, classes=4, size=8, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    centres = torch.rand(classes, 3, 1, 1, generator=gen)
+    x = (centres[y] + 0.05 * torch.randn(n, 3, size, size, generator=gen)).clamp(0, 1)
+    return x, y
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if n != "LGV"])
+def test_every_mechanism_lowers_the_loss(name):
+    torch.manual_seed(0)
+    x, y = separable_batch()
+    model = build_model("tiny_cnn", 4, input_size=8, mean=(0.5,) * 3, std=(0.25,) * 3)
+    recipe = get_mechanism(name).recipe({}, "cifar10")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sam = SAM(model.parameters(), recipe.sam_rho) if recipe.sam_rho else None
+    plain = get_mechanism("ST").recipe({}, "cifar10")
+
+    def clean_loss():
+        model.eval()
+        with torch.no_grad():
+            value = float(objective(model, plain, x, soft_targets(y, 4))["loss"])
+        model.train()
+        return value
+
+    before = clean_loss()
+    for _ in range(30):
+        parts = training_step(model, recipe, optimizer, x, y, 4, sam)
+        assert torch.isfinite(parts["loss"])
+    assert clean_loss() < 0.7 * before
+
+
+def test_label_smoothing_targets():
+    t = soft_targets(torch.tensor([2, 0]), 5, smoothing=0.2)
+    assert torch.allclose(t[0], torch.tensor([0.05, 0.05, 0.8, 0.05, 0.05]))
+    assert torch.allclose(t.sum(1), torch.ones(2))
+    assert torch.allclose(soft_targets(torch.tensor([1]), 3), torch.tensor([[0.0, 1.0, 0.0]]))
+    logits = torch.randn(4, 3)
+    y = torch.tensor([0, 1, 2, 1])
+    assert torch.allclose(soft_cross_entropy(logits, soft_targets(y, 3)), nn.functional.cross_entropy(logits, y, reduction="none"))
+
+
+def index_images(n=16, size=12):
+    """Image i is filled with the value i, label i: pixels reveal which sample they came from."""
+    x = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, size, size).clone()
+    return x, torch.eye(n)
+
+
+def test_mixup_label_weights_sum_to_one_and_match_the_pixels():
+    torch.manual_seed(0)
+    x, y = index_images()
+    mixed, y_mixed = Mixup(p=0.7)(x, y)
+    assert torch.allclose(y_mixed.sum(1), torch.ones(16))
+    # For a mix of constant images, the pixel value is the label-weighted mean of indices.
+    assert torch.allclose(mixed[:, 0, 0, 0], y_mixed @ torch.arange(16.0), atol=1e-4)
+    assert (y_mixed.max(1).values < 1).any()  # some samples were mixed
+    untouched, y_untouched = Mixup(p=0.0)(x, y)
+    assert torch.equal(untouched, x) and torch.equal(y_untouched, y)
+
+
+def test_cutmix_label_weight_equals_pasted_area():
+    torch.manual_seed(1)
+    x, y = index_images()
+    # One round: the label weight of each source is exactly the fraction of pixels it supplied.
+    # (In the second of the published two rounds a pasted box carries the partner's whole label
+    # mix, not the mix of that box, so only the sum to one holds there.)
+    _, y_two = CutMix(p=1.0)(x, y)
+    assert torch.allclose(y_two.sum(1), torch.ones(16))
+    mixed, y_mixed = CutMix(p=1.0, rounds=1)(x, y)
+    for i in range(16):
+        area = torch.stack([(mixed[i, 0] == k).float().mean() for k in range(16)])
+        assert torch.allclose(area, y_mixed[i], atol=1e-6)
+    assert (y_mixed.max(1).values < 1).any()
+
+
+def test_cutout_masks_at_most_m_by_m():
+    torch.manual_seed(2)
+    x = torch.ones(200, 3, 32, 32)
+    out, y = Cutout(size=8)(x, torch.zeros(200, 10))
+    masked = (out[:, 0] == 0)
+    assert masked.sum((1, 2)).max() <= 64
+    assert masked.sum((1, 2)).max() == 64  # unclipped squares exist
+    rows, cols = masked.any(2).sum(1), masked.any(1).sum(1)
+    assert rows.max() <= 8 and cols.max() <= 8
+    assert (masked.sum((1, 2)) == rows * cols).all()  # a rectangle (clipped square)
+
+
+def test_l2_pgd_stays_in_the_ball_and_raises_the_loss():
+    torch.manual_seed(0)
+    model = build_model("tiny_cnn", 4, input_size=8, mean=(0.5,) * 3, std=(0.25,) * 3)
+    x, y = separable_batch(n=32)
+    model.train()
+    adversarial = L2PGD(epsilon=0.5, steps=10, step_size=0.125)(model, x, soft_targets(y, 4))
+    assert model.training  # flag restored
+    assert all(p.grad is None for p in model.parameters())
+    norms = (adversarial - x).flatten(1).norm(dim=1)
+    assert (norms <= 0.5 + 1e-5).all() and (norms > 0.1).all()
+    assert adversarial.min() >= 0 and adversarial.max() <= 1
+    model.eval()
+    with torch.no_grad():
+        before = soft_cross_entropy(model(x), soft_targets(y, 4)).mean()
+        after = soft_cross_entropy(model(adversarial), soft_targets(y, 4)).mean()
+    assert after > before
+
+
+def test_ir_penalty_equals_independent_gradient_norm():
+    model = linear_model()
+    x = torch.rand(5, 12)
+    y = torch.tensor([0, 1, 2, 0, 1])
+    xg = x.clone().requires_grad_(True)
+    logits = model(xg)
+    ce = soft_cross_entropy(logits, soft_targets(y, 3))
+    penalty = InputGradientNorm(weight=0.3)(model, xg, logits, ce)
+    # Independently: the CE gradient of a linear model is W^T (softmax - onehot) per sample.
+    w = model[1].weight.detach()
+    residual = torch.softmax(logits.detach(), 1) - nn.functional.one_hot(y, 3)
+    expected = 0.3 * (residual @ w).norm() / 5
+    assert torch.allclose(penalty, expected, rtol=1e-5)
+
+
+def test_jr_estimate_matches_exact_frobenius_norm_in_expectation():
+    torch.manual_seed(0)
+    model = linear_model(d_in=20, classes=6)
+    x = torch.rand(8, 20, requires_grad=True)
+    w = model[1].weight.detach()
+    exact = 0.5 * w.pow(2).sum()  # 1/2 mean_i ||J_i||_F^2, J_i = W for every sample
+    draws = torch.stack([jacobian_projection_norm(x, model(x)).detach() for _ in range(4000)])
+    assert abs(draws.mean() - exact) / exact < 0.03
+    # The loss term divides by B once more, as in the published code.
+    logits = model(x)
+    torch.manual_seed(5)
+    term = InputJacobianNorm(weight=2.0)(model, x, logits, soft_cross_entropy(logits, soft_targets(torch.zeros(8, dtype=torch.long), 6)))
+    torch.manual_seed(5)
+    assert torch.allclose(term, 2.0 * jacobian_projection_norm(x, logits) / 8)
+
+
+def test_er_penalty_matches_weight_gradient_norm():
+    model = linear_model()
+    x, y = torch.rand(6, 12), torch.tensor([0, 1, 2, 2, 1, 0])
+    logits = model(x)
+    ce = soft_cross_entropy(logits, soft_targets(y, 3))
+    penalty = WeightGradientNorm(weight=0.2)(model, x, logits, ce)
+    model.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    expected = 0.1 * sum(p.grad.pow(2).sum() for p in model.parameters())
+    assert torch.allclose(penalty, expected, rtol=1e-5)
+
+
+def test_sam_ascent_has_norm_rho_and_weights_are_restored():
+    model = linear_model()
+    x, y = torch.rand(6, 12), torch.tensor([0, 1, 2, 2, 1, 0])
+    nn.functional.cross_entropy(model(x), y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    sam = SAM(model.parameters(), rho=0.05)
+    assert math.isclose(sam.ascend(), 0.05, rel_tol=1e-5)
+    moved = torch.sqrt(sum((p.detach() - b).pow(2).sum() for p, b in zip(model.parameters(), before)))
+    assert math.isclose(float(moved), 0.05, rel_tol=1e-4)
+    sam.restore()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_sam_step_updates_batchnorm_statistics_once():
+    torch.manual_seed(0)
+    model = build_model("tiny_cnn", 4, input_size=8, mean=(0.5,) * 3, std=(0.25,) * 3)
+    x, y = separable_batch(n=16)
+    bn = model[1].features[1]
+    with bn_running_stats_frozen(model):
+        model(x)
+    assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
+    recipe = get_mechanism("SAM").recipe({}, "cifar10")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: only BN statistics can change
+    training_step(model, recipe, optimizer, x, y, 4, SAM(model.parameters(), 0.1))
+    once = bn.running_mean.clone()
+    fresh = build_model("tiny_cnn", 4, input_size=8, mean=(0.5,) * 3, std=(0.25,) * 3)
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}, strict=False)
+    fresh.train()(x)  # one forward from the initial statistics
+    assert torch.allclose(once, fresh[1].features[1].running_mean, atol=1e-6)

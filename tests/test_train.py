@@ -1,0 +1,102 @@
+"""The training loop: schedule, checkpoints, resume to identical weights, LGV, divergence."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from raystudy.checkpoint import load_model
+from raystudy.config import TrainConfig
+from raystudy.errors import RaystudyError
+from raystudy.train import LGV_DIR, METRICS_FILE, MODEL_FILE, TrainingDiverged, learning_rate, train
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    values = dict(dataset="synthetic", model="tiny_cnn", epochs=4, batch_size=32, n_train=128, n_test=64,
+                  image_size=16, lr=0.05, seed=3, deterministic=True)
+    values.update(overrides)
+    return TrainConfig.from_preset("faithful", **values)
+
+
+def test_presets_and_schedule():
+    faithful = TrainConfig.from_preset("faithful")
+    assert (faithful.epochs, faithful.batch_size, faithful.lr, faithful.weight_decay, faithful.warmup_epochs) == (200, 128, 0.1, 1e-4, 10)
+    assert learning_rate(faithful, 0) == pytest.approx(0.01)
+    assert learning_rate(faithful, 9) == pytest.approx(0.1)
+    assert learning_rate(faithful, 105) == pytest.approx(0.05)
+    assert learning_rate(faithful, 199) < 1e-4
+    assert TrainConfig.from_preset("faithful", epochs=40).warmup_epochs == 2  # keeps the warm-up fraction
+    assert TrainConfig.from_preset("fast").precision == "bf16"
+
+
+def test_bad_settings_name_the_key():
+    with pytest.raises(RaystudyError, match="epochs=0"):
+        tiny_config(epochs=0)
+    with pytest.raises(RaystudyError, match="precision='fp8'"):
+        tiny_config(precision="fp8")
+    with pytest.raises(RaystudyError, match="unknown training setting"):
+        TrainConfig.from_dict({"epoch": 3})
+    with pytest.raises(RaystudyError, match="init_checkpoint"):
+        tiny_config(mechanism="LGV")
+
+
+def test_training_writes_model_and_metrics_and_learns(tmp_path):
+    result = train(tiny_config(epochs=3), out_dir=tmp_path, log=None)
+    metrics = json.loads((tmp_path / METRICS_FILE).read_text())
+    assert [r["epoch"] for r in metrics["epochs"]] == [1, 2, 3]
+    for key in ("loss", "train_acc", "test_acc", "images_per_s", "lr"):
+        assert key in metrics["epochs"][-1]
+    assert metrics["config"]["seed"] == 3 and "torch" in metrics["versions"]
+    assert metrics["epochs"][-1]["test_acc"] > 0.3  # 10 classes: chance is 0.1
+    model, meta = load_model(tmp_path / MODEL_FILE)
+    assert meta["model"] == "tiny_cnn" and meta["config"]["mechanism"] == "ST"
+    for (k, a), b in zip(model.state_dict().items(), result.model.state_dict().values()):
+        assert torch.equal(a, b.cpu()), k
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("mechanism", ["ST", "SAM&JR", "MU"])
+def test_resume_after_interruption_gives_the_same_weights(tmp_path, mechanism):
+    config = tiny_config(mechanism=mechanism)
+    straight = train(config, out_dir=tmp_path / "straight", log=None).model.state_dict()
+
+    def stop_after_two(record, checkpoint):
+        if record["epoch"] == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(config, out_dir=tmp_path / "cut", on_epoch_end=stop_after_two, log=None)
+    assert not (tmp_path / "cut" / MODEL_FILE).exists()
+    lines = []
+    resumed = train(config, out_dir=tmp_path / "cut", log=lines.append)
+    assert lines[0].startswith("resuming") and len(resumed.history) == 4
+    for key, value in straight.items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    train(tiny_config(epochs=1), out_dir=tmp_path, log=None)
+    with pytest.raises(RaystudyError, match="other settings \\(epochs\\)"):
+        train(tiny_config(epochs=2), out_dir=tmp_path, log=None)
+
+
+def test_lgv_collects_snapshots_from_a_trained_model(tmp_path):
+    train(tiny_config(epochs=1), out_dir=tmp_path / "base", log=None)
+    config = tiny_config(mechanism="LGV", init_checkpoint=str(tmp_path / "base" / MODEL_FILE), epochs=2, lgv_base="SAM")
+    assert (config.lr, config.schedule, config.snapshots_per_epoch, config.magnitudes) == (0.05, "constant", 4, (("rho", 0.1),))
+    result = train(config, out_dir=tmp_path / "lgv", log=None)
+    files = sorted((tmp_path / "lgv" / LGV_DIR).glob("model_*.pt"))
+    assert len(result.snapshots) == len(files) == 8
+    first, _ = load_model(files[0])
+    last, _ = load_model(files[-1])
+    assert any(not torch.equal(a, b) for a, b in zip(first.state_dict().values(), last.state_dict().values()))
+
+
+def test_divergence_is_reported(tmp_path):
+    with pytest.raises(TrainingDiverged, match="diverged at epoch 1"):
+        train(tiny_config(lr=1e12, epochs=2), out_dir=tmp_path, log=None)
