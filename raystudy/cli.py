@@ -58,6 +58,105 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from raystudy.metrics import EvalConfig, evaluate_surrogate, make_eval_set
+    from raystudy.train import pick_device
+
+    device = pick_device(args.device)
+    config = EvalConfig(n_eval=args.n_eval or None, seed=args.seed, budgets=_int_list(args.budgets, "--budgets"),
+                        attacks=_str_list(args.attacks), modes=_str_list(args.modes), target_classes=args.target_classes,
+                        random_start=args.random_start, smoothness_samples=args.smoothness_samples, batch_size=args.batch_size)
+    surrogate, meta = _load_checkpoint(Path(args.surrogate), device)
+    targets = {name: _load_checkpoint(path, device)[0] for name, path in _target_files(args.targets).items()}
+    dataset = _dataset_for(meta, args)
+    for name, model_meta in [("surrogate", meta)]:
+        if model_meta["num_classes"] != dataset.num_classes:
+            raise RaystudyError(f"the {name} has {model_meta['num_classes']} classes, {dataset.name} has {dataset.num_classes}")
+    eval_set = make_eval_set(dataset.test, dataset.num_classes, config)
+    print(f"evaluating {args.surrogate} against {', '.join(targets)} on {len(eval_set.labels)} {dataset.name} test images", flush=True)
+    metrics = evaluate_surrogate(surrogate, targets, eval_set, config, log=lambda line: print(line, flush=True))
+    print(_metrics_table(metrics, list(targets), config))
+    if args.out:
+        record = {"surrogate": str(args.surrogate), "targets": {n: str(p) for n, p in _target_files(args.targets).items()},
+                  "eval_config": config.__dict__, "eval_indices": eval_set.indices.tolist(), "metrics": metrics}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(record, indent=1, default=list))
+        print(f"metrics written to {args.out}")
+    return 0
+
+
+def _load_checkpoint(path, device):
+    from pathlib import Path
+
+    from raystudy.checkpoint import load_model
+    from raystudy.train import MODEL_FILE
+
+    path = Path(path)
+    return load_model(path / MODEL_FILE if path.is_dir() else path, device)
+
+
+def _target_files(spec: str) -> dict:
+    """A folder of trained targets (each <name>/model.pt, or <name>.pt) or a comma-separated list."""
+    from pathlib import Path
+
+    from raystudy.train import MODEL_FILE
+
+    root = Path(spec)
+    if root.is_dir():
+        files = sorted(root.glob(f"*/{MODEL_FILE}")) or sorted(root.glob("*.pt"))
+        if not files:
+            raise RaystudyError(f"{spec!r} holds no targets (<name>/{MODEL_FILE} or <name>.pt)")
+    else:
+        files = [Path(p.strip()) for p in spec.split(",") if p.strip()]
+    named = {(f.parent.name if f.name == MODEL_FILE else f.stem): f for f in files}
+    if len(named) != len(files):
+        raise RaystudyError(f"two targets share a name in {spec!r}; name them by folder or file")
+    return named
+
+
+def _dataset_for(meta: dict, args: argparse.Namespace):
+    from raystudy.data import load_dataset
+
+    trained = meta.get("config", {})
+    name = args.dataset or meta.get("dataset", "cifar10")
+    if name == "synthetic":  # regenerate the exact synthetic data the surrogate saw
+        return load_dataset(name, n_train=trained.get("n_train"), n_test=trained.get("n_test"),
+                            seed=trained.get("data_seed", 0), image_size=meta["input_size"], num_classes=meta["num_classes"])
+    return load_dataset(name, args.data or trained.get("data_path"))
+
+
+def _metrics_table(metrics: dict, targets: list, config) -> str:
+    lines = [f"surrogate accuracy {100 * metrics['acc']:.1f}%   smoothness mean {metrics['smoothness/mean']:.4g} "
+             f"max {metrics['smoothness/max']:.4g}   similarity mean {metrics['similarity/mean']:.3f}",
+             "ASR % (Definition 3)".ljust(28) + "".join(t[:12].rjust(13) for t in targets + ["mean"])]
+    for key in sorted({k.rsplit("/", 1)[0] for k in metrics if k.startswith("asr/")}, key=_attack_order):
+        cells = [metrics.get(f"{key}/{t}", float("nan")) for t in targets + ["mean"]]
+        lines.append(key[4:].ljust(28) + "".join(f"{100 * v:13.1f}" for v in cells))
+    return "\n".join(lines)
+
+
+def _attack_order(key: str) -> tuple:
+    from raystudy.metrics.attacks import ATTACKS
+    from raystudy.metrics.hook import MODES
+
+    _, attack, mode, budget = key.split("/")
+    return ATTACKS.index(attack), MODES.index(mode), int(budget)
+
+
+def _int_list(text: str, flag: str) -> tuple:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise RaystudyError(f"{flag} {text!r}: expected whole numbers like 4,8,16") from None
+
+
+def _str_list(text: str) -> tuple:
+    return tuple(v.strip().lower() for v in text.split(",") if v.strip())
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -100,11 +199,34 @@ def _add_train(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="smoothness, gradient similarity and transfer ASR of a surrogate",
+                       description="Run the trial-end hook on a surrogate checkpoint against target checkpoints.")
+    p.add_argument("--surrogate", required=True, help="model file (or training folder) of the surrogate")
+    p.add_argument("--targets", required=True, help="folder of targets (<name>/model.pt or <name>.pt) or a comma list")
+    p.add_argument("--dataset", help="default: the surrogate's training dataset")
+    p.add_argument("--data", help="data folder (default: $RAYSTUDY_DATA, or where the surrogate was trained)")
+    p.add_argument("--n-eval", type=_positive_int, default=1000, help="evaluation images (0 = whole test set; default 1000)")
+    p.add_argument("--budgets", default="4,8,16", help="L-inf budgets in 1/255 (default 4,8,16)")
+    p.add_argument("--attacks", default="pgd", help="comma list of pgd, mi, di, dim, autoattack (default pgd)")
+    p.add_argument("--modes", default="untargeted,targeted", help="untargeted, targeted or both (default both)")
+    p.add_argument("--target-classes", default="random", choices=("random", "next"),
+                   help="targeted classes: seeded random != y, or (y+1) mod m as the published code (default random)")
+    p.add_argument("--random-start", action="store_true", help="random start for PGD/MI/DI/DIM (off as published)")
+    p.add_argument("--smoothness-samples", type=_positive_int, help="images for smoothness (default: all evaluated)")
+    p.add_argument("--batch-size", type=_positive_int, default=250)
+    p.add_argument("--seed", type=_positive_int, default=0, help="evaluation subset and targeted classes (default 0)")
+    p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--out", help="write every metric as JSON here")
+    p.set_defaults(func=cmd_evaluate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raystudy", description="Surrogate training for transfer attacks, studied with Ray Tune.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("mechanisms", help="list the training mechanisms, their magnitudes and grids").set_defaults(func=cmd_mechanisms)
     _add_train(sub)
+    _add_evaluate(sub)
     return parser
 
 

@@ -1,0 +1,128 @@
+"""Transfer attacks on [0, 1] pixels: one L-inf iterative attack whose options give PGD, MI, DI, DIM.
+
+    PGD = LinfAttack(eps)                                   20 sign steps of 2/255, no random start
+    MI  = LinfAttack(eps, momentum=0.9)                     Dong et al. 2018
+    DI  = LinfAttack(eps, diversity_prob=0.7)               Xie et al. 2019
+    DIM = LinfAttack(eps, momentum=0.9, diversity_prob=0.7)
+
+Settings follow METHOD.md (the published code): cross-entropy loss, surrogate in eval mode,
+projection onto the eps-ball and [0, 1] after each step, targeted attacks descend the loss of the
+target class, and the AEs are rounded to 8-bit pixels before they are shown to anyone.
+AutoAttack (standard) comes from torchattacks, configured to the reference settings.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ATTACKS = ("pgd", "mi", "di", "dim", "autoattack")
+PIXEL = 1 / 255
+
+
+@dataclass(frozen=True)
+class LinfAttack:
+    eps: float
+    steps: int = 20
+    step_size: float = 2 * PIXEL
+    random_start: bool = False
+    momentum: float = 0.0          # MI's decay on the L1-normalized gradient; 0 = plain sign steps
+    diversity_prob: float = 0.0    # DI: probability of the resize-and-pad input transform per step
+    resize_range: tuple[float, float] = (0.75, 1.5)
+    round_to_8bit: bool = True
+
+    def __call__(self, models: nn.Module | Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor,
+                 target: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """AEs for `x` (labels `y`); `target` classes make it targeted. Several models (an LGV
+        ensemble) are used one per iteration, cycling in a shuffled order."""
+        models = list(models) if isinstance(models, (list, tuple)) else [models]
+        order = torch.randperm(len(models), generator=generator).tolist()
+        modes = [m.training for m in models]
+        for m in models:
+            m.eval()
+        try:
+            return self._run(models, order, x.detach(), y, target, generator)
+        finally:
+            for m, mode in zip(models, modes):
+                m.train(mode)
+
+    def _run(self, models, order, x, y, target, generator) -> torch.Tensor:
+        delta = torch.zeros_like(x)
+        if self.random_start:
+            delta = (torch.rand(x.shape, generator=generator).to(x.device) * 2 - 1) * self.eps
+            delta = (x + delta).clamp(0, 1) - x
+        direction = torch.zeros_like(x)
+        for step in range(self.steps):
+            model = models[order[step % len(order)]]
+            delta.requires_grad_(True)
+            logits = model(self._diversify(x + delta, generator))
+            loss = F.cross_entropy(logits, y if target is None else target, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, delta)
+            if self.momentum:
+                grad = self.momentum * direction + grad / grad.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
+                direction = grad
+            sign = -1.0 if target is not None else 1.0  # targeted: descend the target class's loss
+            delta = (delta.detach() + sign * self.step_size * grad.sign()).clamp(-self.eps, self.eps)
+            delta = (x + delta).clamp(0, 1) - x
+        adversarial = x + delta
+        return round_to_8bit(adversarial, x, self.eps) if self.round_to_8bit else adversarial.detach()
+
+    def _diversify(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """DI as published: with probability p, resize by r in [0.75, 1.5] and zero-pad at a random
+        offset to 1.5x the side; the padded image is not resized back (the model pools adaptively)."""
+        if not self.diversity_prob or float(torch.rand(1, generator=generator)) >= self.diversity_prob:
+            return x
+        size = x.shape[-1]
+        low, high = self.resize_range
+        full = math.floor(size * high)
+        new = int(torch.randint(math.ceil(size * low), full + 1, (1,), generator=generator))
+        resized = F.interpolate(x, size=(new, new), mode="nearest")
+        top, left = (int(v) for v in torch.randint(0, full - new + 1, (2,), generator=generator))
+        return F.pad(resized, (left, full - new - left, top, full - new - top))
+
+
+def make_attack(name: str, eps: float, steps: int = 20, step_size: float = 2 * PIXEL, random_start: bool = False) -> LinfAttack:
+    options = {"pgd": {}, "mi": {"momentum": 0.9}, "di": {"diversity_prob": 0.7}, "dim": {"momentum": 0.9, "diversity_prob": 0.7}}
+    if name not in options:
+        raise ValueError(f"unknown iterative attack {name!r}; known: {', '.join(options)}")
+    return LinfAttack(eps, steps, step_size, random_start, **options[name])
+
+
+def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, num_classes: int, seed: int = 0,
+               steps: int = 100) -> torch.Tensor:
+    """Standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) from torchattacks, untargeted.
+
+    torchattacks' `AutoAttack` runs its sub-attacks with 10 steps and seeds from the clock; the
+    reference uses 100 steps and 5000 Square queries, so its parts are assembled here with those
+    settings and a fixed seed. Points it does not need to attack come back unperturbed.
+    """
+    import torchattacks
+
+    was_training = model.training
+    model.eval()
+    parts = [
+        torchattacks.APGD(model, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=seed, loss="ce"),
+        torchattacks.APGDT(model, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=seed, n_classes=num_classes),
+        torchattacks.FAB(model, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=seed, multi_targeted=True, n_classes=num_classes),
+        torchattacks.Square(model, norm="Linf", eps=eps, n_queries=5000, n_restarts=1, seed=seed),
+    ]
+    try:
+        adversarial = torchattacks.MultiAttack(parts)(x, y)
+    finally:
+        model.train(was_training)
+    return round_to_8bit(adversarial, x, eps)
+
+
+def round_to_8bit(adversarial: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Round AEs to 8-bit pixels (what a saved image holds), still inside the eps-ball and [0, 1].
+
+    For 8-bit clean images and budgets of whole pixel steps, rounding never leaves the ball; the
+    clamp only matters for clean images that are not 8-bit.
+    """
+    rounded = (adversarial * 255).round() / 255
+    return torch.minimum(torch.maximum(rounded, x - eps), x + eps).clamp(0, 1).detach()
