@@ -52,6 +52,7 @@ class EvalConfig:
     power_iterations: int = DEFAULT_ITERATIONS
     power_tolerance: float = DEFAULT_TOLERANCE
     batch_size: int = 250
+    autoattack_steps: int = 100          # the reference setting; fewer only for quick checks
 
     def __post_init__(self) -> None:
         bad = [a for a in self.attacks if a not in ATTACKS]
@@ -166,7 +167,7 @@ def _craft(surrogate, x, y, goal, attack, budget, config, generator) -> torch.Te
     if attack == "autoattack":
         with torch.no_grad():
             num_classes = surrogate(x[:1]).shape[1]
-        return torch.cat([autoattack(surrogate, x[s], y[s], eps, num_classes, config.seed)
+        return torch.cat([autoattack(surrogate, x[s], y[s], eps, num_classes, config.seed, config.autoattack_steps)
                           for s in _batches(len(x), config.batch_size)])
     crafter = make_attack(attack, eps, config.steps, config.step_size, config.random_start)
     return torch.cat([crafter(surrogate, x[s], y[s], None if goal is None else goal[s], generator)

@@ -15,6 +15,7 @@ smoothness metric reports its absolute value, as the published code's Lanczos ro
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,10 @@ class PowerIterationResult:
     converged: torch.Tensor    # (B,) bool: relative change below the tolerance
 
 
+def summed_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, y, reduction="sum")
+
+
 def _unit(v: torch.Tensor) -> torch.Tensor:
     return v / v.flatten(1).norm(dim=1).clamp_min(1e-20).view(-1, *([1] * (v.dim() - 1)))
 
@@ -42,15 +47,17 @@ def input_hessian_top_eigenvalue(
     iterations: int = DEFAULT_ITERATIONS,
     tolerance: float = DEFAULT_TOLERANCE,
     generator: torch.Generator | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = summed_cross_entropy,
 ) -> PowerIterationResult:
     """Per-sample dominant eigenvalue of d^2 CE(f(x_i), y_i) / dx_i^2, all samples at once.
 
     Stops when every sample's eigenvalue changed by less than `tolerance` (relative) in one
     iteration, or after `iterations`. The caller puts the model in eval mode (required for the
-    samples to be independent); parameter gradients are not touched.
+    samples to be independent); parameter gradients are not touched. `loss_fn(outputs, y)` must
+    be a sum of per-sample losses (summed cross-entropy by default).
     """
     x = x.detach().requires_grad_(True)
-    loss = F.cross_entropy(model(x), y, reduction="sum")
+    loss = loss_fn(model(x), y)
     (grad,) = torch.autograd.grad(loss, x, create_graph=True)
     v = _unit(torch.randn(x.shape, generator=generator, device="cpu").to(x.device))
     eigenvalues = torch.zeros(x.shape[0], device=x.device)
