@@ -157,6 +157,46 @@ def _str_list(text: str) -> tuple:
     return tuple(v.strip().lower() for v in text.split(",") if v.strip())
 
 
+def cmd_validate(args: argparse.Namespace) -> int:
+    from raystudy.space import load_space
+
+    for path in args.spaces:
+        spec = load_space(path)
+        n = spec.search.num_samples if spec.search else len(spec.grid_configs())
+        print(f"{path}: ok ({spec.kind} study {spec.name!r}, {n} trials, preset {spec.preset}, {spec.dataset}/{spec.model})")
+    return 0
+
+
+def _study_command(kind: str):
+    def command(args: argparse.Namespace) -> int:
+        from raystudy.space import read_space
+        from raystudy.storage import DEFAULT_STORAGE
+        from raystudy.study import run_study
+
+        spec, raw = read_space(args.space, args.data)
+        if spec.kind != kind:
+            verb = {"grid": "run", "targets": "targets", "search": "search"}[spec.kind]
+            raise RaystudyError(f"{args.space} is a kind: {spec.kind} study: use `raystudy {verb} {args.space}`")
+        results = run_study(spec, raw, args.storage or DEFAULT_STORAGE, args.address, args.max_concurrent, args.num_cpus)
+        return 0 if all(r.error is None for r in results) else 1
+
+    return command
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from raystudy.study import resume_study
+
+    results = resume_study(args.experiment, args.address, args.num_cpus)
+    return 0 if all(r.error is None for r in results) else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from raystudy.study import study_status
+
+    print(study_status(args.experiment))
+    return 0
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -221,12 +261,41 @@ def _add_evaluate(sub) -> None:
     p.set_defaults(func=cmd_evaluate)
 
 
+def _add_ray_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="join this Ray cluster (default: start a local Ray)")
+    p.add_argument("--num-cpus", type=_positive_int, help="CPUs of the local Ray (default: all)")
+
+
+def _add_study(sub) -> None:
+    v = sub.add_parser("validate", help="check search-space files without running them")
+    v.add_argument("spaces", nargs="+", help="search_spaces/*.yaml")
+    v.set_defaults(func=cmd_validate)
+    for name, kind, text in (("targets", "targets", "train a study's target models as Ray trials"),
+                             ("run", "grid", "run a grid study (its targets must exist)"),
+                             ("search", "search", "run an Optuna search study")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("space", help="search-space YAML file")
+        p.add_argument("--storage", help="local folder or URI such as s3://bucket/prefix (default ~/raystudy_results)")
+        p.add_argument("--data", help="data folder on every node (default: the file's data, else $RAYSTUDY_DATA)")
+        p.add_argument("--max-concurrent", type=_positive_int, help="trials running at once (default: as resources allow)")
+        _add_ray_options(p)
+        p.set_defaults(func=_study_command(kind))
+    r = sub.add_parser("resume", help="finish an interrupted study without re-running finished trials")
+    r.add_argument("experiment", help="<storage>/<study name>")
+    _add_ray_options(r)
+    r.set_defaults(func=cmd_resume)
+    s = sub.add_parser("status", help="summarize an experiment's trials: done, running, failed and why")
+    s.add_argument("experiment", help="<storage>/<study name>")
+    s.set_defaults(func=cmd_status)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raystudy", description="Surrogate training for transfer attacks, studied with Ray Tune.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("mechanisms", help="list the training mechanisms, their magnitudes and grids").set_defaults(func=cmd_mechanisms)
     _add_train(sub)
     _add_evaluate(sub)
+    _add_study(sub)
     return parser
 
 

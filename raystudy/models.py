@@ -109,6 +109,18 @@ CIFAR_MODELS: dict[str, Callable[[int], nn.Module]] = {
 }
 
 
+def check_model_name(name: str, input_size: int) -> None:
+    """Raise the same error `build_model` would for an unknown name, without building anything."""
+    if input_size <= CIFAR_MAX_INPUT:
+        if name not in CIFAR_MODELS:
+            raise RaystudyError(f"unknown model {name!r} for {input_size}px inputs; known: {', '.join(sorted(CIFAR_MODELS))}")
+        return
+    import timm
+
+    if not timm.is_model(name):
+        raise RaystudyError(f"unknown model {name!r}: not a timm model (e.g. resnet50, vgg16, densenet121, mobilenetv2_100)")
+
+
 def build_model(
     name: str,
     num_classes: int,
@@ -122,11 +134,8 @@ def build_model(
     Small inputs (CIFAR-sized) use the CIFAR variants in `CIFAR_MODELS`; larger ones any timm
     model by name (`pretrained=True` loads timm's weights, which needs the network).
     """
+    check_model_name(name, input_size)
     if input_size <= CIFAR_MAX_INPUT:
-        if name not in CIFAR_MODELS:
-            raise RaystudyError(
-                f"unknown model {name!r} for {input_size}px inputs; known: {', '.join(sorted(CIFAR_MODELS))}"
-            )
         if pretrained:
             raise RaystudyError(f"no pretrained weights for the CIFAR variant of {name!r}")
         net = CIFAR_MODELS[name](num_classes)
@@ -138,9 +147,6 @@ def build_model(
 def _build_timm(name: str, num_classes: int, pretrained: bool) -> nn.Module:
     import timm
 
-    if not timm.is_model(name):
-        examples = "resnet50, vgg16, densenet121, mobilenetv2_100, xception41"
-        raise RaystudyError(f"unknown model {name!r}: not a timm model (e.g. {examples}; see timm.list_models())")
     try:
         return timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
     except (OSError, RuntimeError, ValueError) as err:  # hub download failures surface as these

@@ -152,14 +152,14 @@ def train(
     config: TrainConfig,
     dataset: Dataset | None = None,
     out_dir: str | os.PathLike | None = None,
-    on_epoch_end: Callable[[dict[str, float], Path | None], None] | None = None,
+    on_epoch_end: Callable[[dict[str, float], Path | None, nn.Module], None] | None = None,
     device: str | None = None,
     log: Callable[[str], None] | None = print,
 ) -> TrainResult:
     """Train per `config`; resumes from `out_dir/checkpoint.pt` when present.
 
-    `on_epoch_end(record, checkpoint_path)` runs after every epoch; `checkpoint_path` is the state
-    written at that epoch, or None. Raises TrainingDiverged on a non-finite loss.
+    `on_epoch_end(record, checkpoint_path, model)` runs after every epoch; `checkpoint_path` is the
+    state written at that epoch, or None. Raises TrainingDiverged on a non-finite loss.
     """
     dev = pick_device(device)
     seed_everything(config.seed, config.deterministic)
@@ -190,7 +190,7 @@ def train(
             state_path = out / STATE_FILE
             _save_state(state_path, config, model, optimizer, epoch + 1, history)
         if on_epoch_end is not None:
-            on_epoch_end(record, state_path)
+            on_epoch_end(record, state_path, model)
     if out is not None:
         save_model(out / MODEL_FILE, model, model_meta(config, dataset))
         (out / METRICS_FILE).write_text(json.dumps({"config": config.to_dict(), "versions": versions(), "epochs": history}, indent=1))

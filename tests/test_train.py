@@ -65,7 +65,7 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, mechanism):
     config = tiny_config(mechanism=mechanism)
     straight = train(config, out_dir=tmp_path / "straight", log=None).model.state_dict()
 
-    def stop_after_two(record, checkpoint):
+    def stop_after_two(record, checkpoint, model):
         if record["epoch"] == 2:
             raise Interrupt
 

@@ -174,6 +174,23 @@ def _craft(surrogate, x, y, goal, attack, budget, config, generator) -> torch.Te
                       for s in _batches(len(x), config.batch_size)])
 
 
+def quick_transfer_asr(surrogate: nn.Module, targets: Mapping[str, nn.Module], eval_data: EvalSet, config: EvalConfig,
+                       budget: int = 8) -> float:
+    """Mean untargeted PGD ASR over the targets at one budget: a cheap proxy to report mid-training."""
+    device = next(surrogate.parameters()).device
+    data = eval_data.to(device)
+    x, y = data.images.float() / 255, data.labels
+    was_training = surrogate.training
+    surrogate.eval()
+    try:
+        clean = {"surrogate": _predict(surrogate, x, config.batch_size)}
+        clean.update({name: _predict(m, x, config.batch_size) for name, m in targets.items()})
+        out = _transfer(surrogate, targets, x, y, None, "pgd", "untargeted", budget, clean, config)
+    finally:
+        surrogate.train(was_training)
+    return out[f"asr/pgd/untargeted/{budget}/mean"]
+
+
 def _transfer(surrogate, targets, x, y, goal, attack, mode, budget, clean, config) -> dict[str, float]:
     """AEs crafted once for this (attack, mode, budget), then shown to every target."""
     generator = torch.Generator().manual_seed(config.seed + budget)

@@ -1,0 +1,382 @@
+"""Search-space files: YAML in, one frozen, validated `StudySpec` out (no Ray here).
+
+A study file names what to train and how to measure it:
+
+    name: table                    # experiment name under the storage path
+    kind: grid                     # grid (trials x seeds), targets (train the targets), or search (Optuna)
+    preset: fast                   # faithful | fast (raystudy.config.PRESETS)
+    dataset: cifar10
+    model: resnet18
+    seeds: [0, 1, 2]
+    targets: targets               # the targets study whose models the trials attack
+    train: {epochs: 40}            # overrides of the preset (any TrainConfig field)
+    evaluation: {n_eval: 1000, budgets: [4, 8, 16], attacks: [pgd]}   # EvalConfig fields
+    resources: {cpu: 2, gpu: 0.25} # per trial; `custom: {name: amount}` pins trials to nodes
+    max_failures: 3                # retries of a crashed trial, from its last checkpoint
+    trials:
+      - mechanism: ST
+      - {mechanism: MU, magnitudes: {p: [0.1, 0.9]}}   # a list is a grid: one trial per value
+    search:                        # kind: search only
+      mechanism: SAM&JR
+      num_samples: 32
+      params: {rho: {low: 0.01, high: 0.5, log: true}, lambda_jr: {low: 1.0e-6, high: 1.0, log: true}}
+      metric: asr/pgd/untargeted/8/mean
+      mode: max
+
+Every error names the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from raystudy.config import PRESETS, TrainConfig
+from raystudy.errors import RaystudyError
+from raystudy.metrics.hook import EvalConfig
+from raystudy.models import check_model_name
+
+KINDS = ("grid", "targets", "search")
+TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)} - {"dataset", "model", "mechanism", "magnitudes", "seed", "data_path"}
+SEARCHABLE_TRAIN_KEYS = ("epochs", "lr")
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpu: float = 1.0
+    gpu: float = 0.0
+    custom: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One point of a grid study: a mechanism with fixed magnitudes (and, for targets, a model)."""
+
+    mechanism: str = "ST"
+    magnitudes: tuple[tuple[str, float], ...] = ()
+    model: str | None = None
+
+    def as_config(self, seed: int, name: str | None = None) -> dict[str, Any]:
+        """The dict Ray shows and records as the trial's config."""
+        out = {"mechanism": self.mechanism, "magnitudes": dict(self.magnitudes), "seed": seed}
+        if self.model:
+            out["model"] = self.model
+        if name:
+            out["target_name"] = name
+        return out
+
+
+@dataclass(frozen=True)
+class SearchParam:
+    name: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    mechanism: str
+    num_samples: int
+    params: tuple[SearchParam, ...]
+    metric: str = "asr/pgd/untargeted/8/mean"
+    mode: str = "max"
+    seed: int = 0
+    # ASHA early stopping on a small-sample PGD ASR reported every `proxy_every` epochs (0 = off).
+    proxy_every: int = 0
+    proxy_n_eval: int = 100
+    grace_period: int = 1
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    name: str
+    kind: str
+    preset: str
+    dataset: str
+    model: str
+    seeds: tuple[int, ...]
+    trials: tuple[TrialSpec, ...]
+    train: tuple[tuple[str, Any], ...] = ()
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    resources: Resources = field(default_factory=Resources)
+    targets: str | None = None
+    search: SearchSpec | None = None
+    max_failures: int = 3
+    data: str | None = None
+    description: str = ""
+    source: str = ""  # the file it came from, for messages
+
+    def train_config(self, trial: Mapping[str, Any]) -> TrainConfig:
+        """The TrainConfig of one trial (a dict made by `TrialSpec.as_config` or by the searcher)."""
+        overrides = dict(self.train)
+        overrides.update(trial.get("train", {}))
+        return TrainConfig.from_preset(
+            self.preset, dataset=self.dataset, model=trial.get("model") or self.model, mechanism=trial["mechanism"],
+            magnitudes=trial.get("magnitudes", {}), seed=int(trial["seed"]), data_path=self.data, **overrides,
+        )
+
+    def grid_configs(self) -> list[dict[str, Any]]:
+        """Every trial x seed of a grid or targets study, in file order."""
+        configs = []
+        for trial in self.trials:
+            for seed in self.seeds:
+                name = None
+                if self.kind == "targets":
+                    name = trial.model if len(self.seeds) == 1 else f"{trial.model}_s{seed}"
+                configs.append(trial.as_config(seed, name))
+        return configs
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, default=list)
+
+
+class _Reader:
+    """Reads one mapping, remembering which keys were used, so leftovers are reported as unknown."""
+
+    def __init__(self, values: Any, where: str):
+        if not isinstance(values, Mapping):
+            raise RaystudyError(f"{where}: expected a mapping of keys, found {type(values).__name__}")
+        self.values, self.where, self.used = dict(values), where, set()
+
+    def get(self, key: str, default: Any = ..., kind: type | tuple[type, ...] | None = None) -> Any:
+        self.used.add(key)
+        if key not in self.values:
+            if default is ...:
+                raise RaystudyError(f"{self.where}: missing key {key!r}")
+            return default
+        value = self.values[key]
+        if kind is not None and value is not None and (not isinstance(value, kind) or isinstance(value, bool) and bool not in _tuple(kind)):
+            names = "/".join(k.__name__ for k in _tuple(kind))
+            raise RaystudyError(f"{self.where}: {key}={value!r} must be {names}")
+        return value
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.values) - self.used)
+        if unknown:
+            raise RaystudyError(f"{self.where}: unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(self.used))}")
+
+
+def _tuple(kind) -> tuple:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+NUMBER = (int, float)
+
+
+def load_space(path: str | Path, data: str | None = None) -> StudySpec:
+    """Read and validate a study file; `data` (a path) overrides the file's `data`."""
+    return read_space(path, data)[0]
+
+
+def read_space(path: str | Path, data: str | None = None) -> tuple[StudySpec, Any]:
+    """(spec, the file's parsed YAML): the raw values are recorded with the experiment."""
+    path = Path(path)
+    if not path.is_file():
+        raise RaystudyError(f"search space {str(path)!r} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise RaystudyError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    return parse_space(values, str(path), data), values
+
+
+def parse_space(values: Any, where: str, data: str | None = None) -> StudySpec:
+    r = _Reader(values, where)
+    kind = r.get("kind", "grid", str)
+    if kind not in KINDS:
+        raise RaystudyError(f"{where}: kind={kind!r}; known: {', '.join(KINDS)}")
+    preset = r.get("preset", "fast", str)
+    if preset not in PRESETS:
+        raise RaystudyError(f"{where}: preset={preset!r}; known: {', '.join(PRESETS)}")
+    spec = StudySpec(
+        name=_name(r.get("name", kind=str), where), kind=kind, preset=preset,
+        dataset=r.get("dataset", "cifar10", str), model=r.get("model", "resnet18", str),
+        seeds=_seeds(r.get("seeds", [0]), where),
+        trials=_trials(r.get("trials", [] if kind == "search" else ..., list), kind, where),
+        train=_train(r.get("train", {}), where),
+        evaluation=_evaluation(r.get("evaluation", {}), where),
+        resources=_resources(r.get("resources", {}), where),
+        targets=r.get("targets", None, str),
+        search=_search(r.get("search", None), where) if kind == "search" else _no_search(r.get("search", None), where),
+        max_failures=_nonnegative(r.get("max_failures", 3, int), "max_failures", where),
+        data=data or r.get("data", None, str),
+        description=r.get("description", "", str),
+        source=where,
+    )
+    r.finish()
+    _validate(spec, where)
+    return spec
+
+
+def _name(name: str, where: str) -> str:
+    if not name or any(c in name for c in "/\\ ") or name.startswith("."):
+        raise RaystudyError(f"{where}: name={name!r} must be a plain folder name (no slashes or spaces)")
+    return name
+
+
+def _seeds(seeds: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(seeds, list) or not seeds or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds):
+        raise RaystudyError(f"{where}: seeds={seeds!r} must be a non-empty list of whole numbers >= 0")
+    if len(set(seeds)) != len(seeds):
+        raise RaystudyError(f"{where}: seeds={seeds!r} repeats a seed")
+    return tuple(seeds)
+
+
+def _trials(entries: list, kind: str, where: str) -> tuple[TrialSpec, ...]:
+    if kind != "search" and not entries:
+        raise RaystudyError(f"{where}: trials is empty")
+    out: list[TrialSpec] = []
+    for i, entry in enumerate(entries):
+        r = _Reader(entry, f"{where}: trials[{i}]")
+        mechanism = r.get("mechanism", "ST", str)
+        model = r.get("model", None, str)
+        grid = r.get("magnitudes", {}, dict)
+        r.finish()
+        if kind == "targets" and (mechanism != "ST" or model is None):
+            raise RaystudyError(f"{where}: trials[{i}]: a targets study trains plain (ST) models and names each model")
+        names = list(grid)
+        value_lists = []
+        for name in names:
+            values = grid[name] if isinstance(grid[name], list) else [grid[name]]
+            if not values or any(not isinstance(v, NUMBER) or isinstance(v, bool) for v in values):
+                raise RaystudyError(f"{where}: trials[{i}]: magnitude {name}={grid[name]!r} must be a number or a list of numbers")
+            value_lists.append(values)
+        for combo in itertools.product(*value_lists):
+            out.append(TrialSpec(mechanism, tuple(zip(names, map(float, combo))), model))
+    if len(set(out)) != len(out):
+        raise RaystudyError(f"{where}: trials lists the same mechanism and magnitudes twice")
+    return tuple(out)
+
+
+def _train(values: Any, where: str) -> tuple[tuple[str, Any], ...]:
+    if not isinstance(values, Mapping):
+        raise RaystudyError(f"{where}: train must be a mapping of training settings")
+    unknown = sorted(set(values) - TRAIN_KEYS)
+    if unknown:
+        raise RaystudyError(f"{where}: train: unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(TRAIN_KEYS))}")
+    return tuple(sorted(values.items()))
+
+
+def _evaluation(values: Any, where: str) -> EvalConfig:
+    r = _Reader(values, f"{where}: evaluation")
+    known = {f.name for f in dataclasses.fields(EvalConfig)}
+    unknown = sorted(set(r.values) - known)
+    if unknown:
+        raise RaystudyError(f"{where}: evaluation: unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in r.values.items()}
+    try:
+        return EvalConfig(**kwargs)
+    except RaystudyError as err:
+        raise RaystudyError(f"{where}: evaluation: {err}") from None
+    except TypeError as err:
+        raise RaystudyError(f"{where}: evaluation: {err}") from None
+
+
+def _resources(values: Any, where: str) -> Resources:
+    r = _Reader(values, f"{where}: resources")
+    cpu = r.get("cpu", 1, NUMBER)
+    gpu = r.get("gpu", 0, NUMBER)
+    custom = r.get("custom", {}, dict)
+    r.finish()
+    if cpu <= 0:
+        raise RaystudyError(f"{where}: resources: cpu={cpu} must be > 0")
+    if not 0 <= gpu <= 8 or (gpu > 1 and gpu != int(gpu)):
+        raise RaystudyError(f"{where}: resources: gpu={gpu} must be a fraction in [0, 1] or a whole number of GPUs")
+    for name, amount in custom.items():
+        if not isinstance(amount, NUMBER) or amount <= 0:
+            raise RaystudyError(f"{where}: resources: custom {name}={amount!r} must be a number > 0")
+    return Resources(float(cpu), float(gpu), tuple(sorted((str(k), float(v)) for k, v in custom.items())))
+
+
+def _nonnegative(value: int, key: str, where: str) -> int:
+    if value < 0:
+        raise RaystudyError(f"{where}: {key}={value} must be >= 0")
+    return value
+
+
+def _no_search(values: Any, where: str) -> None:
+    if values is not None:
+        raise RaystudyError(f"{where}: 'search' belongs to kind: search studies")
+    return None
+
+
+def _search(values: Any, where: str) -> SearchSpec:
+    if values is None:
+        raise RaystudyError(f"{where}: a kind: search study needs a 'search' section")
+    r = _Reader(values, f"{where}: search")
+    params = []
+    for name, spec in r.get("params", kind=dict).items():
+        p = _Reader(spec, f"{where}: search: params: {name}")
+        param = SearchParam(name, p.get("low", None, NUMBER), p.get("high", None, NUMBER), p.get("log", False, bool),
+                            tuple(p.get("choices", [], list)))
+        p.finish()
+        if not param.choices and (param.low is None or param.high is None or not param.low < param.high):
+            raise RaystudyError(f"{where}: search: params: {name}: give low < high, or choices")
+        if param.log and not param.choices and param.low <= 0:
+            raise RaystudyError(f"{where}: search: params: {name}: a log-uniform range needs low > 0")
+        params.append(param)
+    search = SearchSpec(
+        mechanism=r.get("mechanism", kind=str), num_samples=r.get("num_samples", kind=int), params=tuple(params),
+        metric=r.get("metric", SearchSpec.metric, str), mode=r.get("mode", "max", str), seed=r.get("seed", 0, int),
+        proxy_every=r.get("proxy_every", 0, int), proxy_n_eval=r.get("proxy_n_eval", 100, int),
+        grace_period=r.get("grace_period", 1, int),
+    )
+    r.finish()
+    if search.mode not in ("max", "min"):
+        raise RaystudyError(f"{where}: search: mode={search.mode!r} must be max or min")
+    if search.num_samples < 1:
+        raise RaystudyError(f"{where}: search: num_samples must be >= 1")
+    if not params:
+        raise RaystudyError(f"{where}: search: params is empty")
+    return search
+
+
+def _validate(spec: StudySpec, where: str) -> None:
+    """Build every trial's TrainConfig once, so a bad mechanism or magnitude fails before Ray starts."""
+    input_size = 224 if spec.dataset == "imagenette" else dict(spec.train).get("image_size", 32)
+    try:
+        check_model_name(spec.model, input_size)
+        for trial in spec.trials:
+            if trial.model:
+                check_model_name(trial.model, input_size)
+        for config in spec.grid_configs():
+            spec.train_config(config)
+        if spec.search is not None:
+            _validate_search(spec)
+    except RaystudyError as err:
+        raise RaystudyError(f"{where}: {err}") from None
+    except (TypeError, ValueError) as err:  # e.g. epochs: ten
+        raise RaystudyError(f"{where}: a setting has the wrong type ({err})") from None
+    if spec.kind != "targets" and not spec.targets:
+        raise RaystudyError(f"{where}: missing key 'targets' (the name of the targets study to attack)")
+
+
+def _validate_search(spec: StudySpec) -> None:
+    from raystudy.mechanisms import get_mechanism
+
+    known = {p.name for p in get_mechanism(spec.search.mechanism).params}
+    for param in spec.search.params:
+        if param.name not in known | set(SEARCHABLE_TRAIN_KEYS):
+            raise RaystudyError(f"search: {spec.search.mechanism} has no magnitude {param.name!r}; searchable: "
+                                f"{', '.join(sorted(known | set(SEARCHABLE_TRAIN_KEYS)))}")
+    # The corners of the box must be valid magnitudes.
+    for corner in ("low", "high"):
+        trial = search_point(spec.search, {p.name: (getattr(p, corner) if not p.choices else p.choices[0]) for p in spec.search.params}, spec.seeds[0])
+        spec.train_config(trial)
+
+
+def search_point(search: SearchSpec, values: Mapping[str, Any], seed: int) -> dict[str, Any]:
+    """A searcher's flat sample as a trial config: magnitudes apart from training settings."""
+    return {
+        "mechanism": search.mechanism, "seed": seed,
+        "magnitudes": {k: v for k, v in values.items() if k not in SEARCHABLE_TRAIN_KEYS},
+        "train": {k: v for k, v in values.items() if k in SEARCHABLE_TRAIN_KEYS},
+    }

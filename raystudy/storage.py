@@ -1,0 +1,79 @@
+"""Files under a study's storage path: a local folder or any pyarrow filesystem URI (s3://, gs://).
+
+Every node of a cluster reads the targets and the study record from here, so a trial can run on
+any node. No Ray here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from raystudy.errors import RaystudyError
+
+DEFAULT_STORAGE = "~/raystudy_results"
+
+
+def is_uri(location: str) -> bool:
+    return "://" in location
+
+
+def normalize(storage: str) -> str:
+    """Absolute local path (Ray needs one), or the URI unchanged."""
+    return storage if is_uri(storage) else str(Path(storage).expanduser().resolve())
+
+
+def join(*parts: str) -> str:
+    return "/".join([parts[0].rstrip("/")] + [p.strip("/") for p in parts[1:]])
+
+
+def _resolve(location: str) -> tuple[pafs.FileSystem, str]:
+    try:
+        return pafs.FileSystem.from_uri(location) if is_uri(location) else (pafs.LocalFileSystem(), normalize(location))
+    except (ValueError, OSError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        raise RaystudyError(f"cannot open storage {location!r}: {err}") from None
+
+
+def write_bytes(location: str, data: bytes) -> None:
+    fs, path = _resolve(location)
+    try:
+        fs.create_dir(os.path.dirname(path), recursive=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with fs.open_output_stream(tmp) as out:
+            out.write(data)
+        fs.move(tmp, path)
+    except OSError as err:
+        raise RaystudyError(f"cannot write {location!r}: {err}") from None
+
+
+def read_bytes(location: str) -> bytes:
+    fs, path = _resolve(location)
+    try:
+        with fs.open_input_stream(path) as handle:
+            return handle.read()
+    except (OSError, FileNotFoundError) as err:
+        raise RaystudyError(f"cannot read {location!r}: {err}") from None
+
+
+def exists(location: str) -> bool:
+    fs, path = _resolve(location)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def list_files(location: str, suffix: str = "") -> list[str]:
+    """Names of the files directly in a folder (empty if it does not exist)."""
+    fs, path = _resolve(location)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(path))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(suffix))
+
+
+def check_writable(storage: str) -> None:
+    """Fail early, with one line, on a storage path the study could not write into."""
+    probe = join(normalize(storage), f".raystudy-write-check-{os.getpid()}")
+    write_bytes(probe, b"ok")
+    fs, path = _resolve(probe)
+    fs.delete_file(path)

@@ -1,0 +1,229 @@
+"""The study builder: a StudySpec becomes a Ray Tune experiment (grid, targets or Optuna search).
+
+Ray lives here and in `raystudy.trainable` only. An experiment is `<storage>/<study name>/`: Ray's
+trial logs and checkpoints, plus `raystudy-study.json` (the study file's contents, the data
+path, the evaluation images and targeted classes) from which `resume` rebuilds everything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from typing import Any
+
+from raystudy import storage
+from raystudy.errors import RaystudyError
+from raystudy.space import StudySpec, parse_space
+from raystudy.trainable import FINAL_KEY, run_trial, targets_location
+
+STUDY_RECORD = "raystudy-study.json"
+BEST_CONFIG = "best_config.json"
+OPTUNA_DB = "optuna.db"
+
+
+def experiment_path(spec: StudySpec, storage_path: str) -> str:
+    return storage.join(storage.normalize(storage_path), spec.name)
+
+
+def _init_ray(address: str | None, num_cpus: int | None) -> None:
+    import ray
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic table reporter with our columns
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # hook metrics exist only at the end
+    if ray.is_initialized():
+        return
+    passed = {k: os.environ[k] for k in ("RAYSTUDY_CACHE", "RAYSTUDY_DATA", "HF_HUB_OFFLINE") if k in os.environ}
+    runtime_env = {"env_vars": passed} if passed else None
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
+
+
+def _resources(spec: StudySpec, local: bool) -> dict[str, float]:
+    import ray
+
+    resources = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu, **dict(spec.resources.custom)}
+    if local and spec.resources.gpu and not ray.cluster_resources().get("GPU"):
+        print(f"no GPU on this machine: trials run on the CPU (the study asks for gpu={spec.resources.gpu:g})", flush=True)
+        resources["gpu"] = 0
+    return resources
+
+
+def _reporter(spec: StudySpec):
+    from ray.tune import CLIReporter
+
+    if spec.kind == "search":
+        parameters = {p.name: p.name for p in spec.search.params}
+    else:
+        parameters = {"trial/mechanism": "mechanism", "trial/magnitudes": "magnitudes", "trial/seed": "seed"}
+        if spec.kind == "targets":
+            parameters = {"trial/target_name": "target", "trial/seed": "seed"}
+    metrics = {"epoch": "epoch", "test_acc": "test acc", "asr/pgd/untargeted/8/mean": "ASR pgd 8/255 (mean)"}
+    return CLIReporter(parameter_columns=parameters, metric_columns=metrics, max_report_frequency=30)
+
+
+def trial_dirname(trial) -> str:
+    """Short trial folders (Ray's default packs the whole config into the name)."""
+    return f"trial_{trial.trial_id}"
+
+
+def _trainable(spec: StudySpec, storage_path: str, local: bool):
+    from ray import tune
+
+    return tune.with_resources(tune.with_parameters(run_trial, study=spec, storage_path=storage_path), _resources(spec, local))
+
+
+def _search_setup(spec: StudySpec, experiment: str) -> tuple[dict[str, Any], Any, Any]:
+    """(param_space, OptunaSearch, ASHA or None) for a kind: search study."""
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    space = {}
+    for p in spec.search.params:
+        if p.choices:
+            space[p.name] = tune.choice(list(p.choices))
+        else:
+            space[p.name] = tune.loguniform(p.low, p.high) if p.log else tune.uniform(p.low, p.high)
+    # The Optuna study lives in sqlite beside the experiment (a local folder) so it can be inspected
+    # and resumed; with a remote storage URI it stays in the local cache.
+    db_folder = experiment if not storage.is_uri(experiment) else os.path.expanduser(f"~/.cache/raystudy/optuna/{spec.name}")
+    os.makedirs(db_folder, exist_ok=True)
+    db = optuna.storages.RDBStorage(f"sqlite:///{os.path.join(db_folder, OPTUNA_DB)}")
+    searcher = OptunaSearch(metric=spec.search.metric, mode=spec.search.mode, study_name=spec.name, storage=db,
+                            sampler=optuna.samplers.TPESampler(seed=spec.search.seed))
+    scheduler = None
+    if spec.search.proxy_every:
+        scheduler = ASHAScheduler(metric="proxy/asr", mode="max", time_attr="epoch",
+                                  grace_period=spec.search.grace_period, max_t=spec.train_config(_corner(spec)).epochs)
+    return space, searcher, scheduler
+
+
+def _corner(spec: StudySpec) -> dict[str, Any]:
+    from raystudy.space import search_point
+
+    return search_point(spec.search, {p.name: p.choices[0] if p.choices else p.low for p in spec.search.params}, spec.seeds[0])
+
+
+def check_targets(spec: StudySpec, storage_path: str) -> list[str]:
+    location = targets_location(storage.normalize(storage_path), spec.targets)
+    names = storage.list_files(location, ".pt")
+    if not names:
+        raise RaystudyError(
+            f"study {spec.name!r} attacks the targets of study {spec.targets!r}, but {location} holds none: "
+            f"train them first with `raystudy targets search_spaces/{spec.targets}.yaml --storage {storage_path}`"
+        )
+    return [n[:-3] for n in names]
+
+
+def _write_record(spec: StudySpec, raw: Any, storage_path: str, experiment: str, targets: list[str]) -> None:
+    from raystudy.data import load_dataset
+    from raystudy.metrics.hook import make_eval_set
+
+    record: dict[str, Any] = {"study": raw, "source": spec.source, "data": spec.data, "storage": storage.normalize(storage_path),
+                              "targets": targets, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if spec.kind != "targets":  # the evaluation images every trial uses, recorded once
+        config = spec.train_config(spec.grid_configs()[0] if spec.kind != "search" else _corner(spec))
+        dataset = load_dataset(config.dataset, config.data_path, config.n_train, config.n_test, config.data_seed, config.image_size)
+        eval_set = make_eval_set(dataset.test, dataset.num_classes, spec.evaluation)
+        record["eval_indices"] = eval_set.indices.tolist()
+        record["eval_target_classes"] = eval_set.target_classes.tolist()
+    storage.write_bytes(storage.join(experiment, STUDY_RECORD), json.dumps(record, indent=1).encode())
+
+
+def run_study(spec: StudySpec, raw: Any, storage_path: str, address: str | None = None,
+              max_concurrent: int | None = None, num_cpus: int | None = None):
+    """Start a new experiment; refuses one that exists (resume it instead)."""
+    from ray import tune
+
+    storage.check_writable(storage_path)
+    experiment = experiment_path(spec, storage_path)
+    if storage.exists(storage.join(experiment, STUDY_RECORD)):
+        raise RaystudyError(f"experiment {experiment} exists: finish it with `raystudy resume {experiment}`, "
+                            f"or give the study another name")
+    targets = check_targets(spec, storage_path) if spec.kind != "targets" else []
+    _init_ray(address, num_cpus)
+    _write_record(spec, raw, storage_path, experiment, targets)
+    scheduler = searcher = None
+    num_samples = 1
+    if spec.kind == "search":
+        param_space, searcher, scheduler = _search_setup(spec, experiment)
+        num_samples = spec.search.num_samples
+    else:
+        param_space = {"trial": tune.grid_search(spec.grid_configs())}
+    tuner = tune.Tuner(
+        _trainable(spec, storage.normalize(storage_path), local=address is None),
+        param_space=param_space,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
+                                    max_concurrent_trials=max_concurrent, trial_dirname_creator=trial_dirname),
+        run_config=tune.RunConfig(
+            name=spec.name, storage_path=storage.normalize(storage_path),
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            progress_reporter=_reporter(spec), verbose=1,
+        ),
+    )
+    return _finish(spec, tuner.fit(), experiment)
+
+
+def load_record(experiment: str) -> dict[str, Any]:
+    location = storage.join(storage.normalize(experiment), STUDY_RECORD)
+    if not storage.exists(location):
+        raise RaystudyError(f"{experiment} is not a raystudy experiment (no {STUDY_RECORD})")
+    return json.loads(storage.read_bytes(location))
+
+
+def resume_study(experiment: str, address: str | None = None, num_cpus: int | None = None):
+    """Finish an interrupted experiment: unfinished and errored trials go on, finished ones stay."""
+    from ray import tune
+
+    record = load_record(experiment)
+    spec = parse_space(record["study"], record["source"], record["data"])
+    _init_ray(address, num_cpus)
+    tuner = tune.Tuner.restore(storage.normalize(experiment), trainable=_trainable(spec, record["storage"], local=address is None),
+                               resume_unfinished=True, resume_errored=True)
+    return _finish(spec, tuner.fit(), storage.normalize(experiment))
+
+
+def _finish(spec: StudySpec, results, experiment: str):
+    errors = [r for r in results if r.error is not None]
+    print(f"{len(results) - len(errors)} of {len(results)} trials finished; results in {experiment}")
+    for r in errors:
+        print(f"  failed: {_describe(r.config)}: {str(r.error).strip().splitlines()[-1][:300]}")
+    if spec.kind == "search":
+        done = [r for r in results if r.error is None and r.metrics.get(FINAL_KEY) == 1 and spec.search.metric in r.metrics]
+        if done:
+            best = max(done, key=lambda r: r.metrics[spec.search.metric] * (1 if spec.search.mode == "max" else -1))
+            summary = {"config": best.config, "metric": spec.search.metric, "value": best.metrics[spec.search.metric]}
+            storage.write_bytes(storage.join(experiment, BEST_CONFIG), json.dumps(summary, indent=1).encode())
+            print(f"best {spec.search.metric} = {summary['value']:.4f} with {json.dumps(best.config)} "
+                  f"(saved to {storage.join(experiment, BEST_CONFIG)})")
+    return results
+
+
+def _describe(config: dict[str, Any]) -> str:
+    trial = config.get("trial", config)
+    return ", ".join(f"{k}={v}" for k, v in trial.items())
+
+
+def study_status(experiment: str) -> str:
+    """One line per state and one per failed trial, read from Ray's experiment state (no cluster needed)."""
+    from ray.tune import ExperimentAnalysis
+
+    load_record(experiment)
+    analysis = ExperimentAnalysis(storage.normalize(experiment))
+    trials = analysis.trials
+    counts = Counter(t.status for t in trials)
+    lines = [f"{experiment}: {len(trials)} trials: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))]
+    for t in trials:
+        if t.status == "ERROR":
+            error = (t.get_error() or "").strip().splitlines()
+            lines.append(f"  failed: {_describe(t.config)}: {(error[-1] if error else 'no error message')[:300]}")
+        elif t.status == "RUNNING" or t.status == "PENDING":
+            epoch = (t.last_result or {}).get("epoch")
+            lines.append(f"  {t.status.lower()}: {_describe(t.config)}" + (f" (epoch {epoch})" if epoch else ""))
+    return "\n".join(lines)

@@ -1,0 +1,117 @@
+"""The Ray Tune function trainable: the only code that reports to Ray.
+
+One trial = build data and model from the study and the trial's config, train with the core
+loop (reporting every epoch, with a checkpoint every `checkpoint_every` epochs), then run the
+trial-end hook and report its metrics with the final result. A restarted trial continues from
+its latest Ray checkpoint; one whose training had finished goes straight to the hook.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from ray import tune
+
+from raystudy import storage
+from raystudy.checkpoint import load_model
+from raystudy.data import load_dataset
+from raystudy.metrics.hook import EvalConfig, evaluate_surrogate, make_eval_set, quick_transfer_asr
+from raystudy.space import StudySpec, search_point
+from raystudy.train import MODEL_FILE, STATE_FILE, pick_device, train, versions
+
+TARGETS_DIR = "targets"  # <storage>/<targets study>/targets/<name>.pt
+FINAL_KEY = "final"      # 1 on the result that carries the hook's metrics
+
+
+def targets_location(storage_path: str, targets_study: str) -> str:
+    return storage.join(storage_path, targets_study, TARGETS_DIR)
+
+
+def trial_identity(study: StudySpec, trial: dict[str, Any]) -> dict[str, Any]:
+    """Columns every result carries, so progress tables and the analysis need no config parsing."""
+    config = study.train_config(trial)
+    return {"mechanism": config.mechanism, "seed": config.seed, "model": config.model,
+            "magnitudes": json.dumps(dict(config.magnitudes), sort_keys=True)}
+
+
+def run_trial(config: dict[str, Any], study: StudySpec, storage_path: str) -> None:
+    trial = search_point(study.search, config, study.seeds[0]) if study.kind == "search" else config["trial"]
+    train_config = study.train_config(trial)
+    _share_device(study)
+    dataset = load_dataset(train_config.dataset, train_config.data_path, train_config.n_train, train_config.n_test,
+                           train_config.data_seed, train_config.image_size)
+    identity = trial_identity(study, trial)
+    work = Path(tempfile.mkdtemp(prefix="raystudy-trial-"))
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        checkpoint.to_directory(str(work))  # holds checkpoint.pt: train() resumes from it
+    targets = eval_set = None
+    if study.kind != "targets":
+        targets = _load_targets(storage_path, study.targets, work, pick_device())
+        eval_set = make_eval_set(dataset.test, dataset.num_classes, study.evaluation)
+    proxy = _proxy(study, targets, dataset)
+
+    def on_epoch_end(record: dict[str, float], state_path: Path | None, model: torch.nn.Module) -> None:
+        metrics = {**identity, **record, FINAL_KEY: 0}
+        if proxy is not None and int(record["epoch"]) % study.search.proxy_every == 0:
+            metrics["proxy/asr"] = quick_transfer_asr(model, targets, proxy, study.evaluation)
+        _report(metrics, state_path)
+
+    try:
+        result = train(train_config, dataset=dataset, out_dir=work, on_epoch_end=on_epoch_end, log=print)
+        final = {**identity, **(result.history[-1] if result.history else {}), FINAL_KEY: 1,
+                 "train_config": train_config.to_json(), "versions": json.dumps(versions())}
+        if study.kind == "targets":
+            name = trial["target_name"]
+            storage.write_bytes(storage.join(targets_location(storage_path, study.name), f"{name}.pt"), (work / MODEL_FILE).read_bytes())
+            final["target_name"] = name
+        else:
+            print(f"trial-end hook: {len(eval_set.labels)} images, targets {', '.join(targets)}", flush=True)
+            final.update(evaluate_surrogate(result.model, targets, eval_set, study.evaluation, log=print))
+        tune.report(final)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _report(metrics: dict[str, Any], state_path: Path | None) -> None:
+    if state_path is None:
+        tune.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="raystudy-ckpt-") as folder:
+        shutil.copy2(state_path, Path(folder) / STATE_FILE)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def _share_device(study: StudySpec) -> None:
+    """Stay within this trial's share: CPU threads, and GPU memory when the GPU is shared."""
+    torch.set_num_threads(max(1, int(study.resources.cpu)))
+    if torch.cuda.is_available() and 0 < study.resources.gpu < 1:
+        torch.cuda.set_per_process_memory_fraction(study.resources.gpu)
+
+
+def _load_targets(storage_path: str, targets_study: str, work: Path, device) -> dict[str, torch.nn.Module]:
+    """Copy the targets from the storage path (any node can reach it) and load them weights-only."""
+    location = targets_location(storage_path, targets_study)
+    names = storage.list_files(location, ".pt")
+    if not names:
+        raise RuntimeError(f"no targets under {location}")
+    local = work / "targets"
+    local.mkdir(parents=True, exist_ok=True)
+    targets = {}
+    for name in names:
+        (local / name).write_bytes(storage.read_bytes(storage.join(location, name)))
+        targets[name[: -len(".pt")]] = load_model(local / name, device)[0]
+    return targets
+
+
+def _proxy(study: StudySpec, targets, dataset):
+    """The small evaluation set of the mid-training ASR proxy (ASHA), or None when it is off."""
+    if study.search is None or not study.search.proxy_every:
+        return None
+    config = EvalConfig(n_eval=study.search.proxy_n_eval, seed=study.evaluation.seed, batch_size=study.evaluation.batch_size)
+    return make_eval_set(dataset.test, dataset.num_classes, config)
