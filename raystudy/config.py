@@ -122,6 +122,12 @@ class TrainConfig:
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(base)
 
+    def lgv_phase(self, init_checkpoint: str) -> "TrainConfig":
+        """LGV fine-tuning of the model this config trains, with its mechanism as LGV's base update."""
+        values = {**self.to_dict(), **LGV_SCHEDULE, "mechanism": "LGV", "lgv_base": self.mechanism,
+                  "init_checkpoint": init_checkpoint, "magnitudes": dict(self.magnitudes)}
+        return TrainConfig.from_dict(values)
+
     def differences(self, other: "TrainConfig") -> list[str]:
         """Names of the settings (except where the data lives) in which two configs differ."""
         return [f.name for f in dataclasses.fields(self) if f.compare and getattr(self, f.name) != getattr(other, f.name)]

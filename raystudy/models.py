@@ -159,6 +159,19 @@ def _build_timm(name: str, num_classes: int, pretrained: bool) -> nn.Module:
         ) from err
 
 
+class Ensemble(nn.Module):
+    """Mean logits of several models (an LGV collection). Attacks use one member per iteration."""
+
+    def __init__(self, members: Sequence[nn.Module]):
+        super().__init__()
+        if not members:
+            raise RaystudyError("an ensemble needs at least one model")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in self.members]).mean(0)
+
+
 def freeze(model: nn.Module) -> nn.Module:
     """Eval mode and no parameter gradients: how targets are used."""
     model.eval()

@@ -16,6 +16,8 @@ A study file names what to train and how to measure it:
     trials:
       - mechanism: ST
       - {mechanism: MU, magnitudes: {p: [0.1, 0.9]}}   # a list is a grid: one trial per value
+      - {mechanism: SAM, lgv: true}                     # then an LGV ensemble from it
+      - {mechanism: ST, train: {lr: 0.05}}              # per-trial training overrides
     search:                        # kind: search only
       mechanism: SAM&JR
       num_samples: 32
@@ -39,6 +41,7 @@ import yaml
 
 from raystudy.config import PRESETS, TrainConfig
 from raystudy.errors import RaystudyError
+from raystudy.mechanisms.lgv import LGV_BASES
 from raystudy.metrics.hook import EvalConfig
 from raystudy.models import check_model_name
 
@@ -61,12 +64,18 @@ class TrialSpec:
     mechanism: str = "ST"
     magnitudes: tuple[tuple[str, float], ...] = ()
     model: str | None = None
+    lgv: bool = False  # after training, fine-tune an LGV ensemble with this mechanism and attack with it
+    train: tuple[tuple[str, Any], ...] = ()  # this trial's overrides of the study's training settings
 
     def as_config(self, seed: int, name: str | None = None) -> dict[str, Any]:
         """The dict Ray shows and records as the trial's config."""
         out = {"mechanism": self.mechanism, "magnitudes": dict(self.magnitudes), "seed": seed}
         if self.model:
             out["model"] = self.model
+        if self.lgv:
+            out["lgv"] = True
+        if self.train:
+            out["train"] = dict(self.train)
         if name:
             out["target_name"] = name
         return out
@@ -239,9 +248,13 @@ def _trials(entries: list, kind: str, where: str) -> tuple[TrialSpec, ...]:
         mechanism = r.get("mechanism", "ST", str)
         model = r.get("model", None, str)
         grid = r.get("magnitudes", {}, dict)
+        lgv = r.get("lgv", False, bool)
+        train = _train(r.get("train", {}), f"{where}: trials[{i}]")
         r.finish()
         if kind == "targets" and (mechanism != "ST" or model is None):
             raise RaystudyError(f"{where}: trials[{i}]: a targets study trains plain (ST) models and names each model")
+        if lgv and mechanism not in LGV_BASES:
+            raise RaystudyError(f"{where}: trials[{i}]: LGV fine-tunes with {', '.join(LGV_BASES)}, not {mechanism}")
         names = list(grid)
         value_lists = []
         for name in names:
@@ -250,7 +263,7 @@ def _trials(entries: list, kind: str, where: str) -> tuple[TrialSpec, ...]:
                 raise RaystudyError(f"{where}: trials[{i}]: magnitude {name}={grid[name]!r} must be a number or a list of numbers")
             value_lists.append(values)
         for combo in itertools.product(*value_lists):
-            out.append(TrialSpec(mechanism, tuple(zip(names, map(float, combo))), model))
+            out.append(TrialSpec(mechanism, tuple(zip(names, map(float, combo))), model, lgv, train))
     if len(set(out)) != len(out):
         raise RaystudyError(f"{where}: trials lists the same mechanism and magnitudes twice")
     return tuple(out)

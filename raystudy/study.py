@@ -81,8 +81,6 @@ def _search_setup(spec: StudySpec, experiment: str) -> tuple[dict[str, Any], Any
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
-
     space = {}
     for p in spec.search.params:
         if p.choices:
@@ -94,13 +92,26 @@ def _search_setup(spec: StudySpec, experiment: str) -> tuple[dict[str, Any], Any
     db_folder = experiment if not storage.is_uri(experiment) else os.path.expanduser(f"~/.cache/raystudy/optuna/{spec.name}")
     os.makedirs(db_folder, exist_ok=True)
     db = optuna.storages.RDBStorage(f"sqlite:///{os.path.join(db_folder, OPTUNA_DB)}")
-    searcher = OptunaSearch(metric=spec.search.metric, mode=spec.search.mode, study_name=spec.name, storage=db,
+    searcher = _final_metric_optuna()(metric=spec.search.metric, mode=spec.search.mode, study_name=spec.name, storage=db,
                             sampler=optuna.samplers.TPESampler(seed=spec.search.seed))
     scheduler = None
     if spec.search.proxy_every:
         scheduler = ASHAScheduler(metric="proxy/asr", mode="max", time_attr="epoch",
                                   grace_period=spec.search.grace_period, max_t=spec.train_config(_corner(spec)).epochs)
     return space, searcher, scheduler
+
+
+def _final_metric_optuna():
+    """OptunaSearch that skips per-epoch results: the objective (a transfer ASR) exists only in the
+    final result, and OptunaSearch would look it up in every one (its pruner is off anyway)."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    class FinalMetricOptunaSearch(OptunaSearch):
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            if self.metric in result:
+                super().on_trial_result(trial_id, result)
+
+    return FinalMetricOptunaSearch
 
 
 def _corner(spec: StudySpec) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from raystudy import storage
 from raystudy.checkpoint import load_model
 from raystudy.data import load_dataset
 from raystudy.metrics.hook import EvalConfig, evaluate_surrogate, make_eval_set, quick_transfer_asr
+from raystudy.models import Ensemble
 from raystudy.space import StudySpec, search_point
 from raystudy.train import MODEL_FILE, STATE_FILE, pick_device, train, versions
 
@@ -71,11 +72,22 @@ def run_trial(config: dict[str, Any], study: StudySpec, storage_path: str) -> No
             storage.write_bytes(storage.join(targets_location(storage_path, study.name), f"{name}.pt"), (work / MODEL_FILE).read_bytes())
             final["target_name"] = name
         else:
+            surrogate = _lgv_ensemble(train_config, dataset, work) if trial.get("lgv") else result.model
             print(f"trial-end hook: {len(eval_set.labels)} images, targets {', '.join(targets)}", flush=True)
-            final.update(evaluate_surrogate(result.model, targets, eval_set, study.evaluation, log=print))
+            final.update(evaluate_surrogate(surrogate, targets, eval_set, study.evaluation, log=print))
         tune.report(final)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _lgv_ensemble(train_config, dataset, work: Path) -> Ensemble:
+    """Fine-tune the trained surrogate with LGV and load the collected models. A restarted trial
+    redoes this phase from the trained surrogate (it is short: 10 epochs)."""
+    config = train_config.lgv_phase(str(work / MODEL_FILE))
+    print(f"LGV: {config.epochs} epochs at lr {config.lr:g} with {config.lgv_base}, {config.snapshots_per_epoch} models per epoch", flush=True)
+    lgv = train(config, dataset=dataset, out_dir=work / "lgv", log=print)
+    device = pick_device()
+    return Ensemble([load_model(path, device)[0] for path in lgv.snapshots]).to(device)
 
 
 def _report(metrics: dict[str, Any], state_path: Path | None) -> None:

@@ -11,7 +11,9 @@ Metric names (budgets are in 1/255 units, e.g. `8` = 8/255; `<t>` is a target's 
     fooling/<attack>/<mode>/<budget>    fraction of AEs that fool the surrogate itself
     seconds/<part>                      wall time of each part (accuracy, smoothness, similarity, <attack>)
 with <attack> in pgd, mi, di, dim, autoattack and <mode> in untargeted, targeted (AutoAttack is
-untargeted only). No Ray here: the trainable calls this and reports the dict.
+untargeted only). An `Ensemble` surrogate (LGV) is attacked one member per iteration, cycling in
+a shuffled order, and measured (accuracy, smoothness, similarity) through its mean logits.
+No Ray here: the trainable calls this and reports the dict.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from raystudy.metrics.asr import fooling_rate, transfer_success
 from raystudy.metrics.attacks import ATTACKS, PIXEL, autoattack, make_attack
 from raystudy.metrics.similarity import gradient_cosine, input_gradients
 from raystudy.metrics.smoothness import DEFAULT_ITERATIONS, DEFAULT_TOLERANCE, smoothness
+from raystudy.models import Ensemble
 
 MODES = ("untargeted", "targeted")
 TARGET_CLASS_RULES = ("random", "next")
@@ -170,7 +173,8 @@ def _craft(surrogate, x, y, goal, attack, budget, config, generator) -> torch.Te
         return torch.cat([autoattack(surrogate, x[s], y[s], eps, num_classes, config.seed, config.autoattack_steps)
                           for s in _batches(len(x), config.batch_size)])
     crafter = make_attack(attack, eps, config.steps, config.step_size, config.random_start)
-    return torch.cat([crafter(surrogate, x[s], y[s], None if goal is None else goal[s], generator)
+    models = list(surrogate.members) if isinstance(surrogate, Ensemble) else surrogate  # LGV: one member per step
+    return torch.cat([crafter(models, x[s], y[s], None if goal is None else goal[s], generator)
                       for s in _batches(len(x), config.batch_size)])
 
 

@@ -1,0 +1,180 @@
+"""The Ray Tune study end to end on a local 2-CPU Ray: validation, smoke run, Optuna, resume, divergence."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raystudy.errors import RaystudyError
+from raystudy.space import load_space, parse_space
+
+ROOT = Path(__file__).resolve().parents[1]
+SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))
+RAYSTUDY = [sys.executable, "-m", "raystudy"]
+SMOKE = yaml.safe_load((ROOT / "search_spaces" / "smoke.yaml").read_text())
+
+pytestmark = pytest.mark.slow
+
+
+def raystudy(*args, timeout=600, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(RAYSTUDY + [str(a) for a in args], capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+@pytest.mark.parametrize("path", SPACES, ids=[p.name for p in SPACES])
+def test_every_search_space_validates(path):
+    spec = load_space(path)
+    assert spec.name == path.stem
+
+
+def variant(**changes):
+    values = json.loads(json.dumps(SMOKE))
+    for key, value in changes.items():
+        if value is None:
+            values.pop(key)
+        else:
+            values[key] = value
+    return values
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"trials": [{"mechanism": "SAM+JR"}]}, "unknown mechanism 'SAM+JR'; valid: ST"),
+    ({"trials": [{"mechanism": "MU", "magnitudes": {"p": "high"}}]}, "magnitude p='high' must be a number"),
+    ({"trials": [{"mechanism": "MU", "magnitudes": {"p": 3}}]}, "p=3 is outside"),
+    ({"trials": [{"mechanism": "IR", "magnitudes": {"rho": 0.1}}]}, "IR has no magnitude 'rho'"),
+    ({"model": "resnet19"}, "unknown model 'resnet19'"),
+    ({"resources": {"cpu": 1, "gpu": 1.5}}, "gpu=1.5 must be a fraction"),
+    ({"resources": {"cpus": 1}}, "unknown key(s) 'cpus'"),
+    ({"trials": None}, "missing key 'trials'"),
+    ({"targets": None}, "missing key 'targets'"),
+    ({"trails": []}, "unknown key(s) 'trails'"),
+    ({"preset": "quick"}, "preset='quick'; known: faithful, fast"),
+    ({"train": {"epochs": "ten"}}, "wrong type"),
+    ({"evaluation": {"attacks": ["fgsm"]}}, "unknown attack(s) fgsm"),
+    ({"seeds": [0, 0]}, "repeats a seed"),
+])
+def test_broken_search_spaces_fail_with_the_expected_message(changes, message):
+    with pytest.raises(RaystudyError) as err:
+        parse_space(variant(**changes), "broken.yaml")
+    assert message in str(err.value) and str(err.value).startswith("broken.yaml")
+
+
+def test_validate_command_reports_one_line(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(yaml.safe_dump(variant(trials=[{"mechanism": "XX"}])))
+    out = raystudy("validate", broken)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "unknown mechanism 'XX'" in out.stderr
+    assert raystudy("validate", *SPACES).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory):
+    """Storage with the smoke targets trained (shared by the study tests)."""
+    root = tmp_path_factory.mktemp("storage")
+    out = raystudy("targets", ROOT / "search_spaces" / "smoke_targets.yaml", "--storage", root, "--num-cpus", 2)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert sorted(p.name for p in (root / "smoke_targets" / "targets").iterdir()) == ["tiny_cnn_s1.pt", "tiny_cnn_s2.pt"]
+    return root
+
+
+def final_results(experiment: Path) -> dict[str, list[dict]]:
+    """Every trial folder's reported results that carry the hook's metrics (final == 1)."""
+    out = {}
+    for result_file in experiment.glob("trial_*/result.json"):
+        rows = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
+        out[result_file.parent.name] = [r for r in rows if r.get("final") == 1]
+    return out
+
+
+def write_space(tmp_path, name, **changes) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(variant(name=name, **changes)))
+    return path
+
+
+def test_run_refuses_without_targets(tmp_path):
+    out = raystudy("run", ROOT / "search_spaces" / "smoke.yaml", "--storage", tmp_path / "empty")
+    assert out.returncode == 2 and "raystudy targets search_spaces/smoke_targets.yaml" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_smoke_study_reports_the_hook_metrics_for_every_trial(storage):
+    out = raystudy("run", ROOT / "search_spaces" / "smoke.yaml", "--storage", storage, "--num-cpus", 2)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    finals = final_results(storage / "smoke")
+    assert len(finals) == 4 and all(len(rows) == 1 for rows in finals.values())
+    mechanisms = sorted(rows[0]["mechanism"] for rows in finals.values())
+    assert mechanisms == ["MU", "SAM", "SAM&JR", "ST"]
+    for rows in finals.values():
+        r = rows[0]
+        for key in ("acc", "smoothness/mean", "smoothness/max", "similarity/tiny_cnn_s1", "similarity/mean",
+                    "asr/pgd/untargeted/8/mean", "asr/pgd/targeted/16/tiny_cnn_s2", "asr_all/pgd/untargeted/4/mean",
+                    "fooling/pgd/untargeted/8", "test_acc", "train_config", "versions"):
+            assert key in r, key
+        assert math.isfinite(r["smoothness/mean"]) and json.loads(r["train_config"])["seed"] == r["seed"]
+    record = json.loads((storage / "smoke" / "raystudy-study.json").read_text())
+    assert len(record["eval_indices"]) == 64 and record["targets"] == ["tiny_cnn_s1", "tiny_cnn_s2"]
+    status = raystudy("status", storage / "smoke")
+    assert status.returncode == 0 and "4 trials: 4 terminated" in status.stdout
+    again = raystudy("run", ROOT / "search_spaces" / "smoke.yaml", "--storage", storage)
+    assert again.returncode == 2 and "raystudy resume" in again.stderr
+
+
+def test_optuna_search_finds_a_best_config_inside_the_bounds(storage, tmp_path):
+    import optuna
+
+    space = write_space(tmp_path, "optuna_smoke", kind="search", trials=None, train={**SMOKE["train"], "epochs": 1},
+                        evaluation={"n_eval": 32, "budgets": [8], "modes": ["untargeted"], "smoothness_samples": 8},
+                        search={"mechanism": "SAM&JR", "num_samples": 4, "seed": 0,
+                                "params": {"rho": {"low": 0.01, "high": 0.5, "log": True},
+                                           "lambda_jr": {"low": 1e-6, "high": 1.0, "log": True}}})
+    out = raystudy("search", space, "--storage", storage, "--num-cpus", 2)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    best = json.loads((storage / "optuna_smoke" / "best_config.json").read_text())
+    assert 0.01 <= best["config"]["rho"] <= 0.5 and 1e-6 <= best["config"]["lambda_jr"] <= 1.0
+    assert "best asr/pgd/untargeted/8/mean" in out.stdout
+    study = optuna.load_study(study_name="optuna_smoke", storage=f"sqlite:///{storage / 'optuna_smoke' / 'optuna.db'}")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) >= 4 and all(0.01 <= t.params["rho"] <= 0.5 for t in complete)
+    assert len(final_results(storage / "optuna_smoke")) == 4
+
+
+def test_killed_driver_resumes_and_every_trial_finishes_exactly_once(storage, tmp_path):
+    trials = [{"mechanism": "ST"}, {"mechanism": "SAM"}, {"mechanism": "MU", "magnitudes": {"p": 0.5}},
+              {"mechanism": "LS"}, {"mechanism": "CO"}, {"mechanism": "JR"}]
+    space = write_space(tmp_path, "resume_smoke", trials=trials, train={**SMOKE["train"], "epochs": 4})
+    experiment = storage / "resume_smoke"
+    driver = subprocess.Popen(RAYSTUDY + ["run", str(space), "--storage", str(storage), "--num-cpus", "2"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and sum(bool(r) for r in final_results(experiment).values()) < 2:
+        time.sleep(0.5)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started, as in a crash
+    driver.wait()
+    done_before = {name for name, rows in final_results(experiment).items() if rows}
+    assert 2 <= len(done_before) < 6, "the kill should land mid-study"
+    out = raystudy("resume", experiment, "--num-cpus", 2)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    finals = final_results(experiment)
+    assert len(finals) == 6 and all(len(rows) == 1 for rows in finals.values()), {k: len(v) for k, v in finals.items()}
+    assert sorted(rows[0]["mechanism"] for rows in finals.values()) == ["CO", "JR", "LS", "MU", "SAM", "ST"]
+
+
+def test_a_diverging_trial_fails_with_its_reason_and_the_others_complete(storage, tmp_path):
+    space = write_space(tmp_path, "diverge_smoke", max_failures=0,
+                        trials=[{"mechanism": "ST"}, {"mechanism": "SAM", "train": {"lr": 1.0e12}}])
+    out = raystudy("run", space, "--storage", storage, "--num-cpus", 2)
+    assert out.returncode == 1
+    assert "1 of 2 trials finished" in out.stdout and "diverged" in out.stdout
+    finals = final_results(storage / "diverge_smoke")
+    assert sorted(len(rows) for rows in finals.values()) == [0, 1]
+    status = raystudy("status", storage / "diverge_smoke")
+    assert "1 error" in status.stdout and "training diverged" in status.stdout
