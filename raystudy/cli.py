@@ -197,6 +197,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from analysis import analyze
+
+    analyze(args.experiments, args.out)
+    return 0
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -296,6 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_evaluate(sub)
     _add_study(sub)
+    a = sub.add_parser("analyze", help="tables, figures and a report from finished or partial experiments (no Ray needed)")
+    a.add_argument("experiments", nargs="+", help="<storage>/<study name> folders or URIs")
+    a.add_argument("--out", required=True, help="output folder")
+    a.set_defaults(func=cmd_analyze)
     return parser
 
 

@@ -46,6 +46,7 @@ from raystudy.metrics.hook import EvalConfig
 from raystudy.models import check_model_name
 
 KINDS = ("grid", "targets", "search")
+STUDY_RECORD = "raystudy-study.json"  # written beside Ray's files in every experiment
 TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)} - {"dataset", "model", "mechanism", "magnitudes", "seed", "data_path"}
 SEARCHABLE_TRAIN_KEYS = ("epochs", "lr")
 

@@ -71,6 +71,15 @@ def list_files(location: str, suffix: str = "") -> list[str]:
     return sorted(i.base_name for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(suffix))
 
 
+def list_dirs(location: str) -> list[str]:
+    """Names of the folders directly in a folder (empty if it does not exist)."""
+    fs, path = _resolve(location)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(path))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+
 def check_writable(storage: str) -> None:
     """Fail early, with one line, on a storage path the study could not write into."""
     probe = join(normalize(storage), f".raystudy-write-check-{os.getpid()}")

@@ -15,10 +15,9 @@ from typing import Any
 
 from raystudy import storage
 from raystudy.errors import RaystudyError
-from raystudy.space import StudySpec, parse_space
+from raystudy.space import STUDY_RECORD, StudySpec, parse_space
 from raystudy.trainable import FINAL_KEY, run_trial, targets_location
 
-STUDY_RECORD = "raystudy-study.json"
 BEST_CONFIG = "best_config.json"
 OPTUNA_DB = "optuna.db"
 

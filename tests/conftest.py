@@ -27,3 +27,26 @@ def synthetic():
     from raystudy.data import make_synthetic
 
     return make_synthetic(n_train=256, n_test=128, num_classes=4, image_size=16, seed=0)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_raystudy(*args, timeout=600):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "raystudy", *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def smoke_storage(tmp_path_factory):
+    """A storage path with the smoke targets trained and the smoke study run (once per session)."""
+    cache = tmp_path_factory.getbasetemp() / "cache"
+    os.environ["RAYSTUDY_CACHE"] = str(cache)
+    root = tmp_path_factory.mktemp("storage")
+    targets = run_raystudy("targets", ROOT / "search_spaces" / "smoke_targets.yaml", "--storage", root, "--num-cpus", 2)
+    assert targets.returncode == 0, targets.stdout[-3000:] + targets.stderr[-3000:]
+    study = run_raystudy("run", ROOT / "search_spaces" / "smoke.yaml", "--storage", root, "--num-cpus", 2)
+    assert study.returncode == 0, study.stdout[-3000:] + study.stderr[-3000:]
+    return root

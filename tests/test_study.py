@@ -76,13 +76,10 @@ def test_validate_command_reports_one_line(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def storage(tmp_path_factory):
-    """Storage with the smoke targets trained (shared by the study tests)."""
-    root = tmp_path_factory.mktemp("storage")
-    out = raystudy("targets", ROOT / "search_spaces" / "smoke_targets.yaml", "--storage", root, "--num-cpus", 2)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert sorted(p.name for p in (root / "smoke_targets" / "targets").iterdir()) == ["tiny_cnn_s1.pt", "tiny_cnn_s2.pt"]
-    return root
+def storage(smoke_storage):
+    """Storage with the smoke targets trained and the smoke study run (see conftest)."""
+    assert sorted(p.name for p in (smoke_storage / "smoke_targets" / "targets").iterdir()) == ["tiny_cnn_s1.pt", "tiny_cnn_s2.pt"]
+    return smoke_storage
 
 
 def final_results(experiment: Path) -> dict[str, list[dict]]:
@@ -107,12 +104,10 @@ def test_run_refuses_without_targets(tmp_path):
 
 
 def test_smoke_study_reports_the_hook_metrics_for_every_trial(storage):
-    out = raystudy("run", ROOT / "search_spaces" / "smoke.yaml", "--storage", storage, "--num-cpus", 2)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     finals = final_results(storage / "smoke")
-    assert len(finals) == 4 and all(len(rows) == 1 for rows in finals.values())
+    assert len(finals) == 5 and all(len(rows) == 1 for rows in finals.values())
     mechanisms = sorted(rows[0]["mechanism"] for rows in finals.values())
-    assert mechanisms == ["MU", "SAM", "SAM&JR", "ST"]
+    assert mechanisms == ["MU", "MU", "SAM", "SAM&JR", "ST"]
     for rows in finals.values():
         r = rows[0]
         for key in ("acc", "smoothness/mean", "smoothness/max", "similarity/tiny_cnn_s1", "similarity/mean",
@@ -123,7 +118,7 @@ def test_smoke_study_reports_the_hook_metrics_for_every_trial(storage):
     record = json.loads((storage / "smoke" / "raystudy-study.json").read_text())
     assert len(record["eval_indices"]) == 64 and record["targets"] == ["tiny_cnn_s1", "tiny_cnn_s2"]
     status = raystudy("status", storage / "smoke")
-    assert status.returncode == 0 and "4 trials: 4 terminated" in status.stdout
+    assert status.returncode == 0 and "5 trials: 5 terminated" in status.stdout
     again = raystudy("run", ROOT / "search_spaces" / "smoke.yaml", "--storage", storage)
     assert again.returncode == 2 and "raystudy resume" in again.stderr
 

@@ -1,0 +1,107 @@
+"""Figures: magnitude curves with error bars over seeds, and the Optuna search's history and importances."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; works on a laptop without a display and on a headless node
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from analysis.tables import BASELINE, label_order, wide  # noqa: E402
+
+CURVE_ORDER = ("AT", "MU", "CM", "CO", "LS", "IR", "JR", "ER", "SAM")  # AT's inverted U first
+
+
+def magnitude_curves(tidy: pd.DataFrame, out: Path, attack: str = "pgd") -> list[tuple[str, Path]]:
+    """One figure per mechanism with several magnitudes: ASR (mean over targets, per budget),
+    smoothness and similarity against the magnitude; ST drawn at magnitude 0 as the reference."""
+    table = wide(tidy[tidy.kind != "targets"])
+    figures = []
+    if table.empty:
+        return figures
+    single = table[table.magnitude.notna() & ~table.lgv]
+    baseline = table[(table.mechanism == BASELINE) & ~table.lgv]
+    mechanisms = [m for m in CURVE_ORDER if single[single.mechanism == m].magnitude.nunique() >= 2]
+    for mechanism in mechanisms:
+        rows = pd.concat([baseline.assign(magnitude=0.0), single[single.mechanism == mechanism]])
+        path = out / f"curve_{mechanism}.png"
+        _curve_figure(rows, mechanism, attack, path)
+        figures.append((mechanism, path))
+    return figures
+
+
+def _curve_figure(rows: pd.DataFrame, mechanism: str, attack: str, path: Path) -> None:
+    magnitudes = sorted(rows.magnitude.unique())
+    positions = {m: i for i, m in enumerate(magnitudes)}  # evenly spaced: the grids are roughly geometric
+    budgets = sorted({int(c.split("/")[3]) for c in rows.columns if isinstance(c, str) and c.startswith(f"asr/{attack}/untargeted/") and c.endswith("/mean")})
+    panels = [(f"ASR % ({attack}, untargeted, mean over targets)", [(f"asr/{attack}/untargeted/{b}/mean", f"{b}/255", 100) for b in budgets]),
+              ("smoothness (mean |λmax|)", [("smoothness/mean", None, 1)]),
+              ("gradient similarity (mean over targets)", [("similarity/mean", None, 1)])]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, (title, series) in zip(axes, panels):
+        for column, name, scale in series:
+            if column not in rows.columns:
+                continue
+            stats = rows.groupby("magnitude")[column].agg(["mean", "std"]).reindex(magnitudes) * scale
+            ax.errorbar([positions[m] for m in magnitudes], stats["mean"], yerr=stats["std"].fillna(0), marker="o",
+                        capsize=3, label=name)
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks(range(len(magnitudes)), [("0 (ST)" if m == 0 else f"{m:g}") for m in magnitudes], rotation=45, fontsize=8)
+        ax.set_xlabel(f"{mechanism} magnitude")
+        if len(series) > 1:
+            ax.legend(fontsize=7, title="budget", title_fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    fig.savefig(path.with_suffix(".svg"))
+    plt.close(fig)
+
+
+def optuna_figures(experiment, tidy: pd.DataFrame, out: Path) -> list[tuple[str, Path]]:
+    """History and parameter importances from the Optuna study stored beside the experiment;
+    without it (e.g. remote storage), the history from the trial results alone."""
+    import optuna
+
+    spec = experiment.spec
+    figures = []
+    db = os.path.join(experiment.path, "optuna.db")
+    study = None
+    if os.path.isfile(db):
+        study = optuna.load_study(study_name=spec.name, storage=f"sqlite:///{db}")
+    if study is not None and len(study.trials) >= 1:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        ax = optuna.visualization.matplotlib.plot_optimization_history(study)
+        figures.append(("optimization history", _save_axes(ax, out / f"optuna_history_{spec.name}.png")))
+        complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if len(complete) >= 2 and len(spec.search.params) >= 1:
+            ax = optuna.visualization.matplotlib.plot_param_importances(study)
+            figures.append(("parameter importances", _save_axes(ax, out / f"optuna_importances_{spec.name}.png")))
+        return figures
+    rows = wide(tidy[tidy.experiment == spec.name])
+    if spec.search.metric in rows.columns and len(rows):
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        values = rows[spec.search.metric].to_numpy()
+        ax.plot(range(len(values)), values, "o", label="trial")
+        best = pd.Series(values).cummax() if spec.search.mode == "max" else pd.Series(values).cummin()
+        ax.plot(range(len(values)), best, "-", label="best so far")
+        ax.set_xlabel("trial")
+        ax.set_ylabel(spec.search.metric)
+        ax.legend()
+        figures.append(("optimization history", _save_axes(ax, out / f"optuna_history_{spec.name}.png")))
+    return figures
+
+
+def _save_axes(ax, path: Path) -> Path:
+    fig = ax.figure if not hasattr(ax, "__len__") else ax[0].figure
+    fig.set_size_inches(7, 4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    fig.savefig(path.with_suffix(".svg"))
+    plt.close(fig)
+    return path
+
+
+__all__ = ["magnitude_curves", "optuna_figures", "label_order"]

@@ -1,0 +1,221 @@
+"""`analyze(experiments, out)`: trials.parquet/.csv, the headline tables, curves, correlations,
+Optuna figures and one report (Markdown and self-contained HTML) from finished or partial experiments."""
+
+from __future__ import annotations
+
+import base64
+import html
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import pandas as pd
+
+from analysis.figures import magnitude_curves, optuna_figures
+from analysis.records import Experiment, load_experiment
+from analysis.tables import correlation_table, headline_table, metric_gaps, tidy_trials
+from raystudy.errors import RaystudyError
+
+MODES = ("untargeted", "targeted")
+
+
+@dataclass
+class Report:
+    """Blocks rendered both to Markdown and to HTML: ('h', text), ('p', text), ('table', frame), ('img', path)."""
+
+    blocks: list[tuple[str, object]] = field(default_factory=list)
+
+    def heading(self, text: str) -> None:
+        self.blocks.append(("h", text))
+
+    def paragraph(self, text: str) -> None:
+        self.blocks.append(("p", text))
+
+    def table(self, frame: pd.DataFrame) -> None:
+        self.blocks.append(("table", frame))
+
+    def image(self, path: Path) -> None:
+        self.blocks.append(("img", path))
+
+    def markdown(self, root: Path) -> str:
+        out = []
+        for kind, value in self.blocks:
+            if kind == "h":
+                out.append(f"## {value}")
+            elif kind == "p":
+                out.append(str(value))
+            elif kind == "table":
+                out.append(_markdown_table(value))
+            else:
+                out.append(f"![{value.stem}]({value.relative_to(root).as_posix()})")
+        return "# raystudy report\n\n" + "\n\n".join(out) + "\n"
+
+    def html(self) -> str:
+        out = []
+        for kind, value in self.blocks:
+            if kind == "h":
+                out.append(f"<h2>{html.escape(value)}</h2>")
+            elif kind == "p":
+                out.append(f"<p>{html.escape(str(value))}</p>")
+            elif kind == "table":
+                out.append(value.to_html(na_rep="–", border=0))
+            else:
+                data = base64.b64encode(value.read_bytes()).decode()
+                out.append(f'<img alt="{html.escape(value.stem)}" src="data:image/png;base64,{data}">')
+        style = "body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse;font-size:12px}" \
+                "td,th{padding:2px 6px;border-bottom:1px solid #ddd}img{max-width:100%}"
+        return f"<!doctype html><html><head><meta charset='utf-8'><title>raystudy report</title><style>{style}</style></head>" \
+               f"<body><h1>raystudy report</h1>{''.join(out)}</body></html>"
+
+
+def _markdown_table(frame: pd.DataFrame) -> str:
+    frame = frame.copy()
+    if isinstance(frame.columns, pd.MultiIndex):
+        frame.columns = [" ".join(str(p) for p in c) for c in frame.columns]
+    index_name = frame.index.name or ""
+    frame = frame.reset_index() if index_name or not isinstance(frame.index, pd.RangeIndex) else frame
+    header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    rows = ["| " + " | ".join(_cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *rows])
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return "–" if pd.isna(value) else f"{value:.3g}"
+    text = str(value).replace("|", "\\|")
+    return text.replace(" [best]", "**").replace(" [2nd]", "_").replace(" [↓]", " ↓") if "[" in text else text
+
+
+def _styled(text: str, bold: str, second: str, down: str) -> str:
+    best, sec, below = "[best]" in text, "[2nd]" in text, "[↓]" in text
+    core = text.replace(" [best]", "").replace(" [2nd]", "").replace(" [↓]", "")
+    core = bold.format(core) if best else second.format(core) if sec else core
+    return core + (down if below else "")
+
+
+def render_headline(table: pd.DataFrame, kind: str) -> pd.DataFrame:
+    if kind == "markdown":
+        return table.map(lambda t: _styled(t, "**{}**", "_{}_", " ↓") if isinstance(t, str) else t)
+    if kind == "latex":
+        return table.map(lambda t: _styled(t, "\\textbf{{{}}}", "\\underline{{{}}}", "$\\downarrow$").replace("±", "$\\pm$") if isinstance(t, str) else t)
+    return table.map(lambda t: t.replace(" [best]", "").replace(" [2nd]", "").replace(" [↓]", "") if isinstance(t, str) else t)
+
+
+def analyze(paths: Sequence[str], out: str | Path, log: Callable[[str], None] | None = print) -> Path:
+    """Analyse the experiments at `paths` into `out`; returns the report's path."""
+    if not paths:
+        raise RaystudyError("give at least one experiment (<storage>/<study name>)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    say = log or (lambda _: None)
+    experiments = []
+    for path in paths:
+        experiments.append(load_experiment(path))
+        counts = Counter(t.status for t in experiments[-1].trials)
+        say(f"read {path}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    tidy = tidy_trials(experiments)
+    tidy.to_parquet(out / "trials.parquet", index=False)
+    tidy.to_csv(out / "trials.csv", index=False)
+    report = Report()
+    _overview(report, experiments, tidy)
+    _headline(report, tidy, out)
+    _curves(report, tidy, out)
+    _correlations(report, tidy, out)
+    _similarity_matrix(report)
+    _optuna(report, experiments, tidy, out)
+    _gaps(report, experiments, out)
+    (out / "report.md").write_text(report.markdown(out))
+    (out / "report.html").write_text(report.html())
+    say(f"wrote {out / 'report.md'} and report.html ({len(tidy)} metric rows)")
+    return out / "report.md"
+
+
+def _overview(report: Report, experiments: list[Experiment], tidy: pd.DataFrame) -> None:
+    report.heading("Experiments")
+    rows = []
+    for e in experiments:
+        counts = Counter(t.status for t in e.trials)
+        rows.append({"experiment": e.name, "kind": e.spec.kind, "preset": e.spec.preset, "dataset": e.spec.dataset,
+                     "model": e.spec.model, "targets": ", ".join(e.record.get("targets", [])),
+                     **{s: counts.get(s, 0) for s in ("done", "failed", "incomplete", "missing")}})
+    report.table(pd.DataFrame(rows))
+    report.paragraph(f"Every finished trial contributes one row per metric to trials.parquet ({len(tidy)} rows); "
+                     "the tables and figures below are computed from it.")
+
+
+def _headline(report: Report, tidy: pd.DataFrame, out: Path) -> None:
+    for mode in MODES:
+        table = headline_table(tidy, mode)
+        if table.empty:
+            continue
+        stem = out / f"headline_{mode}"
+        render_headline(table, "csv").to_csv(f"{stem}.csv")
+        (out / f"headline_{mode}.md").write_text(_markdown_table(render_headline(table, "markdown")) + "\n")
+        (out / f"headline_{mode}.tex").write_text(render_headline(table, "latex").to_latex(escape=False))
+        report.heading(f"Headline table: {mode} PGD transfer ASR (%)")
+        report.paragraph(
+            f"Rows are training mechanisms (augmentations at τ=1 and τ=5), columns target × L∞ budget; each cell is the "
+            f"mean ± standard deviation over seeds of the {mode} ASR by Definition 3 (samples both surrogate and target "
+            "classify correctly). Bold: best in the column; underlined: second best; ↓: below the ST baseline by more "
+            f"than {0.2} points. Also as headline_{mode}.csv / .md / .tex.")
+        report.table(render_headline(table, "markdown"))
+
+
+def _curves(report: Report, tidy: pd.DataFrame, out: Path) -> None:
+    figures = magnitude_curves(tidy, out)
+    if not figures:
+        return
+    report.heading("Curves over each mechanism's magnitude")
+    for mechanism, path in figures:
+        what = ("the adversarial-training budget ε (little robustness: ASR should rise then fall, an inverted U)"
+                if mechanism == "AT" else f"{mechanism}'s magnitude")
+        report.paragraph(f"{mechanism}: untargeted PGD ASR (mean over targets, one line per budget), smoothness (mean "
+                         f"|λmax| of the input Hessian, smaller = smoother) and gradient similarity to the targets against "
+                         f"{what}; ST is drawn at magnitude 0; error bars are the standard deviation over seeds.")
+        report.image(path)
+
+
+def _correlations(report: Report, tidy: pd.DataFrame, out: Path) -> None:
+    table = correlation_table(tidy)
+    if table.empty:
+        return
+    table.to_csv(out / "correlations.csv", index=False)
+    report.heading("Correlations with the transfer ASR")
+    report.paragraph("Per target and budget (untargeted PGD), over all finished trials: Pearson r between the ASR and "
+                     "the surrogate's clean accuracy, fooling probability, smoothness and gradient similarity to that "
+                     "target, and the R² of OLS regressions of the ASR on (smoothness, similarity) and on all four "
+                     "(scipy, statsmodels). NaN where too few trials or no variation.")
+    report.table(table)
+
+
+def _similarity_matrix(report: Report) -> None:
+    report.heading("Similarity matrix between mechanisms")
+    report.paragraph("Not drawn: these experiments hold no surrogate-versus-model pairs from different mechanisms "
+                     "(their similarity is measured against the target models only).")
+
+
+def _optuna(report: Report, experiments: list[Experiment], tidy: pd.DataFrame, out: Path) -> None:
+    for experiment in (e for e in experiments if e.spec.kind == "search"):
+        figures = optuna_figures(experiment, tidy, out)
+        if not figures:
+            continue
+        report.heading(f"Optuna search: {experiment.name}")
+        report.paragraph(f"The objective is {experiment.spec.search.metric} ({experiment.spec.search.mode}imized) "
+                         f"over {', '.join(p.name for p in experiment.spec.search.params)}: its value per trial in "
+                         "order with the best so far, and each parameter's importance (fANOVA).")
+        for _, path in figures:
+            report.image(path)
+
+
+def _gaps(report: Report, experiments: list[Experiment], out: Path) -> None:
+    gaps = metric_gaps(experiments)
+    gaps.to_csv(out / "gaps.csv", index=False)
+    report.heading("Failed, unfinished or missing trials and metrics")
+    if gaps.empty:
+        report.paragraph("None: every trial the studies define finished with every metric.")
+    else:
+        report.paragraph(f"{len(gaps)} entries (also in gaps.csv). These trials and metrics are left out of the tables "
+                         "above, not counted as zero.")
+        report.table(gaps)

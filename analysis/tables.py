@@ -1,0 +1,227 @@
+"""The tidy trial table and what is computed from it: the headline table and the correlations.
+
+Everything reads `tidy_trials(...)`: one row per finished trial x metric, with the trial's config
+columns. Statistics come from scipy (Pearson r) and statsmodels (OLS R^2).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+
+from analysis.records import DONE, Experiment, TrialRecord
+from raystudy.mechanisms import MECHANISMS, get_mechanism
+from raystudy.mechanisms.base import grid_family
+from raystudy.space import search_point
+
+CONFIG_COLUMNS = ["experiment", "kind", "trial_id", "mechanism", "label", "tau", "magnitudes", "magnitude", "seed",
+                  "model", "dataset", "preset", "lgv"]
+BASELINE = "ST"
+BELOW_BASELINE_POINTS = 0.2  # ASR percentage points under ST that get marked
+
+
+def trial_setting(experiment: Experiment, trial: TrialRecord) -> dict:
+    """The config columns of a trial, from its recorded config (and resolved magnitudes if it finished)."""
+    spec = experiment.spec
+    point = search_point(spec.search, trial.config, spec.seeds[0]) if spec.kind == "search" else trial.config.get("trial", {})
+    config = spec.train_config(point)
+    magnitudes = dict(config.magnitudes)
+    label, tau = mechanism_label(config.mechanism, magnitudes, config.dataset, bool(point.get("lgv")))
+    return {
+        "experiment": experiment.name, "kind": spec.kind, "trial_id": trial.trial_id, "mechanism": config.mechanism,
+        "label": label, "tau": tau, "magnitudes": json.dumps(magnitudes, sort_keys=True),
+        "magnitude": next(iter(magnitudes.values())) if len(magnitudes) == 1 else float("nan"),
+        "seed": config.seed, "model": config.model, "dataset": config.dataset, "preset": spec.preset,
+        "lgv": bool(point.get("lgv")),
+    }
+
+
+def mechanism_label(mechanism: str, magnitudes: dict, dataset: str, lgv: bool = False) -> tuple[str, float]:
+    """'MU τ=1' for augmentations on their grid, 'AT' at the default, 'AT (epsilon=0.1)' elsewhere."""
+    spec = get_mechanism(mechanism)
+    family = grid_family(dataset)
+    tau = float("nan")
+    if not spec.params or magnitudes == spec.default_magnitudes(dataset) and not spec.tau5:
+        label = mechanism
+    elif spec.tau5 and len(spec.params) == 1 and magnitudes[spec.params[0].name] in spec.params[0].grids[family]:
+        tau = float(spec.params[0].grids[family].index(magnitudes[spec.params[0].name]) + 1)
+        label = f"{mechanism} τ={int(tau)}"
+    else:
+        label = f"{mechanism} (" + ", ".join(f"{k}={v:g}" for k, v in magnitudes.items()) + ")"
+    return (f"LGV-{label}" if lgv else label), tau
+
+
+def tidy_trials(experiments: Iterable[Experiment]) -> pd.DataFrame:
+    """One row per finished trial x numeric metric of its final result."""
+    rows = []
+    for experiment in experiments:
+        for trial in experiment.trials:
+            if trial.status != DONE:
+                continue
+            setting = trial_setting(experiment, trial)
+            for metric, value in trial.final.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and metric not in IGNORED:
+                    rows.append({**setting, "metric": metric, "value": float(value)})
+    frame = pd.DataFrame(rows, columns=CONFIG_COLUMNS + ["metric", "value"])
+    return frame
+
+
+# Ray's bookkeeping in every result; not study metrics.
+IGNORED = {"final", "timestamp", "time_this_iter_s", "time_total_s", "pid", "training_iteration", "time_since_restore",
+           "iterations_since_restore", "done", "seed"}
+
+
+def wide(tidy: pd.DataFrame) -> pd.DataFrame:
+    """One row per trial, one column per metric."""
+    if tidy.empty:
+        return pd.DataFrame(columns=CONFIG_COLUMNS)
+    key = ["experiment", "trial_id"]  # never NaN, unlike tau or magnitude
+    metrics = tidy.pivot_table(index=key, columns="metric", values="value", aggfunc="first")
+    metrics.columns.name = None
+    settings = tidy[CONFIG_COLUMNS].drop_duplicates(key)
+    return settings.merge(metrics.reset_index(), on=key, how="left")
+
+
+def label_order(labels: Iterable[str]) -> list[str]:
+    """METHOD.md's mechanism order, then tau / magnitude text."""
+    order = {name: i for i, name in enumerate(MECHANISMS)}
+
+    def key(label: str):
+        base = label.removeprefix("LGV-")
+        mechanism = base.split(" ")[0]
+        return (label.startswith("LGV-"), order.get(mechanism, len(order)), base)
+
+    return sorted(set(labels), key=key)
+
+
+def headline_cells(tidy: pd.DataFrame, mode: str, attack: str = "pgd") -> pd.DataFrame:
+    """Rows: mechanism labels; one row per (label, target, budget) with mean, std (ddof=1) and n over seeds, in %."""
+    prefix = f"asr/{attack}/{mode}/"
+    rows = tidy[tidy.metric.str.startswith(prefix)].copy()
+    if rows.empty:
+        return pd.DataFrame(columns=["label", "target", "budget", "mean", "std", "n"])
+    parts = rows.metric.str[len(prefix):].str.split("/", n=1, expand=True)
+    rows["budget"], rows["target"] = parts[0].astype(int), parts[1]
+    rows = rows.drop_duplicates(["label", "seed", "model", "dataset", "preset", "metric"])  # one value per seed
+    grouped = rows.groupby(["label", "target", "budget"])["value"]
+    cells = pd.DataFrame({"mean": grouped.mean() * 100, "std": grouped.std(ddof=1).fillna(0.0) * 100, "n": grouped.count()})
+    return cells.reset_index()
+
+
+def headline_table(tidy: pd.DataFrame, mode: str, attack: str = "pgd") -> pd.DataFrame:
+    """Rows = mechanisms, columns = (target, budget): 'mean ± std' strings with marks.
+
+    **bold** = best in its column, _underline_ = second best, ↓ = below ST by more than 0.2 points.
+    """
+    cells = headline_cells(tidy, mode, attack)
+    if cells.empty:
+        return pd.DataFrame()
+    means = cells.pivot(index="label", columns=["target", "budget"], values="mean")
+    stds = cells.pivot(index="label", columns=["target", "budget"], values="std")
+    labels = label_order(means.index)
+    targets = sorted({t for t, _ in means.columns} - {"mean"}) + (["mean"] if "mean" in {t for t, _ in means.columns} else [])
+    columns = [(t, b) for t in targets for b in sorted({b for _, b in means.columns})]
+    means, stds = means.reindex(index=labels, columns=columns), stds.reindex(index=labels, columns=columns)
+    marks = marks_for(means)
+    text = means.copy().astype(object)
+    for column in columns:
+        for label in labels:
+            mean = means.at[label, column]
+            text.at[label, column] = "–" if math.isnan(mean) else f"{mean:.1f} ± {stds.at[label, column]:.1f}{marks.at[label, column]}"
+    text.columns = pd.MultiIndex.from_tuples([(t, f"{b}/255") for t, b in columns], names=["target", "budget"])
+    return text
+
+
+def marks_for(means: pd.DataFrame) -> pd.DataFrame:
+    """'best', 'second' and 'below' marks per cell (as text suffixes; renderers restyle them)."""
+    marks = pd.DataFrame("", index=means.index, columns=means.columns)
+    for column in means.columns:
+        values = means[column].round(6)  # ties (equal to display precision and beyond) share a mark
+        levels = sorted(values.dropna().unique(), reverse=True)
+        if len(levels) >= 2:  # a column where every mechanism is equal has no best
+            for label in values.index[values == levels[0]]:
+                marks.at[label, column] += " [best]"
+            for label in values.index[values == levels[1]]:
+                marks.at[label, column] += " [2nd]"
+        if BASELINE in means.index and not math.isnan(means.at[BASELINE, column]):
+            below = means[column] < means.at[BASELINE, column] - BELOW_BASELINE_POINTS
+            for label in means.index[below.fillna(False).to_numpy()]:
+                marks.at[label, column] += " [↓]"
+    return marks
+
+
+def correlation_table(tidy: pd.DataFrame, attack: str = "pgd", mode: str = "untargeted") -> pd.DataFrame:
+    """Per target and budget: Pearson r of ASR with acc, FP, smoothness, similarity; OLS R^2 on
+    (smoothness, similarity) and on all four. One row per (target, budget); n = trials used."""
+    import scipy.stats
+    import statsmodels.api as sm
+
+    table = wide(tidy[tidy.kind != "targets"])
+    rows = []
+    for column in sorted(c for c in table.columns if isinstance(c, str) and c.startswith(f"asr/{attack}/{mode}/")):
+        budget, target = column.split("/")[3], column.split("/")[4]
+        if target == "mean":
+            continue
+        predictors = {"acc": "acc", "fooling": f"fooling/{attack}/{mode}/{budget}", "smoothness": "smoothness/mean",
+                      "similarity": f"similarity/{target}"}
+        if any(p not in table.columns for p in predictors.values()):
+            continue
+        data = table[[column, *predictors.values()]].dropna()
+        row = {"target": target, "budget": int(budget), "n": len(data)}
+        for name, source in predictors.items():
+            row[f"r_{name}"] = _pearson(scipy.stats, data[source], data[column])
+        row["r2_smoothness_similarity"] = _r2(sm, data[column], data[[predictors["smoothness"], predictors["similarity"]]])
+        row["r2_all_four"] = _r2(sm, data[column], data[list(predictors.values())])
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values(["target", "budget"]).reset_index(drop=True) if rows else pd.DataFrame()
+
+
+def _pearson(stats, x: pd.Series, y: pd.Series) -> float:
+    if len(x) < 3 or x.nunique() < 2 or y.nunique() < 2:
+        return float("nan")
+    return float(stats.pearsonr(x, y).statistic)
+
+
+def _r2(sm, y: pd.Series, x: pd.DataFrame) -> float:
+    if len(y) <= x.shape[1] + 1 or y.nunique() < 2:
+        return float("nan")
+    return float(sm.OLS(y.to_numpy(float), sm.add_constant(x.to_numpy(float), has_constant="add")).fit().rsquared)
+
+
+def metric_gaps(experiments: Iterable[Experiment]) -> pd.DataFrame:
+    """Trials that did not finish (failed, incomplete, missing) and finished trials lacking a
+    metric that other finished trials of the same experiment have."""
+    rows = []
+    for experiment in experiments:
+        done = [t for t in experiment.trials if t.status == DONE]
+        expected = {k for k in set().union(*(numeric_keys(t.final) for t in done)) if _shared_metric(k)} if done else set()
+        for trial in experiment.trials:
+            setting = trial_setting(experiment, trial)
+            if trial.status != DONE:
+                rows.append({"experiment": experiment.name, "label": setting["label"], "seed": setting["seed"],
+                             "status": trial.status, "detail": trial.error or _no_final(trial.status)})
+                continue
+            absent = sorted(expected - numeric_keys(trial.final))
+            if absent:
+                rows.append({"experiment": experiment.name, "label": setting["label"], "seed": setting["seed"],
+                             "status": "missing metrics", "detail": ", ".join(absent[:12]) + (" ..." if len(absent) > 12 else "")})
+    return pd.DataFrame(rows, columns=["experiment", "label", "seed", "status", "detail"])
+
+
+def _shared_metric(key: str) -> bool:
+    """Metrics every finished trial should have: the hook's and the accuracies (not a mechanism's
+    own loss parts such as 'jr', nor timings)."""
+    return ("/" in key and not key.startswith("seconds/")) or key in {"acc", "test_acc", "train_acc", "loss"}
+
+
+def numeric_keys(result: dict) -> set[str]:
+    return {k for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in IGNORED
+            and not (isinstance(v, float) and np.isnan(v))}
+
+
+def _no_final(status: str) -> str:
+    return {"incomplete": "no final result yet (running or interrupted)", "missing": "never started"}.get(status, status)

@@ -1,0 +1,118 @@
+"""Offline analysis of the smoke experiment: tidy table, headline cells, statistics, figures, report, gaps."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.stats
+import statsmodels.api as sm
+
+from analysis import analyze, correlation_table, headline_cells, load_experiment, tidy_trials, wide
+from raystudy.errors import RaystudyError
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def report(smoke_storage, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    analyze([str(smoke_storage / "smoke"), str(smoke_storage / "smoke_targets")], out, log=None)
+    return out
+
+
+def test_every_finished_trial_appears_once(smoke_storage, report):
+    tidy = pd.read_parquet(report / "trials.parquet")
+    smoke = tidy[tidy.experiment == "smoke"]
+    assert smoke.trial_id.nunique() == 5
+    assert not smoke.duplicated(["trial_id", "metric"]).any()
+    assert sorted(smoke.drop_duplicates("trial_id").label) == ["MU τ=1", "MU τ=5", "SAM", "SAM&JR", "ST"]
+    assert {"mechanism", "magnitude", "seed", "model", "dataset", "preset"} <= set(tidy.columns)
+    assert len(pd.read_csv(report / "trials.csv")) == len(tidy)
+
+
+def test_headline_cell_equals_mean_and_std_by_hand(smoke_storage):
+    tidy = tidy_trials([load_experiment(str(smoke_storage / "smoke"))])
+    cells = headline_cells(tidy, "untargeted")
+    cell = cells[(cells.label == "SAM") & (cells.target == "tiny_cnn_s1") & (cells.budget == 16)].iloc[0]
+    values = tidy[(tidy.label == "SAM") & (tidy.metric == "asr/pgd/untargeted/16/tiny_cnn_s1")].value.to_numpy()
+    assert cell["n"] == len(values) == 1
+    assert cell["mean"] == pytest.approx(100 * values.mean())
+    # Several seeds: pool two copies of the experiment as seeds 0 and 1 and check the std (ddof=1).
+    twin = tidy.copy()
+    twin["seed"] = 1
+    twin["value"] = twin["value"] * 0.5
+    both = headline_cells(pd.concat([tidy, twin]), "untargeted")
+    pooled = both[(both.label == "SAM") & (both.target == "mean") & (both.budget == 16)].iloc[0]
+    raw = tidy[(tidy.label == "SAM") & (tidy.metric == "asr/pgd/untargeted/16/mean")].value.iloc[0]
+    assert pooled["n"] == 2
+    assert pooled["mean"] == pytest.approx(100 * np.mean([raw, raw * 0.5]))
+    assert pooled["std"] == pytest.approx(100 * np.std([raw, raw * 0.5], ddof=1))
+
+
+def test_correlations_equal_scipy_and_statsmodels_directly(smoke_storage):
+    tidy = tidy_trials([load_experiment(str(smoke_storage / "smoke"))])
+    table = wide(tidy)
+    # A known, varying response so every statistic is defined: ASR = 2*smoothness - similarity + noise.
+    rng = np.random.default_rng(0)
+    asr = 2 * table["smoothness/mean"] - table["similarity/tiny_cnn_s1"] + rng.normal(0, 0.01, len(table))
+    fake = tidy[tidy.metric != "asr/pgd/untargeted/8/tiny_cnn_s1"]
+    extra = table[["experiment", "trial_id"]].assign(metric="asr/pgd/untargeted/8/tiny_cnn_s1", value=asr.to_numpy())
+    fake = pd.concat([fake, extra.merge(tidy.drop(columns=["metric", "value"]).drop_duplicates("trial_id"), on=["experiment", "trial_id"])])
+    row = correlation_table(fake).set_index(["target", "budget"]).loc[("tiny_cnn_s1", 8)]
+    assert row["r_smoothness"] == pytest.approx(scipy.stats.pearsonr(table["smoothness/mean"], asr).statistic)
+    assert row["r_similarity"] == pytest.approx(np.corrcoef(table["similarity/tiny_cnn_s1"], asr)[0, 1])
+    x = sm.add_constant(table[["smoothness/mean", "similarity/tiny_cnn_s1"]].to_numpy(float))
+    assert row["r2_smoothness_similarity"] == pytest.approx(sm.OLS(asr.to_numpy(float), x).fit().rsquared)
+    assert row["n"] == 5 and np.isnan(row["r2_all_four"])  # 5 trials cannot fit 4 predictors + constant
+
+
+def test_figures_exist_and_the_report_links_them(report):
+    pngs = sorted(report.glob("*.png"))
+    assert [p.name for p in pngs] == ["curve_MU.png"]
+    for png in pngs:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+        assert png.with_suffix(".svg").is_file()
+    text = (report / "report.md").read_text()
+    assert "](curve_MU.png)" in text and "Headline table: untargeted" in text and "Correlations" in text
+    page = (report / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == len(pngs)
+    for name in ("headline_untargeted.csv", "headline_untargeted.tex", "headline_targeted.md", "correlations.csv"):
+        assert (report / name).stat().st_size > 0
+    assert "\\textbf" in (report / "headline_untargeted.tex").read_text() or "\\underline" in (report / "headline_untargeted.tex").read_text()
+
+
+def test_failed_trial_and_missing_metric_are_listed(smoke_storage, tmp_path):
+    experiment = tmp_path / "smoke"
+    shutil.copytree(smoke_storage / "smoke", experiment)
+    folders = sorted(p.parent for p in experiment.glob("*/params.json"))
+    failed, partial = folders[0], folders[1]
+    lines = (failed / "result.json").read_text().splitlines()
+    (failed / "result.json").write_text("\n".join(l for l in lines if json.loads(l).get("final") != 1) + "\n")
+    (failed / "error.txt").write_text("Traceback ...\nraystudy.train.TrainingDiverged: training diverged at epoch 2\n")
+    lines = (partial / "result.json").read_text().splitlines()
+    final = json.loads(lines[-1])
+    final.pop("smoothness/max")
+    (partial / "result.json").write_text("\n".join(lines[:-1] + [json.dumps(final)]) + "\n")
+    out = tmp_path / "report"
+    analyze([str(experiment)], out, log=None)
+    gaps = pd.read_csv(out / "gaps.csv")
+    assert set(gaps.status) == {"failed", "missing metrics"}
+    assert "training diverged at epoch 2" in gaps[gaps.status == "failed"].detail.iloc[0]
+    assert gaps[gaps.status == "missing metrics"].detail.iloc[0] == "smoothness/max"
+    tidy = pd.read_parquet(out / "trials.parquet")
+    assert tidy.trial_id.nunique() == 4  # the failed trial is listed, not counted
+    assert "training diverged" in (out / "report.md").read_text()
+
+
+def test_not_an_experiment_is_a_one_line_error(tmp_path):
+    with pytest.raises(RaystudyError, match="is not a raystudy experiment"):
+        load_experiment(str(tmp_path))
+    out = subprocess.run([sys.executable, "-m", "raystudy", "analyze", str(tmp_path), "--out", str(tmp_path / "r")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "not a raystudy experiment" in out.stderr
