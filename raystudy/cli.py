@@ -282,7 +282,7 @@ def _add_study(sub) -> None:
                              ("search", "search", "run an Optuna search study")):
         p = sub.add_parser(name, help=text)
         p.add_argument("space", help="search-space YAML file")
-        p.add_argument("--storage", help="local folder or URI such as s3://bucket/prefix (default ~/raystudy_results)")
+        p.add_argument("--storage", help="local folder or URI such as s3://bucket/prefix (default $RAYSTUDY_STORAGE, else ~/raystudy_results)")
         p.add_argument("--data", help="data folder on every node (default: the file's data, else $RAYSTUDY_DATA)")
         p.add_argument("--max-concurrent", type=_positive_int, help="trials running at once (default: as resources allow)")
         _add_ray_options(p)

@@ -13,7 +13,8 @@ import pyarrow.fs as pafs
 
 from raystudy.errors import RaystudyError
 
-DEFAULT_STORAGE = "~/raystudy_results"
+# Where studies go without --storage: $RAYSTUDY_STORAGE (a cluster sets it to its bucket), else here.
+DEFAULT_STORAGE = os.environ.get("RAYSTUDY_STORAGE", "~/raystudy_results")
 
 
 def is_uri(location: str) -> bool:
