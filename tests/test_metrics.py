@@ -190,6 +190,12 @@ def test_eval_set_is_fixed_per_seed_and_targets_differ_from_labels():
     b = make_eval_set(data.test, 5, EvalConfig(n_eval=50, seed=3))
     assert (a.indices == b.indices).all() and torch.equal(a.target_classes, b.target_classes)
     assert (a.target_classes != a.labels).all() and len(set(a.target_classes.tolist())) > 1
+    # The test split is sorted by class here, like the archives: a prefix (smoothness uses one) still mixes classes.
+    from raystudy.data import Split
+
+    ordered = Split(data.test.images, data.test.labels.sort().values)
+    prefix = make_eval_set(ordered, 5, EvalConfig(n_eval=100, seed=0)).labels[:10]
+    assert len(set(prefix.tolist())) >= 3
     following = make_eval_set(data.test, 5, EvalConfig(n_eval=50, seed=3, target_classes="next"))
     assert torch.equal(following.target_classes, (following.labels + 1) % 5)
 

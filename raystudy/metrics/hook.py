@@ -91,6 +91,8 @@ def make_eval_set(test: Split, num_classes: int, config: EvalConfig) -> EvalSet:
     """The same images and target classes for every trial that uses the same config.seed."""
     n = config.n_eval if config.n_eval is not None and config.n_eval < len(test) else None
     indices = balanced_subset(test.labels, n, config.seed) if n else np.arange(len(test))
+    # A seeded random order: the archives are sorted by class, and smoothness uses a prefix.
+    indices = np.random.default_rng(config.seed).permutation(indices)
     subset = test.subset(indices)
     labels = subset.labels.cpu()
     if config.target_classes == "next":
