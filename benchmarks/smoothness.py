@@ -12,6 +12,8 @@ defaults were chosen). --checkpoint evaluates a trained model file; otherwise we
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import time
 
 import torch
@@ -44,6 +46,7 @@ def main() -> None:
     parser.add_argument("--reference-iterations", type=int, default=0)
     parser.add_argument("--loop-samples", type=int, help="time the per-sample loop on this many and scale (default: all)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", help="also write the figures to this JSON file (with the command)")
     args = parser.parse_args()
 
     data = load_dataset(args.dataset, args.data, n_test=args.n if args.dataset != "synthetic" else None,
@@ -68,12 +71,20 @@ def main() -> None:
     print(f"per-sample loop: {t_loop:.2f} s on {k} samples -> {t_loop_all:.2f} s for {len(x)}")
     print(f"speed-up: {t_loop_all / t_batched:.1f}x")
     print(f"agreement: median relative difference {rel.median():.2e}, max {rel.max():.2e}; "
-          f"smoothness mean {batched.mean():.4g} (batched) vs {looped.mean():.4g} (loop, same samples)")
+          f"smoothness mean {batched[:k].mean():.4g} (batched) vs {looped.mean():.4g} (loop) on the same {k} samples")
+    figures = {"command": " ".join(["python"] + sys.argv), "device": args.device, "samples": len(x),
+               "iterations": args.iterations, "batched_s": t_batched, "loop_s_scaled": t_loop_all,
+               "speedup": t_loop_all / t_batched, "agreement_median_rel": float(rel.median()), "agreement_max_rel": float(rel.max())}
     if args.reference_iterations:
         reference, _ = timed(lambda: smoothness(model, x, y, args.batch_size, args.reference_iterations, tolerance=0.0))
         gap = ((batched - reference).abs() / reference.abs().clamp_min(1e-12))
         print(f"{args.iterations} vs {args.reference_iterations} iterations: median relative gap {gap.median():.2e}, "
               f"90th percentile {gap.quantile(0.9):.2e}, max {gap.max():.2e}")
+        figures.update(reference_iterations=args.reference_iterations, gap_median=float(gap.median()),
+                       gap_p90=float(gap.quantile(0.9)), gap_max=float(gap.max()))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(figures, handle, indent=1)
 
 
 if __name__ == "__main__":
