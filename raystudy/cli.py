@@ -171,23 +171,23 @@ def _study_command(kind: str):
     def command(args: argparse.Namespace) -> int:
         from raystudy.space import read_space
         from raystudy.storage import DEFAULT_STORAGE
-        from raystudy.study import run_study
+        from raystudy.study import all_finished, run_study
 
         spec, raw = read_space(args.space, args.data)
         if spec.kind != kind:
             verb = {"grid": "run", "targets": "targets", "search": "search"}[spec.kind]
             raise RaystudyError(f"{args.space} is a kind: {spec.kind} study: use `raystudy {verb} {args.space}`")
         results = run_study(spec, raw, args.storage or DEFAULT_STORAGE, args.address, args.max_concurrent, args.num_cpus)
-        return 0 if all(r.error is None for r in results) else 1
+        return 0 if all_finished(results) else 1
 
     return command
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from raystudy.study import resume_study
+    from raystudy.study import all_finished, resume_study
 
     results = resume_study(args.experiment, args.address, args.num_cpus)
-    return 0 if all(r.error is None for r in results) else 1
+    return 0 if all_finished(results) else 1
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -318,7 +318,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"raystudy: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("raystudy: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        if args.command in ("run", "search", "targets", "resume"):
+            hint = "finish the study with `raystudy resume <storage>/<study name>`"
+        else:
+            hint = "rerun the same command to resume from the last checkpoint"
+        print(f"raystudy: interrupted; {hint}", file=sys.stderr)
         return 130
 
 

@@ -203,7 +203,10 @@ def resume_study(experiment: str, address: str | None = None, num_cpus: int | No
 
 def _finish(spec: StudySpec, results, experiment: str):
     errors = [r for r in results if r.error is not None]
-    print(f"{len(results) - len(errors)} of {len(results)} trials finished; results in {experiment}")
+    finished = [r for r in results if r.error is None and (r.metrics or {}).get(FINAL_KEY) == 1]
+    print(f"{len(finished)} of {len(results)} trials finished; results in {experiment}")
+    if len(finished) + len(errors) < len(results):
+        print(f"{len(results) - len(finished) - len(errors)} trials did not finish: `raystudy resume {experiment}` goes on")
     for r in errors:
         print(f"  failed: {_describe(r.config)}: {str(r.error).strip().splitlines()[-1][:300]}")
     if spec.kind == "search":
@@ -215,6 +218,11 @@ def _finish(spec: StudySpec, results, experiment: str):
             print(f"best {spec.search.metric} = {summary['value']:.4f} with {json.dumps(best.config)} "
                   f"(saved to {storage.join(experiment, BEST_CONFIG)})")
     return results
+
+
+def all_finished(results) -> bool:
+    """True when every trial ended with its final (hook) result."""
+    return all(r.error is None and (r.metrics or {}).get(FINAL_KEY) == 1 for r in results)
 
 
 def _describe(config: dict[str, Any]) -> str:
