@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
@@ -167,8 +168,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _local_ray_on_loopback(args: argparse.Namespace) -> None:
+    """A local study needs no remote nodes: Ray's single-machine mode (its default on macOS and
+    Windows) binds to 127.0.0.1 instead of the network address. Read when ray is imported."""
+    if not args.address:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
 def _study_command(kind: str):
     def command(args: argparse.Namespace) -> int:
+        _local_ray_on_loopback(args)
         from raystudy.space import read_space
         from raystudy.storage import DEFAULT_STORAGE
         from raystudy.study import all_finished, run_study
@@ -184,6 +193,7 @@ def _study_command(kind: str):
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
+    _local_ray_on_loopback(args)
     from raystudy.study import all_finished, resume_study
 
     results = resume_study(args.experiment, args.address, args.num_cpus)
