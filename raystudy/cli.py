@@ -71,17 +71,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                         attacks=_str_list(args.attacks), modes=_str_list(args.modes), target_classes=args.target_classes,
                         random_start=args.random_start, smoothness_samples=args.smoothness_samples, batch_size=args.batch_size)
     surrogate, meta = _load_checkpoint(Path(args.surrogate), device)
-    targets = {name: _load_checkpoint(path, device)[0] for name, path in _target_files(args.targets).items()}
+    target_files = _target_files(args.targets)
+    loaded = {name: _load_checkpoint(path, device) for name, path in target_files.items()}
     dataset = _dataset_for(meta, args)
-    for name, model_meta in [("surrogate", meta)]:
-        if model_meta["num_classes"] != dataset.num_classes:
-            raise RaystudyError(f"the {name} has {model_meta['num_classes']} classes, {dataset.name} has {dataset.num_classes}")
+    for name, model_meta in [("the surrogate", meta)] + [(f"target {n!r}", m) for n, (_, m) in loaded.items()]:
+        if (model_meta["num_classes"], model_meta["input_size"]) != (dataset.num_classes, dataset.image_size):
+            raise RaystudyError(f"{name} takes {model_meta['input_size']}px images of {model_meta['num_classes']} classes; "
+                                f"{dataset.name} has {dataset.image_size}px images of {dataset.num_classes}")
+    targets = {name: model for name, (model, _) in loaded.items()}
     eval_set = make_eval_set(dataset.test, dataset.num_classes, config)
     print(f"evaluating {args.surrogate} against {', '.join(targets)} on {len(eval_set.labels)} {dataset.name} test images", flush=True)
     metrics = evaluate_surrogate(surrogate, targets, eval_set, config, log=lambda line: print(line, flush=True))
     print(_metrics_table(metrics, list(targets), config))
     if args.out:
-        record = {"surrogate": str(args.surrogate), "targets": {n: str(p) for n, p in _target_files(args.targets).items()},
+        record = {"surrogate": str(args.surrogate), "targets": {n: str(p) for n, p in target_files.items()},
                   "eval_config": config.__dict__, "eval_indices": eval_set.indices.tolist(), "metrics": metrics}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(record, indent=1, default=list))
