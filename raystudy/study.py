@@ -95,8 +95,10 @@ def _search_setup(spec: StudySpec, experiment: str) -> tuple[dict[str, Any], Any
                             sampler=optuna.samplers.TPESampler(seed=spec.search.seed))
     scheduler = None
     if spec.search.proxy_every:
-        scheduler = ASHAScheduler(metric="proxy/asr", mode="max", time_attr="epoch",
-                                  grace_period=spec.search.grace_period, max_t=spec.train_config(_corner(spec)).epochs)
+        # stop_last_trials=False: a trial that survives every rung must still reach its trial-end
+        # hook, which runs after its last epoch's report (ASHA would otherwise stop it at max_t).
+        scheduler = ASHAScheduler(metric="proxy/asr", mode="max", time_attr="epoch", grace_period=spec.search.grace_period,
+                                  max_t=_max_epochs(spec), stop_last_trials=False)
     return space, searcher, scheduler
 
 
@@ -111,6 +113,14 @@ def _final_metric_optuna():
                 super().on_trial_result(trial_id, result)
 
     return FinalMetricOptunaSearch
+
+
+def _max_epochs(spec: StudySpec) -> int:
+    """The longest schedule the search can pick (epochs may be searched)."""
+    epochs = [p for p in spec.search.params if p.name == "epochs"]
+    if not epochs:
+        return spec.train_config(_corner(spec)).epochs
+    return int(max(epochs[0].choices) if epochs[0].choices else epochs[0].high)
 
 
 def _corner(spec: StudySpec) -> dict[str, Any]:
@@ -202,9 +212,13 @@ def resume_study(experiment: str, address: str | None = None, num_cpus: int | No
 def _finish(spec: StudySpec, results, experiment: str):
     errors = [r for r in results if r.error is not None]
     finished = [r for r in results if r.error is None and (r.metrics or {}).get(FINAL_KEY) == 1]
+    stopped = [r for r in results if r.error is None and _stopped_early(r)]
     print(f"{len(finished)} of {len(results)} trials finished; results in {experiment}")
-    if len(finished) + len(errors) < len(results):
-        print(f"{len(results) - len(finished) - len(errors)} trials did not finish: `raystudy resume {experiment}` goes on")
+    if stopped:
+        print(f"{len(stopped)} trials stopped early by ASHA (no trial-end metrics; pruned in the Optuna study)")
+    if len(finished) + len(stopped) + len(errors) < len(results):
+        print(f"{len(results) - len(finished) - len(stopped) - len(errors)} trials did not finish: "
+              f"`raystudy resume {experiment}` goes on")
     for r in errors:
         print(f"  failed: {_describe(r.config)}: {str(r.error).strip().splitlines()[-1][:300]}")
     if spec.kind == "search":
@@ -219,8 +233,14 @@ def _finish(spec: StudySpec, results, experiment: str):
 
 
 def all_finished(results) -> bool:
-    """True when every trial ended with its final (hook) result."""
-    return all(r.error is None and (r.metrics or {}).get(FINAL_KEY) == 1 for r in results)
+    """True when every trial ended: with its final (hook) result, or stopped early by the scheduler."""
+    return all(r.error is None and ((r.metrics or {}).get(FINAL_KEY) == 1 or _stopped_early(r)) for r in results)
+
+
+def _stopped_early(result) -> bool:
+    """A scheduler's STOP marks the trial's last result done without the final one."""
+    metrics = result.metrics or {}
+    return metrics.get(FINAL_KEY) == 0 and metrics.get("done") is True
 
 
 def _describe(config: dict[str, Any]) -> str:

@@ -126,20 +126,29 @@ def test_smoke_study_reports_the_hook_metrics_for_every_trial(storage):
 def test_optuna_search_finds_a_best_config_inside_the_bounds(storage, tmp_path):
     import optuna
 
-    space = write_space(tmp_path, "optuna_smoke", kind="search", trials=None, train={**SMOKE["train"], "epochs": 1},
+    space = write_space(tmp_path, "optuna_smoke", kind="search", trials=None, train={**SMOKE["train"], "epochs": 2},
                         evaluation={"n_eval": 32, "budgets": [8], "modes": ["untargeted"], "smoothness_samples": 8},
                         search={"mechanism": "SAM&JR", "num_samples": 4, "seed": 0,
                                 "params": {"rho": {"low": 0.01, "high": 0.5, "log": True},
-                                           "lambda_jr": {"low": 1e-6, "high": 1.0, "log": True}}})
+                                           "lambda_jr": {"low": 1e-6, "high": 1.0, "log": True}},
+                                "proxy_every": 1, "proxy_n_eval": 20, "grace_period": 1})
     out = raystudy("search", space, "--storage", storage, "--num-cpus", 2)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     best = json.loads((storage / "optuna_smoke" / "best_config.json").read_text())
     assert 0.01 <= best["config"]["rho"] <= 0.5 and 1e-6 <= best["config"]["lambda_jr"] <= 1.0
     assert "best asr/pgd/untargeted/8/mean" in out.stdout
     study = optuna.load_study(study_name="optuna_smoke", storage=f"sqlite:///{storage / 'optuna_smoke' / 'optuna.db'}")
+    states = [t.state for t in study.trials]
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(complete) >= 4 and all(0.01 <= t.params["rho"] <= 0.5 for t in complete)
-    assert len(final_results(storage / "optuna_smoke")) == 4
+    # Every trial is in the study: complete, or pruned where ASHA stopped it on the proxy.
+    assert len(study.trials) == 4 and set(states) <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
+    assert complete and all(0.01 <= t.params["rho"] <= 0.5 and 1e-6 <= t.params["lambda_jr"] <= 1 for t in study.trials)
+    assert best["value"] == pytest.approx(max(t.value for t in complete))
+    assert sum(bool(rows) for rows in final_results(storage / "optuna_smoke").values()) == len(complete)
+    # ASHA's proxy: a small-sample PGD ASR in every epoch's result, a probability.
+    epochs = [json.loads(l) for f in (storage / "optuna_smoke").glob("trial_*/result.json")
+              for l in f.read_text().splitlines() if l.strip() and json.loads(l).get("final") == 0]
+    assert epochs and all(0 <= r["proxy/asr"] <= 1 for r in epochs)
 
 
 def test_killed_driver_resumes_and_every_trial_finishes_exactly_once(storage, tmp_path):
