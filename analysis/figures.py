@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -73,12 +74,14 @@ def optuna_figures(experiment, tidy: pd.DataFrame, out: Path) -> list[tuple[str,
         study = optuna.load_study(study_name=spec.name, storage=f"sqlite:///{db}")
     if study is not None and len(study.trials) >= 1:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        ax = optuna.visualization.matplotlib.plot_optimization_history(study)
-        figures.append(("optimization history", _save_axes(ax, out / f"optuna_history_{spec.name}.png")))
-        complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-        if len(complete) >= 2 and len(spec.search.params) >= 1:
-            ax = optuna.visualization.matplotlib.plot_param_importances(study)
-            figures.append(("parameter importances", _save_axes(ax, out / f"optuna_importances_{spec.name}.png")))
+        with warnings.catch_warnings():  # optuna marks its matplotlib plots experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            ax = optuna.visualization.matplotlib.plot_optimization_history(study)
+            figures.append(("optimization history", _save_axes(ax, out / f"optuna_history_{spec.name}.png")))
+            complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+            if len(complete) >= 2 and len(spec.search.params) >= 1:
+                ax = optuna.visualization.matplotlib.plot_param_importances(study)
+                figures.append(("parameter importances", _save_axes(ax, out / f"optuna_importances_{spec.name}.png")))
         return figures
     rows = wide(tidy[tidy.experiment == spec.name])
     if spec.search.metric in rows.columns and len(rows):

@@ -17,7 +17,7 @@ from raystudy import storage
 from raystudy.errors import RaystudyError
 from raystudy.space import STUDY_RECORD, StudySpec, parse_space
 
-DONE, FAILED, INCOMPLETE, MISSING = "done", "failed", "incomplete", "missing"
+DONE, FAILED, INCOMPLETE, MISSING, STOPPED = "done", "failed", "incomplete", "missing", "stopped early"
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class TrialRecord:
     experiment: str
     trial_id: str
     config: dict[str, Any]           # the Ray config (grid: {"trial": {...}}; search: the sampled values)
-    status: str                      # done, failed, incomplete (no final result yet) or missing (never ran)
+    status: str                      # done, failed, stopped early (ASHA), incomplete (no final yet) or missing
     final: dict[str, Any] = field(default_factory=dict)  # the final result: epoch record + hook metrics
     history: tuple[dict[str, Any], ...] = ()
     error: str = ""
@@ -72,7 +72,8 @@ def _read_trial(location: str, experiment: str, folder: str) -> TrialRecord | No
     if storage.exists(storage.join(base, "error.txt")):
         lines = storage.read_bytes(storage.join(base, "error.txt")).decode(errors="replace").strip().splitlines()
         error = lines[-1] if lines else "unknown error"
-    status = DONE if finals else FAILED if error else INCOMPLETE
+    stopped = bool(rows) and rows[-1].get("done") is True  # a scheduler (ASHA) ended it before the hook
+    status = DONE if finals else FAILED if error else STOPPED if stopped else INCOMPLETE
     trial_id = (rows[-1].get("trial_id") if rows else None) or folder
     history = tuple(r for r in rows if r.get("final") != 1)
     return TrialRecord(experiment, str(trial_id), config, status, finals[-1] if finals else {}, history, error)

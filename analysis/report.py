@@ -139,7 +139,7 @@ def _overview(report: Report, experiments: list[Experiment], tidy: pd.DataFrame)
         counts = Counter(t.status for t in e.trials)
         rows.append({"experiment": e.name, "kind": e.spec.kind, "preset": e.spec.preset, "dataset": e.spec.dataset,
                      "model": e.spec.model, "targets": ", ".join(e.record.get("targets", [])),
-                     **{s: counts.get(s, 0) for s in ("done", "failed", "incomplete", "missing")}})
+                     **{s: counts.get(s, 0) for s in ("done", "failed", "stopped early", "incomplete", "missing")}})
     report.table(pd.DataFrame(rows))
     report.paragraph(f"Every finished trial contributes one row per metric to trials.parquet ({len(tidy)} rows); "
                      "the tables and figures below are computed from it.")

@@ -224,4 +224,5 @@ def numeric_keys(result: dict) -> set[str]:
 
 
 def _no_final(status: str) -> str:
-    return {"incomplete": "no final result yet (running or interrupted)", "missing": "never started"}.get(status, status)
+    return {"incomplete": "no final result yet (running or interrupted)", "missing": "never started",
+            "stopped early": "stopped by ASHA on the proxy ASR (pruned in the Optuna study)"}.get(status, status)
