@@ -29,6 +29,7 @@ class TrialRecord:
     final: dict[str, Any] = field(default_factory=dict)  # the final result: epoch record + hook metrics
     history: tuple[dict[str, Any], ...] = ()
     error: str = ""
+    location: str = ""               # the trial's folder (where its checkpoints are), "" if it never ran
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def _read_trial(location: str, experiment: str, folder: str) -> TrialRecord | No
     status = DONE if finals else FAILED if error else STOPPED if stopped else INCOMPLETE
     trial_id = (rows[-1].get("trial_id") if rows else None) or folder
     history = tuple(r for r in rows if r.get("final") != 1)
-    return TrialRecord(experiment, str(trial_id), config, status, finals[-1] if finals else {}, history, error)
+    return TrialRecord(experiment, str(trial_id), config, status, finals[-1] if finals else {}, history, error, base)
 
 
 def trial_key(config: dict[str, Any]) -> str:

@@ -103,8 +103,11 @@ def render_headline(table: pd.DataFrame, kind: str) -> pd.DataFrame:
     return table.map(lambda t: t.replace(" [best]", "").replace(" [2nd]", "").replace(" [↓]", "") if isinstance(t, str) else t)
 
 
-def analyze(paths: Sequence[str], out: str | Path, log: Callable[[str], None] | None = print) -> Path:
-    """Analyse the experiments at `paths` into `out`; returns the report's path."""
+def analyze(paths: Sequence[str], out: str | Path, log: Callable[[str], None] | None = print,
+            similarity: bool = False, matrix_images: int = 256) -> Path:
+    """Analyse the experiments at `paths` into `out`; returns the report's path. `similarity`
+    also draws the mechanism-by-mechanism similarity matrix (loads every trial's weights and
+    needs the data on this machine)."""
     if not paths:
         raise RaystudyError("give at least one experiment (<storage>/<study name>)")
     out = Path(out)
@@ -123,7 +126,7 @@ def analyze(paths: Sequence[str], out: str | Path, log: Callable[[str], None] | 
     _headline(report, tidy, out)
     _curves(report, tidy, out)
     _correlations(report, tidy, out)
-    _similarity_matrix(report)
+    _similarity_matrix(report, experiments, out, similarity, matrix_images, say)
     _optuna(report, experiments, tidy, out)
     _gaps(report, experiments, out)
     (out / "report.md").write_text(report.markdown(out))
@@ -190,10 +193,32 @@ def _correlations(report: Report, tidy: pd.DataFrame, out: Path) -> None:
     report.table(table)
 
 
-def _similarity_matrix(report: Report) -> None:
+def _similarity_matrix(report: Report, experiments: list[Experiment], out: Path, wanted: bool, n_images: int, say) -> None:
+    from analysis.similarity_matrix import heatmap, similarity_matrix
+
     report.heading("Similarity matrix between mechanisms")
-    report.paragraph("Not drawn: these experiments hold no surrogate-versus-model pairs from different mechanisms "
-                     "(their similarity is measured against the target models only).")
+    if not wanted:
+        report.paragraph("Not drawn: run `raystudy analyze --similarity-matrix` (it loads every trial's final weights "
+                         "and needs the data on this machine).")
+        return
+    drawn = False
+    for experiment in (e for e in experiments if e.spec.kind == "grid"):
+        say(f"similarity matrix of {experiment.name}: loading the trials' weights")
+        try:
+            matrix = similarity_matrix(experiment, n_images)
+        except RaystudyError as err:
+            report.paragraph(f"{experiment.name}: not drawn ({err}).")
+            continue
+        if matrix.empty:
+            continue
+        matrix.to_csv(out / f"similarity_matrix_{experiment.name}.csv")
+        report.paragraph(f"{experiment.name}: mean per-sample cosine between the input gradients of a surrogate trained "
+                         "with the row's mechanism and a model trained with the column's mechanism (same architecture, "
+                         f"different seeds, averaged over such pairs), on {n_images} evaluation images.")
+        report.image(heatmap(matrix, out / f"similarity_matrix_{experiment.name}.png", f"gradient similarity: {experiment.name}"))
+        drawn = True
+    if not drawn:
+        report.paragraph("No experiment holds trials of one architecture with different seeds: nothing to draw.")
 
 
 def _optuna(report: Report, experiments: list[Experiment], tidy: pd.DataFrame, out: Path) -> None:

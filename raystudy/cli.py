@@ -213,7 +213,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_analyze(args: argparse.Namespace) -> int:
     from analysis import analyze
 
-    analyze(args.experiments, args.out)
+    analyze(args.experiments, args.out, similarity=args.similarity_matrix, matrix_images=args.matrix_images)
     return 0
 
 
@@ -319,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("analyze", help="tables, figures and a report from finished or partial experiments (no Ray needed)")
     a.add_argument("experiments", nargs="+", help="<storage>/<study name> folders or URIs")
     a.add_argument("--out", required=True, help="output folder")
+    a.add_argument("--similarity-matrix", action="store_true",
+                   help="also draw the mechanism x mechanism gradient-similarity matrix (loads every trial's weights; needs the data)")
+    a.add_argument("--matrix-images", type=_positive_int, default=256, help="evaluation images for the matrix (default 256)")
     a.set_defaults(func=cmd_analyze)
     return parser
 

@@ -116,3 +116,26 @@ def test_not_an_experiment_is_a_one_line_error(tmp_path):
     out = subprocess.run([sys.executable, "-m", "raystudy", "analyze", str(tmp_path), "--out", str(tmp_path / "r")],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "not a raystudy experiment" in out.stderr
+
+
+def test_similarity_matrix_between_mechanisms(smoke_storage, tmp_path):
+    import yaml
+
+    from conftest import ROOT, run_raystudy
+
+    smoke = yaml.safe_load((ROOT / "search_spaces" / "smoke.yaml").read_text())
+    smoke.update(name="two_seeds", seeds=[0, 1], trials=[{"mechanism": "ST"}, {"mechanism": "SAM"}],
+                 train={**smoke["train"], "epochs": 1})
+    space = tmp_path / "two_seeds.yaml"
+    space.write_text(yaml.safe_dump(smoke))
+    out = run_raystudy("run", space, "--storage", smoke_storage, "--num-cpus", 2)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    report = tmp_path / "report"
+    analyze([str(smoke_storage / "two_seeds")], report, log=None, similarity=True, matrix_images=64)
+    matrix = pd.read_csv(report / "similarity_matrix_two_seeds.csv", index_col=0)
+    assert list(matrix.index) == ["ST", "SAM"] and list(matrix.columns) == ["ST", "SAM"]
+    values = matrix.to_numpy()
+    assert np.isfinite(values).all() and (np.abs(values) <= 1).all()
+    assert np.allclose(values, values.T)  # cosine is symmetric and so is the set of seed pairs
+    assert (report / "similarity_matrix_two_seeds.png").read_bytes()[:4] == b"\x89PNG"
+    assert "](similarity_matrix_two_seeds.png)" in (report / "report.md").read_text()
