@@ -204,7 +204,7 @@ def test_sam_ascent_has_norm_rho_and_weights_are_restored():
     nn.functional.cross_entropy(model(x), y).backward()
     before = [p.detach().clone() for p in model.parameters()]
     sam = SAM(model.parameters(), rho=0.05)
-    assert math.isclose(sam.ascend(), 0.05, rel_tol=1e-5)
+    assert math.isclose(float(sam.ascend()), 0.05, rel_tol=1e-5)
     moved = torch.sqrt(sum((p.detach() - b).pow(2).sum() for p, b in zip(model.parameters(), before)))
     assert math.isclose(float(moved), 0.05, rel_tol=1e-4)
     sam.restore()

@@ -32,15 +32,16 @@ class SAM:
         self._saved: list[torch.Tensor] | None = None
 
     @torch.no_grad()
-    def ascend(self) -> float:
-        """Move to theta + rho * g / ||g||; returns the ascent's norm (rho unless g = 0)."""
+    def ascend(self) -> torch.Tensor:
+        """Move to theta + rho * g / ||g||; returns the ascent's norm (rho unless g = 0) as a
+        tensor, so a training step never waits for the GPU here."""
         with_grad = [p for p in self.params if p.grad is not None]
         grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in with_grad]))
         scale = self.rho / (grad_norm + 1e-12)
         self._saved = [p.detach().clone() for p in self.params]
         for p in with_grad:
             p.add_(p.grad * scale.to(p.dtype))
-        return float(grad_norm * scale)
+        return grad_norm * scale
 
     @torch.no_grad()
     def restore(self) -> None:
