@@ -222,8 +222,9 @@ def _run_epoch(config, dataset, model, recipe, optimizer, sam, autocast, epoch, 
 
 
 def _snapshot_steps(n_batches: int, per_epoch: int) -> set[int]:
-    """Steps (0-based) after which LGV saves a model: evenly spread, the last one ending the epoch."""
-    return {round((k + 1) * n_batches / per_epoch) - 1 for k in range(per_epoch)} if per_epoch else set()
+    """Steps (0-based) after which LGV saves a model: evenly spread, the last one ending the epoch
+    (at most one per step, so an epoch shorter than `per_epoch` steps saves one after each step)."""
+    return {math.ceil((k + 1) * n_batches / per_epoch) - 1 for k in range(per_epoch)} if per_epoch else set()
 
 
 def _save_snapshot(out: Path, model, config, dataset, index: int) -> Path:

@@ -20,6 +20,7 @@ from ray import tune
 from raystudy import storage
 from raystudy.checkpoint import load_model
 from raystudy.data import load_dataset
+from raystudy.errors import RaystudyError
 from raystudy.metrics.hook import EvalConfig, evaluate_surrogate, make_eval_set, quick_transfer_asr
 from raystudy.models import Ensemble
 from raystudy.space import StudySpec, search_point
@@ -46,8 +47,16 @@ def run_trial(config: dict[str, Any], study: StudySpec, storage_path: str) -> No
     _share_device(study)
     dataset = load_dataset(train_config.dataset, train_config.data_path, train_config.n_train, train_config.n_test,
                            train_config.data_seed, train_config.image_size)
-    identity = trial_identity(study, trial)
     work = Path(tempfile.mkdtemp(prefix="raystudy-trial-"))
+    try:
+        _run_in(work, study, trial, train_config, dataset, storage_path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_in(work: Path, study: StudySpec, trial: dict[str, Any], train_config, dataset, storage_path: str) -> None:
+    """Train (resuming from Ray's checkpoint), report every epoch, then the trial-end metrics."""
+    identity = trial_identity(study, trial)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         checkpoint.to_directory(str(work))  # holds checkpoint.pt: train() resumes from it
@@ -55,7 +64,7 @@ def run_trial(config: dict[str, Any], study: StudySpec, storage_path: str) -> No
     if study.kind != "targets":
         targets = _load_targets(storage_path, study.targets, work, pick_device())
         eval_set = make_eval_set(dataset.test, dataset.num_classes, study.evaluation)
-    proxy = _proxy(study, targets, dataset)
+    proxy = _proxy(study, dataset)
 
     def on_epoch_end(record: dict[str, float], state_path: Path | None, model: torch.nn.Module) -> None:
         metrics = {**identity, **record, FINAL_KEY: 0}
@@ -63,21 +72,18 @@ def run_trial(config: dict[str, Any], study: StudySpec, storage_path: str) -> No
             metrics["proxy/asr"] = quick_transfer_asr(model, targets, proxy, study.evaluation)
         _report(metrics, state_path)
 
-    try:
-        result = train(train_config, dataset=dataset, out_dir=work, on_epoch_end=on_epoch_end, log=print)
-        final = {**identity, **(result.history[-1] if result.history else {}), FINAL_KEY: 1,
-                 "train_config": train_config.to_json(), "versions": json.dumps(versions())}
-        if study.kind == "targets":
-            name = trial["target_name"]
-            storage.write_bytes(storage.join(targets_location(storage_path, study.name), f"{name}.pt"), (work / MODEL_FILE).read_bytes())
-            final["target_name"] = name
-        else:
-            surrogate = _lgv_ensemble(train_config, dataset, work) if trial.get("lgv") else result.model
-            print(f"trial-end hook: {len(eval_set.labels)} images, targets {', '.join(targets)}", flush=True)
-            final.update(evaluate_surrogate(surrogate, targets, eval_set, study.evaluation, log=print))
-        tune.report(final)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    result = train(train_config, dataset=dataset, out_dir=work, on_epoch_end=on_epoch_end, log=print)
+    final = {**identity, **(result.history[-1] if result.history else {}), FINAL_KEY: 1,
+             "train_config": train_config.to_json(), "versions": json.dumps(versions())}
+    if study.kind == "targets":
+        name = trial["target_name"]
+        storage.write_bytes(storage.join(targets_location(storage_path, study.name), f"{name}.pt"), (work / MODEL_FILE).read_bytes())
+        final["target_name"] = name
+    else:
+        surrogate = _lgv_ensemble(train_config, dataset, work) if trial.get("lgv") else result.model
+        print(f"trial-end hook: {len(eval_set.labels)} images, targets {', '.join(targets)}", flush=True)
+        final.update(evaluate_surrogate(surrogate, targets, eval_set, study.evaluation, log=print))
+    tune.report(final)
 
 
 def _lgv_ensemble(train_config, dataset, work: Path) -> Ensemble:
@@ -111,7 +117,7 @@ def _load_targets(storage_path: str, targets_study: str, work: Path, device) -> 
     location = targets_location(storage_path, targets_study)
     names = storage.list_files(location, ".pt")
     if not names:
-        raise RuntimeError(f"no targets under {location}")
+        raise RaystudyError(f"no targets under {location}")
     local = work / "targets"
     local.mkdir(parents=True, exist_ok=True)
     targets = {}
@@ -121,7 +127,7 @@ def _load_targets(storage_path: str, targets_study: str, work: Path, device) -> 
     return targets
 
 
-def _proxy(study: StudySpec, targets, dataset):
+def _proxy(study: StudySpec, dataset):
     """The small evaluation set of the mid-training ASR proxy (ASHA), or None when it is off."""
     if study.search is None or not study.search.proxy_every:
         return None

@@ -182,3 +182,13 @@ def test_a_diverging_trial_fails_with_its_reason_and_the_others_complete(storage
     assert sorted(len(rows) for rows in finals.values()) == [0, 1]
     status = raystudy("status", storage / "diverge_smoke")
     assert "1 error" in status.stdout and "training diverged" in status.stdout
+
+
+def test_lgv_trial_attacks_with_its_ensemble(storage, tmp_path):
+    space = write_space(tmp_path, "lgv_smoke", trials=[{"mechanism": "SAM", "lgv": True}],
+                        train={**SMOKE["train"], "epochs": 1}, evaluation={"n_eval": 32, "budgets": [8], "smoothness_samples": 8})
+    out = raystudy("run", space, "--storage", storage, "--num-cpus", 2)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "LGV: 10 epochs at lr 0.05 with SAM, 4 models per epoch" in out.stdout + out.stderr
+    (rows,) = final_results(storage / "lgv_smoke").values()
+    assert len(rows) == 1 and "asr/pgd/untargeted/8/mean" in rows[0]

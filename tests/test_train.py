@@ -100,3 +100,11 @@ def test_lgv_collects_snapshots_from_a_trained_model(tmp_path):
 def test_divergence_is_reported(tmp_path):
     with pytest.raises(TrainingDiverged, match="diverged at epoch 1"):
         train(tiny_config(lr=1e12, epochs=2), out_dir=tmp_path, log=None)
+
+
+def test_lgv_snapshot_steps_are_spread_and_never_lost():
+    from raystudy.train import _snapshot_steps
+
+    assert _snapshot_steps(195, 4) == {48, 97, 146, 194}  # CIFAR-10 at batch 256: the last ends the epoch
+    assert _snapshot_steps(2, 4) == {0, 1}                  # fewer steps than snapshots: one per step
+    assert _snapshot_steps(10, 0) == set()
