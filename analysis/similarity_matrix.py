@@ -21,11 +21,10 @@ from analysis.tables import label_order, trial_setting
 from raystudy import storage
 from raystudy.checkpoint import STATE_FORMAT, safe_load
 from raystudy.config import TrainConfig
-from raystudy.data import load_dataset
 from raystudy.errors import RaystudyError
 from raystudy.metrics.similarity import gradient_cosine, input_gradients
 from raystudy.models import build_model
-from raystudy.train import STATE_FILE
+from raystudy.train import STATE_FILE, dataset_for
 
 
 def similarity_matrix(experiment: Experiment, n_images: int = 256, device: str = "cpu") -> pd.DataFrame:
@@ -52,9 +51,7 @@ def similarity_matrix(experiment: Experiment, n_images: int = 256, device: str =
 
 
 def _dataset(experiment: Experiment, trial: TrialRecord):
-    config = _config(trial)
-    return load_dataset(config.dataset, experiment.spec.data or config.data_path, config.n_train, config.n_test,
-                        config.data_seed, config.image_size)
+    return dataset_for(_config(trial), experiment.spec.data)
 
 
 def _images(experiment: Experiment, dataset, n_images: int, device: str):

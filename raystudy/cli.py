@@ -122,14 +122,16 @@ def _target_files(spec: str) -> dict:
 
 
 def _dataset_for(meta: dict, args: argparse.Namespace):
+    """The surrogate's own data (synthetic: regenerated exactly), or --dataset's whole test set."""
+    from raystudy.config import TrainConfig
     from raystudy.data import load_dataset
+    from raystudy.train import dataset_for
 
-    trained = meta.get("config", {})
-    name = args.dataset or meta.get("dataset", "cifar10")
-    if name == "synthetic":  # regenerate the exact synthetic data the surrogate saw
-        return load_dataset(name, n_train=trained.get("n_train"), n_test=trained.get("n_test"),
-                            seed=trained.get("data_seed", 0), image_size=meta["input_size"], num_classes=meta["num_classes"])
-    return load_dataset(name, args.data or trained.get("data_path"))
+    trained = TrainConfig.from_dict(meta["config"])
+    name = args.dataset or trained.dataset
+    if name == trained.dataset == "synthetic":
+        return dataset_for(trained)
+    return load_dataset(name, args.data or trained.data_path)
 
 
 def _metrics_table(metrics: dict, targets: list, config) -> str:

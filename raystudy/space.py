@@ -280,12 +280,13 @@ def _train(values: Any, where: str) -> tuple[tuple[str, Any], ...]:
 
 
 def _evaluation(values: Any, where: str) -> EvalConfig:
-    r = _Reader(values, f"{where}: evaluation")
+    if not isinstance(values, Mapping):
+        raise RaystudyError(f"{where}: evaluation must be a mapping of evaluation settings")
     known = {f.name for f in dataclasses.fields(EvalConfig)}
-    unknown = sorted(set(r.values) - known)
+    unknown = sorted(set(values) - known)
     if unknown:
         raise RaystudyError(f"{where}: evaluation: unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}")
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in r.values.items()}
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     try:
         return EvalConfig(**kwargs)
     except RaystudyError as err:

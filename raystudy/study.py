@@ -141,14 +141,14 @@ def check_targets(spec: StudySpec, storage_path: str) -> list[str]:
 
 
 def _write_record(spec: StudySpec, raw: Any, storage_path: str, experiment: str, targets: list[str]) -> None:
-    from raystudy.data import load_dataset
     from raystudy.metrics.hook import make_eval_set
+    from raystudy.train import dataset_for
 
     record: dict[str, Any] = {"study": raw, "source": spec.source, "data": spec.data, "storage": storage.normalize(storage_path),
                               "targets": targets, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if spec.kind != "targets":  # the evaluation images every trial uses, recorded once
         config = spec.train_config(spec.grid_configs()[0] if spec.kind != "search" else _corner(spec))
-        dataset = load_dataset(config.dataset, config.data_path, config.n_train, config.n_test, config.data_seed, config.image_size)
+        dataset = dataset_for(config)
         eval_set = make_eval_set(dataset.test, dataset.num_classes, spec.evaluation)
         record["eval_indices"] = eval_set.indices.tolist()
         record["eval_target_classes"] = eval_set.target_classes.tolist()

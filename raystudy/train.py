@@ -84,6 +84,12 @@ def model_meta(config: TrainConfig, dataset: Dataset) -> dict[str, Any]:
     }
 
 
+def dataset_for(config: TrainConfig, data_path: str | None = None) -> Dataset:
+    """The data a config trains on (on the CPU); `data_path` overrides where it lives."""
+    return load_dataset(config.dataset, data_path or config.data_path, config.n_train, config.n_test,
+                        config.data_seed, config.image_size)
+
+
 def versions() -> dict[str, str]:
     return {"raystudy": __version__, "torch": torch.__version__, "python": platform.python_version()}
 
@@ -165,7 +171,7 @@ def train(
     seed_everything(config.seed, config.deterministic)
     out = Path(out_dir) if out_dir is not None else None
     if dataset is None:
-        dataset = load_dataset(config.dataset, config.data_path, config.n_train, config.n_test, config.data_seed, config.image_size)
+        dataset = dataset_for(config)
     dataset = dataset.to(dev)
     model = _build(config, dataset, dev)
     recipe = config.recipe()

@@ -19,12 +19,11 @@ from ray import tune
 
 from raystudy import storage
 from raystudy.checkpoint import load_model
-from raystudy.data import load_dataset
 from raystudy.errors import RaystudyError
 from raystudy.metrics.hook import EvalConfig, evaluate_surrogate, make_eval_set, quick_transfer_asr
 from raystudy.models import Ensemble
 from raystudy.space import StudySpec, search_point
-from raystudy.train import MODEL_FILE, STATE_FILE, pick_device, train, versions
+from raystudy.train import MODEL_FILE, STATE_FILE, dataset_for, pick_device, train, versions
 
 TARGETS_DIR = "targets"  # <storage>/<targets study>/targets/<name>.pt
 FINAL_KEY = "final"      # 1 on the result that carries the hook's metrics
@@ -45,8 +44,7 @@ def run_trial(config: dict[str, Any], study: StudySpec, storage_path: str) -> No
     trial = search_point(study.search, config, study.seeds[0]) if study.kind == "search" else config["trial"]
     train_config = study.train_config(trial)
     _share_device(study)
-    dataset = load_dataset(train_config.dataset, train_config.data_path, train_config.n_train, train_config.n_test,
-                           train_config.data_seed, train_config.image_size)
+    dataset = dataset_for(train_config)
     work = Path(tempfile.mkdtemp(prefix="raystudy-trial-"))
     try:
         _run_in(work, study, trial, train_config, dataset, storage_path)
