@@ -30,6 +30,9 @@ def cmd_mechanisms(args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+    print("\nMagnitudes are batch-128 magnitudes (METHOD.md): at another batch size B the loss uses IR's lambda "
+          "times sqrt(B/128) and JR's lambda times B/128, so a value means what it means in the paper. "
+          "The batch size itself still changes smoothness: keep 128 to reproduce the findings.")
     return 0
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import math
 import os
 import pickle
 from contextlib import contextmanager
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from raystudy.errors import RaystudyError
-from raystudy.models import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
+from raystudy.models import CIFAR10_MEAN, CIFAR10_STD, CIFAR_MAX_INPUT, IMAGENET_MEAN, IMAGENET_STD
 
 DATASETS = ("cifar10", "imagenette", "synthetic")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".JPEG", ".JPG", ".PNG")
@@ -344,18 +345,56 @@ def random_crop_flip(images: torch.Tensor, pad: int) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], out.flip(3), out)
 
 
-def train_batches(split: Split, batch_size: int, augment: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def random_resized_crop_flip(x: torch.Tensor, scale: tuple[float, float] = (0.08, 1.0),
+                             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+    """torchvision's RandomResizedCrop (bilinear, back to the input size) + horizontal flip, per sample,
+    on float images on their device: area fraction ~ U(scale), log aspect ratio ~ U(log ratio).
+
+    Boxes that would not fit are shrunk to the image instead of redrawn (torchvision redraws up to
+    ten times, then falls back to a centre crop); both keep the crop inside the image.
+    """
+    b, _, h, w = x.shape
+    device = x.device
+    area = torch.empty(b, device=device).uniform_(*scale)
+    log_ratio = torch.empty(b, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]))
+    crop_w = torch.sqrt(area * log_ratio.exp()).clamp(max=1.0)   # fractions of the side
+    crop_h = torch.sqrt(area / log_ratio.exp()).clamp(max=1.0)
+    left = torch.rand(b, device=device) * (1 - crop_w)
+    top = torch.rand(b, device=device) * (1 - crop_h)
+    flip = torch.where(torch.rand(b, device=device) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(b, 2, 3, device=device)
+    theta[:, 0, 0] = crop_w * flip                  # a negative x-scale mirrors the crop
+    theta[:, 0, 2] = 2 * left + crop_w - 1          # box centre in [-1, 1] coordinates
+    theta[:, 1, 1] = crop_h
+    theta[:, 1, 2] = 2 * top + crop_h - 1
+    grid = F.affine_grid(theta, [b, x.shape[1], h, w], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def augment(images: torch.Tensor) -> torch.Tensor:
+    """Training augmentation of uint8 images into [0, 1]: CIFAR-sized images a random crop from a
+    4-pixel (side/8) zero padding plus a flip; ImageNet-sized ones a random resized crop plus a flip."""
+    if images.shape[-1] <= CIFAR_MAX_INPUT:
+        return random_crop_flip(images, max(1, images.shape[-1] // 8)).float().div_(255)
+    return random_resized_crop_flip(images.float().div_(255))
+
+
+def train_batches(split: Split, batch_size: int, augment_images: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of shuffled batches in [0, 1], the last partial batch dropped (as published)."""
     n = len(split)
     batch_size = min(batch_size, n)
     order = torch.randperm(n, device=split.labels.device)
-    pad = max(1, split.images.shape[-1] // 8)  # 4 px on 32 px images
     for start in range(0, n - batch_size + 1, batch_size):
         idx = order[start : start + batch_size]
         images = split.images[idx]
-        if augment:
-            images = random_crop_flip(images, pad)
-        yield images.float().div_(255), split.labels[idx]
+        yield (augment(images) if augment_images else images.float().div_(255)), split.labels[idx]
+
+
+def random_batch(split: Split, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n` training images drawn uniformly with replacement, each with its own augmentation: the
+    fresh, unmixed partners of mixup and cutmix (the published wrapper's random.choice)."""
+    idx = torch.randint(0, len(split), (n,), device=split.labels.device)
+    return augment(split.images[idx]), split.labels[idx]
 
 
 def eval_batches(split: Split, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -141,6 +141,8 @@ def build_model(
         net = CIFAR_MODELS[name](num_classes)
     else:
         net = _build_timm(name, num_classes, pretrained)
+        if pretrained:  # fine-tuning keeps the normalization the weights were trained with
+            mean, std = net.pretrained_cfg.get("mean", mean), net.pretrained_cfg.get("std", std)
     return nn.Sequential(Normalize(mean, std), net)
 
 
@@ -152,10 +154,13 @@ def _build_timm(name: str, num_classes: int, pretrained: bool) -> nn.Module:
     except (OSError, RuntimeError, ValueError) as err:  # hub download failures surface as these
         if not pretrained:
             raise
+        weights = timm.models.get_pretrained_cfg(name)
+        source = getattr(weights, "hf_hub_id", None) or getattr(weights, "url", None) or "timm's default"
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
         raise RaystudyError(
-            f"could not load timm's pretrained weights for {name!r} ({type(err).__name__}: {err}); "
-            "they are downloaded from the Hugging Face hub: check the network, or set HF_HUB_OFFLINE=1 "
-            "with the weights already in the cache"
+            f"the pretrained weights of {name!r} ({source}) are not in the cache and could not be downloaded "
+            f"({type(err).__name__}: {reason}); fetch them once on a machine with network (they land in the "
+            "Hugging Face cache, HF_HOME), or set pretrained: false"
         ) from err
 
 

@@ -138,14 +138,26 @@ class StudySpec:
         configs = []
         for trial in self.trials:
             for seed in self.seeds:
-                name = None
-                if self.kind == "targets":
-                    name = trial.model if len(self.seeds) == 1 else f"{trial.model}_s{seed}"
+                name = target_name(trial, self.dataset, seed, len(self.seeds)) if self.kind == "targets" else None
                 configs.append(trial.as_config(seed, name))
         return configs
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True, default=list)
+
+
+def target_name(trial: TrialSpec, dataset: str, seed: int, n_seeds: int) -> str:
+    """A target's name says how it was trained: `vgg16`, `vgg16_MU_p0.5`, `vgg16_AT_epsilon0.1_s1`."""
+    from raystudy.mechanisms import get_mechanism
+
+    parts = [trial.model]
+    if trial.mechanism != "ST":
+        parts.append(trial.mechanism.replace("&", "and"))
+        magnitudes = get_mechanism(trial.mechanism).resolve(dict(trial.magnitudes), dataset)
+        parts.extend(f"{name}{value:g}" for name, value in magnitudes.items())
+    if n_seeds > 1:
+        parts.append(f"s{seed}")
+    return "_".join(parts)
 
 
 class _Reader:
@@ -252,8 +264,8 @@ def _trials(entries: list, kind: str, where: str) -> tuple[TrialSpec, ...]:
         lgv = r.get("lgv", False, bool)
         train = _train(r.get("train", {}), f"{where}: trials[{i}]")
         r.finish()
-        if kind == "targets" and (mechanism != "ST" or model is None):
-            raise RaystudyError(f"{where}: trials[{i}]: a targets study trains plain (ST) models and names each model")
+        if kind == "targets" and (model is None or lgv):
+            raise RaystudyError(f"{where}: trials[{i}]: a targets study names each target's model (and no lgv)")
         if lgv and mechanism not in LGV_BASES:
             raise RaystudyError(f"{where}: trials[{i}]: LGV fine-tunes with {', '.join(LGV_BASES)}, not {mechanism}")
         names = list(grid)

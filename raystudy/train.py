@@ -28,7 +28,7 @@ from torch import nn
 from raystudy import __version__
 from raystudy.checkpoint import STATE_FORMAT, atomic_save, load_model, safe_load, save_model
 from raystudy.config import TrainConfig
-from raystudy.data import Dataset, eval_batches, load_dataset, train_batches
+from raystudy.data import Dataset, eval_batches, load_dataset, random_batch, train_batches
 from raystudy.errors import RaystudyError
 from raystudy.mechanisms import training_step
 from raystudy.mechanisms.sam import SAM
@@ -107,6 +107,10 @@ def evaluate_accuracy(model: nn.Module, split, batch_size: int = 1000, autocast=
 
 def _layout(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+
+
+def _layout_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return _layout(batch[0]), batch[1]
 
 
 def _autocast(config: TrainConfig, device: torch.device):
@@ -210,7 +214,8 @@ def _run_epoch(config, dataset, model, recipe, optimizer, sam, autocast, epoch, 
     snapshot_after = _snapshot_steps(n_batches, config.snapshots_per_epoch)
     seen, started = 0, time.perf_counter()
     for step, (x, y) in enumerate(train_batches(dataset.train, config.batch_size)):
-        parts = training_step(model, recipe, optimizer, _layout(x), y, dataset.num_classes, sam, autocast)
+        partners = lambda n=y.shape[0]: _layout_batch(random_batch(dataset.train, n))  # noqa: E731 (MU/CM only)
+        parts = training_step(model, recipe, optimizer, _layout(x), y, dataset.num_classes, sam, autocast, partners)
         for key, value in parts.items():
             sums[key] = sums.get(key, 0) + value
         seen += y.shape[0]

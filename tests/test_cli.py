@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 
@@ -22,7 +21,8 @@ def run(*args, **kwargs) -> subprocess.CompletedProcess:
 def test_mechanisms_lists_all_thirteen():
     out = run("mechanisms")
     assert out.returncode == 0
-    names = [line.split()[0] for line in out.stdout.splitlines()[1:] if line[:1].strip()]
+    table = out.stdout.split("\n\n")[0]
+    names = [line.split()[0] for line in table.splitlines()[1:] if line[:1].strip()]
     assert names == ["ST", "MU", "CM", "CO", "LS", "AT", "IR", "JR", "ER", "SAM", "SAM&IR", "SAM&JR", "LGV"]
     assert "1e-05, 0.0001, 0.01, 0.05, 0.1" in out.stdout  # JR's CIFAR-10 grid
 
@@ -44,18 +44,31 @@ def test_bad_mechanism_and_missing_data_are_one_line_errors(tmp_path):
                    "does not exist")
 
 
-def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
-    args = [*TINY, "--mechanism", "SAM", "--epochs", "5", "--seed", "1"]
-    assert run(*args, "--out", str(tmp_path / "straight")).returncode == 0
-    proc = subprocess.Popen(RAYSTUDY + args + ["--out", str(tmp_path / "cut")], stdout=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if line.startswith("epoch 2/5"):
-            proc.send_signal(signal.SIGINT)
-            break
-    proc.stdout.read()
-    assert proc.wait(timeout=120) == 130
-    resumed = run(*args, "--out", str(tmp_path / "cut"))
-    assert resumed.returncode == 0 and "resuming" in resumed.stdout and "epoch 5/5" in resumed.stdout
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch, capsys):
+    """Ctrl-C after epoch 2 (raised from an epoch hook, so it lands at the same point on any machine):
+    exit code 130, then the same command resumes and ends with the uninterrupted run's weights."""
+    from raystudy import cli
+    from raystudy import train as train_module
+
+    args = TINY[:] + ["--mechanism", "SAM", "--epochs", "5", "--seed", "1"]
+    assert cli.main(args + ["--out", str(tmp_path / "straight")]) == 0
+    real_train = train_module.train
+
+    def interrupted_after_epoch_2(*a, **kw):
+        def hook(record, state_path, model):
+            if record["epoch"] == 2:
+                raise KeyboardInterrupt
+        return real_train(*a, **{**kw, "on_epoch_end": hook})
+
+    monkeypatch.setattr(train_module, "train", interrupted_after_epoch_2)
+    capsys.readouterr()
+    assert cli.main(args + ["--out", str(tmp_path / "cut")]) == 130
+    assert "rerun the same command to resume" in capsys.readouterr().err
+    monkeypatch.setattr(train_module, "train", real_train)
+    assert cli.main(args + ["--out", str(tmp_path / "cut")]) == 0
+    resumed = capsys.readouterr().out
+    epochs_run = [line.split()[1] for line in resumed.splitlines() if line.startswith("epoch ")]
+    assert "after epoch 2/5" in resumed and epochs_run == ["3/5", "4/5", "5/5"]
     a, _ = load_model(tmp_path / "straight" / "model.pt")
     b, _ = load_model(tmp_path / "cut" / "model.pt")
     for (key, x), y in zip(a.state_dict().items(), b.state_dict().values()):

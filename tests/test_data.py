@@ -119,7 +119,7 @@ def test_crop_and_flip_keep_content_and_shape():
 
 
 def test_batches_cover_an_epoch_once(synthetic):
-    seen = torch.cat([y for _, y in train_batches(synthetic.train, 64, augment=False)])
+    seen = torch.cat([y for _, y in train_batches(synthetic.train, 64, augment_images=False)])
     assert len(seen) == 256 and torch.equal(seen.sort().values, synthetic.train.labels.sort().values)
     x, _ = next(eval_batches(synthetic.test, 100))
     assert x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1

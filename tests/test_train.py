@@ -28,7 +28,15 @@ def test_presets_and_schedule():
     assert learning_rate(faithful, 105) == pytest.approx(0.05)
     assert learning_rate(faithful, 199) < 1e-4
     assert TrainConfig.from_preset("faithful", epochs=40).warmup_epochs == 2  # keeps the warm-up fraction
-    assert TrainConfig.from_preset("fast").precision == "bf16"
+    # fast = faithful with a fifth of the epochs: every per-step setting is the published one.
+    fast = TrainConfig.from_preset("fast")
+    assert fast.differences(faithful) == ["epochs", "warmup_epochs"]
+    assert (fast.epochs, fast.warmup_epochs) == (40, 2)
+    for preset in ("faithful", "fast"):
+        imagenette = TrainConfig.from_preset(preset, dataset="imagenette", model="resnet50")
+        assert (imagenette.batch_size, imagenette.lr, imagenette.weight_decay, imagenette.pretrained) == (128, 1.0, 1e-4, True)
+        assert imagenette.warmup_epochs * 10 == imagenette.epochs  # 5 of 50, 1 of 10
+    assert TrainConfig.from_preset("faithful", dataset="imagenette", model="resnet50").epochs == 50
 
 
 def test_bad_settings_name_the_key():
@@ -40,6 +48,12 @@ def test_bad_settings_name_the_key():
         TrainConfig.from_dict({"epoch": 3})
     with pytest.raises(RaystudyError, match="init_checkpoint"):
         tiny_config(mechanism="LGV")
+    with pytest.raises(RaystudyError, match="sam_bn='none'"):
+        tiny_config(mechanism="SAM", sam_bn="none")
+    for mechanism in ("AT", "IR", "JR", "SAM&IR", "SAM&JR"):  # bf16 would round their small input changes away
+        with pytest.raises(RaystudyError, match="precision='bf16' would round away"):
+            tiny_config(mechanism=mechanism, precision="bf16")
+    assert tiny_config(mechanism="SAM", precision="bf16").precision == "bf16"
 
 
 def test_training_writes_model_and_metrics_and_learns(tmp_path):

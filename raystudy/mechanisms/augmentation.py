@@ -1,19 +1,25 @@
 """Data augmentations as batch transforms on the device: mixup (MU), cutmix (CM), cutout (CO).
 
-MU and CM act per sample with probability p, with a random partner from the same batch, and mix
-the soft labels by the same weights; the published code applies them in two independent rounds.
-Beta(1, 1) is the uniform distribution, so mixing weights are drawn with torch.rand.
+MU and CM act as the published dataset wrapper does: per sample, with probability p, mix with a
+*fresh, unmixed* partner drawn at random from the training set (with its own crop and flip), in
+two independent rounds, each round drawing new partners: a second round never mixes with an
+already-mixed image. `partners()` supplies such a batch. Beta(1, 1) is the uniform distribution,
+so mixing weights are drawn with torch.rand.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from raystudy.mechanisms.base import MechanismSpec, Param, Recipe, register
 
 ROUNDS = 2  # independent rounds of MU / CM per batch, as in the published code
+
+# A fresh batch of (images in [0, 1], soft labels) from the training set, the size of the batch.
+Partners = Callable[[], tuple[torch.Tensor, torch.Tensor]]
 
 PROBABILITY_GRID = (0.1, 0.3, 0.5, 0.7, 0.9)
 
@@ -44,37 +50,42 @@ def _box_masks(b: int, h: int, w: int, box_h: torch.Tensor, box_w: torch.Tensor,
 
 @dataclass(frozen=True)
 class Mixup:
+    """x' = b*x + (1-b)*x_partner with b ~ U(0, 1) for a sample chosen with probability p; labels alike."""
+
     p: float
     rounds: int = ROUNDS
 
-    def __call__(self, x: torch.Tensor, y_soft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, x: torch.Tensor, y_soft: torch.Tensor, partners: Partners) -> tuple[torch.Tensor, torch.Tensor]:
         for _ in range(self.rounds):
+            partner_x, partner_y = partners()
             b = x.shape[0]
-            partner = torch.randperm(b, device=x.device)
             weight = torch.rand(b, device=x.device)
             weight = torch.where(torch.rand(b, device=x.device) < self.p, weight, torch.ones_like(weight))
-            x = weight[:, None, None, None] * x + (1 - weight[:, None, None, None]) * x[partner]
-            y_soft = weight[:, None] * y_soft + (1 - weight[:, None]) * y_soft[partner]
+            x = weight[:, None, None, None] * x + (1 - weight[:, None, None, None]) * partner_x
+            y_soft = weight[:, None] * y_soft + (1 - weight[:, None]) * partner_y
         return x, y_soft
 
 
 @dataclass(frozen=True)
 class CutMix:
+    """Paste a box of side S*sqrt(1-b), b ~ U(0, 1), at a random centre (clipped at the borders) from
+    the partner into a sample chosen with probability p; the label takes the pasted area's weight."""
+
     p: float
     rounds: int = ROUNDS
 
-    def __call__(self, x: torch.Tensor, y_soft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, x: torch.Tensor, y_soft: torch.Tensor, partners: Partners) -> tuple[torch.Tensor, torch.Tensor]:
         for _ in range(self.rounds):
+            partner_x, partner_y = partners()
             b, _, h, w = x.shape
-            partner = torch.randperm(b, device=x.device)
             side = torch.sqrt(1 - torch.rand(b, device=x.device))  # box side S * sqrt(1 - b)
             apply = torch.rand(b, device=x.device) < self.p
             box_h = torch.where(apply, (h * side).long(), 0)
             box_w = torch.where(apply, (w * side).long(), 0)
             mask = _box_masks(b, h, w, box_h, box_w, x.device)
             area = mask.float().mean(dim=(1, 2, 3))  # the pasted (clipped) fraction sets the label weight
-            x = torch.where(mask, x[partner], x)
-            y_soft = (1 - area[:, None]) * y_soft + area[:, None] * y_soft[partner]
+            x = torch.where(mask, partner_x, x)
+            y_soft = (1 - area[:, None]) * y_soft + area[:, None] * partner_y
         return x, y_soft
 
 
@@ -82,7 +93,7 @@ class CutMix:
 class Cutout:
     size: int
 
-    def __call__(self, x: torch.Tensor, y_soft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, x: torch.Tensor, y_soft: torch.Tensor, partners: Partners | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         b, _, h, w = x.shape
         side = torch.full((b,), int(self.size), device=x.device)
         mask = _box_masks(b, h, w, side, side, x.device)
@@ -90,12 +101,12 @@ class Cutout:
 
 
 register(MechanismSpec(
-    "MU", "mixup with probability p per sample (2 rounds)", (_probability("mixup probability per sample"),),
+    "MU", "mixup with a fresh partner, probability p per sample (2 rounds)", (_probability("mixup probability per sample"),),
     lambda m, family: Recipe(transform=Mixup(m["p"])),
     tau5={"cifar10": {"p": 0.9}, "imagenette": {"p": 0.9}},
 ))
 register(MechanismSpec(
-    "CM", "cutmix with probability p per sample (2 rounds)", (_probability("cutmix probability per sample"),),
+    "CM", "cutmix with a fresh partner, probability p per sample (2 rounds)", (_probability("cutmix probability per sample"),),
     lambda m, family: Recipe(transform=CutMix(m["p"])),
     tau5={"cifar10": {"p": 0.9}, "imagenette": {"p": 0.9}},
 ))

@@ -25,7 +25,11 @@ GRID_FAMILY = {"cifar10": "cifar10", "synthetic": "cifar10", "imagenette": "imag
 
 
 class BatchTransform(Protocol):
-    def __call__(self, x: torch.Tensor, y_soft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    """(x, y_soft, partners) -> (x, y_soft); `partners()` draws a fresh, unmixed batch of the same
+    size from the training set (mixup and cutmix mix with it; cutout ignores it)."""
+
+    def __call__(self, x: torch.Tensor, y_soft: torch.Tensor,
+                 partners: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class Adversary(Protocol):
@@ -50,6 +54,14 @@ class Recipe:
     adversary: Adversary | None = None
     penalties: tuple[Penalty, ...] = ()
     sam_rho: float | None = None
+    # BatchNorm running statistics updated by SAM's second pass too (the published closure runs
+    # both passes in train mode); False freezes them there, as davda54/sam's example does.
+    sam_bn_second_pass: bool = True
+
+    @property
+    def input_sensitive(self) -> bool:
+        """The step depends on small input perturbations or input gradients (AT, IR, JR)."""
+        return self.adversary is not None or any(p.needs_input_grad for p in self.penalties)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,11 @@
 
 All three differentiate through a gradient (double backprop), so they run eagerly (no
 torch.compile) and cost several times a plain step.
+
+The magnitudes are batch-128 magnitudes (METHOD.md): the published IR term lambda*||g||/B shrinks
+like 1/sqrt(B) (the stacked gradient's norm grows like sqrt(B)) and JR's lambda*R/B like 1/B, so at
+any other batch size B lambda is rescaled internally, to lambda*sqrt(B/128) for IR and lambda*B/128
+for JR: a grid value means at every batch size what it means in the paper.
 """
 
 from __future__ import annotations
@@ -12,6 +17,18 @@ import torch
 from torch import nn
 
 from raystudy.mechanisms.base import MechanismSpec, Param, Recipe, register
+
+REFERENCE_BATCH = 128  # the batch size the published magnitudes were tuned at
+
+
+def ir_batch_factor(batch: int) -> float:
+    """IR's lambda multiplier at batch `batch`: sqrt(B / 128)."""
+    return (batch / REFERENCE_BATCH) ** 0.5
+
+
+def jr_batch_factor(batch: int) -> float:
+    """JR's lambda multiplier at batch `batch`: B / 128."""
+    return batch / REFERENCE_BATCH
 
 LAMBDA_IR = Param(
     "lambda_ir", "IR weight on the input-gradient norm",
@@ -32,7 +49,7 @@ LAMBDA_ER = Param(
 
 @dataclass(frozen=True)
 class InputGradientNorm:
-    """IR: loss = (sum_i CE_i + lambda * ||grad_x sum_i CE_i||_2) / B.
+    """IR: loss = (sum_i CE_i + lambda' * ||grad_x sum_i CE_i||_2) / B, lambda' = lambda * sqrt(B/128).
 
     One L2 norm of the whole batch's stacked input gradient (not squared, not per sample), as in
     the published code; BN stays in train mode during the double backprop.
@@ -44,7 +61,8 @@ class InputGradientNorm:
 
     def __call__(self, model: nn.Module, x: torch.Tensor, logits: torch.Tensor, ce: torch.Tensor) -> torch.Tensor:
         (grad,) = torch.autograd.grad(ce.sum(), x, create_graph=True)
-        return self.weight * grad.float().norm() / x.shape[0]
+        batch = x.shape[0]
+        return self.weight * ir_batch_factor(batch) * grad.float().norm() / batch
 
 
 def jacobian_projection_norm(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -63,14 +81,15 @@ def jacobian_projection_norm(x: torch.Tensor, logits: torch.Tensor) -> torch.Ten
 
 @dataclass(frozen=True)
 class InputJacobianNorm:
-    """JR: loss = (sum_i CE_i + lambda * R) / B, R from `jacobian_projection_norm`."""
+    """JR: loss = (sum_i CE_i + lambda' * R) / B, lambda' = lambda * B/128, R from `jacobian_projection_norm`."""
 
     weight: float
     name: str = "jr"
     needs_input_grad: bool = True
 
     def __call__(self, model: nn.Module, x: torch.Tensor, logits: torch.Tensor, ce: torch.Tensor) -> torch.Tensor:
-        return self.weight * jacobian_projection_norm(x, logits) / x.shape[0]
+        batch = x.shape[0]
+        return self.weight * jr_batch_factor(batch) * jacobian_projection_norm(x, logits) / batch
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -49,12 +50,17 @@ def training_step(
     num_classes: int,
     sam: SAM | None = None,
     autocast: AbstractContextManager | None = None,
+    partners: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Apply one update; returns the loss parts and the number of correct (argmax-target) predictions."""
+    """Apply one update; returns the loss parts and the number of correct (argmax-target) predictions.
+
+    `partners()` returns a fresh (images, labels) batch from the training set, as large as this one:
+    the mixing partners of mixup and cutmix (required when the recipe mixes).
+    """
     autocast = autocast or nullcontext()
     y_soft = soft_targets(labels, num_classes, recipe.label_smoothing)
     if recipe.transform is not None:
-        x, y_soft = recipe.transform(x, y_soft)
+        x, y_soft = recipe.transform(x, y_soft, _soft_partners(partners, num_classes, recipe.label_smoothing))
     with autocast:
         if recipe.adversary is not None:
             x = recipe.adversary(model, x, y_soft)
@@ -62,10 +68,12 @@ def training_step(
     optimizer.zero_grad(set_to_none=True)
     out["loss"].backward()
     if sam is not None:
-        # Second pass at the ascended weights on the same batch; BN statistics were updated once.
+        # Second pass at the ascended weights on the same batch, in train mode: BN running
+        # statistics are updated again, as the published closure does, unless the recipe freezes them.
         sam.ascend()
         optimizer.zero_grad(set_to_none=True)
-        with autocast, bn_running_stats_frozen(model):
+        frozen = nullcontext() if recipe.sam_bn_second_pass else bn_running_stats_frozen(model)
+        with autocast, frozen:
             objective(model, recipe, x, y_soft)["loss"].backward()
         sam.restore()
     optimizer.step()
@@ -73,3 +81,13 @@ def training_step(
     record = {k: v.detach() for k, v in out.items() if k != "logits"}
     record["correct"] = (out["logits"].argmax(1) == y_soft.argmax(1)).sum()
     return record
+
+
+def _soft_partners(partners, num_classes: int, smoothing: float):
+    def draw() -> tuple[torch.Tensor, torch.Tensor]:
+        if partners is None:
+            raise ValueError("this recipe mixes with partners from the training set: pass partners=")
+        images, labels = partners()
+        return images, soft_targets(labels, num_classes, smoothing)
+
+    return draw

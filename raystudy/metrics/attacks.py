@@ -73,17 +73,28 @@ class LinfAttack:
         return round_to_8bit(adversarial, x, self.eps) if self.round_to_8bit else adversarial.detach()
 
     def _diversify(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """DI as published: with probability p, resize by r in [0.75, 1.5] and zero-pad at a random
-        offset to 1.5x the side; the padded image is not resized back (the model pools adaptively)."""
-        if not self.diversity_prob or float(torch.rand(1, generator=generator)) >= self.diversity_prob:
+        """DI in the published code's form, one draw per iteration for the whole batch.
+
+        r ~ U(0.75, 1.5) and s = floor(side * r); s = side leaves the batch unchanged. Below 1, the
+        batch is resized bilinearly to a random side in [s, side) and zero-padded at a random
+        offset back to side x side; above 1, resized to a random side in [side, s) and zero-padded
+        to s x s (not resized back: the models pool adaptively). The result is used with
+        probability `diversity_prob`, else the original batch.
+        """
+        if not self.diversity_prob:
             return x
-        size = x.shape[-1]
+        side = x.shape[-1]
         low, high = self.resize_range
-        full = math.floor(size * high)
-        new = int(torch.randint(math.ceil(size * low), full + 1, (1,), generator=generator))
-        resized = F.interpolate(x, size=(new, new), mode="nearest")
-        top, left = (int(v) for v in torch.randint(0, full - new + 1, (2,), generator=generator))
-        return F.pad(resized, (left, full - new - left, top, full - new - top))
+        rate = low + (high - low) * float(torch.rand(1, generator=generator))
+        scaled = math.floor(side * rate)
+        if scaled == side:
+            return x
+        smallest, out = (scaled, side) if rate < 1 else (side, scaled)
+        new = int(torch.randint(smallest, out, (1,), generator=generator))
+        resized = F.interpolate(x, size=(new, new), mode="bilinear", align_corners=False)
+        top, left = (int(v) for v in torch.randint(0, out - new, (2,), generator=generator))
+        padded = F.pad(resized, (left, out - new - left, top, out - new - top))
+        return padded if float(torch.rand(1, generator=generator)) < self.diversity_prob else x
 
 
 def make_attack(name: str, eps: float, steps: int = 20, step_size: float = 2 * PIXEL, random_start: bool = False) -> LinfAttack:
