@@ -255,7 +255,8 @@ def _add_train(sub) -> None:
     p.add_argument("--n-train", type=_positive_int, help="seeded class-balanced training subset")
     p.add_argument("--n-test", type=_positive_int, help="seeded class-balanced test subset")
     p.add_argument("--image-size", type=_positive_int, default=32, help="synthetic data only (default 32)")
-    p.add_argument("--pretrained", action="store_true", help="start from timm's ImageNet weights (needs network)")
+    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
+                   help="start from timm's ImageNet weights (default: the preset's; ImageNette fine-tunes, CIFAR does not)")
     p.add_argument("--init", help="start from this model file (required for LGV)")
     p.add_argument("--lgv-base", default="ST", help="LGV's update: ST, SAM or SAM&JR (default ST)")
     p.add_argument("--lgv-models-per-epoch", type=_positive_int, help="LGV snapshots per epoch (default 4)")
