@@ -7,7 +7,8 @@ pooling layer, so they also accept the enlarged images of the DI attack.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -175,6 +176,26 @@ class Ensemble(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([m(x) for m in self.members]).mean(0)
+
+
+@contextmanager
+def eval_mode(*models: nn.Module, frozen: bool = False) -> Iterator[None]:
+    """Models in eval mode inside the block (and, with `frozen`, without parameter gradients);
+    each model's training flag and its parameters' requires_grad come back as they were."""
+    training = [m.training for m in models]
+    grads = [[p.requires_grad for p in m.parameters()] for m in models] if frozen else []
+    for m in models:
+        m.eval()
+        if frozen:
+            m.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for m, mode in zip(models, training):
+            m.train(mode)
+        for m, flags in zip(models, grads):
+            for p, flag in zip(m.parameters(), flags):
+                p.requires_grad_(flag)
 
 
 def freeze(model: nn.Module) -> nn.Module:

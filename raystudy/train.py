@@ -32,7 +32,7 @@ from raystudy.data import Dataset, eval_batches, load_dataset, random_batch, tra
 from raystudy.errors import RaystudyError
 from raystudy.mechanisms import training_step
 from raystudy.mechanisms.sam import SAM
-from raystudy.models import build_model
+from raystudy.models import build_model, eval_mode
 
 STATE_FILE = "checkpoint.pt"   # resumable training state (latest)
 MODEL_FILE = "model.pt"        # final weights, what `evaluate` and targets load
@@ -95,13 +95,10 @@ def versions() -> dict[str, str]:
 
 
 def evaluate_accuracy(model: nn.Module, split, batch_size: int = 1000, autocast=None) -> float:
-    was_training = model.training
-    model.eval()
     correct = torch.zeros((), device=split.labels.device)
-    with torch.no_grad(), (autocast or nullcontext()):
+    with eval_mode(model), torch.no_grad(), (autocast or nullcontext()):
         for x, y in eval_batches(split, batch_size):
             correct += (model(_layout(x)).argmax(1) == y).sum()
-    model.train(was_training)
     return float(correct) / len(split)
 
 

@@ -476,3 +476,140 @@ def test_magnitude_rule_is_stated_in_the_listing():
 
     out = subprocess.run([sys.executable, "-m", "raystudy", "mechanisms"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "batch-128" in out.stdout and "sqrt(B/128)" in out.stdout and "B/128" in out.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# 8. Small pieces with known answers: the fooling rate, batching, boxes, magnitude parsing
+
+
+def test_fooling_rate_counts_every_sample():
+    from raystudy.metrics.asr import fooling_rate
+
+    y = torch.tensor([0, 1, 2, 3])
+    assert fooling_rate(y, torch.tensor([0, 2, 2, 0])) == 0.5  # samples 1 and 3 fooled
+    assert fooling_rate(y, torch.tensor([1, 2, 2, 0]), target_class=torch.tensor([1, 2, 3, 0])) == 0.75
+
+
+def test_eval_set_batches_and_device_copy_keep_every_field():
+    from raystudy.data import make_synthetic
+    from raystudy.metrics.hook import _batches, make_eval_set
+
+    assert _batches(7, 3) == [slice(0, 3), slice(3, 6), slice(6, 7)]
+    data = make_synthetic(32, 40, num_classes=4, image_size=8, seed=0)
+    eval_set = make_eval_set(data.test, 4, EvalConfig(n_eval=20))
+    moved = eval_set.to("cpu")
+    assert torch.equal(moved.images, eval_set.images) and torch.equal(moved.labels, eval_set.labels)
+    assert torch.equal(moved.target_classes, eval_set.target_classes) and (moved.indices == eval_set.indices).all()
+
+
+def test_boxes_are_placed_at_the_drawn_centres_and_clipped():
+    from raystudy.mechanisms.augmentation import _box_masks
+
+    b, h, w = 400, 9, 7
+    box_h, box_w = torch.randint(0, 10, (b,)), torch.randint(0, 8, (b,))
+    torch.manual_seed(3)
+    masks = _box_masks(b, h, w, box_h, box_w, None)[:, 0]
+    torch.manual_seed(3)
+    cy, cx = torch.randint(0, h, (b,)), torch.randint(0, w, (b,))
+    for i in range(b):
+        top, left = int(cy[i]) - int(box_h[i]) // 2, int(cx[i]) - int(box_w[i]) // 2
+        expected = torch.zeros(h, w, dtype=torch.bool)
+        expected[max(top, 0) : max(top + int(box_h[i]), 0), max(left, 0) : max(left + int(box_w[i]), 0)] = True
+        assert torch.equal(masks[i], expected), i
+    assert masks[:, 0, :].any() and masks[:, :, 0].any()  # boxes reach the first row and column
+
+
+def test_unmixed_samples_are_left_exactly_as_they_were():
+    x, y = torch.rand(64, 3, 8, 8), F.one_hot(torch.arange(64) % 4, 4).float()
+    partners = lambda: (torch.rand(64, 3, 8, 8), F.one_hot(torch.zeros(64, dtype=torch.long), 4).float())  # noqa: E731
+    for transform in (Mixup(p=0.0), CutMix(p=0.0)):
+        out, labels = transform(x, y, partners)
+        assert torch.equal(out, x) and torch.equal(labels, y)
+
+
+def test_partners_get_the_batch_label_smoothing_and_a_missing_source_is_an_error():
+    from raystudy.mechanisms.base import Recipe
+
+    model = linear(12, 5)
+    x, y = torch.rand(16, 3, 2, 2), torch.arange(16) % 5
+    with pytest.raises(ValueError, match="pass partners="):
+        training_step(model, get_mechanism("MU").recipe({"p": 0.5}, "cifar10"), torch.optim.SGD(model.parameters(), lr=0.1), x, y, 5)
+    seen = {}
+    recipe = Recipe(transform=lambda x, y_soft, partners: seen.setdefault("partner", partners()) and (x, y_soft),
+                    label_smoothing=0.2)
+    training_step(model, recipe, torch.optim.SGD(model.parameters(), lr=0.1), x, y, 5,
+                  partners=lambda: (x, (y + 1) % 5))
+    assert torch.allclose(seen["partner"][1], soft_targets((y + 1) % 5, 5, 0.2))
+
+
+def test_magnitude_bounds_and_parsing():
+    from raystudy.errors import RaystudyError
+    from raystudy.mechanisms import parse_magnitudes
+
+    assert get_mechanism("MU").resolve({"p": 0.0}, "cifar10") == {"p": 0.0}      # [0, 1]: both ends allowed
+    assert get_mechanism("MU").resolve({"p": 1.0}, "cifar10") == {"p": 1.0}
+    with pytest.raises(RaystudyError, match=r"epsilon=0 is outside \(0, inf\]"):  # AT's budget must be > 0
+        get_mechanism("AT").resolve({"epsilon": 0.0}, "cifar10")
+    with pytest.raises(RaystudyError, match=r"p=1 is outside \[0, 0.999\]"):
+        get_mechanism("LS").resolve({"p": 1.0}, "cifar10")
+    with pytest.raises(RaystudyError, match=r"p=-0.1 is outside \[0, 1\]"):
+        get_mechanism("MU").resolve({"p": -0.1}, "cifar10")
+    sam_jr = get_mechanism("SAM&JR")
+    assert parse_magnitudes(None, sam_jr) == {} and parse_magnitudes("  ", sam_jr) == {}
+    assert parse_magnitudes("rho=0.2", sam_jr) == {"rho": 0.2}
+    with pytest.raises(RaystudyError, match="magnitude 'rho==0.2' is not name=number"):
+        parse_magnitudes("rho==0.2", sam_jr)
+    with pytest.raises(RaystudyError, match="magnitude 'lambda_jr' is not name=number"):
+        parse_magnitudes("rho=0.2,lambda_jr", sam_jr)
+    with pytest.raises(RaystudyError, match="ST takes no magnitude"):
+        parse_magnitudes("0.5", get_mechanism("ST"))
+
+
+def test_grids_and_defaults_are_method_md_s():
+    grids = {name: {p.name: p.grids["cifar10"] for p in get_mechanism(name).params} for name in ("MU", "CM", "CO", "LS", "AT", "ER", "SAM")}
+    assert grids["MU"] == grids["CM"] == {"p": (0.1, 0.3, 0.5, 0.7, 0.9)}
+    assert grids["CO"] == {"size": (8, 12, 16, 20, 24)} and grids["LS"] == {"p": (0.1, 0.2, 0.3, 0.4, 0.5)}
+    assert grids["AT"] == {"epsilon": (0.01, 0.03, 0.05, 0.1, 0.2, 0.5, 1.0)} and grids["SAM"] == {"rho": (0.01, 0.05, 0.1, 0.15, 0.2)}
+    assert grids["ER"] == {"lambda_er": (1e-3, 5e-3, 0.01, 0.05, 0.1)}
+    assert get_mechanism("CO").params[0].grids["imagenette"] == (80, 100, 120, 140, 160)
+    assert {n: get_mechanism(n).default_magnitudes("cifar10") for n in ("MU", "CO", "LS", "ER")} == {
+        "MU": {"p": 0.1}, "CO": {"size": 8}, "LS": {"p": 0.1}, "ER": {"lambda_er": 0.05}}
+
+
+def test_registry_refuses_a_second_mechanism_of_the_same_name():
+    from raystudy.mechanisms.base import MECHANISMS, MechanismSpec, register
+
+    with pytest.raises(ValueError, match="'ST' registered twice"):
+        register(MechanismSpec("ST", "again", (), lambda m, f: None))
+    spec = register(MechanismSpec("TEST-ONLY", "a new one", (), lambda m, f: None))
+    try:
+        assert MECHANISMS["TEST-ONLY"] is spec
+    finally:
+        del MECHANISMS["TEST-ONLY"]
+
+
+def test_sam_restore_needs_an_ascent():
+    with pytest.raises(RuntimeError, match="without a preceding ascend"):
+        SAM(linear().parameters(), 0.1).restore()
+
+
+def test_hook_against_the_surrogate_itself_and_the_quick_proxy():
+    """A target identical to the surrogate: similarity 1, transfer = fooling; the proxy equals the hook's PGD ASR."""
+    from raystudy.data import make_synthetic
+    from raystudy.metrics import evaluate_surrogate, make_eval_set
+    from raystudy.metrics.hook import quick_transfer_asr
+
+    data = make_synthetic(32, 60, num_classes=4, image_size=8, seed=0)
+    surrogate, other = tiny(4, 8, seed=1), tiny(4, 8, seed=2)
+    surrogate.train()
+    config = EvalConfig(n_eval=24, budgets=(8,), steps=3, power_iterations=2, smoothness_samples=6, batch_size=10)
+    eval_set = make_eval_set(data.test, 4, config)
+    metrics = evaluate_surrogate(surrogate, {"self": copy.deepcopy(surrogate), "other": other}, eval_set, config)
+    assert surrogate.training and other.training  # modes restored... for the caller
+    assert metrics["similarity/self"] == pytest.approx(1.0, abs=1e-5) and metrics["similarity_min/self"] == pytest.approx(1.0, abs=1e-5)
+    for mode in ("untargeted", "targeted"):
+        assert metrics[f"asr_all/pgd/{mode}/8/self"] == pytest.approx(metrics[f"fooling/pgd/{mode}/8"])
+    assert metrics["acc/self"] == metrics["acc"] and metrics["support/self"] == round(metrics["acc"] * 24)
+    assert metrics["similarity/mean"] == pytest.approx((metrics["similarity/self"] + metrics["similarity/other"]) / 2)
+    proxy = quick_transfer_asr(surrogate, {"self": copy.deepcopy(surrogate), "other": other}, eval_set, config)
+    assert proxy == pytest.approx(metrics["asr/pgd/untargeted/8/mean"]) and surrogate.training

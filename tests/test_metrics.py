@@ -158,6 +158,7 @@ def trained(tmp_path_factory):
     return root, models
 
 
+@pytest.mark.slow
 def test_hook_returns_every_documented_key_with_finite_values(trained):
     from raystudy.checkpoint import load_model
 
@@ -198,6 +199,7 @@ def test_eval_set_is_fixed_per_seed_and_targets_differ_from_labels():
     assert torch.equal(following.target_classes, (following.labels + 1) % 5)
 
 
+@pytest.mark.slow
 def test_evaluate_command_and_its_errors(trained, tmp_path):
     root, paths = trained
     (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")

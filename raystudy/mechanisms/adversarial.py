@@ -9,6 +9,7 @@ from torch import nn
 
 from raystudy.mechanisms.base import MechanismSpec, Param, Recipe, register
 from raystudy.mechanisms.step import soft_cross_entropy
+from raystudy.models import eval_mode
 
 EPSILON = Param(
     "epsilon", "L2 radius of the training perturbation ([0,1] pixels)",
@@ -37,11 +38,9 @@ class L2PGD:
     step_size: float
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y_soft: torch.Tensor) -> torch.Tensor:
-        was_training = model.training
-        model.eval()
         x = x.detach()
         delta = torch.zeros_like(x)
-        try:
+        with eval_mode(model):
             for _ in range(self.steps):
                 delta.requires_grad_(True)
                 loss = soft_cross_entropy(model(x + delta), y_soft).sum()
@@ -49,8 +48,6 @@ class L2PGD:
                 delta = delta.detach() + self.step_size * grad / _per_sample_norm(grad)
                 delta = delta * (self.epsilon / _per_sample_norm(delta)).clamp(max=1.0)
                 delta = (x + delta).clamp(0.0, 1.0) - x
-        finally:
-            model.train(was_training)
         return (x + delta).detach()
 
 

@@ -151,11 +151,9 @@ def parse_magnitudes(text: str | None, spec: MechanismSpec) -> dict[str, float]:
         pairs = [f"{spec.params[0].name}={pairs[0]}"]
     values = {}
     for pair in pairs:
-        name, sep, value = pair.partition("=")
-        try:
+        name, _, value = pair.partition("=")
+        try:  # float("") also rejects a pair without "="
             values[name.strip()] = float(value)
         except ValueError:
             raise RaystudyError(f"magnitude {pair!r} is not name=number") from None
-        if not sep:
-            raise RaystudyError(f"magnitude {pair!r} is not name=number")
     return values

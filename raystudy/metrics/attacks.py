@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raystudy.models import eval_mode
+
 ATTACKS = ("pgd", "mi", "di", "dim", "autoattack")
 PIXEL = 1 / 255
 
@@ -42,14 +44,8 @@ class LinfAttack:
         ensemble) are used one per iteration, cycling in a shuffled order."""
         models = list(models) if isinstance(models, (list, tuple)) else [models]
         order = torch.randperm(len(models), generator=generator).tolist()
-        modes = [m.training for m in models]
-        for m in models:
-            m.eval()
-        try:
+        with eval_mode(*models):
             return self._run(models, order, x.detach(), y, target, generator)
-        finally:
-            for m, mode in zip(models, modes):
-                m.train(mode)
 
     def _run(self, models, order, x, y, target, generator) -> torch.Tensor:
         delta = torch.zeros_like(x)
@@ -114,18 +110,15 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n
     """
     import torchattacks
 
-    was_training = model.training
-    model.eval()
-    parts = [
-        torchattacks.APGD(model, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=seed, loss="ce"),
-        torchattacks.APGDT(model, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=seed, n_classes=num_classes),
-        torchattacks.FAB(model, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=seed, multi_targeted=True, n_classes=num_classes),
-        torchattacks.Square(model, norm="Linf", eps=eps, n_queries=5000, n_restarts=1, seed=seed),
-    ]
-    try:
+    with eval_mode(model):
+        parts = [
+            torchattacks.APGD(model, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=seed, loss="ce"),
+            torchattacks.APGDT(model, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=seed, n_classes=num_classes),
+            torchattacks.FAB(model, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=seed, multi_targeted=True,
+                             n_classes=num_classes),
+            torchattacks.Square(model, norm="Linf", eps=eps, n_queries=5000, n_restarts=1, seed=seed),
+        ]
         adversarial = torchattacks.MultiAttack(parts)(x, y)
-    finally:
-        model.train(was_training)
     return round_to_8bit(adversarial, x, eps)
 
 

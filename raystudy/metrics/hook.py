@@ -34,7 +34,7 @@ from raystudy.metrics.asr import fooling_rate, transfer_success
 from raystudy.metrics.attacks import ATTACKS, PIXEL, autoattack, make_attack
 from raystudy.metrics.similarity import gradient_cosine, input_gradients
 from raystudy.metrics.smoothness import DEFAULT_ITERATIONS, DEFAULT_TOLERANCE, smoothness
-from raystudy.models import Ensemble
+from raystudy.models import Ensemble, eval_mode
 
 MODES = ("untargeted", "targeted")
 TARGET_CLASS_RULES = ("random", "next")
@@ -124,10 +124,12 @@ def evaluate_surrogate(
         raise RaystudyError("a target may not be called 'mean' (it names the mean over targets)")
     device = next(surrogate.parameters()).device
     data = eval_data.to(device)
+    with eval_mode(surrogate), eval_mode(*targets.values(), frozen=True):
+        return _evaluate(surrogate, targets, data, config, log)
+
+
+def _evaluate(surrogate, targets, data: EvalSet, config: EvalConfig, log) -> dict[str, float]:
     x, y, goal = data.images.float() / 255, data.labels, data.target_classes
-    surrogate.eval()
-    for target in targets.values():
-        target.eval().requires_grad_(False)
     metrics: dict[str, float] = {}
     clock = lambda part: _timed(metrics, part, log)  # noqa: E731
 
@@ -186,14 +188,10 @@ def quick_transfer_asr(surrogate: nn.Module, targets: Mapping[str, nn.Module], e
     device = next(surrogate.parameters()).device
     data = eval_data.to(device)
     x, y = data.images.float() / 255, data.labels
-    was_training = surrogate.training
-    surrogate.eval()
-    try:
+    with eval_mode(surrogate), eval_mode(*targets.values(), frozen=True):
         clean = {"surrogate": _predict(surrogate, x, config.batch_size)}
         clean.update({name: _predict(m, x, config.batch_size) for name, m in targets.items()})
         out = _transfer(surrogate, targets, x, y, None, "pgd", "untargeted", budget, clean, config)
-    finally:
-        surrogate.train(was_training)
     return out[f"asr/pgd/untargeted/{budget}/mean"]
 
 

@@ -6,16 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raystudy.models import eval_mode
+
 
 def input_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """d CE(f(x_i), y_i) / d x_i for every sample (eval mode), flattened to (B, d)."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         x = x.detach().requires_grad_(True)
         (grad,) = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), x)
-    finally:
-        model.train(was_training)
     return grad.flatten(1)
 
 

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raystudy.models import eval_mode
+
 DEFAULT_ITERATIONS = 20
 DEFAULT_TOLERANCE = 1e-3
 
@@ -77,14 +79,10 @@ def input_hessian_top_eigenvalue(
 def smoothness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 250,
                iterations: int = DEFAULT_ITERATIONS, tolerance: float = DEFAULT_TOLERANCE, seed: int = 0) -> torch.Tensor:
     """|dominant input-Hessian eigenvalue| per sample (smaller = smoother), in eval mode, batched."""
-    was_training = model.training
-    model.eval()
     generator = torch.Generator().manual_seed(seed)
-    try:
+    with eval_mode(model):
         values = [
             input_hessian_top_eigenvalue(model, x[i : i + batch_size], y[i : i + batch_size], iterations, tolerance, generator).eigenvalues
             for i in range(0, len(x), batch_size)
         ]
-    finally:
-        model.train(was_training)
     return torch.cat(values).abs()
