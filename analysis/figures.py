@@ -38,20 +38,39 @@ def magnitude_curves(tidy: pd.DataFrame, out: Path, attack: str = "pgd") -> list
 def _curve_figure(rows: pd.DataFrame, mechanism: str, attack: str, path: Path) -> None:
     magnitudes = sorted(rows.magnitude.unique())
     positions = {m: i for i, m in enumerate(magnitudes)}  # evenly spaced: the grids are roughly geometric
-    budgets = sorted({int(c.split("/")[3]) for c in rows.columns if isinstance(c, str) and c.startswith(f"asr/{attack}/untargeted/") and c.endswith("/mean")})
-    panels = [(f"ASR % ({attack}, untargeted, mean over targets)", [(f"asr/{attack}/untargeted/{b}/mean", f"{b}/255", 100) for b in budgets]),
-              ("smoothness (mean |λmax|)", [("smoothness/mean", None, 1)]),
-              ("gradient similarity (mean over targets)", [("similarity/mean", None, 1)])]
+    budgets = sorted(
+        {
+            int(c.split("/")[3])
+            for c in rows.columns
+            if isinstance(c, str) and c.startswith(f"asr/{attack}/untargeted/") and c.endswith("/mean")
+        }
+    )
+    panels = [
+        (
+            f"ASR % ({attack}, untargeted, mean over targets)",
+            [(f"asr/{attack}/untargeted/{b}/mean", f"{b}/255", 100) for b in budgets],
+        ),
+        ("smoothness (mean |λmax|)", [("smoothness/mean", None, 1)]),
+        ("gradient similarity (mean over targets)", [("similarity/mean", None, 1)]),
+    ]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, (title, series) in zip(axes, panels):
         for column, name, scale in series:
             if column not in rows.columns:
                 continue
             stats = rows.groupby("magnitude")[column].agg(["mean", "std"]).reindex(magnitudes) * scale
-            ax.errorbar([positions[m] for m in magnitudes], stats["mean"], yerr=stats["std"].fillna(0), marker="o",
-                        capsize=3, label=name)
+            ax.errorbar(
+                [positions[m] for m in magnitudes],
+                stats["mean"],
+                yerr=stats["std"].fillna(0),
+                marker="o",
+                capsize=3,
+                label=name,
+            )
         ax.set_title(title, fontsize=9)
-        ax.set_xticks(range(len(magnitudes)), [("0 (ST)" if m == 0 else f"{m:g}") for m in magnitudes], rotation=45, fontsize=8)
+        ax.set_xticks(
+            range(len(magnitudes)), [("0 (ST)" if m == 0 else f"{m:g}") for m in magnitudes], rotation=45, fontsize=8
+        )
         ax.set_xlabel(f"{mechanism} magnitude")
         if len(series) > 1:
             ax.legend(fontsize=7, title="budget", title_fontsize=7)

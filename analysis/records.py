@@ -24,12 +24,12 @@ DONE, FAILED, INCOMPLETE, MISSING, STOPPED = "done", "failed", "incomplete", "mi
 class TrialRecord:
     experiment: str
     trial_id: str
-    config: dict[str, Any]           # the Ray config (grid: {"trial": {...}}; search: the sampled values)
-    status: str                      # done, failed, stopped early (ASHA), incomplete (no final yet) or missing
+    config: dict[str, Any]  # the Ray config (grid: {"trial": {...}}; search: the sampled values)
+    status: str  # done, failed, stopped early (ASHA), incomplete (no final yet) or missing
     final: dict[str, Any] = field(default_factory=dict)  # the final result: epoch record + hook metrics
     history: tuple[dict[str, Any], ...] = ()
     error: str = ""
-    location: str = ""               # the trial's folder (where its checkpoints are), "" if it never ran
+    location: str = ""  # the trial's folder (where its checkpoints are), "" if it never ran
 
 
 @dataclass(frozen=True)
@@ -90,5 +90,8 @@ def _missing(spec: StudySpec, trials: list[TrialRecord]) -> list[TrialRecord]:
     if spec.kind == "search":
         return []
     seen = {trial_key(t.config) for t in trials}
-    return [TrialRecord(spec.name, f"missing-{i}", {"trial": c}, MISSING)
-            for i, c in enumerate(spec.grid_configs()) if trial_key({"trial": c}) not in seen]
+    return [
+        TrialRecord(spec.name, f"missing-{i}", {"trial": c}, MISSING)
+        for i, c in enumerate(spec.grid_configs())
+        if trial_key({"trial": c}) not in seen
+    ]

@@ -59,14 +59,29 @@ class Report:
             elif kind == "p":
                 out.append(f"<p>{html.escape(str(value))}</p>")
             elif kind == "table":
-                out.append(value.to_html(na_rep="–", border=0))
+                out.append(_html_table(value))
             else:
                 data = base64.b64encode(value.read_bytes()).decode()
                 out.append(f'<img alt="{html.escape(value.stem)}" src="data:image/png;base64,{data}">')
-        style = "body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse;font-size:12px}" \
-                "td,th{padding:2px 6px;border-bottom:1px solid #ddd}img{max-width:100%}"
-        return f"<!doctype html><html><head><meta charset='utf-8'><title>raystudy report</title><style>{style}</style></head>" \
-               f"<body><h1>raystudy report</h1>{''.join(out)}</body></html>"
+        style = (
+            "body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse;font-size:12px}"
+            "td,th{padding:2px 6px;border-bottom:1px solid #ddd}img{max-width:100%}"
+        )
+        return (
+            "<!doctype html><html><head><meta charset='utf-8'><title>raystudy report</title>"
+            f"<style>{style}</style></head>"
+            f"<body><h1>raystudy report</h1>{''.join(out)}</body></html>"
+        )
+
+
+def _html_table(frame: pd.DataFrame) -> str:
+    """A table as a reader wants it: no pandas row numbers, headline marks as real bold and underline."""
+    keep_index = not isinstance(frame.index, pd.RangeIndex)
+    shown = frame.map(lambda v: _styled(html.escape(v), "<b>{}</b>", "<u>{}</u>", " ↓") if isinstance(v, str) else v)
+    if keep_index:
+        shown.index = [html.escape(str(i)) for i in shown.index]
+        shown.index.name = frame.index.name
+    return shown.to_html(na_rep="–", border=0, index=keep_index, escape=False, float_format=lambda v: f"{v:.3g}")
 
 
 def _markdown_table(frame: pd.DataFrame) -> str:
@@ -84,8 +99,7 @@ def _markdown_table(frame: pd.DataFrame) -> str:
 def _cell(value) -> str:
     if isinstance(value, float):
         return "–" if pd.isna(value) else f"{value:.3g}"
-    text = str(value).replace("|", "\\|")
-    return text.replace(" [best]", "**").replace(" [2nd]", "_").replace(" [↓]", " ↓") if "[" in text else text
+    return _styled(str(value).replace("|", "\\|"), "**{}**", "_{}_", " ↓")
 
 
 def _styled(text: str, bold: str, second: str, down: str) -> str:
@@ -99,12 +113,25 @@ def render_headline(table: pd.DataFrame, kind: str) -> pd.DataFrame:
     if kind == "markdown":
         return table.map(lambda t: _styled(t, "**{}**", "_{}_", " ↓") if isinstance(t, str) else t)
     if kind == "latex":
-        return table.map(lambda t: _styled(t, "\\textbf{{{}}}", "\\underline{{{}}}", "$\\downarrow$").replace("±", "$\\pm$") if isinstance(t, str) else t)
-    return table.map(lambda t: t.replace(" [best]", "").replace(" [2nd]", "").replace(" [↓]", "") if isinstance(t, str) else t)
+        return table.map(
+            lambda t: (
+                _styled(t, "\\textbf{{{}}}", "\\underline{{{}}}", "$\\downarrow$").replace("±", "$\\pm$")
+                if isinstance(t, str)
+                else t
+            )
+        )
+    return table.map(
+        lambda t: t.replace(" [best]", "").replace(" [2nd]", "").replace(" [↓]", "") if isinstance(t, str) else t
+    )
 
 
-def analyze(paths: Sequence[str], out: str | Path, log: Callable[[str], None] | None = print,
-            similarity: bool = False, matrix_images: int = 256) -> Path:
+def analyze(
+    paths: Sequence[str],
+    out: str | Path,
+    log: Callable[[str], None] | None = print,
+    similarity: bool = False,
+    matrix_images: int = 256,
+) -> Path:
     """Analyse the experiments at `paths` into `out`; returns the report's path. `similarity`
     also draws the mechanism-by-mechanism similarity matrix (loads every trial's weights and
     needs the data on this machine)."""
@@ -140,12 +167,22 @@ def _overview(report: Report, experiments: list[Experiment], tidy: pd.DataFrame)
     rows = []
     for e in experiments:
         counts = Counter(t.status for t in e.trials)
-        rows.append({"experiment": e.name, "kind": e.spec.kind, "preset": e.spec.preset, "dataset": e.spec.dataset,
-                     "model": e.spec.model, "targets": ", ".join(e.record.get("targets", [])),
-                     **{s: counts.get(s, 0) for s in ("done", "failed", "stopped early", "incomplete", "missing")}})
+        rows.append(
+            {
+                "experiment": e.name,
+                "kind": e.spec.kind,
+                "preset": e.spec.preset,
+                "dataset": e.spec.dataset,
+                "model": e.spec.model,
+                "targets": ", ".join(e.record.get("targets", [])),
+                **{s: counts.get(s, 0) for s in ("done", "failed", "stopped early", "incomplete", "missing")},
+            }
+        )
     report.table(pd.DataFrame(rows))
-    report.paragraph(f"Every finished trial contributes one row per metric to trials.parquet ({len(tidy)} rows); "
-                     "the tables and figures below are computed from it.")
+    report.paragraph(
+        f"Every finished trial contributes one row per metric to trials.parquet ({len(tidy)} rows); "
+        "the tables and figures below are computed from it."
+    )
 
 
 def _headline(report: Report, tidy: pd.DataFrame, out: Path) -> None:
@@ -159,11 +196,13 @@ def _headline(report: Report, tidy: pd.DataFrame, out: Path) -> None:
         (out / f"headline_{mode}.tex").write_text(render_headline(table, "latex").to_latex(escape=False))
         report.heading(f"Headline table: {mode} PGD transfer ASR (%)")
         report.paragraph(
-            f"Rows are training mechanisms (augmentations at τ=1 and τ=5), columns target × L∞ budget; each cell is the "
-            f"mean ± standard deviation over seeds of the {mode} ASR by Definition 3 (samples both surrogate and target "
+            "Rows are training mechanisms (augmentations at τ=1 and τ=5), columns target × L∞ budget; each cell is "
+            f"the mean ± standard deviation over seeds of the {mode} ASR by Definition 3 (samples both surrogate and "
+            "target "
             "classify correctly). Bold: best in the column; underlined: second best; ↓: below the ST baseline by more "
-            f"than {0.2} points. Also as headline_{mode}.csv / .md / .tex.")
-        report.table(render_headline(table, "markdown"))
+            f"than {0.2} points. Also as headline_{mode}.csv / .md / .tex."
+        )
+        report.table(table)  # marks styled by each renderer
 
 
 def _curves(report: Report, tidy: pd.DataFrame, out: Path) -> None:
@@ -172,11 +211,16 @@ def _curves(report: Report, tidy: pd.DataFrame, out: Path) -> None:
         return
     report.heading("Curves over each mechanism's magnitude")
     for mechanism, path in figures:
-        what = ("the adversarial-training budget ε (little robustness: ASR should rise then fall, an inverted U)"
-                if mechanism == "AT" else f"{mechanism}'s magnitude")
-        report.paragraph(f"{mechanism}: untargeted PGD ASR (mean over targets, one line per budget), smoothness (mean "
-                         f"|λmax| of the input Hessian, smaller = smoother) and gradient similarity to the targets against "
-                         f"{what}; ST is drawn at magnitude 0; error bars are the standard deviation over seeds.")
+        what = (
+            "the adversarial-training budget ε (little robustness: ASR should rise then fall, an inverted U)"
+            if mechanism == "AT"
+            else f"{mechanism}'s magnitude"
+        )
+        report.paragraph(
+            f"{mechanism}: untargeted PGD ASR (mean over targets, one line per budget), smoothness (mean "
+            f"|λmax| of the input Hessian, smaller = smoother) and gradient similarity to the targets against "
+            f"{what}; ST is drawn at magnitude 0; error bars are the standard deviation over seeds."
+        )
         report.image(path)
 
 
@@ -186,20 +230,26 @@ def _correlations(report: Report, tidy: pd.DataFrame, out: Path) -> None:
         return
     table.to_csv(out / "correlations.csv", index=False)
     report.heading("Correlations with the transfer ASR")
-    report.paragraph("Per target and budget (untargeted PGD), over all finished trials: Pearson r between the ASR and "
-                     "the surrogate's clean accuracy, fooling probability, smoothness and gradient similarity to that "
-                     "target, and the R² of OLS regressions of the ASR on (smoothness, similarity) and on all four "
-                     "(scipy, statsmodels). NaN where too few trials or no variation.")
+    report.paragraph(
+        "Per target and budget (untargeted PGD), over all finished trials: Pearson r between the ASR and "
+        "the surrogate's clean accuracy, fooling probability, smoothness and gradient similarity to that "
+        "target, and the R² of OLS regressions of the ASR on (smoothness, similarity) and on all four "
+        "(scipy, statsmodels). NaN where too few trials or no variation."
+    )
     report.table(table)
 
 
-def _similarity_matrix(report: Report, experiments: list[Experiment], out: Path, wanted: bool, n_images: int, say) -> None:
+def _similarity_matrix(
+    report: Report, experiments: list[Experiment], out: Path, wanted: bool, n_images: int, say
+) -> None:
     from analysis.similarity_matrix import heatmap, similarity_matrix
 
     report.heading("Similarity matrix between mechanisms")
     if not wanted:
-        report.paragraph("Not drawn: run `raystudy analyze --similarity-matrix` (it loads every trial's final weights "
-                         "and needs the data on this machine).")
+        report.paragraph(
+            "Not drawn: run `raystudy analyze --similarity-matrix` (it loads every trial's final weights "
+            "and needs the data on this machine)."
+        )
         return
     drawn = False
     for experiment in (e for e in experiments if e.spec.kind == "grid"):
@@ -212,10 +262,14 @@ def _similarity_matrix(report: Report, experiments: list[Experiment], out: Path,
         if matrix.empty:
             continue
         matrix.to_csv(out / f"similarity_matrix_{experiment.name}.csv")
-        report.paragraph(f"{experiment.name}: mean per-sample cosine between the input gradients of a surrogate trained "
-                         "with the row's mechanism and a model trained with the column's mechanism (same architecture, "
-                         f"different seeds, averaged over such pairs), on {n_images} evaluation images.")
-        report.image(heatmap(matrix, out / f"similarity_matrix_{experiment.name}.png", f"gradient similarity: {experiment.name}"))
+        report.paragraph(
+            f"{experiment.name}: mean per-sample cosine between the input gradients of a surrogate trained "
+            "with the row's mechanism and a model trained with the column's mechanism (same architecture, "
+            f"different seeds, averaged over such pairs), on {n_images} evaluation images."
+        )
+        report.image(
+            heatmap(matrix, out / f"similarity_matrix_{experiment.name}.png", f"gradient similarity: {experiment.name}")
+        )
         drawn = True
     if not drawn:
         report.paragraph("No experiment holds trials of one architecture with different seeds: nothing to draw.")
@@ -227,9 +281,11 @@ def _optuna(report: Report, experiments: list[Experiment], tidy: pd.DataFrame, o
         if not figures:
             continue
         report.heading(f"Optuna search: {experiment.name}")
-        report.paragraph(f"The objective is {experiment.spec.search.metric} ({experiment.spec.search.mode}imized) "
-                         f"over {', '.join(p.name for p in experiment.spec.search.params)}: its value per trial in "
-                         "order with the best so far, and each parameter's importance (fANOVA).")
+        report.paragraph(
+            f"The objective is {experiment.spec.search.metric} ({experiment.spec.search.mode}imized) "
+            f"over {', '.join(p.name for p in experiment.spec.search.params)}: its value per trial in "
+            "order with the best so far, and each parameter's importance (fANOVA)."
+        )
         for _, path in figures:
             report.image(path)
 
@@ -241,6 +297,8 @@ def _gaps(report: Report, experiments: list[Experiment], out: Path) -> None:
     if gaps.empty:
         report.paragraph("None: every trial the studies define finished with every metric.")
     else:
-        report.paragraph(f"{len(gaps)} entries (also in gaps.csv). These trials and metrics are left out of the tables "
-                         "above, not counted as zero.")
+        report.paragraph(
+            f"{len(gaps)} entries (also in gaps.csv). These trials and metrics are left out of the tables "
+            "above, not counted as zero."
+        )
         report.table(gaps)

@@ -19,12 +19,12 @@ import torch
 from analysis.records import DONE, Experiment, TrialRecord
 from analysis.tables import label_order, trial_setting
 from raystudy import storage
-from raystudy.checkpoint import STATE_FORMAT, safe_load
+from raystudy.checkpoint import STATE_FILE, STATE_FORMAT, safe_load
 from raystudy.config import TrainConfig
+from raystudy.data import dataset_for
 from raystudy.errors import RaystudyError
 from raystudy.metrics.similarity import gradient_cosine, input_gradients
 from raystudy.models import build_model
-from raystudy.train import STATE_FILE, dataset_for
 
 
 def similarity_matrix(experiment: Experiment, n_images: int = 256, device: str = "cpu") -> pd.DataFrame:
@@ -32,7 +32,9 @@ def similarity_matrix(experiment: Experiment, n_images: int = 256, device: str =
     seeds (empty if the experiment has no such pairs)."""
     settings = {t.trial_id: trial_setting(experiment, t) for t in experiment.trials if t.status == DONE and t.location}
     trials = [t for t in experiment.trials if t.trial_id in settings and not settings[t.trial_id]["lgv"]]
-    if not any(settings[a.trial_id]["seed"] != settings[b.trial_id]["seed"] for a, b in itertools.combinations(trials, 2)):
+    if not any(
+        settings[a.trial_id]["seed"] != settings[b.trial_id]["seed"] for a, b in itertools.combinations(trials, 2)
+    ):
         return pd.DataFrame()
     dataset = _dataset(experiment, trials[0])
     x, y = _images(experiment, dataset, n_images, device)
@@ -77,7 +79,9 @@ def _model(trial: TrialRecord, experiment: Experiment, dataset, device: str) -> 
         path = Path(folder) / STATE_FILE
         path.write_bytes(data)
         state = safe_load(path, STATE_FORMAT)
-    model = build_model(_config(trial).model, dataset.num_classes, input_size=dataset.image_size, mean=dataset.mean, std=dataset.std)
+    model = build_model(
+        _config(trial).model, dataset.num_classes, input_size=dataset.image_size, mean=dataset.mean, std=dataset.std
+    )
     model.load_state_dict(state["model"])
     return model.to(device).eval()
 
@@ -95,7 +99,15 @@ def heatmap(matrix: pd.DataFrame, path: Path, title: str) -> Path:
     ax.set_yticks(range(len(matrix.index)), matrix.index, fontsize=8)
     for (i, j), value in np.ndenumerate(matrix.to_numpy(float)):
         if not np.isnan(value):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white" if value < np.nanmean(matrix.to_numpy(float)) else "black")
+            ax.text(
+                j,
+                i,
+                f"{value:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if value < np.nanmean(matrix.to_numpy(float)) else "black",
+            )
     ax.set_xlabel("model (mechanism)")
     ax.set_ylabel("surrogate (mechanism)")
     ax.set_title(title, fontsize=9)

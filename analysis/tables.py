@@ -18,8 +18,21 @@ from raystudy.mechanisms import MECHANISMS, get_mechanism
 from raystudy.mechanisms.base import grid_family
 from raystudy.space import search_point
 
-CONFIG_COLUMNS = ["experiment", "kind", "trial_id", "mechanism", "label", "tau", "magnitudes", "magnitude", "seed",
-                  "model", "dataset", "preset", "lgv"]
+CONFIG_COLUMNS = [
+    "experiment",
+    "kind",
+    "trial_id",
+    "mechanism",
+    "label",
+    "tau",
+    "magnitudes",
+    "magnitude",
+    "seed",
+    "model",
+    "dataset",
+    "preset",
+    "lgv",
+]
 BASELINE = "ST"
 BELOW_BASELINE_POINTS = 0.2  # ASR percentage points under ST that get marked
 
@@ -27,15 +40,27 @@ BELOW_BASELINE_POINTS = 0.2  # ASR percentage points under ST that get marked
 def trial_setting(experiment: Experiment, trial: TrialRecord) -> dict:
     """The config columns of a trial, from its recorded config (and resolved magnitudes if it finished)."""
     spec = experiment.spec
-    point = search_point(spec.search, trial.config, spec.seeds[0]) if spec.kind == "search" else trial.config.get("trial", {})
+    point = (
+        search_point(spec.search, trial.config, spec.seeds[0])
+        if spec.kind == "search"
+        else trial.config.get("trial", {})
+    )
     config = spec.train_config(point)
     magnitudes = dict(config.magnitudes)
     label, tau = mechanism_label(config.mechanism, magnitudes, config.dataset, bool(point.get("lgv")))
     return {
-        "experiment": experiment.name, "kind": spec.kind, "trial_id": trial.trial_id, "mechanism": config.mechanism,
-        "label": label, "tau": tau, "magnitudes": json.dumps(magnitudes, sort_keys=True),
+        "experiment": experiment.name,
+        "kind": spec.kind,
+        "trial_id": trial.trial_id,
+        "mechanism": config.mechanism,
+        "label": label,
+        "tau": tau,
+        "magnitudes": json.dumps(magnitudes, sort_keys=True),
         "magnitude": next(iter(magnitudes.values())) if len(magnitudes) == 1 else float("nan"),
-        "seed": config.seed, "model": config.model, "dataset": config.dataset, "preset": spec.preset,
+        "seed": config.seed,
+        "model": config.model,
+        "dataset": config.dataset,
+        "preset": spec.preset,
         "lgv": bool(point.get("lgv")),
     }
 
@@ -71,8 +96,18 @@ def tidy_trials(experiments: Iterable[Experiment]) -> pd.DataFrame:
 
 
 # Ray's bookkeeping in every result; not study metrics.
-IGNORED = {"final", "timestamp", "time_this_iter_s", "time_total_s", "pid", "training_iteration", "time_since_restore",
-           "iterations_since_restore", "done", "seed"}
+IGNORED = {
+    "final",
+    "timestamp",
+    "time_this_iter_s",
+    "time_total_s",
+    "pid",
+    "training_iteration",
+    "time_since_restore",
+    "iterations_since_restore",
+    "done",
+    "seed",
+}
 
 
 def wide(tidy: pd.DataFrame) -> pd.DataFrame:
@@ -104,34 +139,49 @@ def headline_cells(tidy: pd.DataFrame, mode: str, attack: str = "pgd") -> pd.Dat
     rows = tidy[tidy.metric.str.startswith(prefix)].copy()
     if rows.empty:
         return pd.DataFrame(columns=["label", "target", "budget", "mean", "std", "n"])
-    parts = rows.metric.str[len(prefix):].str.split("/", n=1, expand=True)
+    parts = rows.metric.str[len(prefix) :].str.split("/", n=1, expand=True)
     rows["budget"], rows["target"] = parts[0].astype(int), parts[1]
     rows = rows.drop_duplicates(["label", "seed", "model", "dataset", "preset", "metric"])  # one value per seed
     grouped = rows.groupby(["label", "target", "budget"])["value"]
-    cells = pd.DataFrame({"mean": grouped.mean() * 100, "std": grouped.std(ddof=1).fillna(0.0) * 100, "n": grouped.count()})
+    cells = pd.DataFrame(
+        {"mean": grouped.mean() * 100, "std": grouped.std(ddof=1).fillna(0.0) * 100, "n": grouped.count()}
+    )
     return cells.reset_index()
 
 
 def headline_table(tidy: pd.DataFrame, mode: str, attack: str = "pgd") -> pd.DataFrame:
     """Rows = mechanisms, columns = (target, budget): 'mean ± std' strings with marks.
 
-    **bold** = best in its column, _underline_ = second best, ↓ = below ST by more than 0.2 points.
+    Marks are text suffixes ' [best]', ' [2nd]', ' [↓]' (best in its column, second best, below ST
+    by more than 0.2 points) that each renderer turns into its own style. A cell of one seed has
+    no spread ('12.5'); a cell with another number of seeds than most says so ('12.5 ± 1.0 (n=2)').
     """
     cells = headline_cells(tidy, mode, attack)
     if cells.empty:
         return pd.DataFrame()
     means = cells.pivot(index="label", columns=["target", "budget"], values="mean")
     stds = cells.pivot(index="label", columns=["target", "budget"], values="std")
+    counts = cells.pivot(index="label", columns=["target", "budget"], values="n")
+    usual = int(cells["n"].mode().iloc[0])
     labels = label_order(means.index)
-    targets = sorted({t for t, _ in means.columns} - {"mean"}) + (["mean"] if "mean" in {t for t, _ in means.columns} else [])
+    targets = sorted({t for t, _ in means.columns} - {"mean"}) + (
+        ["mean"] if "mean" in {t for t, _ in means.columns} else []
+    )
     columns = [(t, b) for t in targets for b in sorted({b for _, b in means.columns})]
     means, stds = means.reindex(index=labels, columns=columns), stds.reindex(index=labels, columns=columns)
+    counts = counts.reindex(index=labels, columns=columns)
     marks = marks_for(means)
     text = means.copy().astype(object)
     for column in columns:
         for label in labels:
-            mean = means.at[label, column]
-            text.at[label, column] = "–" if math.isnan(mean) else f"{mean:.1f} ± {stds.at[label, column]:.1f}{marks.at[label, column]}"
+            mean, n = means.at[label, column], counts.at[label, column]
+            if math.isnan(mean):
+                text.at[label, column] = "–"
+                continue
+            spread = f" ± {stds.at[label, column]:.1f}" if n > 1 else ""
+            seeds = f" (n={int(n)})" if n != usual else ""
+            text.at[label, column] = f"{mean:.1f}{spread}{seeds}{marks.at[label, column]}"
+    text.index.name = "mechanism"
     text.columns = pd.MultiIndex.from_tuples([(t, f"{b}/255") for t, b in columns], names=["target", "budget"])
     return text
 
@@ -166,15 +216,21 @@ def correlation_table(tidy: pd.DataFrame, attack: str = "pgd", mode: str = "unta
         budget, target = column.split("/")[3], column.split("/")[4]
         if target == "mean":
             continue
-        predictors = {"acc": "acc", "fooling": f"fooling/{attack}/{mode}/{budget}", "smoothness": "smoothness/mean",
-                      "similarity": f"similarity/{target}"}
+        predictors = {
+            "acc": "acc",
+            "fooling": f"fooling/{attack}/{mode}/{budget}",
+            "smoothness": "smoothness/mean",
+            "similarity": f"similarity/{target}",
+        }
         if any(p not in table.columns for p in predictors.values()):
             continue
         data = table[[column, *predictors.values()]].dropna()
         row = {"target": target, "budget": int(budget), "n": len(data)}
         for name, source in predictors.items():
             row[f"r_{name}"] = _pearson(scipy.stats, data[source], data[column])
-        row["r2_smoothness_similarity"] = _r2(sm, data[column], data[[predictors["smoothness"], predictors["similarity"]]])
+        row["r2_smoothness_similarity"] = _r2(
+            sm, data[column], data[[predictors["smoothness"], predictors["similarity"]]]
+        )
         row["r2_all_four"] = _r2(sm, data[column], data[list(predictors.values())])
         rows.append(row)
     return pd.DataFrame(rows).sort_values(["target", "budget"]).reset_index(drop=True) if rows else pd.DataFrame()
@@ -198,17 +254,33 @@ def metric_gaps(experiments: Iterable[Experiment]) -> pd.DataFrame:
     rows = []
     for experiment in experiments:
         done = [t for t in experiment.trials if t.status == DONE]
-        expected = {k for k in set().union(*(numeric_keys(t.final) for t in done)) if _shared_metric(k)} if done else set()
+        expected = (
+            {k for k in set().union(*(numeric_keys(t.final) for t in done)) if _shared_metric(k)} if done else set()
+        )
         for trial in experiment.trials:
             setting = trial_setting(experiment, trial)
             if trial.status != DONE:
-                rows.append({"experiment": experiment.name, "label": setting["label"], "seed": setting["seed"],
-                             "status": trial.status, "detail": trial.error or _no_final(trial.status)})
+                rows.append(
+                    {
+                        "experiment": experiment.name,
+                        "label": setting["label"],
+                        "seed": setting["seed"],
+                        "status": trial.status,
+                        "detail": trial.error or _no_final(trial.status),
+                    }
+                )
                 continue
             absent = sorted(expected - numeric_keys(trial.final))
             if absent:
-                rows.append({"experiment": experiment.name, "label": setting["label"], "seed": setting["seed"],
-                             "status": "missing metrics", "detail": ", ".join(absent[:12]) + (" ..." if len(absent) > 12 else "")})
+                rows.append(
+                    {
+                        "experiment": experiment.name,
+                        "label": setting["label"],
+                        "seed": setting["seed"],
+                        "status": "missing metrics",
+                        "detail": ", ".join(absent[:12]) + (" ..." if len(absent) > 12 else ""),
+                    }
+                )
     return pd.DataFrame(rows, columns=["experiment", "label", "seed", "status", "detail"])
 
 
@@ -219,10 +291,19 @@ def _shared_metric(key: str) -> bool:
 
 
 def numeric_keys(result: dict) -> set[str]:
-    return {k for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in IGNORED
-            and not (isinstance(v, float) and np.isnan(v))}
+    return {
+        k
+        for k, v in result.items()
+        if isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        and k not in IGNORED
+        and not (isinstance(v, float) and np.isnan(v))
+    }
 
 
 def _no_final(status: str) -> str:
-    return {"incomplete": "no final result yet (running or interrupted)", "missing": "never started",
-            "stopped early": "stopped by ASHA on the proxy ASR (pruned in the Optuna study)"}.get(status, status)
+    return {
+        "incomplete": "no final result yet (running or interrupted)",
+        "missing": "never started",
+        "stopped early": "stopped by ASHA on the proxy ASR (pruned in the Optuna study)",
+    }.get(status, status)

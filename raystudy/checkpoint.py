@@ -13,15 +13,24 @@ import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from raystudy.errors import RaystudyError
 
+if TYPE_CHECKING:
+    from raystudy.config import TrainConfig
+
 MODEL_FORMAT = "raystudy-model/1"
 STATE_FORMAT = "raystudy-train-state/1"
+
+# A training run's folder.
+STATE_FILE = "checkpoint.pt"  # resumable training state (latest)
+MODEL_FILE = "model.pt"  # final weights, what `evaluate` and targets load
+METRICS_FILE = "metrics.json"  # per-epoch records
+LGV_DIR = "lgv"  # LGV snapshots
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -63,9 +72,45 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Modul
 
     payload = safe_load(path, MODEL_FORMAT)
     meta = json.loads(payload["meta"])
-    model = build_model(meta["model"], meta["num_classes"], input_size=meta["input_size"], mean=meta["mean"], std=meta["std"])
+    model = build_model(
+        meta["model"], meta["num_classes"], input_size=meta["input_size"], mean=meta["mean"], std=meta["std"]
+    )
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as err:
         raise RaystudyError(f"{str(path)!r} does not match the {meta['model']!r} architecture: {err}") from err
     return model.to(device).eval(), meta
+
+
+def save_train_state(path: Path, config: TrainConfig, model, optimizer, epoch: int, history: list[dict]) -> None:
+    """The resumable state after `epoch`: config, weights, optimizer, RNG states, per-epoch history."""
+    atomic_save(
+        {
+            "format": STATE_FORMAT,
+            "config": config.to_json(),
+            "epoch": epoch,
+            "history": json.dumps(history),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        },
+        path,
+    )
+
+
+def restore_train_state(state_path: Path, config: TrainConfig, model, optimizer, device) -> tuple[int, list[dict]]:
+    """Load a training state written by an earlier run of the same config; returns (epoch, history)."""
+    state = safe_load(state_path, STATE_FORMAT, map_location=device)
+    saved = type(config).from_dict(json.loads(state["config"]))
+    if saved != config:
+        raise RaystudyError(
+            f"{str(state_path.parent)!r} holds a run with other settings ({', '.join(config.differences(saved))}); "
+            "use another --out or the same settings"
+        )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng_cpu"].cpu())
+    if device.type == "cuda" and state["rng_cuda"]:
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["rng_cuda"]])
+    return int(state["epoch"]), json.loads(state["history"])

@@ -15,6 +15,7 @@ def _fmt(values) -> str:
 
 
 def cmd_mechanisms(args: argparse.Namespace) -> int:
+    from raystudy.lgv import LGV_BASES, LgvPhase
     from raystudy.mechanisms import MECHANISMS
 
     rows = [("mechanism", "magnitude", "CIFAR-10 grid", "ImageNette grid", "default (C10 / IN)", "what a step does")]
@@ -25,41 +26,100 @@ def cmd_mechanisms(args: argparse.Namespace) -> int:
             default = f"{p.defaults['cifar10']:g} / {p.defaults['imagenette']:g}"
             if spec.tau5:  # augmentations: the headline table's two magnitudes
                 default = f"tau1 {default}; tau5 {spec.tau5['cifar10'][p.name]:g} / {spec.tau5['imagenette'][p.name]:g}"
-            rows.append((spec.name if i == 0 else "", p.name, _fmt(p.grids["cifar10"]), _fmt(p.grids["imagenette"]),
-                         default, spec.summary if i == 0 else ""))
+            rows.append(
+                (
+                    spec.name if i == 0 else "",
+                    p.name,
+                    _fmt(p.grids["cifar10"]),
+                    _fmt(p.grids["imagenette"]),
+                    default,
+                    spec.summary if i == 0 else "",
+                )
+            )
+    phase = LgvPhase()
+    rows.append(
+        (
+            "LGV",
+            "-",
+            "-",
+            "-",
+            "-",
+            f"a phase after training, not a mechanism: fine-tune at constant lr {phase.lr:g} "
+            f"(batch {phase.batch_size}, {phase.epochs} epochs) with {', '.join(LGV_BASES)}'s update, keeping "
+            f"{phase.models_per_epoch} models per epoch as an ensemble",
+        )
+    )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
-    print("\nMagnitudes are batch-128 magnitudes (METHOD.md): at another batch size B the loss uses IR's lambda "
-          "times sqrt(B/128) and JR's lambda times B/128, so a value means what it means in the paper. "
-          "The batch size itself still changes smoothness: keep 128 to reproduce the findings.")
+    print(
+        "\nMagnitudes are batch-128 magnitudes (METHOD.md): at another batch size B the loss uses IR's lambda "
+        "times sqrt(B/128) and JR's lambda times B/128, so a value means what it means in the paper. "
+        "The batch size itself still changes smoothness: keep 128 to reproduce the findings."
+    )
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from raystudy.checkpoint import MODEL_FILE
     from raystudy.config import TrainConfig
     from raystudy.mechanisms import get_mechanism, parse_magnitudes
-    from raystudy.train import MODEL_FILE, train
+    from raystudy.train import train
 
-    recipe_name = args.lgv_base if args.mechanism == "LGV" else args.mechanism
-    magnitudes = parse_magnitudes(args.magnitude, get_mechanism(recipe_name))
+    lgv = args.mechanism == "LGV"  # a phase after training, spelled as a mechanism on the command line
+    mechanism = args.lgv_base if lgv else args.mechanism
+    magnitudes = parse_magnitudes(args.magnitude, get_mechanism(mechanism))
     config = TrainConfig.from_preset(
-        args.preset, dataset=args.dataset, model=args.model, mechanism=args.mechanism, magnitudes=magnitudes,
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        warmup_epochs=args.warmup_epochs, precision=args.precision, seed=args.seed, deterministic=args.deterministic,
-        checkpoint_every=args.checkpoint_every, n_train=args.n_train, n_test=args.n_test, image_size=args.image_size,
-        pretrained=args.pretrained, init_checkpoint=args.init, lgv_base=args.lgv_base,
-        snapshots_per_epoch=args.lgv_models_per_epoch, data_path=args.data,
+        args.preset,
+        dataset=args.dataset,
+        model=args.model,
+        mechanism=mechanism,
+        magnitudes=magnitudes,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_epochs,
+        precision=args.precision,
+        seed=args.seed,
+        deterministic=args.deterministic,
+        checkpoint_every=args.checkpoint_every,
+        n_train=args.n_train,
+        n_test=args.n_test,
+        image_size=args.image_size,
+        pretrained=args.pretrained,
+        init_checkpoint=args.init,
+        data_path=args.data,
     )
+    if lgv:
+        config = _lgv_config(config, args)
     magnitude_text = ", ".join(f"{k}={v:g}" for k, v in config.magnitudes) or "no magnitude"
-    print(f"training {config.model} on {config.dataset} with {config.mechanism} ({magnitude_text}), "
-          f"{config.epochs} epochs, batch {config.batch_size}, seed {config.seed} -> {args.out}", flush=True)
+    print(
+        f"training {config.model} on {config.dataset} with {config.mechanism} ({magnitude_text}), "
+        f"{config.epochs} epochs, batch {config.batch_size}, seed {config.seed} -> {args.out}",
+        flush=True,
+    )
     result = train(config, out_dir=args.out, device=args.device, log=lambda line: print(line, flush=True))
     last = result.history[-1] if result.history else {}
     print(f"done: test accuracy {100 * last.get('test_acc', float('nan')):.2f}%; weights in {args.out}/{MODEL_FILE}")
     if result.snapshots:
         print(f"LGV ensemble: {len(result.snapshots)} models in {result.snapshots[0].parent}")
     return 0
+
+
+def _lgv_config(trained, args: argparse.Namespace):
+    from raystudy.lgv import LgvPhase
+
+    if not args.init:
+        raise RaystudyError("LGV fine-tunes a trained surrogate: pass its model file with --init")
+    chosen = {
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "batch_size": args.batch_size,
+        "models_per_epoch": args.lgv_models_per_epoch,
+    }
+    phase = LgvPhase(base=trained.mechanism, **{k: v for k, v in chosen.items() if v is not None})
+    return phase.train_config(trained, args.init)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -70,25 +130,44 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from raystudy.train import pick_device
 
     device = pick_device(args.device)
-    config = EvalConfig(n_eval=args.n_eval or None, seed=args.seed, budgets=_int_list(args.budgets, "--budgets"),
-                        attacks=_str_list(args.attacks), modes=_str_list(args.modes), target_classes=args.target_classes,
-                        random_start=args.random_start, smoothness_samples=args.smoothness_samples, batch_size=args.batch_size)
+    config = EvalConfig(
+        n_eval=args.n_eval or None,
+        seed=args.seed,
+        budgets=_int_list(args.budgets, "--budgets"),
+        attacks=_str_list(args.attacks),
+        modes=_str_list(args.modes),
+        target_classes=args.target_classes,
+        random_start=args.random_start,
+        smoothness_samples=args.smoothness_samples,
+        batch_size=args.batch_size,
+    )
     surrogate, meta = _load_checkpoint(Path(args.surrogate), device)
     target_files = _target_files(args.targets)
     loaded = {name: _load_checkpoint(path, device) for name, path in target_files.items()}
     dataset = _dataset_for(meta, args)
     for name, model_meta in [("the surrogate", meta)] + [(f"target {n!r}", m) for n, (_, m) in loaded.items()]:
         if (model_meta["num_classes"], model_meta["input_size"]) != (dataset.num_classes, dataset.image_size):
-            raise RaystudyError(f"{name} takes {model_meta['input_size']}px images of {model_meta['num_classes']} classes; "
-                                f"{dataset.name} has {dataset.image_size}px images of {dataset.num_classes}")
+            raise RaystudyError(
+                f"{name} takes {model_meta['input_size']}px images of {model_meta['num_classes']} classes; "
+                f"{dataset.name} has {dataset.image_size}px images of {dataset.num_classes}"
+            )
     targets = {name: model for name, (model, _) in loaded.items()}
     eval_set = make_eval_set(dataset.test, dataset.num_classes, config)
-    print(f"evaluating {args.surrogate} against {', '.join(targets)} on {len(eval_set.labels)} {dataset.name} test images", flush=True)
+    print(
+        f"evaluating {args.surrogate} against {', '.join(targets)} on {len(eval_set.labels)} {dataset.name} "
+        "test images",
+        flush=True,
+    )
     metrics = evaluate_surrogate(surrogate, targets, eval_set, config, log=lambda line: print(line, flush=True))
     print(_metrics_table(metrics, list(targets), config))
     if args.out:
-        record = {"surrogate": str(args.surrogate), "targets": {n: str(p) for n, p in target_files.items()},
-                  "eval_config": config.__dict__, "eval_indices": eval_set.indices.tolist(), "metrics": metrics}
+        record = {
+            "surrogate": str(args.surrogate),
+            "targets": {n: str(p) for n, p in target_files.items()},
+            "eval_config": config.__dict__,
+            "eval_indices": eval_set.indices.tolist(),
+            "metrics": metrics,
+        }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(record, indent=1, default=list))
         print(f"metrics written to {args.out}")
@@ -98,8 +177,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _load_checkpoint(path, device):
     from pathlib import Path
 
-    from raystudy.checkpoint import load_model
-    from raystudy.train import MODEL_FILE
+    from raystudy.checkpoint import MODEL_FILE, load_model
 
     path = Path(path)
     return load_model(path / MODEL_FILE if path.is_dir() else path, device)
@@ -109,7 +187,7 @@ def _target_files(spec: str) -> dict:
     """A folder of trained targets (each <name>/model.pt, or <name>.pt) or a comma-separated list."""
     from pathlib import Path
 
-    from raystudy.train import MODEL_FILE
+    from raystudy.checkpoint import MODEL_FILE
 
     root = Path(spec)
     if root.is_dir():
@@ -127,8 +205,7 @@ def _target_files(spec: str) -> dict:
 def _dataset_for(meta: dict, args: argparse.Namespace):
     """The surrogate's own data (synthetic: regenerated exactly), or --dataset's whole test set."""
     from raystudy.config import TrainConfig
-    from raystudy.data import load_dataset
-    from raystudy.train import dataset_for
+    from raystudy.data import dataset_for, load_dataset
 
     trained = TrainConfig.from_dict(meta["config"])
     name = args.dataset or trained.dataset
@@ -138,9 +215,11 @@ def _dataset_for(meta: dict, args: argparse.Namespace):
 
 
 def _metrics_table(metrics: dict, targets: list, config) -> str:
-    lines = [f"surrogate accuracy {100 * metrics['acc']:.1f}%   smoothness mean {metrics['smoothness/mean']:.4g} "
-             f"max {metrics['smoothness/max']:.4g}   similarity mean {metrics['similarity/mean']:.3f}",
-             "ASR % (Definition 3)".ljust(28) + "".join(t[:12].rjust(13) for t in targets + ["mean"])]
+    lines = [
+        f"surrogate accuracy {100 * metrics['acc']:.1f}%   smoothness mean {metrics['smoothness/mean']:.4g} "
+        f"max {metrics['smoothness/max']:.4g}   similarity mean {metrics['similarity/mean']:.3f}",
+        "ASR % (Definition 3)".ljust(28) + "".join(t[:12].rjust(13) for t in targets + ["mean"]),
+    ]
     for key in sorted({k.rsplit("/", 1)[0] for k in metrics if k.startswith("asr/")}, key=_attack_order):
         cells = [metrics.get(f"{key}/{t}", float("nan")) for t in targets + ["mean"]]
         lines.append(key[4:].ljust(28) + "".join(f"{100 * v:13.1f}" for v in cells))
@@ -172,7 +251,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for path in args.spaces:
         spec = load_space(path)
         n = spec.search.num_samples if spec.search else len(spec.grid_configs())
-        print(f"{path}: ok ({spec.kind} study {spec.name!r}, {n} trials, preset {spec.preset}, {spec.dataset}/{spec.model})")
+        print(
+            f"{path}: ok ({spec.kind} study {spec.name!r}, {n} trials, preset {spec.preset}, "
+            f"{spec.dataset}/{spec.model})"
+        )
     return 0
 
 
@@ -194,7 +276,9 @@ def _study_command(kind: str):
         if spec.kind != kind:
             verb = {"grid": "run", "targets": "targets", "search": "search"}[spec.kind]
             raise RaystudyError(f"{args.space} is a kind: {spec.kind} study: use `raystudy {verb} {args.space}`")
-        results = run_study(spec, raw, args.storage or DEFAULT_STORAGE, args.address, args.max_concurrent, args.num_cpus)
+        results = run_study(
+            spec, raw, args.storage or DEFAULT_STORAGE, args.address, args.max_concurrent, args.num_cpus
+        )
         return 0 if all_finished(results) else 1
 
     return command
@@ -235,8 +319,11 @@ def _positive_int(text: str) -> int:
 def _add_train(sub) -> None:
     from raystudy.config import PRECISIONS, PRESETS
 
-    p = sub.add_parser("train", help="train one model (surrogate, target or LGV ensemble)",
-                       description="Train one model; rerun with the same --out to resume after an interruption.")
+    p = sub.add_parser(
+        "train",
+        help="train one model (surrogate, target or LGV ensemble)",
+        description="Train one model; rerun with the same --out to resume after an interruption.",
+    )
     p.add_argument("--dataset", default="cifar10", help="cifar10, imagenette or synthetic (default cifar10)")
     p.add_argument("--data", help="data folder (default: $RAYSTUDY_DATA, else download CIFAR-10)")
     p.add_argument("--model", default="resnet18", help="architecture (default resnet18)")
@@ -255,8 +342,12 @@ def _add_train(sub) -> None:
     p.add_argument("--n-train", type=_positive_int, help="seeded class-balanced training subset")
     p.add_argument("--n-test", type=_positive_int, help="seeded class-balanced test subset")
     p.add_argument("--image-size", type=_positive_int, default=32, help="synthetic data only (default 32)")
-    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
-                   help="start from timm's ImageNet weights (default: the preset's; ImageNette fine-tunes, CIFAR does not)")
+    p.add_argument(
+        "--pretrained",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="start from timm's ImageNet weights (default: the preset's; ImageNette fine-tunes, CIFAR does not)",
+    )
     p.add_argument("--init", help="start from this model file (required for LGV)")
     p.add_argument("--lgv-base", default="ST", help="LGV's update: ST, SAM or SAM&JR (default ST)")
     p.add_argument("--lgv-models-per-epoch", type=_positive_int, help="LGV snapshots per epoch (default 4)")
@@ -266,18 +357,27 @@ def _add_train(sub) -> None:
 
 
 def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="smoothness, gradient similarity and transfer ASR of a surrogate",
-                       description="Run the trial-end hook on a surrogate checkpoint against target checkpoints.")
+    p = sub.add_parser(
+        "evaluate",
+        help="smoothness, gradient similarity and transfer ASR of a surrogate",
+        description="Run the trial-end hook on a surrogate checkpoint against target checkpoints.",
+    )
     p.add_argument("--surrogate", required=True, help="model file (or training folder) of the surrogate")
     p.add_argument("--targets", required=True, help="folder of targets (<name>/model.pt or <name>.pt) or a comma list")
     p.add_argument("--dataset", help="default: the surrogate's training dataset")
     p.add_argument("--data", help="data folder (default: $RAYSTUDY_DATA, or where the surrogate was trained)")
-    p.add_argument("--n-eval", type=_positive_int, default=1000, help="evaluation images (0 = whole test set; default 1000)")
+    p.add_argument(
+        "--n-eval", type=_positive_int, default=1000, help="evaluation images (0 = whole test set; default 1000)"
+    )
     p.add_argument("--budgets", default="4,8,16", help="L-inf budgets in 1/255 (default 4,8,16)")
     p.add_argument("--attacks", default="pgd", help="comma list of pgd, mi, di, dim, autoattack (default pgd)")
     p.add_argument("--modes", default="untargeted,targeted", help="untargeted, targeted or both (default both)")
-    p.add_argument("--target-classes", default="random", choices=("random", "next"),
-                   help="targeted classes: seeded random != y, or (y+1) mod m as the published code (default random)")
+    p.add_argument(
+        "--target-classes",
+        default="random",
+        choices=("random", "next"),
+        help="targeted classes: seeded random != y, or (y+1) mod m as the published code (default random)",
+    )
     p.add_argument("--random-start", action="store_true", help="random start for PGD/MI/DI/DIM (off as published)")
     p.add_argument("--smoothness-samples", type=_positive_int, help="images for smoothness (default: all evaluated)")
     p.add_argument("--batch-size", type=_positive_int, default=250)
@@ -296,14 +396,21 @@ def _add_study(sub) -> None:
     v = sub.add_parser("validate", help="check search-space files without running them")
     v.add_argument("spaces", nargs="+", help="search_spaces/*.yaml")
     v.set_defaults(func=cmd_validate)
-    for name, kind, text in (("targets", "targets", "train a study's target models as Ray trials"),
-                             ("run", "grid", "run a grid study (its targets must exist)"),
-                             ("search", "search", "run an Optuna search study")):
+    for name, kind, text in (
+        ("targets", "targets", "train a study's target models as Ray trials"),
+        ("run", "grid", "run a grid study (its targets must exist)"),
+        ("search", "search", "run an Optuna search study"),
+    ):
         p = sub.add_parser(name, help=text)
         p.add_argument("space", help="search-space YAML file")
-        p.add_argument("--storage", help="local folder or URI such as s3://bucket/prefix (default $RAYSTUDY_STORAGE, else ~/raystudy_results)")
+        p.add_argument(
+            "--storage",
+            help="local folder or URI such as s3://bucket/prefix (default $RAYSTUDY_STORAGE, else ~/raystudy_results)",
+        )
         p.add_argument("--data", help="data folder on every node (default: the file's data, else $RAYSTUDY_DATA)")
-        p.add_argument("--max-concurrent", type=_positive_int, help="trials running at once (default: as resources allow)")
+        p.add_argument(
+            "--max-concurrent", type=_positive_int, help="trials running at once (default: as resources allow)"
+        )
         _add_ray_options(p)
         p.set_defaults(func=_study_command(kind))
     r = sub.add_parser("resume", help="finish an interrupted study without re-running finished trials")
@@ -316,18 +423,30 @@ def _add_study(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="raystudy", description="Surrogate training for transfer attacks, studied with Ray Tune.")
+    parser = argparse.ArgumentParser(
+        prog="raystudy", description="Surrogate training for transfer attacks, studied with Ray Tune."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("mechanisms", help="list the training mechanisms, their magnitudes and grids").set_defaults(func=cmd_mechanisms)
+    sub.add_parser("mechanisms", help="list the training mechanisms, their magnitudes and grids").set_defaults(
+        func=cmd_mechanisms
+    )
     _add_train(sub)
     _add_evaluate(sub)
     _add_study(sub)
-    a = sub.add_parser("analyze", help="tables, figures and a report from finished or partial experiments (no Ray needed)")
+    a = sub.add_parser(
+        "analyze", help="tables, figures and a report from finished or partial experiments (no Ray needed)"
+    )
     a.add_argument("experiments", nargs="+", help="<storage>/<study name> folders or URIs")
     a.add_argument("--out", required=True, help="output folder")
-    a.add_argument("--similarity-matrix", action="store_true",
-                   help="also draw the mechanism x mechanism gradient-similarity matrix (loads every trial's weights; needs the data)")
-    a.add_argument("--matrix-images", type=_positive_int, default=256, help="evaluation images for the matrix (default 256)")
+    a.add_argument(
+        "--similarity-matrix",
+        action="store_true",
+        help="also draw the mechanism x mechanism gradient-similarity matrix "
+        "(loads every trial's weights; needs the data)",
+    )
+    a.add_argument(
+        "--matrix-images", type=_positive_int, default=256, help="evaluation images for the matrix (default 256)"
+    )
     a.set_defaults(func=cmd_analyze)
     return parser
 

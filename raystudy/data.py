@@ -20,16 +20,25 @@ import pickle
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from raystudy.errors import RaystudyError
-from raystudy.models import CIFAR10_MEAN, CIFAR10_STD, CIFAR_MAX_INPUT, IMAGENET_MEAN, IMAGENET_STD
+
+if TYPE_CHECKING:
+    from raystudy.config import TrainConfig
 
 DATASETS = ("cifar10", "imagenette", "synthetic")
+# Per-channel normalization (the first layer of every model) and the size below which images are
+# CIFAR-sized (CIFAR model variants, pad-and-crop augmentation).
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR_MAX_INPUT = 64
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".JPEG", ".JPG", ".PNG")
 IMAGENETTE_SIZE = 224
 SYNTHETIC_CONTRAST = 0.3  # spread of the synthetic class patterns around mid-grey
@@ -101,6 +110,18 @@ def load_dataset(
     return subsample(ds, n_train, n_test, seed)
 
 
+def dataset_for(config: "TrainConfig", data_path: str | None = None) -> Dataset:
+    """The data a config trains on (on the CPU); `data_path` overrides where it lives."""
+    return load_dataset(
+        config.dataset,
+        data_path or config.data_path,
+        config.n_train,
+        config.n_test,
+        config.data_seed,
+        config.image_size,
+    )
+
+
 def subsample(ds: Dataset, n_train: int | None, n_test: int | None, seed: int) -> Dataset:
     train = ds.train.subset(balanced_subset(ds.train.labels, n_train, seed)) if n_train else ds.train
     test = ds.test.subset(balanced_subset(ds.test.labels, n_test, seed + 1)) if n_test else ds.test
@@ -129,7 +150,9 @@ def _resolve_path(data_path, required: bool) -> Path | None:
     path = data_path or os.environ.get("RAYSTUDY_DATA")
     if not path:
         if required:
-            raise RaystudyError("no data path: pass --data PATH or set RAYSTUDY_DATA (an image folder with train/ and val/)")
+            raise RaystudyError(
+                "no data path: pass --data PATH or set RAYSTUDY_DATA (an image folder with train/ and val/)"
+            )
         return None
     path = Path(path).expanduser()
     if not path.is_dir():
@@ -209,7 +232,10 @@ def _download_cifar10():
             f"CIFAR-10 is not on this machine and could not be downloaded ({err}); pass --data PATH or set "
             "RAYSTUDY_DATA to a folder holding cifar-10-batches-py/, train.npz + test.npz, or train/ + test/"
         ) from err
-    as_split = lambda d: Split(_nhwc_to_tensor(d.data), torch.tensor(d.targets, dtype=torch.long))
+
+    def as_split(d) -> Split:
+        return Split(_nhwc_to_tensor(d.data), torch.tensor(d.targets, dtype=torch.long))
+
     return as_split(train), as_split(test), train.classes
 
 
@@ -266,7 +292,12 @@ def read_image_folder(root: Path, size: int | None, classes: list[str] | None = 
     classes = classes or sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
         raise RaystudyError(f"{str(root)!r} has no class folders")
-    files = [(f, label) for label, c in enumerate(classes) for f in sorted((root / c).glob("*")) if f.suffix in IMAGE_SUFFIXES]
+    files = [
+        (f, label)
+        for label, c in enumerate(classes)
+        for f in sorted((root / c).glob("*"))
+        if f.suffix in IMAGE_SUFFIXES
+    ]
     if not files:
         raise RaystudyError(f"{str(root)!r} has no images ({', '.join(IMAGE_SUFFIXES[:3])}) in its class folders")
 
@@ -345,8 +376,9 @@ def random_crop_flip(images: torch.Tensor, pad: int) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], out.flip(3), out)
 
 
-def random_resized_crop_flip(x: torch.Tensor, scale: tuple[float, float] = (0.08, 1.0),
-                             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+def random_resized_crop_flip(
+    x: torch.Tensor, scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)
+) -> torch.Tensor:
     """torchvision's RandomResizedCrop (bilinear, back to the input size) + horizontal flip, per sample,
     on float images on their device: area fraction ~ U(scale), log aspect ratio ~ U(log ratio).
 
@@ -357,14 +389,14 @@ def random_resized_crop_flip(x: torch.Tensor, scale: tuple[float, float] = (0.08
     device = x.device
     area = torch.empty(b, device=device).uniform_(*scale)
     log_ratio = torch.empty(b, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]))
-    crop_w = torch.sqrt(area * log_ratio.exp()).clamp(max=1.0)   # fractions of the side
+    crop_w = torch.sqrt(area * log_ratio.exp()).clamp(max=1.0)  # fractions of the side
     crop_h = torch.sqrt(area / log_ratio.exp()).clamp(max=1.0)
     left = torch.rand(b, device=device) * (1 - crop_w)
     top = torch.rand(b, device=device) * (1 - crop_h)
     flip = torch.where(torch.rand(b, device=device) < 0.5, -1.0, 1.0)
     theta = torch.zeros(b, 2, 3, device=device)
-    theta[:, 0, 0] = crop_w * flip                  # a negative x-scale mirrors the crop
-    theta[:, 0, 2] = 2 * left + crop_w - 1          # box centre in [-1, 1] coordinates
+    theta[:, 0, 0] = crop_w * flip  # a negative x-scale mirrors the crop
+    theta[:, 0, 2] = 2 * left + crop_w - 1  # box centre in [-1, 1] coordinates
     theta[:, 1, 1] = crop_h
     theta[:, 1, 2] = 2 * top + crop_h - 1
     grid = F.affine_grid(theta, [b, x.shape[1], h, w], align_corners=False)
@@ -379,7 +411,9 @@ def augment(images: torch.Tensor) -> torch.Tensor:
     return random_resized_crop_flip(images.float().div_(255))
 
 
-def train_batches(split: Split, batch_size: int, augment_images: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def train_batches(
+    split: Split, batch_size: int, augment_images: bool = True
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of shuffled batches in [0, 1], the last partial batch dropped (as published)."""
     n = len(split)
     batch_size = min(batch_size, n)

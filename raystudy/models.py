@@ -13,15 +13,10 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from raystudy.data import CIFAR10_MEAN, CIFAR10_STD, CIFAR_MAX_INPUT
 from raystudy.errors import RaystudyError
 
-# Inputs at most this large get the CIFAR variants (3x3 stem, no early down-sampling).
-CIFAR_MAX_INPUT = 64
-
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# Inputs at most CIFAR_MAX_INPUT pixels get the CIFAR variants (3x3 stem, no early down-sampling).
 
 
 class Normalize(nn.Module):
@@ -84,9 +79,15 @@ class TinyCNN(nn.Module):
     def __init__(self, num_classes: int, width: int = 16):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Conv2d(3, width, 3, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.head = nn.Linear(2 * width, num_classes)
 
@@ -114,12 +115,16 @@ def check_model_name(name: str, input_size: int) -> None:
     """Raise the same error `build_model` would for an unknown name, without building anything."""
     if input_size <= CIFAR_MAX_INPUT:
         if name not in CIFAR_MODELS:
-            raise RaystudyError(f"unknown model {name!r} for {input_size}px inputs; known: {', '.join(sorted(CIFAR_MODELS))}")
+            raise RaystudyError(
+                f"unknown model {name!r} for {input_size}px inputs; known: {', '.join(sorted(CIFAR_MODELS))}"
+            )
         return
     import timm
 
     if not timm.is_model(name):
-        raise RaystudyError(f"unknown model {name!r}: not a timm model (e.g. resnet50, vgg16, densenet121, mobilenetv2_100)")
+        raise RaystudyError(
+            f"unknown model {name!r}: not a timm model (e.g. resnet50, vgg16, densenet121, mobilenetv2_100)"
+        )
 
 
 def build_model(

@@ -41,13 +41,20 @@ import yaml
 
 from raystudy.config import PRESETS, TrainConfig
 from raystudy.errors import RaystudyError
-from raystudy.mechanisms.lgv import LGV_BASES
+from raystudy.lgv import LGV_BASES, LgvPhase
 from raystudy.metrics.hook import EvalConfig
 from raystudy.models import check_model_name
 
 KINDS = ("grid", "targets", "search")
 STUDY_RECORD = "raystudy-study.json"  # written beside Ray's files in every experiment
-TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)} - {"dataset", "model", "mechanism", "magnitudes", "seed", "data_path"}
+TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)} - {
+    "dataset",
+    "model",
+    "mechanism",
+    "magnitudes",
+    "seed",
+    "data_path",
+}
 SEARCHABLE_TRAIN_KEYS = ("epochs", "lr")
 
 
@@ -65,7 +72,7 @@ class TrialSpec:
     mechanism: str = "ST"
     magnitudes: tuple[tuple[str, float], ...] = ()
     model: str | None = None
-    lgv: bool = False  # after training, fine-tune an LGV ensemble with this mechanism and attack with it
+    lgv: LgvPhase | None = None  # after training, collect an LGV ensemble (raystudy.lgv) and attack with it
     train: tuple[tuple[str, Any], ...] = ()  # this trial's overrides of the study's training settings
 
     def as_config(self, seed: int, name: str | None = None) -> dict[str, Any]:
@@ -73,8 +80,8 @@ class TrialSpec:
         out = {"mechanism": self.mechanism, "magnitudes": dict(self.magnitudes), "seed": seed}
         if self.model:
             out["model"] = self.model
-        if self.lgv:
-            out["lgv"] = True
+        if self.lgv:  # the defaults as `true`, as a study file writes them; else the phase's fields
+            out["lgv"] = True if self.lgv == LgvPhase() else dataclasses.asdict(self.lgv)
         if self.train:
             out["train"] = dict(self.train)
         if name:
@@ -129,8 +136,14 @@ class StudySpec:
         overrides = dict(self.train)
         overrides.update(trial.get("train", {}))
         return TrainConfig.from_preset(
-            self.preset, dataset=self.dataset, model=trial.get("model") or self.model, mechanism=trial["mechanism"],
-            magnitudes=trial.get("magnitudes", {}), seed=int(trial["seed"]), data_path=self.data, **overrides,
+            self.preset,
+            dataset=self.dataset,
+            model=trial.get("model") or self.model,
+            mechanism=trial["mechanism"],
+            magnitudes=trial.get("magnitudes", {}),
+            seed=int(trial["seed"]),
+            data_path=self.data,
+            **overrides,
         )
 
     def grid_configs(self) -> list[dict[str, Any]]:
@@ -175,7 +188,11 @@ class _Reader:
                 raise RaystudyError(f"{self.where}: missing key {key!r}")
             return default
         value = self.values[key]
-        if kind is not None and value is not None and (not isinstance(value, kind) or isinstance(value, bool) and bool not in _tuple(kind)):
+        if (
+            kind is not None
+            and value is not None
+            and (not isinstance(value, kind) or isinstance(value, bool) and bool not in _tuple(kind))
+        ):
             names = "/".join(k.__name__ for k in _tuple(kind))
             raise RaystudyError(f"{self.where}: {key}={value!r} must be {names}")
         return value
@@ -183,7 +200,9 @@ class _Reader:
     def finish(self) -> None:
         unknown = sorted(set(self.values) - self.used)
         if unknown:
-            raise RaystudyError(f"{self.where}: unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(self.used))}")
+            raise RaystudyError(
+                f"{self.where}: unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(self.used))}"
+            )
 
 
 def _tuple(kind) -> tuple:
@@ -219,8 +238,11 @@ def parse_space(values: Any, where: str, data: str | None = None) -> StudySpec:
     if preset not in PRESETS:
         raise RaystudyError(f"{where}: preset={preset!r}; known: {', '.join(PRESETS)}")
     spec = StudySpec(
-        name=_name(r.get("name", kind=str), where), kind=kind, preset=preset,
-        dataset=r.get("dataset", "cifar10", str), model=r.get("model", "resnet18", str),
+        name=_name(r.get("name", kind=str), where),
+        kind=kind,
+        preset=preset,
+        dataset=r.get("dataset", "cifar10", str),
+        model=r.get("model", "resnet18", str),
         seeds=_seeds(r.get("seeds", [0]), where),
         trials=_trials(r.get("trials", [] if kind == "search" else ..., list), kind, where),
         train=_train(r.get("train", {}), where),
@@ -245,7 +267,11 @@ def _name(name: str, where: str) -> str:
 
 
 def _seeds(seeds: Any, where: str) -> tuple[int, ...]:
-    if not isinstance(seeds, list) or not seeds or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds):
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds)
+    ):
         raise RaystudyError(f"{where}: seeds={seeds!r} must be a non-empty list of whole numbers >= 0")
     if len(set(seeds)) != len(seeds):
         raise RaystudyError(f"{where}: seeds={seeds!r} repeats a seed")
@@ -261,19 +287,24 @@ def _trials(entries: list, kind: str, where: str) -> tuple[TrialSpec, ...]:
         mechanism = r.get("mechanism", "ST", str)
         model = r.get("model", None, str)
         grid = r.get("magnitudes", {}, dict)
-        lgv = r.get("lgv", False, bool)
+        try:
+            lgv = LgvPhase.parse(r.get("lgv", False))
+        except RaystudyError as err:
+            raise RaystudyError(f"{where}: trials[{i}]: {err}") from None
         train = _train(r.get("train", {}), f"{where}: trials[{i}]")
         r.finish()
         if kind == "targets" and (model is None or lgv):
             raise RaystudyError(f"{where}: trials[{i}]: a targets study names each target's model (and no lgv)")
-        if lgv and mechanism not in LGV_BASES:
+        if lgv and (lgv.base or mechanism) not in LGV_BASES:
             raise RaystudyError(f"{where}: trials[{i}]: LGV fine-tunes with {', '.join(LGV_BASES)}, not {mechanism}")
         names = list(grid)
         value_lists = []
         for name in names:
             values = grid[name] if isinstance(grid[name], list) else [grid[name]]
             if not values or any(not isinstance(v, NUMBER) or isinstance(v, bool) for v in values):
-                raise RaystudyError(f"{where}: trials[{i}]: magnitude {name}={grid[name]!r} must be a number or a list of numbers")
+                raise RaystudyError(
+                    f"{where}: trials[{i}]: magnitude {name}={grid[name]!r} must be a number or a list of numbers"
+                )
             value_lists.append(values)
         for combo in itertools.product(*value_lists):
             out.append(TrialSpec(mechanism, tuple(zip(names, map(float, combo))), model, lgv, train))
@@ -287,7 +318,9 @@ def _train(values: Any, where: str) -> tuple[tuple[str, Any], ...]:
         raise RaystudyError(f"{where}: train must be a mapping of training settings")
     unknown = sorted(set(values) - TRAIN_KEYS)
     if unknown:
-        raise RaystudyError(f"{where}: train: unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(TRAIN_KEYS))}")
+        raise RaystudyError(
+            f"{where}: train: unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(TRAIN_KEYS))}"
+        )
     return tuple(sorted(values.items()))
 
 
@@ -297,7 +330,9 @@ def _evaluation(values: Any, where: str) -> EvalConfig:
     known = {f.name for f in dataclasses.fields(EvalConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise RaystudyError(f"{where}: evaluation: unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}")
+        raise RaystudyError(
+            f"{where}: evaluation: unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}"
+        )
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     try:
         return EvalConfig(**kwargs)
@@ -342,8 +377,13 @@ def _search(values: Any, where: str) -> SearchSpec:
     params = []
     for name, spec in r.get("params", kind=dict).items():
         p = _Reader(spec, f"{where}: search: params: {name}")
-        param = SearchParam(name, p.get("low", None, NUMBER), p.get("high", None, NUMBER), p.get("log", False, bool),
-                            tuple(p.get("choices", [], list)))
+        param = SearchParam(
+            name,
+            p.get("low", None, NUMBER),
+            p.get("high", None, NUMBER),
+            p.get("log", False, bool),
+            tuple(p.get("choices", [], list)),
+        )
         p.finish()
         if not param.choices and (param.low is None or param.high is None or not param.low < param.high):
             raise RaystudyError(f"{where}: search: params: {name}: give low < high, or choices")
@@ -351,9 +391,14 @@ def _search(values: Any, where: str) -> SearchSpec:
             raise RaystudyError(f"{where}: search: params: {name}: a log-uniform range needs low > 0")
         params.append(param)
     search = SearchSpec(
-        mechanism=r.get("mechanism", kind=str), num_samples=r.get("num_samples", kind=int), params=tuple(params),
-        metric=r.get("metric", SearchSpec.metric, str), mode=r.get("mode", "max", str), seed=r.get("seed", 0, int),
-        proxy_every=r.get("proxy_every", 0, int), proxy_n_eval=r.get("proxy_n_eval", 100, int),
+        mechanism=r.get("mechanism", kind=str),
+        num_samples=r.get("num_samples", kind=int),
+        params=tuple(params),
+        metric=r.get("metric", SearchSpec.metric, str),
+        mode=r.get("mode", "max", str),
+        seed=r.get("seed", 0, int),
+        proxy_every=r.get("proxy_every", 0, int),
+        proxy_n_eval=r.get("proxy_n_eval", 100, int),
         grace_period=r.get("grace_period", 1, int),
     )
     r.finish()
@@ -392,18 +437,25 @@ def _validate_search(spec: StudySpec) -> None:
     known = {p.name for p in get_mechanism(spec.search.mechanism).params}
     for param in spec.search.params:
         if param.name not in known | set(SEARCHABLE_TRAIN_KEYS):
-            raise RaystudyError(f"search: {spec.search.mechanism} has no magnitude {param.name!r}; searchable: "
-                                f"{', '.join(sorted(known | set(SEARCHABLE_TRAIN_KEYS)))}")
+            raise RaystudyError(
+                f"search: {spec.search.mechanism} has no magnitude {param.name!r}; searchable: "
+                f"{', '.join(sorted(known | set(SEARCHABLE_TRAIN_KEYS)))}"
+            )
     # The corners of the box must be valid magnitudes.
     for corner in ("low", "high"):
-        trial = search_point(spec.search, {p.name: (getattr(p, corner) if not p.choices else p.choices[0]) for p in spec.search.params}, spec.seeds[0])
+        trial = search_point(
+            spec.search,
+            {p.name: (getattr(p, corner) if not p.choices else p.choices[0]) for p in spec.search.params},
+            spec.seeds[0],
+        )
         spec.train_config(trial)
 
 
 def search_point(search: SearchSpec, values: Mapping[str, Any], seed: int) -> dict[str, Any]:
     """A searcher's flat sample as a trial config: magnitudes apart from training settings."""
     return {
-        "mechanism": search.mechanism, "seed": seed,
+        "mechanism": search.mechanism,
+        "seed": seed,
         "magnitudes": {k: v for k, v in values.items() if k not in SEARCHABLE_TRAIN_KEYS},
         "train": {k: v for k, v in values.items() if k in SEARCHABLE_TRAIN_KEYS},
     }

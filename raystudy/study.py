@@ -46,7 +46,9 @@ def _resources(spec: StudySpec, local: bool) -> dict[str, float]:
 
     resources = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu, **dict(spec.resources.custom)}
     if local and spec.resources.gpu and not ray.cluster_resources().get("GPU"):
-        print(f"no GPU on this machine: trials run on the CPU (the study asks for gpu={spec.resources.gpu:g})", flush=True)
+        print(
+            f"no GPU on this machine: trials run on the CPU (the study asks for gpu={spec.resources.gpu:g})", flush=True
+        )
         resources["gpu"] = 0
     return resources
 
@@ -72,7 +74,9 @@ def trial_dirname(trial) -> str:
 def _trainable(spec: StudySpec, storage_path: str, local: bool):
     from ray import tune
 
-    return tune.with_resources(tune.with_parameters(run_trial, study=spec, storage_path=storage_path), _resources(spec, local))
+    return tune.with_resources(
+        tune.with_parameters(run_trial, study=spec, storage_path=storage_path), _resources(spec, local)
+    )
 
 
 def _search_setup(spec: StudySpec, experiment: str) -> tuple[dict[str, Any], Any, Any]:
@@ -80,6 +84,7 @@ def _search_setup(spec: StudySpec, experiment: str) -> tuple[dict[str, Any], Any
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
+
     space = {}
     for p in spec.search.params:
         if p.choices:
@@ -88,17 +93,30 @@ def _search_setup(spec: StudySpec, experiment: str) -> tuple[dict[str, Any], Any
             space[p.name] = tune.loguniform(p.low, p.high) if p.log else tune.uniform(p.low, p.high)
     # The Optuna study lives in sqlite beside the experiment (a local folder) so it can be inspected
     # and resumed; with a remote storage URI it stays in the local cache.
-    db_folder = experiment if not storage.is_uri(experiment) else os.path.expanduser(f"~/.cache/raystudy/optuna/{spec.name}")
+    db_folder = (
+        experiment if not storage.is_uri(experiment) else os.path.expanduser(f"~/.cache/raystudy/optuna/{spec.name}")
+    )
     os.makedirs(db_folder, exist_ok=True)
     db = optuna.storages.RDBStorage(f"sqlite:///{os.path.join(db_folder, OPTUNA_DB)}")
-    searcher = _final_metric_optuna()(metric=spec.search.metric, mode=spec.search.mode, study_name=spec.name, storage=db,
-                            sampler=optuna.samplers.TPESampler(seed=spec.search.seed))
+    searcher = _final_metric_optuna()(
+        metric=spec.search.metric,
+        mode=spec.search.mode,
+        study_name=spec.name,
+        storage=db,
+        sampler=optuna.samplers.TPESampler(seed=spec.search.seed),
+    )
     scheduler = None
     if spec.search.proxy_every:
         # stop_last_trials=False: a trial that survives every rung must still reach its trial-end
         # hook, which runs after its last epoch's report (ASHA would otherwise stop it at max_t).
-        scheduler = ASHAScheduler(metric="proxy/asr", mode="max", time_attr="epoch", grace_period=spec.search.grace_period,
-                                  max_t=_max_epochs(spec), stop_last_trials=False)
+        scheduler = ASHAScheduler(
+            metric="proxy/asr",
+            mode="max",
+            time_attr="epoch",
+            grace_period=spec.search.grace_period,
+            max_t=_max_epochs(spec),
+            stop_last_trials=False,
+        )
     return space, searcher, scheduler
 
 
@@ -126,7 +144,9 @@ def _max_epochs(spec: StudySpec) -> int:
 def _corner(spec: StudySpec) -> dict[str, Any]:
     from raystudy.space import search_point
 
-    return search_point(spec.search, {p.name: p.choices[0] if p.choices else p.low for p in spec.search.params}, spec.seeds[0])
+    return search_point(
+        spec.search, {p.name: p.choices[0] if p.choices else p.low for p in spec.search.params}, spec.seeds[0]
+    )
 
 
 def check_targets(spec: StudySpec, storage_path: str) -> list[str]:
@@ -141,11 +161,17 @@ def check_targets(spec: StudySpec, storage_path: str) -> list[str]:
 
 
 def _write_record(spec: StudySpec, raw: Any, storage_path: str, experiment: str, targets: list[str]) -> None:
+    from raystudy.data import dataset_for
     from raystudy.metrics.hook import make_eval_set
-    from raystudy.train import dataset_for
 
-    record: dict[str, Any] = {"study": raw, "source": spec.source, "data": spec.data, "storage": storage.normalize(storage_path),
-                              "targets": targets, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    record: dict[str, Any] = {
+        "study": raw,
+        "source": spec.source,
+        "data": spec.data,
+        "storage": storage.normalize(storage_path),
+        "targets": targets,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     if spec.kind != "targets":  # the evaluation images every trial uses, recorded once
         config = spec.train_config(spec.grid_configs()[0] if spec.kind != "search" else _corner(spec))
         dataset = dataset_for(config)
@@ -155,16 +181,24 @@ def _write_record(spec: StudySpec, raw: Any, storage_path: str, experiment: str,
     storage.write_bytes(storage.join(experiment, STUDY_RECORD), json.dumps(record, indent=1).encode())
 
 
-def run_study(spec: StudySpec, raw: Any, storage_path: str, address: str | None = None,
-              max_concurrent: int | None = None, num_cpus: int | None = None):
+def run_study(
+    spec: StudySpec,
+    raw: Any,
+    storage_path: str,
+    address: str | None = None,
+    max_concurrent: int | None = None,
+    num_cpus: int | None = None,
+):
     """Start a new experiment; refuses one that exists (resume it instead)."""
     from ray import tune
 
     storage.check_writable(storage_path)
     experiment = experiment_path(spec, storage_path)
     if storage.exists(storage.join(experiment, STUDY_RECORD)):
-        raise RaystudyError(f"experiment {experiment} exists: finish it with `raystudy resume {experiment}`, "
-                            f"or give the study another name")
+        raise RaystudyError(
+            f"experiment {experiment} exists: finish it with `raystudy resume {experiment}`, "
+            f"or give the study another name"
+        )
     targets = check_targets(spec, storage_path) if spec.kind != "targets" else []
     _init_ray(address, num_cpus)
     _write_record(spec, raw, storage_path, experiment, targets)
@@ -178,13 +212,20 @@ def run_study(spec: StudySpec, raw: Any, storage_path: str, address: str | None 
     tuner = tune.Tuner(
         _trainable(spec, storage.normalize(storage_path), local=address is None),
         param_space=param_space,
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
-                                    max_concurrent_trials=max_concurrent, trial_dirname_creator=trial_dirname),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=num_samples,
+            max_concurrent_trials=max_concurrent,
+            trial_dirname_creator=trial_dirname,
+        ),
         run_config=tune.RunConfig(
-            name=spec.name, storage_path=storage.normalize(storage_path),
+            name=spec.name,
+            storage_path=storage.normalize(storage_path),
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            progress_reporter=_reporter(spec), verbose=1,
+            progress_reporter=_reporter(spec),
+            verbose=1,
         ),
     )
     return _finish(spec, tuner.fit(), experiment)
@@ -204,8 +245,12 @@ def resume_study(experiment: str, address: str | None = None, num_cpus: int | No
     record = load_record(experiment)
     spec = parse_space(record["study"], record["source"], record["data"])
     _init_ray(address, num_cpus)
-    tuner = tune.Tuner.restore(storage.normalize(experiment), trainable=_trainable(spec, record["storage"], local=address is None),
-                               resume_unfinished=True, resume_errored=True)
+    tuner = tune.Tuner.restore(
+        storage.normalize(experiment),
+        trainable=_trainable(spec, record["storage"], local=address is None),
+        resume_unfinished=True,
+        resume_errored=True,
+    )
     return _finish(spec, tuner.fit(), storage.normalize(experiment))
 
 
@@ -217,18 +262,24 @@ def _finish(spec: StudySpec, results, experiment: str):
     if stopped:
         print(f"{len(stopped)} trials stopped early by ASHA (no trial-end metrics; pruned in the Optuna study)")
     if len(finished) + len(stopped) + len(errors) < len(results):
-        print(f"{len(results) - len(finished) - len(stopped) - len(errors)} trials did not finish: "
-              f"`raystudy resume {experiment}` goes on")
+        print(
+            f"{len(results) - len(finished) - len(stopped) - len(errors)} trials did not finish: "
+            f"`raystudy resume {experiment}` goes on"
+        )
     for r in errors:
         print(f"  failed: {_describe(r.config)}: {str(r.error).strip().splitlines()[-1][:300]}")
     if spec.kind == "search":
-        done = [r for r in results if r.error is None and r.metrics.get(FINAL_KEY) == 1 and spec.search.metric in r.metrics]
+        done = [
+            r for r in results if r.error is None and r.metrics.get(FINAL_KEY) == 1 and spec.search.metric in r.metrics
+        ]
         if done:
             best = max(done, key=lambda r: r.metrics[spec.search.metric] * (1 if spec.search.mode == "max" else -1))
             summary = {"config": best.config, "metric": spec.search.metric, "value": best.metrics[spec.search.metric]}
             storage.write_bytes(storage.join(experiment, BEST_CONFIG), json.dumps(summary, indent=1).encode())
-            print(f"best {spec.search.metric} = {summary['value']:.4f} with {json.dumps(best.config)} "
-                  f"(saved to {storage.join(experiment, BEST_CONFIG)})")
+            print(
+                f"best {spec.search.metric} = {summary['value']:.4f} with {json.dumps(best.config)} "
+                f"(saved to {storage.join(experiment, BEST_CONFIG)})"
+            )
     return results
 
 

@@ -26,18 +26,22 @@ import torch
 from torch import nn
 
 from raystudy import __version__
-from raystudy.checkpoint import STATE_FORMAT, atomic_save, load_model, safe_load, save_model
+from raystudy.checkpoint import (
+    LGV_DIR,
+    METRICS_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    load_model,
+    restore_train_state,
+    save_model,
+    save_train_state,
+)
 from raystudy.config import TrainConfig
-from raystudy.data import Dataset, eval_batches, load_dataset, random_batch, train_batches
+from raystudy.data import Dataset, dataset_for, eval_batches, random_batch, train_batches
 from raystudy.errors import RaystudyError
 from raystudy.mechanisms import training_step
 from raystudy.mechanisms.sam import SAM
 from raystudy.models import build_model, eval_mode
-
-STATE_FILE = "checkpoint.pt"   # resumable training state (latest)
-MODEL_FILE = "model.pt"        # final weights, what `evaluate` and targets load
-METRICS_FILE = "metrics.json"  # per-epoch records
-LGV_DIR = "lgv"                # LGV snapshots
 
 
 class TrainingDiverged(RaystudyError):
@@ -78,16 +82,15 @@ def learning_rate(config: TrainConfig, epoch: int) -> float:
 def model_meta(config: TrainConfig, dataset: Dataset) -> dict[str, Any]:
     """What a model file records: enough to rebuild it and to know where it came from."""
     return {
-        "model": config.model, "num_classes": dataset.num_classes, "input_size": dataset.image_size,
-        "mean": list(dataset.mean), "std": list(dataset.std), "dataset": dataset.name,
-        "config": config.to_dict(), "versions": versions(),
+        "model": config.model,
+        "num_classes": dataset.num_classes,
+        "input_size": dataset.image_size,
+        "mean": list(dataset.mean),
+        "std": list(dataset.std),
+        "dataset": dataset.name,
+        "config": config.to_dict(),
+        "versions": versions(),
     }
-
-
-def dataset_for(config: TrainConfig, data_path: str | None = None) -> Dataset:
-    """The data a config trains on (on the CPU); `data_path` overrides where it lives."""
-    return load_dataset(config.dataset, data_path or config.data_path, config.n_train, config.n_test,
-                        config.data_seed, config.image_size)
 
 
 def versions() -> dict[str, str]:
@@ -96,7 +99,7 @@ def versions() -> dict[str, str]:
 
 def evaluate_accuracy(model: nn.Module, split, batch_size: int = 1000, autocast=None) -> float:
     correct = torch.zeros((), device=split.labels.device)
-    with eval_mode(model), torch.no_grad(), (autocast or nullcontext()):
+    with eval_mode(model), torch.no_grad(), autocast or nullcontext():
         for x, y in eval_batches(split, batch_size):
             correct += (model(_layout(x)).argmax(1) == y).sum()
     return float(correct) / len(split)
@@ -125,34 +128,11 @@ def _build(config: TrainConfig, dataset: Dataset, device: torch.device) -> nn.Mo
                 f"not a {config.model} for {dataset.name}"
             )
     else:
-        model = build_model(config.model, dataset.num_classes, config.pretrained, dataset.image_size, dataset.mean, dataset.std)
+        model = build_model(
+            config.model, dataset.num_classes, config.pretrained, dataset.image_size, dataset.mean, dataset.std
+        )
     model = model.to(device)
     return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
-
-
-def _restore(state_path: Path, config: TrainConfig, model, optimizer, device) -> tuple[int, list[dict]]:
-    """Load a training state written by an earlier run of the same config; returns (epoch, history)."""
-    state = safe_load(state_path, STATE_FORMAT, map_location=device)
-    saved = TrainConfig.from_dict(json.loads(state["config"]))
-    if saved != config:
-        raise RaystudyError(
-            f"{str(state_path.parent)!r} holds a run with other settings ({', '.join(config.differences(saved))}); "
-            "use another --out or the same settings"
-        )
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng_cpu"].cpu())
-    if device.type == "cuda" and state["rng_cuda"]:
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["rng_cuda"]])
-    return int(state["epoch"]), json.loads(state["history"])
-
-
-def _save_state(path: Path, config: TrainConfig, model, optimizer, epoch: int, history: list[dict]) -> None:
-    atomic_save({
-        "format": STATE_FORMAT, "config": config.to_json(), "epoch": epoch, "history": json.dumps(history),
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }, path)
 
 
 def train(
@@ -176,11 +156,13 @@ def train(
     dataset = dataset.to(dev)
     model = _build(config, dataset, dev)
     recipe = config.recipe()
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
     sam = SAM(model.parameters(), recipe.sam_rho) if recipe.sam_rho else None
     start, history = 0, []
     if out is not None and (out / STATE_FILE).is_file():
-        start, history = _restore(out / STATE_FILE, config, model, optimizer, dev)
+        start, history = restore_train_state(out / STATE_FILE, config, model, optimizer, dev)
         _say(log, f"resuming {out} after epoch {start}/{config.epochs}")
     autocast = _autocast(config, dev)
     # LGV snapshots of the epochs already done; a resumed epoch rewrites its own by index.
@@ -195,12 +177,14 @@ def train(
         state_path = None
         if out is not None and ((epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs):
             state_path = out / STATE_FILE
-            _save_state(state_path, config, model, optimizer, epoch + 1, history)
+            save_train_state(state_path, config, model, optimizer, epoch + 1, history)
         if on_epoch_end is not None:
             on_epoch_end(record, state_path, model)
     if out is not None:
         save_model(out / MODEL_FILE, model, model_meta(config, dataset))
-        (out / METRICS_FILE).write_text(json.dumps({"config": config.to_dict(), "versions": versions(), "epochs": history}, indent=1))
+        (out / METRICS_FILE).write_text(
+            json.dumps({"config": config.to_dict(), "versions": versions(), "epochs": history}, indent=1)
+        )
     return TrainResult(model, history, snapshots)
 
 
@@ -221,11 +205,18 @@ def _run_epoch(config, dataset, model, recipe, optimizer, sam, autocast, epoch, 
     if dataset.train.labels.is_cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "seconds": seconds, "images_per_s": seen / seconds}
+    record = {
+        "epoch": epoch + 1,
+        "lr": optimizer.param_groups[0]["lr"],
+        "seconds": seconds,
+        "images_per_s": seen / seconds,
+    }
     record.update({k: float(v) / n_batches for k, v in sums.items() if k != "correct"})
     record["train_acc"] = float(sums["correct"]) / seen
     if not math.isfinite(record["loss"]):
-        raise TrainingDiverged(f"training diverged at epoch {epoch + 1}: loss is {record['loss']} (lr {record['lr']:g})")
+        raise TrainingDiverged(
+            f"training diverged at epoch {epoch + 1}: loss is {record['loss']} (lr {record['lr']:g})"
+        )
     return record
 
 
@@ -242,8 +233,10 @@ def _save_snapshot(out: Path, model, config, dataset, index: int) -> Path:
 
 
 def _epoch_line(r: dict[str, float], epochs: int) -> str:
-    return (f"epoch {int(r['epoch'])}/{epochs}  loss {r['loss']:.4f}  train {100 * r['train_acc']:.1f}%  "
-            f"test {100 * r['test_acc']:.1f}%  lr {r['lr']:.4g}  {r['images_per_s']:.0f} img/s  {r['seconds']:.1f}s")
+    return (
+        f"epoch {int(r['epoch'])}/{epochs}  loss {r['loss']:.4f}  train {100 * r['train_acc']:.1f}%  "
+        f"test {100 * r['test_acc']:.1f}%  lr {r['lr']:.4g}  {r['images_per_s']:.0f} img/s  {r['seconds']:.1f}s"
+    )
 
 
 def _say(log, text: str) -> None:

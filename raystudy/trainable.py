@@ -17,16 +17,17 @@ from typing import Any
 import torch
 from ray import tune
 
-from raystudy import storage
-from raystudy.checkpoint import load_model
+from raystudy import lgv, storage
+from raystudy.checkpoint import MODEL_FILE, STATE_FILE, load_model
+from raystudy.data import dataset_for
 from raystudy.errors import RaystudyError
+from raystudy.lgv import LgvPhase
 from raystudy.metrics.hook import EvalConfig, evaluate_surrogate, make_eval_set, quick_transfer_asr
-from raystudy.models import Ensemble
 from raystudy.space import StudySpec, search_point
-from raystudy.train import MODEL_FILE, STATE_FILE, dataset_for, pick_device, train, versions
+from raystudy.train import pick_device, train, versions
 
 TARGETS_DIR = "targets"  # <storage>/<targets study>/targets/<name>.pt
-FINAL_KEY = "final"      # 1 on the result that carries the hook's metrics
+FINAL_KEY = "final"  # 1 on the result that carries the hook's metrics
 
 
 def targets_location(storage_path: str, targets_study: str) -> str:
@@ -36,8 +37,12 @@ def targets_location(storage_path: str, targets_study: str) -> str:
 def trial_identity(study: StudySpec, trial: dict[str, Any]) -> dict[str, Any]:
     """Columns every result carries, so progress tables and the analysis need no config parsing."""
     config = study.train_config(trial)
-    return {"mechanism": config.mechanism, "seed": config.seed, "model": config.model,
-            "magnitudes": json.dumps(dict(config.magnitudes), sort_keys=True)}
+    return {
+        "mechanism": config.mechanism,
+        "seed": config.seed,
+        "model": config.model,
+        "magnitudes": json.dumps(dict(config.magnitudes), sort_keys=True),
+    }
 
 
 def run_trial(config: dict[str, Any], study: StudySpec, storage_path: str) -> None:
@@ -71,27 +76,27 @@ def _run_in(work: Path, study: StudySpec, trial: dict[str, Any], train_config, d
         _report(metrics, state_path)
 
     result = train(train_config, dataset=dataset, out_dir=work, on_epoch_end=on_epoch_end, log=print)
-    final = {**identity, **(result.history[-1] if result.history else {}), FINAL_KEY: 1,
-             "train_config": train_config.to_json(), "versions": json.dumps(versions())}
+    final = {
+        **identity,
+        **(result.history[-1] if result.history else {}),
+        FINAL_KEY: 1,
+        "train_config": train_config.to_json(),
+        "versions": json.dumps(versions()),
+    }
     if study.kind == "targets":
         name = trial["target_name"]
-        storage.write_bytes(storage.join(targets_location(storage_path, study.name), f"{name}.pt"), (work / MODEL_FILE).read_bytes())
+        storage.write_bytes(
+            storage.join(targets_location(storage_path, study.name), f"{name}.pt"), (work / MODEL_FILE).read_bytes()
+        )
         final["target_name"] = name
     else:
-        surrogate = _lgv_ensemble(train_config, dataset, work) if trial.get("lgv") else result.model
+        phase = LgvPhase.parse(trial.get("lgv"))
+        surrogate = result.model
+        if phase is not None:  # a restarted trial redoes this short phase from the trained surrogate
+            surrogate = lgv.collect(train_config, work / MODEL_FILE, dataset, phase, work / "lgv", log=print)
         print(f"trial-end hook: {len(eval_set.labels)} images, targets {', '.join(targets)}", flush=True)
         final.update(evaluate_surrogate(surrogate, targets, eval_set, study.evaluation, log=print))
     tune.report(final)
-
-
-def _lgv_ensemble(train_config, dataset, work: Path) -> Ensemble:
-    """Fine-tune the trained surrogate with LGV and load the collected models. A restarted trial
-    redoes this phase from the trained surrogate (it is short: 10 epochs)."""
-    config = train_config.lgv_phase(str(work / MODEL_FILE))
-    print(f"LGV: {config.epochs} epochs at lr {config.lr:g} with {config.lgv_base}, {config.snapshots_per_epoch} models per epoch", flush=True)
-    lgv = train(config, dataset=dataset, out_dir=work / "lgv", log=print)
-    device = pick_device()
-    return Ensemble([load_model(path, device)[0] for path in lgv.snapshots]).to(device)
 
 
 def _report(metrics: dict[str, Any], state_path: Path | None) -> None:
@@ -129,5 +134,7 @@ def _proxy(study: StudySpec, dataset):
     """The small evaluation set of the mid-training ASR proxy (ASHA), or None when it is off."""
     if study.search is None or not study.search.proxy_every:
         return None
-    config = EvalConfig(n_eval=study.search.proxy_n_eval, seed=study.evaluation.seed, batch_size=study.evaluation.batch_size)
+    config = EvalConfig(
+        n_eval=study.search.proxy_n_eval, seed=study.evaluation.seed, batch_size=study.evaluation.batch_size
+    )
     return make_eval_set(dataset.test, dataset.num_classes, config)

@@ -36,7 +36,9 @@ def run_raystudy(*args, timeout=600):
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-m", "raystudy", *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "raystudy", *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="session")

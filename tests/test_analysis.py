@@ -63,7 +63,14 @@ def test_correlations_equal_scipy_and_statsmodels_directly(smoke_storage):
     asr = 2 * table["smoothness/mean"] - table["similarity/tiny_cnn_s1"] + rng.normal(0, 0.01, len(table))
     fake = tidy[tidy.metric != "asr/pgd/untargeted/8/tiny_cnn_s1"]
     extra = table[["experiment", "trial_id"]].assign(metric="asr/pgd/untargeted/8/tiny_cnn_s1", value=asr.to_numpy())
-    fake = pd.concat([fake, extra.merge(tidy.drop(columns=["metric", "value"]).drop_duplicates("trial_id"), on=["experiment", "trial_id"])])
+    fake = pd.concat(
+        [
+            fake,
+            extra.merge(
+                tidy.drop(columns=["metric", "value"]).drop_duplicates("trial_id"), on=["experiment", "trial_id"]
+            ),
+        ]
+    )
     row = correlation_table(fake).set_index(["target", "budget"]).loc[("tiny_cnn_s1", 8)]
     assert row["r_smoothness"] == pytest.approx(scipy.stats.pearsonr(table["smoothness/mean"], asr).statistic)
     assert row["r_similarity"] == pytest.approx(np.corrcoef(table["similarity/tiny_cnn_s1"], asr)[0, 1])
@@ -84,7 +91,10 @@ def test_figures_exist_and_the_report_links_them(report):
     assert page.count("data:image/png;base64,") == len(pngs)
     for name in ("headline_untargeted.csv", "headline_untargeted.tex", "headline_targeted.md", "correlations.csv"):
         assert (report / name).stat().st_size > 0
-    assert "\\textbf" in (report / "headline_untargeted.tex").read_text() or "\\underline" in (report / "headline_untargeted.tex").read_text()
+    assert (
+        "\\textbf" in (report / "headline_untargeted.tex").read_text()
+        or "\\underline" in (report / "headline_untargeted.tex").read_text()
+    )
 
 
 def test_failed_trial_and_missing_metric_are_listed(smoke_storage, tmp_path):
@@ -93,7 +103,7 @@ def test_failed_trial_and_missing_metric_are_listed(smoke_storage, tmp_path):
     folders = sorted(p.parent for p in experiment.glob("*/params.json"))
     failed, partial = folders[0], folders[1]
     lines = (failed / "result.json").read_text().splitlines()
-    (failed / "result.json").write_text("\n".join(l for l in lines if json.loads(l).get("final") != 1) + "\n")
+    (failed / "result.json").write_text("\n".join(line for line in lines if json.loads(line).get("final") != 1) + "\n")
     (failed / "error.txt").write_text("Traceback ...\nraystudy.train.TrainingDiverged: training diverged at epoch 2\n")
     lines = (partial / "result.json").read_text().splitlines()
     final = json.loads(lines[-1])
@@ -113,19 +123,28 @@ def test_failed_trial_and_missing_metric_are_listed(smoke_storage, tmp_path):
 def test_not_an_experiment_is_a_one_line_error(tmp_path):
     with pytest.raises(RaystudyError, match="is not a raystudy experiment"):
         load_experiment(str(tmp_path))
-    out = subprocess.run([sys.executable, "-m", "raystudy", "analyze", str(tmp_path), "--out", str(tmp_path / "r")],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "not a raystudy experiment" in out.stderr
+    out = subprocess.run(
+        [sys.executable, "-m", "raystudy", "analyze", str(tmp_path), "--out", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "not a raystudy experiment" in out.stderr
+    )
 
 
 def test_similarity_matrix_between_mechanisms(smoke_storage, tmp_path):
     import yaml
-
     from conftest import ROOT, run_raystudy
 
     smoke = yaml.safe_load((ROOT / "search_spaces" / "smoke.yaml").read_text())
-    smoke.update(name="two_seeds", seeds=[0, 1], trials=[{"mechanism": "ST"}, {"mechanism": "SAM"}],
-                 train={**smoke["train"], "epochs": 1})
+    smoke.update(
+        name="two_seeds",
+        seeds=[0, 1],
+        trials=[{"mechanism": "ST"}, {"mechanism": "SAM"}],
+        train={**smoke["train"], "epochs": 1},
+    )
     space = tmp_path / "two_seeds.yaml"
     space.write_text(yaml.safe_dump(smoke))
     out = run_raystudy("run", space, "--storage", smoke_storage, "--num-cpus", 2)
@@ -139,3 +158,39 @@ def test_similarity_matrix_between_mechanisms(smoke_storage, tmp_path):
     assert np.allclose(values, values.T)  # cosine is symmetric and so is the set of seed pairs
     assert (report / "similarity_matrix_two_seeds.png").read_bytes()[:4] == b"\x89PNG"
     assert "](similarity_matrix_two_seeds.png)" in (report / "report.md").read_text()
+
+
+def test_html_report_renders_marks_and_has_no_index_column(report):
+    import re
+
+    page = (report / "report.html").read_text()
+    assert "**" not in page and not re.search(r">_[^<]*_<", page) and "[best]" not in page and "[2nd]" not in page
+    assert "<b>" in page or "<u>" in page  # best / second best as real bold and underline
+    assert not re.search(r"<tbody>\s*<tr>\s*<th>0</th>", page)  # no pandas row numbers in plain tables
+    # The smoke study has one seed: its cells show the value alone, without a "± 0.0" spread.
+    assert "± 0.0" not in page
+
+
+def test_report_screenshot_in_a_headless_browser(report, tmp_path):
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no headless Chromium on this machine (Debian: apt-get install chromium)")
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--screenshot={shot}",
+            "--window-size=1280,2400",
+            (report / "report.html").as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+    )
+    assert shot.is_file() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20000

@@ -10,20 +10,37 @@ import torch
 from raystudy.checkpoint import load_model
 
 RAYSTUDY = [sys.executable, "-m", "raystudy"]
-TINY = ["train", "--dataset", "synthetic", "--model", "tiny_cnn", "--n-train", "512", "--n-test", "64",
-        "--image-size", "16", "--batch-size", "32", "--lr", "0.05", "--deterministic"]
+TINY = [
+    "train",
+    "--dataset",
+    "synthetic",
+    "--model",
+    "tiny_cnn",
+    "--n-train",
+    "512",
+    "--n-test",
+    "64",
+    "--image-size",
+    "16",
+    "--batch-size",
+    "32",
+    "--lr",
+    "0.05",
+    "--deterministic",
+]
 
 
 def run(*args, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(RAYSTUDY + list(args), capture_output=True, text=True, timeout=300, **kwargs)
 
 
-def test_mechanisms_lists_all_thirteen():
+def test_mechanisms_lists_the_twelve_and_the_lgv_phase():
     out = run("mechanisms")
     assert out.returncode == 0
     table = out.stdout.split("\n\n")[0]
     names = [line.split()[0] for line in table.splitlines()[1:] if line[:1].strip()]
     assert names == ["ST", "MU", "CM", "CO", "LS", "AT", "IR", "JR", "ER", "SAM", "SAM&IR", "SAM&JR", "LGV"]
+    assert "a phase after training, not a mechanism" in out.stdout
     assert "1e-05, 0.0001, 0.01, 0.05, 0.1" in out.stdout  # JR's CIFAR-10 grid
 
 
@@ -36,12 +53,17 @@ def one_line_error(out: subprocess.CompletedProcess, pattern: str) -> None:
 
 def test_bad_mechanism_and_missing_data_are_one_line_errors(tmp_path):
     one_line_error(run(*TINY, "--mechanism", "SAM+JR", "--out", str(tmp_path / "a")), "valid: ST, MU")
-    one_line_error(run("train", "--dataset", "cifar10", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "b")),
-                   "is not a folder")
-    one_line_error(run(*TINY, "--mechanism", "SAM&JR", "--magnitude", "0.1", "--out", str(tmp_path / "c")),
-                   "takes rho, lambda_jr")
-    one_line_error(run(*TINY, "--init", str(tmp_path / "missing.pt"), "--mechanism", "LGV", "--out", str(tmp_path / "d")),
-                   "does not exist")
+    one_line_error(
+        run("train", "--dataset", "cifar10", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "b")),
+        "is not a folder",
+    )
+    one_line_error(
+        run(*TINY, "--mechanism", "SAM&JR", "--magnitude", "0.1", "--out", str(tmp_path / "c")), "takes rho, lambda_jr"
+    )
+    one_line_error(
+        run(*TINY, "--init", str(tmp_path / "missing.pt"), "--mechanism", "LGV", "--out", str(tmp_path / "d")),
+        "does not exist",
+    )
 
 
 def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch, capsys):
@@ -58,6 +80,7 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch,
         def hook(record, state_path, model):
             if record["epoch"] == 2:
                 raise KeyboardInterrupt
+
         return real_train(*a, **{**kw, "on_epoch_end": hook})
 
     monkeypatch.setattr(train_module, "train", interrupted_after_epoch_2)

@@ -35,12 +35,15 @@ def test_cluster_yaml_validates_against_rays_schema():
     assert "aws_secret_access_key" not in text and "aws_access_key_id" not in text
 
 
-@pytest.mark.parametrize("break_it", [
-    lambda c: c.pop("provider"),
-    lambda c: c.update(idle_timeout_minutes="ten"),
-    lambda c: c.update(max_wokers=3),
-    lambda c: c["available_node_types"]["gpu_worker"].pop("node_config"),
-])
+@pytest.mark.parametrize(
+    "break_it",
+    [
+        lambda c: c.pop("provider"),
+        lambda c: c.update(idle_timeout_minutes="ten"),
+        lambda c: c.update(max_wokers=3),
+        lambda c: c["available_node_types"]["gpu_worker"].pop("node_config"),
+    ],
+)
 def test_a_broken_cluster_yaml_fails_the_schema(break_it):
     config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     break_it(config)
@@ -71,7 +74,9 @@ def test_targets_with_code_in_them_are_refused(tmp_path):
 def final_rows(experiment: Path) -> dict[str, int]:
     counts = {}
     for result in experiment.glob("trial_*/result.json"):
-        counts[result.parent.name] = sum(json.loads(l).get("final") == 1 for l in result.read_text().splitlines() if l.strip())
+        counts[result.parent.name] = sum(
+            json.loads(line).get("final") == 1 for line in result.read_text().splitlines() if line.strip()
+        )
     return counts
 
 
@@ -82,9 +87,13 @@ def test_study_on_two_worker_nodes_survives_losing_one(smoke_storage, tmp_path, 
 
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every node and the driver on 127.0.0.1
     smoke = yaml.safe_load((ROOT / "search_spaces" / "smoke.yaml").read_text())
-    smoke.update(name="two_nodes", max_failures=3, resources={"cpu": 1, "custom": {"trial_slot": 1}},
-                 train={**smoke["train"], "epochs": 6, "n_train": 2048},
-                 trials=[{"mechanism": "ST"}, {"mechanism": "SAM"}, {"mechanism": "LS"}, {"mechanism": "CO"}])
+    smoke.update(
+        name="two_nodes",
+        max_failures=3,
+        resources={"cpu": 1, "custom": {"trial_slot": 1}},
+        train={**smoke["train"], "epochs": 6, "n_train": 2048},
+        trials=[{"mechanism": "ST"}, {"mechanism": "SAM"}, {"mechanism": "LS"}, {"mechanism": "CO"}],
+    )
     space = tmp_path / "two_nodes.yaml"
     space.write_text(yaml.safe_dump(smoke))
     experiment = smoke_storage / "two_nodes"
@@ -93,14 +102,32 @@ def test_study_on_two_worker_nodes_survives_losing_one(smoke_storage, tmp_path, 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1"})
     try:
         # Trials need `trial_slot`, which only the workers have: they run there, not on the head.
-        workers = [cluster.add_node(num_cpus=1, resources={"trial_slot": 1}, node_ip_address="127.0.0.1") for _ in range(2)]
+        workers = [
+            cluster.add_node(num_cpus=1, resources={"trial_slot": 1}, node_ip_address="127.0.0.1") for _ in range(2)
+        ]
         cluster.wait_for_nodes()
-        driver = subprocess.Popen([sys.executable, "-m", "raystudy", "run", str(space), "--storage", str(smoke_storage),
-                                   "--address", cluster.address], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        driver = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "raystudy",
+                "run",
+                str(space),
+                "--storage",
+                str(smoke_storage),
+                "--address",
+                cluster.address,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         deadline = time.time() + 300
         # Both running trials have checkpointed (one at least twice): whichever dies can resume.
-        while time.time() < deadline and not (len({p.parent for p in experiment.glob("trial_*/checkpoint_*")}) >= 2
-                                               and list(experiment.glob("trial_*/checkpoint_000001"))):
+        while time.time() < deadline and not (
+            len({p.parent for p in experiment.glob("trial_*/checkpoint_*")}) >= 2
+            and list(experiment.glob("trial_*/checkpoint_000001"))
+        ):
             time.sleep(0.2)
         assert sum(final_rows(experiment).values()) < 4, "the node should go while trials still run"
         cluster.remove_node(workers[0])  # both workers are busy: the trial on this one dies with it
@@ -115,8 +142,12 @@ def test_study_on_two_worker_nodes_survives_losing_one(smoke_storage, tmp_path, 
     failures = sum(t.num_failures for t in trials)
     assert failures >= 1  # a trial was lost with the node and retried on the other one
     for trial in (t for t in trials if t.num_failures):
-        rows = [json.loads(l) for l in (Path(trial.path) / "result.json").read_text().splitlines() if l.strip()]
+        rows = [
+            json.loads(line) for line in (Path(trial.path) / "result.json").read_text().splitlines() if line.strip()
+        ]
         epochs = [r["epoch"] for r in rows if r.get("final") == 0]
         assert epochs.count(1) == 1 and epochs[-1] == 6, epochs  # resumed from its checkpoint, not from epoch 1
-    print(f"two-node study: node removed after {lost_at - started:.1f}s, finished after {time.time() - started:.1f}s, "
-          f"{failures} trial failure(s) recovered")
+    print(
+        f"two-node study: node removed after {lost_at - started:.1f}s, finished after {time.time() - started:.1f}s, "
+        f"{failures} trial failure(s) recovered"
+    )

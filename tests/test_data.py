@@ -7,8 +7,8 @@ import pickle
 import numpy as np
 import pytest
 import torch
-
 from conftest import SHARED_CIFAR
+
 from raystudy.data import balanced_subset, eval_batches, load_dataset, make_synthetic, random_crop_flip, train_batches
 from raystudy.errors import RaystudyError
 
@@ -47,7 +47,10 @@ def write_cifar_batches(folder, n_per_batch=20):
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        entry = {b"data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8), b"labels": list(range(10)) * (n_per_batch // 10)}
+        entry = {
+            b"data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
+            b"labels": list(range(10)) * (n_per_batch // 10),
+        }
         with open(folder / name, "wb") as handle:
             pickle.dump(entry, handle)
     with open(folder / "batches.meta", "wb") as handle:
@@ -95,7 +98,9 @@ def test_imagenette_folder_is_resized_to_224(tmp_path):
 
     for split in ("train", "val"):
         (tmp_path / split / "n01440764").mkdir(parents=True)
-        torchvision.io.write_jpeg(torch.randint(0, 255, (3, 300, 400), dtype=torch.uint8), str(tmp_path / split / "n01440764" / "a.JPEG"))
+        torchvision.io.write_jpeg(
+            torch.randint(0, 255, (3, 300, 400), dtype=torch.uint8), str(tmp_path / split / "n01440764" / "a.JPEG")
+        )
     ds = load_dataset("imagenette", tmp_path)
     assert ds.train.images.shape == (1, 3, 224, 224) and ds.num_classes == 1
 

@@ -78,7 +78,9 @@ def penalty_and_gradient(model, penalty, x, y) -> tuple[float, torch.Tensor]:
     value = penalty(model, x, logits, soft_cross_entropy(logits, soft_targets(y, 4)))
     params = list(model.parameters())
     grads = torch.autograd.grad(value, params, allow_unused=True)  # JR does not depend on the last bias
-    return float(value.detach()), torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads)])
+    return float(value.detach()), torch.cat(
+        [(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads)]
+    )
 
 
 @pytest.mark.parametrize("penalty, draws", [(InputGradientNorm(0.5), 1), (InputJacobianNorm(0.01), 40)])
@@ -87,7 +89,11 @@ def test_penalty_at_batch_512_matches_batch_128_in_expectation(penalty, draws):
     x, y = batch(512)
     torch.manual_seed(1)
     big = [penalty_and_gradient(model, penalty, x, y) for _ in range(draws)]
-    small = [penalty_and_gradient(model, penalty, x[i : i + 128], y[i : i + 128]) for _ in range(draws) for i in range(0, 512, 128)]
+    small = [
+        penalty_and_gradient(model, penalty, x[i : i + 128], y[i : i + 128])
+        for _ in range(draws)
+        for i in range(0, 512, 128)
+    ]
     big_value, small_value = sum(v for v, _ in big) / len(big), sum(v for v, _ in small) / len(small)
     big_grad, small_grad = sum(g for _, g in big) / len(big), sum(g for _, g in small) / len(small)
     assert big_value == pytest.approx(small_value, rel=0.05)
@@ -198,7 +204,9 @@ def test_di_sizes_and_identity_frequency():
     # A shrunk batch is resized to a side in [floor(32 r), 32) >= 24 and zero-padded back to 32.
     content = [int((o[0].abs().sum(0) > 0).any(1).sum()) for o in shrunk]
     assert min(content) == 24 and max(content) == 31
-    assert all(o.shape[0] == 2 and torch.equal(o[0].abs().sum(0) > 0, o[1].abs().sum(0) > 0) for o in outputs[:200])  # one draw per batch
+    assert all(
+        o.shape[0] == 2 and torch.equal(o[0].abs().sum(0) > 0, o[1].abs().sum(0) > 0) for o in outputs[:200]
+    )  # one draw per batch
 
 
 def test_di_resizes_bilinearly_so_gradients_reach_every_pixel():
@@ -274,7 +282,9 @@ def bn_running_mean_after(model, steps):
 def test_sam_updates_batchnorm_statistics_in_both_passes_by_default(sam_bn, passes):
     model = tiny(size=8)
     x, y = batch(16, 4, 8)
-    recipe = TrainConfig.from_preset("faithful", dataset="synthetic", model="tiny_cnn", mechanism="SAM", sam_bn=sam_bn).recipe()
+    recipe = TrainConfig.from_preset(
+        "faithful", dataset="synthetic", model="tiny_cnn", mechanism="SAM", sam_bn=sam_bn
+    ).recipe()
     reference = copy.deepcopy(model)
 
     def first_pass(m):
@@ -350,7 +360,9 @@ def test_objective_is_mean_cross_entropy_plus_each_penalty_once():
     assert torch.allclose(out["loss"], out["ce"] + out["ir"])
     xg = x.clone().requires_grad_(True)
     logits = model(xg)
-    assert torch.allclose(out["ir"], InputGradientNorm(0.7)(model, xg, logits, soft_cross_entropy(logits, soft_targets(y, 4))))
+    assert torch.allclose(
+        out["ir"], InputGradientNorm(0.7)(model, xg, logits, soft_cross_entropy(logits, soft_targets(y, 4)))
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,7 +387,13 @@ def linf_reference(model, x, y, eps, steps, step_size, momentum=0.0, target=None
 
 def test_attack_defaults_are_the_published_ones():
     pgd = LinfAttack(8 * PIXEL)
-    assert (pgd.steps, pgd.step_size, pgd.random_start, pgd.momentum, pgd.diversity_prob) == (20, 2 * PIXEL, False, 0.0, 0.0)
+    assert (pgd.steps, pgd.step_size, pgd.random_start, pgd.momentum, pgd.diversity_prob) == (
+        20,
+        2 * PIXEL,
+        False,
+        0.0,
+        0.0,
+    )
     assert pgd.resize_range == (0.75, 1.5) and pgd.round_to_8bit
     assert make_attack("pgd", 8 * PIXEL) == pgd
     assert make_attack("mi", 8 * PIXEL) == LinfAttack(8 * PIXEL, momentum=0.9)
@@ -533,12 +551,22 @@ def test_partners_get_the_batch_label_smoothing_and_a_missing_source_is_an_error
     model = linear(12, 5)
     x, y = torch.rand(16, 3, 2, 2), torch.arange(16) % 5
     with pytest.raises(ValueError, match="pass partners="):
-        training_step(model, get_mechanism("MU").recipe({"p": 0.5}, "cifar10"), torch.optim.SGD(model.parameters(), lr=0.1), x, y, 5)
+        training_step(
+            model,
+            get_mechanism("MU").recipe({"p": 0.5}, "cifar10"),
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            x,
+            y,
+            5,
+        )
     seen = {}
-    recipe = Recipe(transform=lambda x, y_soft, partners: seen.setdefault("partner", partners()) and (x, y_soft),
-                    label_smoothing=0.2)
-    training_step(model, recipe, torch.optim.SGD(model.parameters(), lr=0.1), x, y, 5,
-                  partners=lambda: (x, (y + 1) % 5))
+    recipe = Recipe(
+        transform=lambda x, y_soft, partners: seen.setdefault("partner", partners()) and (x, y_soft),
+        label_smoothing=0.2,
+    )
+    training_step(
+        model, recipe, torch.optim.SGD(model.parameters(), lr=0.1), x, y, 5, partners=lambda: (x, (y + 1) % 5)
+    )
     assert torch.allclose(seen["partner"][1], soft_targets((y + 1) % 5, 5, 0.2))
 
 
@@ -546,7 +574,7 @@ def test_magnitude_bounds_and_parsing():
     from raystudy.errors import RaystudyError
     from raystudy.mechanisms import parse_magnitudes
 
-    assert get_mechanism("MU").resolve({"p": 0.0}, "cifar10") == {"p": 0.0}      # [0, 1]: both ends allowed
+    assert get_mechanism("MU").resolve({"p": 0.0}, "cifar10") == {"p": 0.0}  # [0, 1]: both ends allowed
     assert get_mechanism("MU").resolve({"p": 1.0}, "cifar10") == {"p": 1.0}
     with pytest.raises(RaystudyError, match=r"epsilon=0 is outside \(0, inf\]"):  # AT's budget must be > 0
         get_mechanism("AT").resolve({"epsilon": 0.0}, "cifar10")
@@ -566,14 +594,23 @@ def test_magnitude_bounds_and_parsing():
 
 
 def test_grids_and_defaults_are_method_md_s():
-    grids = {name: {p.name: p.grids["cifar10"] for p in get_mechanism(name).params} for name in ("MU", "CM", "CO", "LS", "AT", "ER", "SAM")}
+    grids = {
+        name: {p.name: p.grids["cifar10"] for p in get_mechanism(name).params}
+        for name in ("MU", "CM", "CO", "LS", "AT", "ER", "SAM")
+    }
     assert grids["MU"] == grids["CM"] == {"p": (0.1, 0.3, 0.5, 0.7, 0.9)}
     assert grids["CO"] == {"size": (8, 12, 16, 20, 24)} and grids["LS"] == {"p": (0.1, 0.2, 0.3, 0.4, 0.5)}
-    assert grids["AT"] == {"epsilon": (0.01, 0.03, 0.05, 0.1, 0.2, 0.5, 1.0)} and grids["SAM"] == {"rho": (0.01, 0.05, 0.1, 0.15, 0.2)}
+    assert grids["AT"] == {"epsilon": (0.01, 0.03, 0.05, 0.1, 0.2, 0.5, 1.0)} and grids["SAM"] == {
+        "rho": (0.01, 0.05, 0.1, 0.15, 0.2)
+    }
     assert grids["ER"] == {"lambda_er": (1e-3, 5e-3, 0.01, 0.05, 0.1)}
     assert get_mechanism("CO").params[0].grids["imagenette"] == (80, 100, 120, 140, 160)
     assert {n: get_mechanism(n).default_magnitudes("cifar10") for n in ("MU", "CO", "LS", "ER")} == {
-        "MU": {"p": 0.1}, "CO": {"size": 8}, "LS": {"p": 0.1}, "ER": {"lambda_er": 0.05}}
+        "MU": {"p": 0.1},
+        "CO": {"size": 8},
+        "LS": {"p": 0.1},
+        "ER": {"lambda_er": 0.05},
+    }
 
 
 def test_registry_refuses_a_second_mechanism_of_the_same_name():
@@ -606,7 +643,9 @@ def test_hook_against_the_surrogate_itself_and_the_quick_proxy():
     eval_set = make_eval_set(data.test, 4, config)
     metrics = evaluate_surrogate(surrogate, {"self": copy.deepcopy(surrogate), "other": other}, eval_set, config)
     assert surrogate.training and other.training  # modes restored... for the caller
-    assert metrics["similarity/self"] == pytest.approx(1.0, abs=1e-5) and metrics["similarity_min/self"] == pytest.approx(1.0, abs=1e-5)
+    assert metrics["similarity/self"] == pytest.approx(1.0, abs=1e-5) and metrics[
+        "similarity_min/self"
+    ] == pytest.approx(1.0, abs=1e-5)
     for mode in ("untargeted", "targeted"):
         assert metrics[f"asr_all/pgd/{mode}/8/self"] == pytest.approx(metrics[f"fooling/pgd/{mode}/8"])
     assert metrics["acc/self"] == metrics["acc"] and metrics["support/self"] == round(metrics["acc"] * 24)

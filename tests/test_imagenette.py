@@ -63,11 +63,27 @@ def space(path: Path, values: dict) -> Path:
 def test_imagenette_targets_and_study_run_with_timm_models(imagenette, tmp_path):
     storage = tmp_path / "storage"
     train = {"epochs": 1, "batch_size": 8, "pretrained": False}
-    common = {"preset": "fast", "dataset": "imagenette", "seeds": [0], "resources": {"cpu": 1}, "max_failures": 0,
-              "train": train}
-    targets = space(tmp_path / "t.yaml", {**common, "name": "in_targets", "kind": "targets", "model": "test_resnet",
-                                          "trials": [{"model": "test_resnet"},
-                                                     {"model": "test_efficientnet", "mechanism": "MU", "magnitudes": {"p": 0.5}}]})
+    common = {
+        "preset": "fast",
+        "dataset": "imagenette",
+        "seeds": [0],
+        "resources": {"cpu": 1},
+        "max_failures": 0,
+        "train": train,
+    }
+    targets = space(
+        tmp_path / "t.yaml",
+        {
+            **common,
+            "name": "in_targets",
+            "kind": "targets",
+            "model": "test_resnet",
+            "trials": [
+                {"model": "test_resnet"},
+                {"model": "test_efficientnet", "mechanism": "MU", "magnitudes": {"p": 0.5}},
+            ],
+        },
+    )
     out = raystudy("targets", targets, "--storage", storage, "--data", imagenette, "--num-cpus", 2)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     names = sorted(p.name for p in (storage / "in_targets" / "targets").iterdir())
@@ -75,16 +91,39 @@ def test_imagenette_targets_and_study_run_with_timm_models(imagenette, tmp_path)
     from raystudy.checkpoint import load_model
 
     _, meta = load_model(storage / "in_targets" / "targets" / "test_efficientnet_MU_p0.5.pt")
-    assert meta["config"]["mechanism"] == "MU" and meta["config"]["magnitudes"] == [["p", 0.5]] and meta["input_size"] == 224
+    assert (
+        meta["config"]["mechanism"] == "MU"
+        and meta["config"]["magnitudes"] == [["p", 0.5]]
+        and meta["input_size"] == 224
+    )
 
-    grid = space(tmp_path / "g.yaml", {**common, "name": "in_table", "kind": "grid", "model": "test_resnet",
-                                       "targets": "in_targets", "trials": [{"mechanism": "ST"}, {"mechanism": "CO"}],
-                                       "evaluation": {"n_eval": 6, "budgets": [8], "modes": ["untargeted"], "steps": 2,
-                                                      "power_iterations": 2, "batch_size": 6}})
+    grid = space(
+        tmp_path / "g.yaml",
+        {
+            **common,
+            "name": "in_table",
+            "kind": "grid",
+            "model": "test_resnet",
+            "targets": "in_targets",
+            "trials": [{"mechanism": "ST"}, {"mechanism": "CO"}],
+            "evaluation": {
+                "n_eval": 6,
+                "budgets": [8],
+                "modes": ["untargeted"],
+                "steps": 2,
+                "power_iterations": 2,
+                "batch_size": 6,
+            },
+        },
+    )
     out = raystudy("run", grid, "--storage", storage, "--data", imagenette, "--num-cpus", 2)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    finals = [json.loads(line) for f in (storage / "in_table").glob("trial_*/result.json")
-              for line in f.read_text().splitlines() if line.strip() and json.loads(line).get("final") == 1]
+    finals = [
+        json.loads(line)
+        for f in (storage / "in_table").glob("trial_*/result.json")
+        for line in f.read_text().splitlines()
+        if line.strip() and json.loads(line).get("final") == 1
+    ]
     assert sorted(r["mechanism"] for r in finals) == ["CO", "ST"]
     for r in finals:
         assert "asr/pgd/untargeted/8/test_efficientnet_MU_p0.5" in r and "similarity/test_resnet" in r
@@ -96,8 +135,19 @@ def test_imagenette_targets_and_study_run_with_timm_models(imagenette, tmp_path)
 
 def test_missing_pretrained_weights_is_one_line_naming_them(imagenette, tmp_path):
     # The ImageNette presets fine-tune from ImageNet weights; none can be fetched here.
-    out = raystudy("train", "--dataset", "imagenette", "--data", imagenette, "--model", "resnet50", "--preset", "fast",
-                   "--out", tmp_path / "r50")
+    out = raystudy(
+        "train",
+        "--dataset",
+        "imagenette",
+        "--data",
+        imagenette,
+        "--model",
+        "resnet50",
+        "--preset",
+        "fast",
+        "--out",
+        tmp_path / "r50",
+    )
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
     (line,) = out.stderr.strip().splitlines()
     assert "pretrained weights of 'resnet50' (timm/resnet50.a1_in1k)" in line

@@ -13,8 +13,19 @@ from torch import nn
 
 from raystudy.config import TrainConfig
 from raystudy.data import make_synthetic
-from raystudy.metrics import (EvalConfig, LinfAttack, autoattack, evaluate_surrogate, gradient_cosine, input_gradients,
-                              input_hessian_top_eigenvalue, make_attack, make_eval_set, smoothness, transfer_success)
+from raystudy.metrics import (
+    EvalConfig,
+    LinfAttack,
+    autoattack,
+    evaluate_surrogate,
+    gradient_cosine,
+    input_gradients,
+    input_hessian_top_eigenvalue,
+    make_attack,
+    make_eval_set,
+    smoothness,
+    transfer_success,
+)
 from raystudy.models import build_model
 from raystudy.train import train
 
@@ -41,13 +52,22 @@ def quadratic_loss(outputs, y):
 
 
 def test_power_iteration_finds_known_top_eigenvalues_per_sample():
-    spectra = [[5.0, 3.0, 1.0, 0.5, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
-               [0.2, 0.1, 0.05] + [0.0] * 9,
-               [40.0, 39.0, 1.0] + [0.0] * 9]
+    spectra = [
+        [5.0, 3.0, 1.0, 0.5, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+        [0.2, 0.1, 0.05] + [0.0] * 9,
+        [40.0, 39.0, 1.0] + [0.0] * 9,
+    ]
     model = PerSampleQuadratic(torch.stack([symmetric_with_eigenvalues(s, i) for i, s in enumerate(spectra)]))
     x = torch.rand(3, 3, 2, 2)
-    result = input_hessian_top_eigenvalue(model, x, torch.zeros(3), iterations=500, tolerance=1e-6,
-                                          generator=torch.Generator().manual_seed(0), loss_fn=quadratic_loss)
+    result = input_hessian_top_eigenvalue(
+        model,
+        x,
+        torch.zeros(3),
+        iterations=500,
+        tolerance=1e-6,
+        generator=torch.Generator().manual_seed(0),
+        loss_fn=quadratic_loss,
+    )
     assert torch.allclose(result.eigenvalues, torch.tensor([5.0, 0.2, 40.0]), rtol=1e-3)
     assert result.converged.all()
 
@@ -55,7 +75,9 @@ def test_power_iteration_finds_known_top_eigenvalues_per_sample():
 def test_negative_dominant_eigenvalue_is_returned_signed_and_smoothness_is_its_magnitude():
     model = PerSampleQuadratic(symmetric_with_eigenvalues([-6.0, 2.0, 1.0, 0.0], 3)[None])
     x = torch.rand(1, 1, 2, 2)
-    signed = input_hessian_top_eigenvalue(model, x, torch.zeros(1), iterations=300, tolerance=1e-9, loss_fn=quadratic_loss)
+    signed = input_hessian_top_eigenvalue(
+        model, x, torch.zeros(1), iterations=300, tolerance=1e-9, loss_fn=quadratic_loss
+    )
     assert signed.eigenvalues.item() == pytest.approx(-6.0, rel=1e-3)
 
 
@@ -64,7 +86,9 @@ def test_batched_power_iteration_agrees_with_a_per_sample_loop():
     model = build_model("tiny_cnn", 4, input_size=8).eval()
     x, y = torch.rand(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1])
     batched = smoothness(model, x, y, iterations=200, tolerance=1e-7)
-    looped = torch.cat([smoothness(model, x[i : i + 1], y[i : i + 1], iterations=200, tolerance=1e-7, seed=i + 1) for i in range(6)])
+    looped = torch.cat(
+        [smoothness(model, x[i : i + 1], y[i : i + 1], iterations=200, tolerance=1e-7, seed=i + 1) for i in range(6)]
+    )
     assert torch.allclose(batched, looped, rtol=1e-2)
     assert (batched > 0).all()
 
@@ -91,11 +115,13 @@ def linear_classifier(seed=0):
 @pytest.mark.parametrize("random_start", [False, True])
 def test_attacks_stay_within_budget_and_pixel_range(name, random_start):
     model = build_model("tiny_cnn", 4, input_size=8)
-    x = (torch.randint(0, 256, (16, 3, 8, 8)) / 255.0)
+    x = torch.randint(0, 256, (16, 3, 8, 8)) / 255.0
     y = torch.randint(0, 4, (16,))
     eps = 8 / 255
     for target in (None, (y + 1) % 4):
-        adv = make_attack(name, eps, steps=5, random_start=random_start)(model, x, y, target, torch.Generator().manual_seed(0))
+        adv = make_attack(name, eps, steps=5, random_start=random_start)(
+            model, x, y, target, torch.Generator().manual_seed(0)
+        )
         assert (adv - x).abs().max() <= eps + 1e-6
         assert adv.min() >= 0 and adv.max() <= 1
         assert torch.allclose(adv * 255, (adv * 255).round(), atol=1e-4)  # 8-bit pixels
@@ -116,19 +142,21 @@ def test_pgd_at_large_budget_breaks_a_linear_model_and_targeted_pgd_hits_the_tar
 def test_momentum_and_input_diversity_change_the_trajectory():
     model = build_model("tiny_cnn", 4, input_size=8).eval()
     x, y = torch.rand(8, 3, 8, 8), torch.randint(0, 4, (8,))
-    runs = {name: make_attack(name, 16 / 255, steps=10)(model, x, y, None, torch.Generator().manual_seed(0))
-            for name in ("pgd", "mi", "di")}
+    runs = {
+        name: make_attack(name, 16 / 255, steps=10)(model, x, y, None, torch.Generator().manual_seed(0))
+        for name in ("pgd", "mi", "di")
+    }
     assert not torch.equal(runs["pgd"], runs["mi"])
     assert not torch.equal(runs["pgd"], runs["di"])
 
 
 def test_asr_counts_only_samples_both_models_get_right():
     y = torch.tensor([0, 1, 2, 3, 0, 1])
-    surrogate_clean = torch.tensor([0, 1, 2, 3, 1, 1])   # wrong on sample 4
-    target_clean = torch.tensor([0, 1, 2, 0, 0, 1])      # wrong on sample 3
-    target_adv = torch.tensor([1, 1, 0, 3, 2, 2])         # flips 0, 2, 4, 5
+    surrogate_clean = torch.tensor([0, 1, 2, 3, 1, 1])  # wrong on sample 4
+    target_clean = torch.tensor([0, 1, 2, 0, 0, 1])  # wrong on sample 3
+    target_adv = torch.tensor([1, 1, 0, 3, 2, 2])  # flips 0, 2, 4, 5
     count = transfer_success(y, surrogate_clean, target_clean, target_adv)
-    assert count.support == 4                 # samples 0, 1, 2, 5
+    assert count.support == 4  # samples 0, 1, 2, 5
     assert count.asr == pytest.approx(3 / 4)  # 0, 2, 5 fooled; 1 not
     assert count.asr_all == pytest.approx(4 / 6)
     goal = torch.tensor([1, 2, 0, 0, 1, 2])
@@ -149,8 +177,9 @@ def test_autoattack_stays_within_budget():
 def trained(tmp_path_factory):
     """A tiny surrogate and two tiny targets trained on the same synthetic data."""
     root = tmp_path_factory.mktemp("models")
-    common = dict(dataset="synthetic", model="tiny_cnn", epochs=3, batch_size=32, n_train=512, n_test=128,
-                  image_size=16, lr=0.05)
+    common = dict(
+        dataset="synthetic", model="tiny_cnn", epochs=3, batch_size=32, n_train=512, n_test=128, image_size=16, lr=0.05
+    )
     models = {}
     for name, seed in (("surrogate", 0), ("t1", 1), ("t2", 2)):
         train(TrainConfig.from_preset("faithful", seed=seed, **common), out_dir=root / name, log=None)
@@ -166,16 +195,33 @@ def test_hook_returns_every_documented_key_with_finite_values(trained):
     data = make_synthetic(512, 128, num_classes=10, image_size=16, seed=0)
     surrogate = load_model(paths["surrogate"] / "model.pt")[0]
     targets = {n: load_model(paths[n] / "model.pt")[0] for n in ("t1", "t2")}
-    config = EvalConfig(n_eval=40, budgets=(4, 16), attacks=("pgd", "dim", "autoattack"), smoothness_samples=10,
-                        autoattack_steps=10)
+    config = EvalConfig(
+        n_eval=40, budgets=(4, 16), attacks=("pgd", "dim", "autoattack"), smoothness_samples=10, autoattack_steps=10
+    )
     metrics = evaluate_surrogate(surrogate, targets, make_eval_set(data.test, 10, config), config)
-    expected = {"acc", "acc/t1", "acc/t2", "smoothness/mean", "smoothness/max", "similarity/t1", "similarity/t2",
-                "similarity/mean", "similarity_min/t1", "support/t1"}
-    for attack, modes in (("pgd", ("untargeted", "targeted")), ("dim", ("untargeted", "targeted")), ("autoattack", ("untargeted",))):
+    expected = {
+        "acc",
+        "acc/t1",
+        "acc/t2",
+        "smoothness/mean",
+        "smoothness/max",
+        "similarity/t1",
+        "similarity/t2",
+        "similarity/mean",
+        "similarity_min/t1",
+        "support/t1",
+    }
+    for attack, modes in (
+        ("pgd", ("untargeted", "targeted")),
+        ("dim", ("untargeted", "targeted")),
+        ("autoattack", ("untargeted",)),
+    ):
         for mode in modes:
             for budget in (4, 16):
                 key = f"{attack}/{mode}/{budget}"
-                expected |= {f"fooling/{key}"} | {f"{p}/{key}/{t}" for p in ("asr", "asr_all") for t in ("t1", "t2", "mean")}
+                expected |= {f"fooling/{key}"} | {
+                    f"{p}/{key}/{t}" for p in ("asr", "asr_all") for t in ("t1", "t2", "mean")
+                }
     assert expected <= set(metrics)
     assert not any(k.startswith(("asr/autoattack/targeted", "fooling/autoattack/targeted")) for k in metrics)
     assert all(math.isfinite(v) for v in metrics.values()), {k: v for k, v in metrics.items() if not math.isfinite(v)}
@@ -204,11 +250,27 @@ def test_evaluate_command_and_its_errors(trained, tmp_path):
     root, paths = trained
     (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
     base = [sys.executable, "-m", "raystudy", "evaluate", "--n-eval", "20", "--budgets", "8"]
-    ok = subprocess.run(base + ["--surrogate", str(paths["surrogate"]), "--targets", f"{paths['t1']},{paths['t2']}",
-                                "--out", str(tmp_path / "m.json")], capture_output=True, text=True, timeout=300)
+    ok = subprocess.run(
+        base
+        + [
+            "--surrogate",
+            str(paths["surrogate"]),
+            "--targets",
+            f"{paths['t1']},{paths['t2']}",
+            "--out",
+            str(tmp_path / "m.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "pgd/untargeted/8" in ok.stdout and (tmp_path / "m.json").is_file()
     for surrogate in (tmp_path / "missing.pt", tmp_path / "corrupt.pt"):
-        bad = subprocess.run(base + ["--surrogate", str(surrogate), "--targets", str(paths["t1"])],
-                             capture_output=True, text=True, timeout=300)
+        bad = subprocess.run(
+            base + ["--surrogate", str(surrogate), "--targets", str(paths["t1"])],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr

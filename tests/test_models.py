@@ -35,5 +35,7 @@ def test_timm_model_for_imagenette_and_offline_pretrained_error(monkeypatch):
     model = build_model("resnet18", 10, input_size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
     assert type(model[1]).__module__.startswith("timm")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network here; a user offline sees the same
-    with pytest.raises(RaystudyError, match=r"pretrained weights of 'mobilenetv2_100' \(timm/mobilenetv2_100.ra_in1k\)"):
+    with pytest.raises(
+        RaystudyError, match=r"pretrained weights of 'mobilenetv2_100' \(timm/mobilenetv2_100.ra_in1k\)"
+    ):
         build_model("mobilenetv2_100", 10, pretrained=True, input_size=224)

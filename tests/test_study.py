@@ -45,22 +45,25 @@ def variant(**changes):
     return values
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"trials": [{"mechanism": "SAM+JR"}]}, "unknown mechanism 'SAM+JR'; valid: ST"),
-    ({"trials": [{"mechanism": "MU", "magnitudes": {"p": "high"}}]}, "magnitude p='high' must be a number"),
-    ({"trials": [{"mechanism": "MU", "magnitudes": {"p": 3}}]}, "p=3 is outside"),
-    ({"trials": [{"mechanism": "IR", "magnitudes": {"rho": 0.1}}]}, "IR has no magnitude 'rho'"),
-    ({"model": "resnet19"}, "unknown model 'resnet19'"),
-    ({"resources": {"cpu": 1, "gpu": 1.5}}, "gpu=1.5 must be a fraction"),
-    ({"resources": {"cpus": 1}}, "unknown key(s) 'cpus'"),
-    ({"trials": None}, "missing key 'trials'"),
-    ({"targets": None}, "missing key 'targets'"),
-    ({"trails": []}, "unknown key(s) 'trails'"),
-    ({"preset": "quick"}, "preset='quick'; known: faithful, fast"),
-    ({"train": {"epochs": "ten"}}, "wrong type"),
-    ({"evaluation": {"attacks": ["fgsm"]}}, "unknown attack(s) fgsm"),
-    ({"seeds": [0, 0]}, "repeats a seed"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"trials": [{"mechanism": "SAM+JR"}]}, "unknown mechanism 'SAM+JR'; valid: ST"),
+        ({"trials": [{"mechanism": "MU", "magnitudes": {"p": "high"}}]}, "magnitude p='high' must be a number"),
+        ({"trials": [{"mechanism": "MU", "magnitudes": {"p": 3}}]}, "p=3 is outside"),
+        ({"trials": [{"mechanism": "IR", "magnitudes": {"rho": 0.1}}]}, "IR has no magnitude 'rho'"),
+        ({"model": "resnet19"}, "unknown model 'resnet19'"),
+        ({"resources": {"cpu": 1, "gpu": 1.5}}, "gpu=1.5 must be a fraction"),
+        ({"resources": {"cpus": 1}}, "unknown key(s) 'cpus'"),
+        ({"trials": None}, "missing key 'trials'"),
+        ({"targets": None}, "missing key 'targets'"),
+        ({"trails": []}, "unknown key(s) 'trails'"),
+        ({"preset": "quick"}, "preset='quick'; known: faithful, fast"),
+        ({"train": {"epochs": "ten"}}, "wrong type"),
+        ({"evaluation": {"attacks": ["fgsm"]}}, "unknown attack(s) fgsm"),
+        ({"seeds": [0, 0]}, "repeats a seed"),
+    ],
+)
 def test_broken_search_spaces_fail_with_the_expected_message(changes, message):
     with pytest.raises(RaystudyError) as err:
         parse_space(variant(**changes), "broken.yaml")
@@ -78,7 +81,10 @@ def test_validate_command_reports_one_line(tmp_path):
 @pytest.fixture(scope="module")
 def storage(smoke_storage):
     """Storage with the smoke targets trained and the smoke study run (see conftest)."""
-    assert sorted(p.name for p in (smoke_storage / "smoke_targets" / "targets").iterdir()) == ["tiny_cnn_s1.pt", "tiny_cnn_s2.pt"]
+    assert sorted(p.name for p in (smoke_storage / "smoke_targets" / "targets").iterdir()) == [
+        "tiny_cnn_s1.pt",
+        "tiny_cnn_s2.pt",
+    ]
     return smoke_storage
 
 
@@ -110,9 +116,20 @@ def test_smoke_study_reports_the_hook_metrics_for_every_trial(storage):
     assert mechanisms == ["MU", "MU", "SAM", "SAM&JR", "ST"]
     for rows in finals.values():
         r = rows[0]
-        for key in ("acc", "smoothness/mean", "smoothness/max", "similarity/tiny_cnn_s1", "similarity/mean",
-                    "asr/pgd/untargeted/8/mean", "asr/pgd/targeted/16/tiny_cnn_s2", "asr_all/pgd/untargeted/4/mean",
-                    "fooling/pgd/untargeted/8", "test_acc", "train_config", "versions"):
+        for key in (
+            "acc",
+            "smoothness/mean",
+            "smoothness/max",
+            "similarity/tiny_cnn_s1",
+            "similarity/mean",
+            "asr/pgd/untargeted/8/mean",
+            "asr/pgd/targeted/16/tiny_cnn_s2",
+            "asr_all/pgd/untargeted/4/mean",
+            "fooling/pgd/untargeted/8",
+            "test_acc",
+            "train_config",
+            "versions",
+        ):
             assert key in r, key
         assert math.isfinite(r["smoothness/mean"]) and json.loads(r["train_config"])["seed"] == r["seed"]
     record = json.loads((storage / "smoke" / "raystudy-study.json").read_text())
@@ -126,12 +143,26 @@ def test_smoke_study_reports_the_hook_metrics_for_every_trial(storage):
 def test_optuna_search_finds_a_best_config_inside_the_bounds(storage, tmp_path):
     import optuna
 
-    space = write_space(tmp_path, "optuna_smoke", kind="search", trials=None, train={**SMOKE["train"], "epochs": 2},
-                        evaluation={"n_eval": 32, "budgets": [8], "modes": ["untargeted"], "smoothness_samples": 8},
-                        search={"mechanism": "SAM&JR", "num_samples": 4, "seed": 0,
-                                "params": {"rho": {"low": 0.01, "high": 0.5, "log": True},
-                                           "lambda_jr": {"low": 1e-6, "high": 1.0, "log": True}},
-                                "proxy_every": 1, "proxy_n_eval": 20, "grace_period": 1})
+    space = write_space(
+        tmp_path,
+        "optuna_smoke",
+        kind="search",
+        trials=None,
+        train={**SMOKE["train"], "epochs": 2},
+        evaluation={"n_eval": 32, "budgets": [8], "modes": ["untargeted"], "smoothness_samples": 8},
+        search={
+            "mechanism": "SAM&JR",
+            "num_samples": 4,
+            "seed": 0,
+            "params": {
+                "rho": {"low": 0.01, "high": 0.5, "log": True},
+                "lambda_jr": {"low": 1e-6, "high": 1.0, "log": True},
+            },
+            "proxy_every": 1,
+            "proxy_n_eval": 20,
+            "grace_period": 1,
+        },
+    )
     out = raystudy("search", space, "--storage", storage, "--num-cpus", 2)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     best = json.loads((storage / "optuna_smoke" / "best_config.json").read_text())
@@ -146,18 +177,32 @@ def test_optuna_search_finds_a_best_config_inside_the_bounds(storage, tmp_path):
     assert best["value"] == pytest.approx(max(t.value for t in complete))
     assert sum(bool(rows) for rows in final_results(storage / "optuna_smoke").values()) == len(complete)
     # ASHA's proxy: a small-sample PGD ASR in every epoch's result, a probability.
-    epochs = [json.loads(l) for f in (storage / "optuna_smoke").glob("trial_*/result.json")
-              for l in f.read_text().splitlines() if l.strip() and json.loads(l).get("final") == 0]
+    epochs = [
+        json.loads(line)
+        for f in (storage / "optuna_smoke").glob("trial_*/result.json")
+        for line in f.read_text().splitlines()
+        if line.strip() and json.loads(line).get("final") == 0
+    ]
     assert epochs and all(0 <= r["proxy/asr"] <= 1 for r in epochs)
 
 
 def test_killed_driver_resumes_and_every_trial_finishes_exactly_once(storage, tmp_path):
-    trials = [{"mechanism": "ST"}, {"mechanism": "SAM"}, {"mechanism": "MU", "magnitudes": {"p": 0.5}},
-              {"mechanism": "LS"}, {"mechanism": "CO"}, {"mechanism": "JR"}]
+    trials = [
+        {"mechanism": "ST"},
+        {"mechanism": "SAM"},
+        {"mechanism": "MU", "magnitudes": {"p": 0.5}},
+        {"mechanism": "LS"},
+        {"mechanism": "CO"},
+        {"mechanism": "JR"},
+    ]
     space = write_space(tmp_path, "resume_smoke", trials=trials, train={**SMOKE["train"], "epochs": 4})
     experiment = storage / "resume_smoke"
-    driver = subprocess.Popen(RAYSTUDY + ["run", str(space), "--storage", str(storage), "--num-cpus", "2"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    driver = subprocess.Popen(
+        RAYSTUDY + ["run", str(space), "--storage", str(storage), "--num-cpus", "2"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and sum(bool(r) for r in final_results(experiment).values()) < 2:
         time.sleep(0.5)
@@ -173,8 +218,12 @@ def test_killed_driver_resumes_and_every_trial_finishes_exactly_once(storage, tm
 
 
 def test_a_diverging_trial_fails_with_its_reason_and_the_others_complete(storage, tmp_path):
-    space = write_space(tmp_path, "diverge_smoke", max_failures=0,
-                        trials=[{"mechanism": "ST"}, {"mechanism": "SAM", "train": {"lr": 1.0e12}}])
+    space = write_space(
+        tmp_path,
+        "diverge_smoke",
+        max_failures=0,
+        trials=[{"mechanism": "ST"}, {"mechanism": "SAM", "train": {"lr": 1.0e12}}],
+    )
     out = raystudy("run", space, "--storage", storage, "--num-cpus", 2)
     assert out.returncode == 1
     assert "1 of 2 trials finished" in out.stdout and "diverged" in out.stdout
@@ -185,8 +234,13 @@ def test_a_diverging_trial_fails_with_its_reason_and_the_others_complete(storage
 
 
 def test_lgv_trial_attacks_with_its_ensemble(storage, tmp_path):
-    space = write_space(tmp_path, "lgv_smoke", trials=[{"mechanism": "SAM", "lgv": True}],
-                        train={**SMOKE["train"], "epochs": 1}, evaluation={"n_eval": 32, "budgets": [8], "smoothness_samples": 8})
+    space = write_space(
+        tmp_path,
+        "lgv_smoke",
+        trials=[{"mechanism": "SAM", "lgv": True}],
+        train={**SMOKE["train"], "epochs": 1},
+        evaluation={"n_eval": 32, "budgets": [8], "smoothness_samples": 8},
+    )
     out = raystudy("run", space, "--storage", storage, "--num-cpus", 2)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "LGV: 10 epochs at lr 0.05 with SAM, 4 models per epoch" in out.stdout + out.stderr

@@ -7,22 +7,38 @@ import json
 import pytest
 import torch
 
-from raystudy.checkpoint import load_model
+from raystudy.checkpoint import LGV_DIR, METRICS_FILE, MODEL_FILE, load_model
 from raystudy.config import TrainConfig
 from raystudy.errors import RaystudyError
-from raystudy.train import LGV_DIR, METRICS_FILE, MODEL_FILE, TrainingDiverged, learning_rate, train
+from raystudy.train import TrainingDiverged, learning_rate, train
 
 
 def tiny_config(**overrides) -> TrainConfig:
-    values = dict(dataset="synthetic", model="tiny_cnn", epochs=4, batch_size=32, n_train=128, n_test=64,
-                  image_size=16, lr=0.05, seed=3, deterministic=True)
+    values = dict(
+        dataset="synthetic",
+        model="tiny_cnn",
+        epochs=4,
+        batch_size=32,
+        n_train=128,
+        n_test=64,
+        image_size=16,
+        lr=0.05,
+        seed=3,
+        deterministic=True,
+    )
     values.update(overrides)
     return TrainConfig.from_preset("faithful", **values)
 
 
 def test_presets_and_schedule():
     faithful = TrainConfig.from_preset("faithful")
-    assert (faithful.epochs, faithful.batch_size, faithful.lr, faithful.weight_decay, faithful.warmup_epochs) == (200, 128, 0.1, 1e-4, 10)
+    assert (faithful.epochs, faithful.batch_size, faithful.lr, faithful.weight_decay, faithful.warmup_epochs) == (
+        200,
+        128,
+        0.1,
+        1e-4,
+        10,
+    )
     assert learning_rate(faithful, 0) == pytest.approx(0.01)
     assert learning_rate(faithful, 9) == pytest.approx(0.1)
     assert learning_rate(faithful, 105) == pytest.approx(0.05)
@@ -34,7 +50,12 @@ def test_presets_and_schedule():
     assert (fast.epochs, fast.warmup_epochs) == (40, 2)
     for preset in ("faithful", "fast"):
         imagenette = TrainConfig.from_preset(preset, dataset="imagenette", model="resnet50")
-        assert (imagenette.batch_size, imagenette.lr, imagenette.weight_decay, imagenette.pretrained) == (128, 1.0, 1e-4, True)
+        assert (imagenette.batch_size, imagenette.lr, imagenette.weight_decay, imagenette.pretrained) == (
+            128,
+            1.0,
+            1e-4,
+            True,
+        )
         assert imagenette.warmup_epochs * 10 == imagenette.epochs  # 5 of 50, 1 of 10
     assert TrainConfig.from_preset("faithful", dataset="imagenette", model="resnet50").epochs == 50
 
@@ -46,7 +67,7 @@ def test_bad_settings_name_the_key():
         tiny_config(precision="fp8")
     with pytest.raises(RaystudyError, match="unknown training setting"):
         TrainConfig.from_dict({"epoch": 3})
-    with pytest.raises(RaystudyError, match="init_checkpoint"):
+    with pytest.raises(RaystudyError, match="unknown mechanism 'LGV'"):  # a phase (raystudy.lgv), not a mechanism
         tiny_config(mechanism="LGV")
     with pytest.raises(RaystudyError, match="sam_bn='none'"):
         tiny_config(mechanism="SAM", sam_bn="none")
@@ -100,15 +121,47 @@ def test_resume_refuses_other_settings(tmp_path):
 
 
 def test_lgv_collects_snapshots_from_a_trained_model(tmp_path):
-    train(tiny_config(epochs=1), out_dir=tmp_path / "base", log=None)
-    config = tiny_config(mechanism="LGV", init_checkpoint=str(tmp_path / "base" / MODEL_FILE), epochs=2, lgv_base="SAM")
-    assert (config.lr, config.schedule, config.snapshots_per_epoch, config.magnitudes) == (0.05, "constant", 4, (("rho", 0.1),))
-    result = train(config, out_dir=tmp_path / "lgv", log=None)
+    from raystudy.data import dataset_for
+    from raystudy.lgv import LgvPhase, collect
+    from raystudy.models import Ensemble
+
+    trained = tiny_config(epochs=1, mechanism="SAM")
+    train(trained, out_dir=tmp_path / "base", log=None)
+    assert LgvPhase().batch_size == 256 and LgvPhase().epochs == 10
+    phase = LgvPhase(epochs=2, batch_size=32)  # 4 steps per epoch on 128 images: 4 snapshots each
+    config = phase.train_config(trained, str(tmp_path / "base" / MODEL_FILE))
+    assert (config.mechanism, config.lr, config.schedule, config.warmup_epochs, config.batch_size) == (
+        "SAM",
+        0.05,
+        "constant",
+        0,
+        32,
+    )
+    assert (config.snapshots_per_epoch, config.magnitudes, config.weight_decay, config.momentum) == (4, (("rho", 0.1),), 1e-4, 0.9)
+    ensemble = collect(trained, tmp_path / "base" / MODEL_FILE, dataset_for(trained), phase, tmp_path / "lgv", log=None)
     files = sorted((tmp_path / "lgv" / LGV_DIR).glob("model_*.pt"))
-    assert len(result.snapshots) == len(files) == 8
+    assert isinstance(ensemble, Ensemble) and len(ensemble.members) == len(files) == 8
     first, _ = load_model(files[0])
     last, _ = load_model(files[-1])
     assert any(not torch.equal(a, b) for a, b in zip(first.state_dict().values(), last.state_dict().values()))
+    # Another base: the phase fine-tunes an ST model with SAM's update at SAM's default radius.
+    assert LgvPhase(base="SAM").train_config(tiny_config(), "m.pt").magnitudes == (("rho", 0.1),)
+
+
+def test_lgv_phase_settings_are_checked_and_old_lgv_configs_still_read():
+    from raystudy.lgv import LgvPhase
+
+    assert LgvPhase.parse(True) == LgvPhase() and LgvPhase.parse(False) is None
+    assert LgvPhase.parse({"base": "SAM", "epochs": 5}) == LgvPhase(base="SAM", epochs=5)
+    with pytest.raises(RaystudyError, match="LGV fine-tunes with ST, SAM, SAM&JR"):
+        LgvPhase(base="MU")
+    with pytest.raises(RaystudyError, match="unknown key"):
+        LgvPhase.parse({"epoch": 3})
+    with pytest.raises(RaystudyError, match="models_per_epoch=0"):
+        LgvPhase(models_per_epoch=0)
+    # A model file written when LGV was a mechanism: mechanism "LGV" with its base in lgv_base.
+    old = {**tiny_config().to_dict(), "mechanism": "LGV", "lgv_base": "SAM", "magnitudes": {"rho": 0.05}}
+    assert TrainConfig.from_dict(old).mechanism == "SAM"
 
 
 def test_divergence_is_reported(tmp_path):
@@ -120,5 +173,5 @@ def test_lgv_snapshot_steps_are_spread_and_never_lost():
     from raystudy.train import _snapshot_steps
 
     assert _snapshot_steps(195, 4) == {48, 97, 146, 194}  # CIFAR-10 at batch 256: the last ends the epoch
-    assert _snapshot_steps(2, 4) == {0, 1}                  # fewer steps than snapshots: one per step
+    assert _snapshot_steps(2, 4) == {0, 1}  # fewer steps than snapshots: one per step
     assert _snapshot_steps(10, 0) == set()

@@ -12,9 +12,11 @@ from raystudy.mechanisms.step import soft_cross_entropy
 from raystudy.models import eval_mode
 
 EPSILON = Param(
-    "epsilon", "L2 radius of the training perturbation ([0,1] pixels)",
+    "epsilon",
+    "L2 radius of the training perturbation ([0,1] pixels)",
     grids={"cifar10": (0.01, 0.03, 0.05, 0.1, 0.2, 0.5, 1.0), "imagenette": (0.05, 0.1, 0.2, 0.5, 1.0, 3.0, 5.0)},
-    defaults={"cifar10": 0.03, "imagenette": 1.0}, low=0.0,
+    defaults={"cifar10": 0.03, "imagenette": 1.0},
+    low=0.0,
 )
 # (steps, step size as a fraction of epsilon) per grid family, as in METHOD.md.
 PGD_SCHEDULE = {"cifar10": (10, 0.25), "imagenette": (5, 0.4)}

@@ -25,14 +25,24 @@ PROBABILITY_GRID = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
 def _probability(meaning: str) -> Param:
-    return Param("p", meaning, grids={"cifar10": PROBABILITY_GRID, "imagenette": PROBABILITY_GRID},
-                 defaults={"cifar10": 0.1, "imagenette": 0.1}, low=0.0, high=1.0, low_inclusive=True)
+    return Param(
+        "p",
+        meaning,
+        grids={"cifar10": PROBABILITY_GRID, "imagenette": PROBABILITY_GRID},
+        defaults={"cifar10": 0.1, "imagenette": 0.1},
+        low=0.0,
+        high=1.0,
+        low_inclusive=True,
+    )
 
 
 CUTOUT_SIZE = Param(
-    "size", "cutout square side in pixels (at most)",
+    "size",
+    "cutout square side in pixels (at most)",
     grids={"cifar10": (8, 12, 16, 20, 24), "imagenette": (80, 100, 120, 140, 160)},
-    defaults={"cifar10": 8, "imagenette": 80}, low=0.0, integer=True,
+    defaults={"cifar10": 8, "imagenette": 80},
+    low=0.0,
+    integer=True,
 )
 
 
@@ -44,7 +54,12 @@ def _box_masks(b: int, h: int, w: int, box_h: torch.Tensor, box_w: torch.Tensor,
     x0, x1 = (cx - box_w // 2).clamp(0, w), (cx + box_w - box_w // 2).clamp(0, w)
     rows = torch.arange(h, device=device)[None, :, None]
     cols = torch.arange(w, device=device)[None, None, :]
-    inside = (rows >= y0[:, None, None]) & (rows < y1[:, None, None]) & (cols >= x0[:, None, None]) & (cols < x1[:, None, None])
+    inside = (
+        (rows >= y0[:, None, None])
+        & (rows < y1[:, None, None])
+        & (cols >= x0[:, None, None])
+        & (cols < x1[:, None, None])
+    )
     return inside[:, None]
 
 
@@ -93,25 +108,39 @@ class CutMix:
 class Cutout:
     size: int
 
-    def __call__(self, x: torch.Tensor, y_soft: torch.Tensor, partners: Partners | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, x: torch.Tensor, y_soft: torch.Tensor, partners: Partners | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         b, _, h, w = x.shape
         side = torch.full((b,), int(self.size), device=x.device)
         mask = _box_masks(b, h, w, side, side, x.device)
         return x.masked_fill(mask, 0.0), y_soft
 
 
-register(MechanismSpec(
-    "MU", "mixup with a fresh partner, probability p per sample (2 rounds)", (_probability("mixup probability per sample"),),
-    lambda m, family: Recipe(transform=Mixup(m["p"])),
-    tau5={"cifar10": {"p": 0.9}, "imagenette": {"p": 0.9}},
-))
-register(MechanismSpec(
-    "CM", "cutmix with a fresh partner, probability p per sample (2 rounds)", (_probability("cutmix probability per sample"),),
-    lambda m, family: Recipe(transform=CutMix(m["p"])),
-    tau5={"cifar10": {"p": 0.9}, "imagenette": {"p": 0.9}},
-))
-register(MechanismSpec(
-    "CO", "cutout of a random square of side up to M", (CUTOUT_SIZE,),
-    lambda m, family: Recipe(transform=Cutout(int(m["size"]))),
-    tau5={"cifar10": {"size": 24}, "imagenette": {"size": 160}},
-))
+register(
+    MechanismSpec(
+        "MU",
+        "mixup with a fresh partner, probability p per sample (2 rounds)",
+        (_probability("mixup probability per sample"),),
+        lambda m, family: Recipe(transform=Mixup(m["p"])),
+        tau5={"cifar10": {"p": 0.9}, "imagenette": {"p": 0.9}},
+    )
+)
+register(
+    MechanismSpec(
+        "CM",
+        "cutmix with a fresh partner, probability p per sample (2 rounds)",
+        (_probability("cutmix probability per sample"),),
+        lambda m, family: Recipe(transform=CutMix(m["p"])),
+        tau5={"cifar10": {"p": 0.9}, "imagenette": {"p": 0.9}},
+    )
+)
+register(
+    MechanismSpec(
+        "CO",
+        "cutout of a random square of side up to M",
+        (CUTOUT_SIZE,),
+        lambda m, family: Recipe(transform=Cutout(int(m["size"]))),
+        tau5={"cifar10": {"size": 24}, "imagenette": {"size": 160}},
+    )
+)

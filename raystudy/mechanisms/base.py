@@ -28,8 +28,9 @@ class BatchTransform(Protocol):
     """(x, y_soft, partners) -> (x, y_soft); `partners()` draws a fresh, unmixed batch of the same
     size from the training set (mixup and cutmix mix with it; cutout ignores it)."""
 
-    def __call__(self, x: torch.Tensor, y_soft: torch.Tensor,
-                 partners: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def __call__(
+        self, x: torch.Tensor, y_soft: torch.Tensor, partners: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class Adversary(Protocol):
@@ -81,9 +82,7 @@ class Param:
         above_low = value >= self.low if self.low_inclusive else value > self.low
         if not (above_low and value <= self.high):
             bound = "[" if self.low_inclusive else "("
-            raise RaystudyError(
-                f"{mechanism}: {self.name}={value:g} is outside {bound}{self.low:g}, {self.high:g}]"
-            )
+            raise RaystudyError(f"{mechanism}: {self.name}={value:g} is outside {bound}{self.low:g}, {self.high:g}]")
         if self.integer and value != int(value):
             raise RaystudyError(f"{mechanism}: {self.name} must be a whole number of pixels, got {value:g}")
         return float(value)

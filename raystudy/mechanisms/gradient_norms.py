@@ -30,20 +30,30 @@ def jr_batch_factor(batch: int) -> float:
     """JR's lambda multiplier at batch `batch`: B / 128."""
     return batch / REFERENCE_BATCH
 
+
 LAMBDA_IR = Param(
-    "lambda_ir", "IR weight on the input-gradient norm",
+    "lambda_ir",
+    "IR weight on the input-gradient norm",
     grids={"cifar10": (0.1, 0.3, 0.5, 0.7, 1.0), "imagenette": (0.1, 0.5, 1.0, 1.5, 2.0)},
-    defaults={"cifar10": 0.5, "imagenette": 1.0}, low=0.0, low_inclusive=True,
+    defaults={"cifar10": 0.5, "imagenette": 1.0},
+    low=0.0,
+    low_inclusive=True,
 )
 LAMBDA_JR = Param(
-    "lambda_jr", "JR weight on the input-Jacobian norm",
+    "lambda_jr",
+    "JR weight on the input-Jacobian norm",
     grids={"cifar10": (1e-5, 1e-4, 0.01, 0.05, 0.1), "imagenette": (0.001, 0.01, 0.1, 0.5, 1.0)},
-    defaults={"cifar10": 1e-4, "imagenette": 0.1}, low=0.0, low_inclusive=True,
+    defaults={"cifar10": 1e-4, "imagenette": 0.1},
+    low=0.0,
+    low_inclusive=True,
 )
 LAMBDA_ER = Param(
-    "lambda_er", "ER weight on the squared weight-gradient norm",
+    "lambda_er",
+    "ER weight on the squared weight-gradient norm",
     grids={"cifar10": (1e-3, 5e-3, 0.01, 0.05, 0.1), "imagenette": (0.05, 0.3, 0.5, 0.7, 1.0)},
-    defaults={"cifar10": 0.05, "imagenette": 0.05}, low=0.0, low_inclusive=True,
+    defaults={"cifar10": 0.05, "imagenette": 0.05},
+    low=0.0,
+    low_inclusive=True,
 )
 
 
@@ -106,15 +116,27 @@ class WeightGradientNorm:
         return 0.5 * self.weight * sum(g.float().pow(2).sum() for g in grads)
 
 
-register(MechanismSpec(
-    "IR", "input-gradient regularization: + lambda * ||grad_x CE||_2", (LAMBDA_IR,),
-    lambda m, family: Recipe(penalties=(InputGradientNorm(m["lambda_ir"]),)),
-))
-register(MechanismSpec(
-    "JR", "input-Jacobian regularization: + lambda * R, R ~ 1/2 ||J||_F^2 by random projection", (LAMBDA_JR,),
-    lambda m, family: Recipe(penalties=(InputJacobianNorm(m["lambda_jr"]),)),
-))
-register(MechanismSpec(
-    "ER", "weight-gradient (flatness) regularization: + lambda/2 * ||grad_theta CE||^2", (LAMBDA_ER,),
-    lambda m, family: Recipe(penalties=(WeightGradientNorm(m["lambda_er"]),)),
-))
+register(
+    MechanismSpec(
+        "IR",
+        "input-gradient regularization: + lambda * ||grad_x CE||_2",
+        (LAMBDA_IR,),
+        lambda m, family: Recipe(penalties=(InputGradientNorm(m["lambda_ir"]),)),
+    )
+)
+register(
+    MechanismSpec(
+        "JR",
+        "input-Jacobian regularization: + lambda * R, R ~ 1/2 ||J||_F^2 by random projection",
+        (LAMBDA_JR,),
+        lambda m, family: Recipe(penalties=(InputJacobianNorm(m["lambda_jr"]),)),
+    )
+)
+register(
+    MechanismSpec(
+        "ER",
+        "weight-gradient (flatness) regularization: + lambda/2 * ||grad_theta CE||^2",
+        (LAMBDA_ER,),
+        lambda m, family: Recipe(penalties=(WeightGradientNorm(m["lambda_er"]),)),
+    )
+)

@@ -17,9 +17,11 @@ from raystudy.mechanisms.base import MechanismSpec, Param, Recipe, register
 from raystudy.mechanisms.gradient_norms import LAMBDA_IR, LAMBDA_JR, InputGradientNorm, InputJacobianNorm
 
 RHO = Param(
-    "rho", "SAM neighbourhood radius",
+    "rho",
+    "SAM neighbourhood radius",
     grids={"cifar10": (0.01, 0.05, 0.1, 0.15, 0.2), "imagenette": (0.2, 0.5, 1.0, 2.0, 3.0)},
-    defaults={"cifar10": 0.1, "imagenette": 0.2}, low=0.0,
+    defaults={"cifar10": 0.1, "imagenette": 0.2},
+    low=0.0,
 )
 
 
@@ -67,15 +69,27 @@ def bn_running_stats_frozen(model: nn.Module) -> Iterator[None]:
             m.momentum = momentum
 
 
-register(MechanismSpec(
-    "SAM", "sharpness-aware minimization with radius rho", (RHO,),
-    lambda m, family: Recipe(sam_rho=m["rho"]),
-))
-register(MechanismSpec(
-    "SAM&IR", "SAM whose inner loss is the IR loss", (RHO, LAMBDA_IR),
-    lambda m, family: Recipe(sam_rho=m["rho"], penalties=(InputGradientNorm(m["lambda_ir"]),)),
-))
-register(MechanismSpec(
-    "SAM&JR", "SAM whose inner loss is the JR loss", (RHO, LAMBDA_JR),
-    lambda m, family: Recipe(sam_rho=m["rho"], penalties=(InputJacobianNorm(m["lambda_jr"]),)),
-))
+register(
+    MechanismSpec(
+        "SAM",
+        "sharpness-aware minimization with radius rho",
+        (RHO,),
+        lambda m, family: Recipe(sam_rho=m["rho"]),
+    )
+)
+register(
+    MechanismSpec(
+        "SAM&IR",
+        "SAM whose inner loss is the IR loss",
+        (RHO, LAMBDA_IR),
+        lambda m, family: Recipe(sam_rho=m["rho"], penalties=(InputGradientNorm(m["lambda_ir"]),)),
+    )
+)
+register(
+    MechanismSpec(
+        "SAM&JR",
+        "SAM whose inner loss is the JR loss",
+        (RHO, LAMBDA_JR),
+        lambda m, family: Recipe(sam_rho=m["rho"], penalties=(InputJacobianNorm(m["lambda_jr"]),)),
+    )
+)

@@ -7,7 +7,19 @@ from raystudy.metrics.similarity import gradient_cosine, input_gradients
 from raystudy.metrics.smoothness import input_hessian_top_eigenvalue, smoothness
 
 __all__ = [
-    "ATTACKS", "EvalConfig", "EvalSet", "LinfAttack", "TransferCount", "autoattack", "evaluate_surrogate",
-    "fooling_rate", "gradient_cosine", "input_gradients", "input_hessian_top_eigenvalue", "make_attack",
-    "make_eval_set", "smoothness", "transfer_success",
+    "ATTACKS",
+    "EvalConfig",
+    "EvalSet",
+    "LinfAttack",
+    "TransferCount",
+    "autoattack",
+    "evaluate_surrogate",
+    "fooling_rate",
+    "gradient_cosine",
+    "input_gradients",
+    "input_hessian_top_eigenvalue",
+    "make_attack",
+    "make_eval_set",
+    "smoothness",
+    "transfer_success",
 ]

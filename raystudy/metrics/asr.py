@@ -9,9 +9,9 @@ import torch
 
 @dataclass(frozen=True)
 class TransferCount:
-    asr: float      # Definition 3: over samples both surrogate and target classify correctly when clean
+    asr: float  # Definition 3: over samples both surrogate and target classify correctly when clean
     asr_all: float  # the published code's: over every sample (untargeted: 1 - target accuracy on AEs)
-    support: int    # how many samples Definition 3 counts
+    support: int  # how many samples Definition 3 counts
 
 
 def transfer_success(
@@ -31,7 +31,9 @@ def transfer_success(
     return TransferCount(asr, float(success.float().mean()), support)
 
 
-def fooling_rate(y: torch.Tensor, surrogate_adversarial: torch.Tensor, target_class: torch.Tensor | None = None) -> float:
+def fooling_rate(
+    y: torch.Tensor, surrogate_adversarial: torch.Tensor, target_class: torch.Tensor | None = None
+) -> float:
     """Fraction of all AEs that fool the surrogate itself (FP)."""
     success = surrogate_adversarial != y if target_class is None else surrogate_adversarial == target_class
     return float(success.float().mean())

@@ -33,13 +33,19 @@ class LinfAttack:
     steps: int = 20
     step_size: float = 2 * PIXEL
     random_start: bool = False
-    momentum: float = 0.0          # MI's decay on the L1-normalized gradient; 0 = plain sign steps
-    diversity_prob: float = 0.0    # DI: probability of the resize-and-pad input transform per step
+    momentum: float = 0.0  # MI's decay on the L1-normalized gradient; 0 = plain sign steps
+    diversity_prob: float = 0.0  # DI: probability of the resize-and-pad input transform per step
     resize_range: tuple[float, float] = (0.75, 1.5)
     round_to_8bit: bool = True
 
-    def __call__(self, models: nn.Module | Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor,
-                 target: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        models: nn.Module | Sequence[nn.Module],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        target: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """AEs for `x` (labels `y`); `target` classes make it targeted. Several models (an LGV
         ensemble) are used one per iteration, cycling in a shuffled order."""
         models = list(models) if isinstance(models, (list, tuple)) else [models]
@@ -93,15 +99,23 @@ class LinfAttack:
         return padded if float(torch.rand(1, generator=generator)) < self.diversity_prob else x
 
 
-def make_attack(name: str, eps: float, steps: int = 20, step_size: float = 2 * PIXEL, random_start: bool = False) -> LinfAttack:
-    options = {"pgd": {}, "mi": {"momentum": 0.9}, "di": {"diversity_prob": 0.7}, "dim": {"momentum": 0.9, "diversity_prob": 0.7}}
+def make_attack(
+    name: str, eps: float, steps: int = 20, step_size: float = 2 * PIXEL, random_start: bool = False
+) -> LinfAttack:
+    options = {
+        "pgd": {},
+        "mi": {"momentum": 0.9},
+        "di": {"diversity_prob": 0.7},
+        "dim": {"momentum": 0.9, "diversity_prob": 0.7},
+    }
     if name not in options:
         raise ValueError(f"unknown iterative attack {name!r}; known: {', '.join(options)}")
     return LinfAttack(eps, steps, step_size, random_start, **options[name])
 
 
-def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, num_classes: int, seed: int = 0,
-               steps: int = 100) -> torch.Tensor:
+def autoattack(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, num_classes: int, seed: int = 0, steps: int = 100
+) -> torch.Tensor:
     """Standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) from torchattacks, untargeted.
 
     torchattacks' `AutoAttack` runs its sub-attacks with 10 steps and seeds from the clock; the
@@ -113,9 +127,19 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n
     with eval_mode(model):
         parts = [
             torchattacks.APGD(model, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=seed, loss="ce"),
-            torchattacks.APGDT(model, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=seed, n_classes=num_classes),
-            torchattacks.FAB(model, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=seed, multi_targeted=True,
-                             n_classes=num_classes),
+            torchattacks.APGDT(
+                model, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=seed, n_classes=num_classes
+            ),
+            torchattacks.FAB(
+                model,
+                norm="Linf",
+                eps=eps,
+                steps=steps,
+                n_restarts=1,
+                seed=seed,
+                multi_targeted=True,
+                n_classes=num_classes,
+            ),
             torchattacks.Square(model, norm="Linf", eps=eps, n_queries=5000, n_restarts=1, seed=seed),
         ]
         adversarial = torchattacks.MultiAttack(parts)(x, y)

@@ -42,20 +42,20 @@ TARGET_CLASS_RULES = ("random", "next")
 
 @dataclass(frozen=True)
 class EvalConfig:
-    n_eval: int | None = 1000            # images of the test set (seeded, class-balanced); None = all
-    seed: int = 0                        # the subset, the targeted classes, random starts, power iteration
+    n_eval: int | None = 1000  # images of the test set (seeded, class-balanced); None = all
+    seed: int = 0  # the subset, the targeted classes, random starts, power iteration
     budgets: tuple[int, ...] = (4, 8, 16)  # L-inf budgets in 1/255 units
     attacks: tuple[str, ...] = ("pgd",)
     modes: tuple[str, ...] = MODES
     steps: int = 20
     step_size: float = 2 * PIXEL
     random_start: bool = False
-    target_classes: str = "random"       # random (fixed, seeded, != y) or next ((y+1) mod m, the published code)
+    target_classes: str = "random"  # random (fixed, seeded, != y) or next ((y+1) mod m, the published code)
     smoothness_samples: int | None = None  # None = every evaluation image
     power_iterations: int = DEFAULT_ITERATIONS
     power_tolerance: float = DEFAULT_TOLERANCE
     batch_size: int = 250
-    autoattack_steps: int = 100          # the reference setting; fewer only for quick checks
+    autoattack_steps: int = 100  # the reference setting; fewer only for quick checks
 
     def __post_init__(self) -> None:
         bad = [a for a in self.attacks if a not in ATTACKS]
@@ -78,10 +78,10 @@ class EvalConfig:
 class EvalSet:
     """The fixed evaluation images of a study: which test images, their labels and attack targets."""
 
-    images: torch.Tensor          # uint8 (N, 3, H, W)
-    labels: torch.Tensor          # int64 (N,)
+    images: torch.Tensor  # uint8 (N, 3, H, W)
+    labels: torch.Tensor  # int64 (N,)
     target_classes: torch.Tensor  # int64 (N,), != labels
-    indices: np.ndarray           # positions in the test split (recorded with the experiment)
+    indices: np.ndarray  # positions in the test split (recorded with the experiment)
 
     def to(self, device) -> "EvalSet":
         return EvalSet(self.images.to(device), self.labels.to(device), self.target_classes.to(device), self.indices)
@@ -140,7 +140,9 @@ def _evaluate(surrogate, targets, data: EvalSet, config: EvalConfig, log) -> dic
         metrics.update({f"acc/{name}": float((clean[name] == y).float().mean()) for name in targets})
     with clock("smoothness"):
         k = min(config.smoothness_samples or len(x), len(x))
-        values = smoothness(surrogate, x[:k], y[:k], config.batch_size, config.power_iterations, config.power_tolerance, config.seed)
+        values = smoothness(
+            surrogate, x[:k], y[:k], config.batch_size, config.power_iterations, config.power_tolerance, config.seed
+        )
         metrics["smoothness/mean"], metrics["smoothness/max"] = float(values.mean()), float(values.max())
     with clock("similarity"):
         metrics.update(_similarities(surrogate, targets, x, y, config.batch_size))
@@ -150,8 +152,20 @@ def _evaluate(surrogate, targets, data: EvalSet, config: EvalConfig, log) -> dic
                 if attack == "autoattack" and mode == "targeted":
                     continue  # AutoAttack's targeted parts still aim at misclassification
                 for budget in config.budgets:
-                    metrics.update(_transfer(surrogate, targets, x, y, goal if mode == "targeted" else None,
-                                             attack, mode, budget, clean, config))
+                    metrics.update(
+                        _transfer(
+                            surrogate,
+                            targets,
+                            x,
+                            y,
+                            goal if mode == "targeted" else None,
+                            attack,
+                            mode,
+                            budget,
+                            clean,
+                            config,
+                        )
+                    )
     return metrics
 
 
@@ -174,16 +188,25 @@ def _craft(surrogate, x, y, goal, attack, budget, config, generator) -> torch.Te
     if attack == "autoattack":
         with torch.no_grad():
             num_classes = surrogate(x[:1]).shape[1]
-        return torch.cat([autoattack(surrogate, x[s], y[s], eps, num_classes, config.seed, config.autoattack_steps)
-                          for s in _batches(len(x), config.batch_size)])
+        return torch.cat(
+            [
+                autoattack(surrogate, x[s], y[s], eps, num_classes, config.seed, config.autoattack_steps)
+                for s in _batches(len(x), config.batch_size)
+            ]
+        )
     crafter = make_attack(attack, eps, config.steps, config.step_size, config.random_start)
     models = list(surrogate.members) if isinstance(surrogate, Ensemble) else surrogate  # LGV: one member per step
-    return torch.cat([crafter(models, x[s], y[s], None if goal is None else goal[s], generator)
-                      for s in _batches(len(x), config.batch_size)])
+    return torch.cat(
+        [
+            crafter(models, x[s], y[s], None if goal is None else goal[s], generator)
+            for s in _batches(len(x), config.batch_size)
+        ]
+    )
 
 
-def quick_transfer_asr(surrogate: nn.Module, targets: Mapping[str, nn.Module], eval_data: EvalSet, config: EvalConfig,
-                       budget: int = 8) -> float:
+def quick_transfer_asr(
+    surrogate: nn.Module, targets: Mapping[str, nn.Module], eval_data: EvalSet, config: EvalConfig, budget: int = 8
+) -> float:
     """Mean untargeted PGD ASR over the targets at one budget: a cheap proxy to report mid-training."""
     device = next(surrogate.parameters()).device
     data = eval_data.to(device)
@@ -202,8 +225,14 @@ def _transfer(surrogate, targets, x, y, goal, attack, mode, budget, clean, confi
     key = f"{attack}/{mode}/{budget}"
     out = {f"fooling/{key}": fooling_rate(y, _predict(surrogate, adversarial, config.batch_size), goal)}
     for name, target in targets.items():
-        count = transfer_success(y, clean["surrogate"], clean[name], _predict(target, adversarial, config.batch_size), goal)
-        out[f"asr/{key}/{name}"], out[f"asr_all/{key}/{name}"], out[f"support/{name}"] = count.asr, count.asr_all, count.support
+        count = transfer_success(
+            y, clean["surrogate"], clean[name], _predict(target, adversarial, config.batch_size), goal
+        )
+        out[f"asr/{key}/{name}"], out[f"asr_all/{key}/{name}"], out[f"support/{name}"] = (
+            count.asr,
+            count.asr_all,
+            count.support,
+        )
     for prefix in ("asr", "asr_all"):
         values = [out[f"{prefix}/{key}/{name}"] for name in targets if not math.isnan(out[f"{prefix}/{key}/{name}"])]
         out[f"{prefix}/{key}/mean"] = float(np.mean(values)) if values else float("nan")

@@ -30,8 +30,8 @@ DEFAULT_TOLERANCE = 1e-3
 @dataclass(frozen=True)
 class PowerIterationResult:
     eigenvalues: torch.Tensor  # (B,) signed Rayleigh quotients at the last iteration
-    iterations: int            # iterations run (all samples converged, or the cap)
-    converged: torch.Tensor    # (B,) bool: relative change below the tolerance
+    iterations: int  # iterations run (all samples converged, or the cap)
+    converged: torch.Tensor  # (B,) bool: relative change below the tolerance
 
 
 def summed_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -76,13 +76,22 @@ def input_hessian_top_eigenvalue(
     return PowerIterationResult(eigenvalues, done, converged)
 
 
-def smoothness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 250,
-               iterations: int = DEFAULT_ITERATIONS, tolerance: float = DEFAULT_TOLERANCE, seed: int = 0) -> torch.Tensor:
+def smoothness(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int = 250,
+    iterations: int = DEFAULT_ITERATIONS,
+    tolerance: float = DEFAULT_TOLERANCE,
+    seed: int = 0,
+) -> torch.Tensor:
     """|dominant input-Hessian eigenvalue| per sample (smaller = smoother), in eval mode, batched."""
     generator = torch.Generator().manual_seed(seed)
     with eval_mode(model):
         values = [
-            input_hessian_top_eigenvalue(model, x[i : i + batch_size], y[i : i + batch_size], iterations, tolerance, generator).eigenvalues
+            input_hessian_top_eigenvalue(
+                model, x[i : i + batch_size], y[i : i + batch_size], iterations, tolerance, generator
+            ).eigenvalues
             for i in range(0, len(x), batch_size)
         ]
     return torch.cat(values).abs()
