@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from raystudy.errors import RaystudyError
 
@@ -67,30 +68,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from raystudy.train import train
 
     lgv = args.mechanism == "LGV"  # a phase after training, spelled as a mechanism on the command line
-    mechanism = args.lgv_base if lgv else args.mechanism
+    mechanism = args.lgv_base if lgv else args.mechanism or TrainConfig.mechanism
     magnitudes = parse_magnitudes(args.magnitude, get_mechanism(mechanism))
-    config = TrainConfig.from_preset(
-        args.preset,
-        dataset=args.dataset,
-        model=args.model,
-        mechanism=mechanism,
-        magnitudes=magnitudes,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        warmup_epochs=args.warmup_epochs,
-        precision=args.precision,
-        seed=args.seed,
-        deterministic=args.deterministic,
-        checkpoint_every=args.checkpoint_every,
-        n_train=args.n_train,
-        n_test=args.n_test,
-        image_size=args.image_size,
-        pretrained=args.pretrained,
-        init_checkpoint=args.init,
-        data_path=args.data,
-    )
+    settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name in vars(args)}
+    config = TrainConfig.from_preset(args.preset, **{**settings, "mechanism": mechanism, "magnitudes": magnitudes})
     if lgv:
         config = _lgv_config(config, args)
     magnitude_text = ", ".join(f"{k}={v:g}" for k, v in config.magnitudes) or "no magnitude"
@@ -110,7 +91,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _lgv_config(trained, args: argparse.Namespace):
     from raystudy.lgv import LgvPhase
 
-    if not args.init:
+    if not args.init_checkpoint:
         raise RaystudyError("LGV fine-tunes a trained surrogate: pass its model file with --init")
     chosen = {
         "epochs": args.epochs,
@@ -119,7 +100,7 @@ def _lgv_config(trained, args: argparse.Namespace):
         "models_per_epoch": args.lgv_models_per_epoch,
     }
     phase = LgvPhase(base=trained.mechanism, **{k: v for k, v in chosen.items() if v is not None})
-    return phase.train_config(trained, args.init)
+    return phase.train_config(trained, args.init_checkpoint)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -227,8 +208,7 @@ def _metrics_table(metrics: dict, targets: list, config) -> str:
 
 
 def _attack_order(key: str) -> tuple:
-    from raystudy.metrics.attacks import ATTACKS
-    from raystudy.metrics.hook import MODES
+    from raystudy.config.evaluation import ATTACKS, MODES
 
     _, attack, mode, budget = key.split("/")
     return ATTACKS.index(attack), MODES.index(mode), int(budget)
@@ -246,11 +226,11 @@ def _str_list(text: str) -> tuple:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from raystudy.space import load_space
+    from raystudy.config import load_space
 
     for path in args.spaces:
         spec = load_space(path)
-        n = spec.search.num_samples if spec.search else len(spec.grid_configs())
+        n = spec.search.num_samples if spec.search else len(spec.plans)
         print(
             f"{path}: ok ({spec.kind} study {spec.name!r}, {n} trials, preset {spec.preset}, "
             f"{spec.dataset}/{spec.model})"
@@ -268,7 +248,7 @@ def _local_ray_on_loopback(args: argparse.Namespace) -> None:
 def _study_command(kind: str):
     def command(args: argparse.Namespace) -> int:
         _local_ray_on_loopback(args)
-        from raystudy.space import read_space
+        from raystudy.config import read_space
         from raystudy.storage import DEFAULT_STORAGE
         from raystudy.study import all_finished, run_study
 
@@ -317,43 +297,42 @@ def _positive_int(text: str) -> int:
 
 
 def _add_train(sub) -> None:
-    from raystudy.config import PRECISIONS, PRESETS
+    from raystudy.config import PRESETS
 
     p = sub.add_parser(
         "train",
         help="train one model (surrogate, target or LGV ensemble)",
         description="Train one model; rerun with the same --out to resume after an interruption.",
     )
-    p.add_argument("--dataset", default="cifar10", help="cifar10, imagenette or synthetic (default cifar10)")
-    p.add_argument("--data", help="data folder (default: $RAYSTUDY_DATA, else download CIFAR-10)")
-    p.add_argument("--model", default="resnet18", help="architecture (default resnet18)")
-    p.add_argument("--mechanism", default="ST", help="training mechanism (see `raystudy mechanisms`; default ST)")
+    p.add_argument("--preset", default="faithful", choices=sorted(PRESETS), help="recipe preset (default faithful)")
+    _add_config_flags(p)
     p.add_argument("--magnitude", help="e.g. 0.5, or rho=0.1,lambda_jr=1e-4 (default: the mechanism's default)")
-    p.add_argument("--preset", default="faithful", choices=sorted(PRESETS), help="schedule preset (default faithful)")
-    p.add_argument("--epochs", type=_positive_int)
-    p.add_argument("--batch-size", type=_positive_int)
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--warmup-epochs", type=_positive_int)
-    p.add_argument("--precision", choices=PRECISIONS)
-    p.add_argument("--seed", type=_positive_int, default=0)
-    p.add_argument("--deterministic", action="store_true", help="deterministic kernels (bit-exact resume on GPU)")
-    p.add_argument("--checkpoint-every", type=_positive_int, default=1, help="epochs between checkpoints (default 1)")
-    p.add_argument("--n-train", type=_positive_int, help="seeded class-balanced training subset")
-    p.add_argument("--n-test", type=_positive_int, help="seeded class-balanced test subset")
-    p.add_argument("--image-size", type=_positive_int, default=32, help="synthetic data only (default 32)")
-    p.add_argument(
-        "--pretrained",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="start from timm's ImageNet weights (default: the preset's; ImageNette fine-tunes, CIFAR does not)",
-    )
-    p.add_argument("--init", help="start from this model file (required for LGV)")
-    p.add_argument("--lgv-base", default="ST", help="LGV's update: ST, SAM or SAM&JR (default ST)")
-    p.add_argument("--lgv-models-per-epoch", type=_positive_int, help="LGV snapshots per epoch (default 4)")
+    p.add_argument("--lgv-base", default="ST", help="with --mechanism LGV: its update, ST, SAM or SAM&JR (default ST)")
+    p.add_argument("--lgv-models-per-epoch", type=_positive_int, help="with --mechanism LGV: snapshots per epoch (4)")
     p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda if available)")
     p.add_argument("--out", required=True, help="output folder: checkpoint.pt, model.pt, metrics.json")
     p.set_defaults(func=cmd_train)
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, from the field's type, default and metadata: the config is
+    the single list of training settings. Unset flags leave the preset's (or the field's) value."""
+    from raystudy.config import FAITHFUL, TrainConfig
+
+    from_preset = set(FAITHFUL["cifar10"])
+    for f in dataclasses.fields(TrainConfig):
+        if "help" not in f.metadata:
+            continue  # magnitudes: --magnitude
+        kind = str(f.type).split(" | ")[0]
+        default = "the preset's" if f.name in from_preset else f"{f.default}"
+        options: dict[str, Any] = {"dest": f.name, "default": None, "help": f"{f.metadata['help']} (default {default})"}
+        if kind == "bool":
+            options["action"] = argparse.BooleanOptionalAction
+        else:
+            options["type"] = {"int": _positive_int, "float": float}.get(kind, str)
+        if f.metadata["choices"]:
+            options["choices"] = f.metadata["choices"]
+        p.add_argument(f.metadata["flag"] or "--" + f.name.replace("_", "-"), **options)
 
 
 def _add_evaluate(sub) -> None:

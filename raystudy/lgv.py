@@ -9,86 +9,16 @@ iteration. `collect` runs the ordinary epoch loop (`raystudy.train.train`) with 
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Callable
 
 from raystudy.checkpoint import load_model
 from raystudy.config import TrainConfig
+from raystudy.config.lgv import LGV_BASES, LgvPhase
 from raystudy.data import Dataset
-from raystudy.errors import RaystudyError
 from raystudy.models import Ensemble
 
-LGV_BASES = ("ST", "SAM", "SAM&JR")  # METHOD.md: the fine-tuning may use SGD, SAM or SAM&JR
-
-
-@dataclass(frozen=True)
-class LgvPhase:
-    """How the ensemble is collected; `base=None` fine-tunes with the trained model's own mechanism."""
-
-    base: str | None = None
-    epochs: int = 10
-    lr: float = 0.05
-    models_per_epoch: int = 4
-    batch_size: int = 256
-
-    def __post_init__(self) -> None:
-        if self.base is not None and self.base not in LGV_BASES:
-            raise RaystudyError(f"lgv: base={self.base!r}; LGV fine-tunes with {', '.join(LGV_BASES)}")
-        for key in ("epochs", "models_per_epoch", "batch_size"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise RaystudyError(f"lgv: {key}={getattr(self, key)!r} must be a whole number >= 1")
-        if not self.lr > 0:
-            raise RaystudyError(f"lgv: lr={self.lr!r} must be > 0")
-
-    @classmethod
-    def parse(cls, value: Any) -> "LgvPhase | None":
-        """A study's `lgv:` entry: false/absent (no phase), true (the defaults) or a mapping of fields."""
-        if value is None or value is False:
-            return None
-        if value is True:
-            return cls()
-        if not isinstance(value, Mapping):
-            raise RaystudyError(f"lgv must be true, false or a mapping of {', '.join(cls.fields())}, not {value!r}")
-        unknown = sorted(set(value) - set(cls.fields()))
-        if unknown:
-            raise RaystudyError(
-                f"lgv: unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(cls.fields())}"
-            )
-        try:
-            return cls(**value)
-        except TypeError as err:
-            raise RaystudyError(f"lgv: {err}") from None
-
-    @staticmethod
-    def fields() -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(LgvPhase))
-
-    def base_for(self, trained: TrainConfig) -> str:
-        base = self.base or trained.mechanism
-        if base not in LGV_BASES:
-            raise RaystudyError(f"LGV fine-tunes with {', '.join(LGV_BASES)}, not {base} (set lgv: {{base: ...}})")
-        return base
-
-    def train_config(self, trained: TrainConfig, init_checkpoint: str) -> TrainConfig:
-        """The fine-tuning run: the trained config's data and model, the base's update at a constant lr."""
-        base = self.base_for(trained)
-        magnitudes = dict(trained.magnitudes) if base == trained.mechanism else {}
-        values = {
-            **trained.to_dict(),
-            "mechanism": base,
-            "magnitudes": magnitudes,
-            "epochs": self.epochs,
-            "lr": self.lr,
-            "batch_size": self.batch_size,
-            "warmup_epochs": 0,
-            "schedule": "constant",
-            "snapshots_per_epoch": self.models_per_epoch,
-            "init_checkpoint": init_checkpoint,
-            "pretrained": False,
-        }
-        return TrainConfig.from_dict(values)
+__all__ = ["LGV_BASES", "LgvPhase", "collect"]
 
 
 def collect(

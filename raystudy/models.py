@@ -7,12 +7,12 @@ pooling layer, so they also accept the enlarged images of the DI attack.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
+from raystudy.config.train import CIFAR_MODEL_NAMES, check_model_name
 from raystudy.data import CIFAR10_MEAN, CIFAR10_STD, CIFAR_MAX_INPUT
 from raystudy.errors import RaystudyError
 
@@ -111,20 +111,7 @@ CIFAR_MODELS: dict[str, Callable[[int], nn.Module]] = {
 }
 
 
-def check_model_name(name: str, input_size: int) -> None:
-    """Raise the same error `build_model` would for an unknown name, without building anything."""
-    if input_size <= CIFAR_MAX_INPUT:
-        if name not in CIFAR_MODELS:
-            raise RaystudyError(
-                f"unknown model {name!r} for {input_size}px inputs; known: {', '.join(sorted(CIFAR_MODELS))}"
-            )
-        return
-    import timm
-
-    if not timm.is_model(name):
-        raise RaystudyError(
-            f"unknown model {name!r}: not a timm model (e.g. resnet50, vgg16, densenet121, mobilenetv2_100)"
-        )
+assert tuple(sorted(CIFAR_MODELS)) == CIFAR_MODEL_NAMES, "the config's model list and the builders must agree"
 
 
 def build_model(
@@ -181,26 +168,6 @@ class Ensemble(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([m(x) for m in self.members]).mean(0)
-
-
-@contextmanager
-def eval_mode(*models: nn.Module, frozen: bool = False) -> Iterator[None]:
-    """Models in eval mode inside the block (and, with `frozen`, without parameter gradients);
-    each model's training flag and its parameters' requires_grad come back as they were."""
-    training = [m.training for m in models]
-    grads = [[p.requires_grad for p in m.parameters()] for m in models] if frozen else []
-    for m in models:
-        m.eval()
-        if frozen:
-            m.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for m, mode in zip(models, training):
-            m.train(mode)
-        for m, flags in zip(models, grads):
-            for p, flag in zip(m.parameters(), flags):
-                p.requires_grad_(flag)
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -14,8 +14,8 @@ from collections import Counter
 from typing import Any
 
 from raystudy import storage
+from raystudy.config import STUDY_RECORD, StudySpec, parse_space
 from raystudy.errors import RaystudyError
-from raystudy.space import STUDY_RECORD, StudySpec, parse_space
 from raystudy.trainable import FINAL_KEY, run_trial, targets_location
 
 BEST_CONFIG = "best_config.json"
@@ -56,13 +56,14 @@ def _resources(spec: StudySpec, local: bool) -> dict[str, float]:
 def _reporter(spec: StudySpec):
     from ray.tune import CLIReporter
 
+    metrics = {"epoch": "epoch", "test_acc": "test acc", "asr/pgd/untargeted/8/mean": "ASR pgd 8/255 (mean)"}
     if spec.kind == "search":
         parameters = {p.name: p.name for p in spec.search.params}
-    else:
-        parameters = {"trial/mechanism": "mechanism", "trial/magnitudes": "magnitudes", "trial/seed": "seed"}
-        if spec.kind == "targets":
-            parameters = {"trial/target_name": "target", "trial/seed": "seed"}
-    metrics = {"epoch": "epoch", "test_acc": "test acc", "asr/pgd/untargeted/8/mean": "ASR pgd 8/255 (mean)"}
+    elif spec.kind == "targets":
+        parameters = {"plan/target_name": "target", "plan/train/seed": "seed"}
+    else:  # the magnitudes come from each result's columns (a mapping in the plan)
+        parameters = {"plan/train/mechanism": "mechanism", "plan/train/seed": "seed"}
+        metrics = {"magnitudes": "magnitudes", **metrics}
     return CLIReporter(parameter_columns=parameters, metric_columns=metrics, max_report_frequency=30)
 
 
@@ -137,16 +138,8 @@ def _max_epochs(spec: StudySpec) -> int:
     """The longest schedule the search can pick (epochs may be searched)."""
     epochs = [p for p in spec.search.params if p.name == "epochs"]
     if not epochs:
-        return spec.train_config(_corner(spec)).epochs
+        return spec.search_corner().train.epochs
     return int(max(epochs[0].choices) if epochs[0].choices else epochs[0].high)
-
-
-def _corner(spec: StudySpec) -> dict[str, Any]:
-    from raystudy.space import search_point
-
-    return search_point(
-        spec.search, {p.name: p.choices[0] if p.choices else p.low for p in spec.search.params}, spec.seeds[0]
-    )
 
 
 def check_targets(spec: StudySpec, storage_path: str) -> list[str]:
@@ -173,8 +166,8 @@ def _write_record(spec: StudySpec, raw: Any, storage_path: str, experiment: str,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     if spec.kind != "targets":  # the evaluation images every trial uses, recorded once
-        config = spec.train_config(spec.grid_configs()[0] if spec.kind != "search" else _corner(spec))
-        dataset = dataset_for(config)
+        plan = spec.plans[0] if spec.kind != "search" else spec.search_corner()
+        dataset = dataset_for(plan.train)
         eval_set = make_eval_set(dataset.test, dataset.num_classes, spec.evaluation)
         record["eval_indices"] = eval_set.indices.tolist()
         record["eval_target_classes"] = eval_set.target_classes.tolist()
@@ -208,7 +201,7 @@ def run_study(
         param_space, searcher, scheduler = _search_setup(spec, experiment)
         num_samples = spec.search.num_samples
     else:
-        param_space = {"trial": tune.grid_search(spec.grid_configs())}
+        param_space = {"plan": tune.grid_search([plan.to_dict() for plan in spec.plans])}
     tuner = tune.Tuner(
         _trainable(spec, storage.normalize(storage_path), local=address is None),
         param_space=param_space,
@@ -295,6 +288,13 @@ def _stopped_early(result) -> bool:
 
 
 def _describe(config: dict[str, Any]) -> str:
+    """A trial in a line: its mechanism, magnitudes and seed (or target), or a search sample's values."""
+    if "plan" in config:
+        plan = config["plan"]
+        train = plan["train"]
+        magnitudes = ", ".join(f"{k}={v:g}" for k, v in dict(train["magnitudes"]).items())
+        who = plan.get("target_name") or f"{train['mechanism']} ({magnitudes or 'no magnitude'})"
+        return f"{who}, seed {train['seed']}"
     trial = config.get("trial", config)
     return ", ".join(f"{k}={v}" for k, v in trial.items())
 

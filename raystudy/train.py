@@ -41,7 +41,8 @@ from raystudy.data import Dataset, dataset_for, eval_batches, random_batch, trai
 from raystudy.errors import RaystudyError
 from raystudy.mechanisms import training_step
 from raystudy.mechanisms.sam import SAM
-from raystudy.models import build_model, eval_mode
+from raystudy.models import build_model
+from raystudy.modes import eval_mode
 
 
 class TrainingDiverged(RaystudyError):

@@ -5,7 +5,15 @@ recipe = get_mechanism("SAM&JR").recipe({"rho": 0.1, "lambda_jr": 1e-4}, "cifar1
 """
 
 from raystudy.mechanisms import adversarial, augmentation, gradient_norms, sam, standard  # noqa: F401 (registers)
-from raystudy.mechanisms.base import MECHANISMS, MechanismSpec, Param, Recipe, get_mechanism, parse_magnitudes
+from raystudy.mechanisms.base import (
+    MECHANISMS,
+    MechanismSpec,
+    Param,
+    Recipe,
+    get_mechanism,
+    mechanism_label,
+    parse_magnitudes,
+)
 from raystudy.mechanisms.step import objective, soft_cross_entropy, soft_targets, training_step
 
 # METHOD.md's order, for listings and tables.
@@ -21,6 +29,7 @@ __all__ = [
     "Param",
     "Recipe",
     "get_mechanism",
+    "mechanism_label",
     "parse_magnitudes",
     "objective",
     "soft_cross_entropy",

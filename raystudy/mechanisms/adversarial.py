@@ -9,7 +9,7 @@ from torch import nn
 
 from raystudy.mechanisms.base import MechanismSpec, Param, Recipe, register
 from raystudy.mechanisms.step import soft_cross_entropy
-from raystudy.models import eval_mode
+from raystudy.modes import eval_mode
 
 EPSILON = Param(
     "epsilon",

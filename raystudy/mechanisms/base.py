@@ -138,6 +138,21 @@ def grid_family(dataset: str) -> str:
     return GRID_FAMILY[dataset]
 
 
+def mechanism_label(mechanism: str, magnitudes: dict, dataset: str, lgv: bool = False) -> tuple[str, float]:
+    """'MU τ=1' for augmentations on their grid, 'AT' at the default, 'AT (epsilon=0.1)' elsewhere."""
+    spec = get_mechanism(mechanism)
+    family = grid_family(dataset)
+    tau = float("nan")
+    if not spec.params or magnitudes == spec.default_magnitudes(dataset) and not spec.tau5:
+        label = mechanism
+    elif spec.tau5 and len(spec.params) == 1 and magnitudes[spec.params[0].name] in spec.params[0].grids[family]:
+        tau = float(spec.params[0].grids[family].index(magnitudes[spec.params[0].name]) + 1)
+        label = f"{mechanism} τ={int(tau)}"
+    else:
+        label = f"{mechanism} (" + ", ".join(f"{k}={v:g}" for k, v in magnitudes.items()) + ")"
+    return (f"LGV-{label}" if lgv else label), tau
+
+
 def parse_magnitudes(text: str | None, spec: MechanismSpec) -> dict[str, float]:
     """'0.1' for a one-parameter mechanism, or 'rho=0.1,lambda_jr=1e-4'."""
     if text is None or text.strip() == "":

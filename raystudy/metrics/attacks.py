@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raystudy.models import eval_mode
+from raystudy.config.evaluation import ATTACKS, PIXEL
+from raystudy.modes import eval_mode
 
-ATTACKS = ("pgd", "mi", "di", "dim", "autoattack")
-PIXEL = 1 / 255
+__all__ = ["ATTACKS", "PIXEL", "LinfAttack", "autoattack", "make_attack", "round_to_8bit"]
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raystudy.models import eval_mode
-
-DEFAULT_ITERATIONS = 20
-DEFAULT_TOLERANCE = 1e-3
+from raystudy.config.evaluation import DEFAULT_ITERATIONS, DEFAULT_TOLERANCE
+from raystudy.modes import eval_mode
 
 
 @dataclass(frozen=True)

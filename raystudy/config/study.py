@@ -1,5 +1,9 @@
 """Search-space files: YAML in, one frozen, validated `StudySpec` out (no Ray here).
 
+A grid or targets study is expanded at load into resolved `TrialPlan`s (trials x seeds, each with
+its full `TrainConfig`); a search sample becomes a plan through `StudySpec.plan_for_sample`. Ray
+passes plans (`TrialPlan.to_dict`) to the trainable; every check runs here, once.
+
 A study file names what to train and how to measure it:
 
     name: table                    # experiment name under the storage path
@@ -39,11 +43,10 @@ from typing import Any, Mapping
 
 import yaml
 
-from raystudy.config import PRESETS, TrainConfig
+from raystudy.config.evaluation import EvalConfig
+from raystudy.config.lgv import LGV_BASES, LgvPhase
+from raystudy.config.train import PRESETS, TrainConfig, check_model_name
 from raystudy.errors import RaystudyError
-from raystudy.lgv import LGV_BASES, LgvPhase
-from raystudy.metrics.hook import EvalConfig
-from raystudy.models import check_model_name
 
 KINDS = ("grid", "targets", "search")
 STUDY_RECORD = "raystudy-study.json"  # written beside Ray's files in every experiment
@@ -75,18 +78,45 @@ class TrialSpec:
     lgv: LgvPhase | None = None  # after training, collect an LGV ensemble (raystudy.lgv) and attack with it
     train: tuple[tuple[str, Any], ...] = ()  # this trial's overrides of the study's training settings
 
-    def as_config(self, seed: int, name: str | None = None) -> dict[str, Any]:
-        """The dict Ray shows and records as the trial's config."""
-        out = {"mechanism": self.mechanism, "magnitudes": dict(self.magnitudes), "seed": seed}
-        if self.model:
-            out["model"] = self.model
-        if self.lgv:  # the defaults as `true`, as a study file writes them; else the phase's fields
-            out["lgv"] = True if self.lgv == LgvPhase() else dataclasses.asdict(self.lgv)
-        if self.train:
-            out["train"] = dict(self.train)
-        if name:
-            out["target_name"] = name
-        return out
+
+@dataclass(frozen=True)
+class TrialPlan:
+    """One trial, resolved: what Ray passes to the trainable and what the trial's record holds."""
+
+    train: TrainConfig
+    lgv: LgvPhase | None = None  # after training, collect an LGV ensemble and attack with it
+    target_name: str | None = None  # targets studies: the name the trained target is saved under
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested JSON (Ray's params.json); `from_dict` reads it back."""
+        return {
+            "train": self.train.to_dict(),
+            "lgv": None if self.lgv is None else dataclasses.asdict(self.lgv),
+            "target_name": self.target_name,
+        }
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "TrialPlan":
+        lgv = values.get("lgv")
+        phase = None if lgv is None else LgvPhase(**lgv)
+        return cls(TrainConfig.from_dict(values["train"]), phase, values.get("target_name"))
+
+    def identity(self) -> dict[str, Any]:
+        """Who the trial is: the columns of progress tables and of the analysis."""
+        return {
+            "mechanism": self.train.mechanism,
+            "magnitudes": dict(self.train.magnitudes),
+            "seed": self.train.seed,
+            "model": self.train.model,
+            "lgv": self.lgv is not None,
+            "target_name": self.target_name,
+        }
+
+    def key(self) -> str:
+        """The plan's identity within its study (where the data lives is not part of it)."""
+        values = self.to_dict()
+        values["train"].pop("data_path", None)
+        return json.dumps(values, sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -109,6 +139,7 @@ class SearchSpec:
     # ASHA early stopping on a small-sample PGD ASR reported every `proxy_every` epochs (0 = off).
     proxy_every: int = 0
     proxy_n_eval: int = 100
+    proxy_budget: int = 8  # the proxy's L-inf budget in 1/255 (one of the evaluation's budgets)
     grace_period: int = 1
 
 
@@ -120,7 +151,7 @@ class StudySpec:
     dataset: str
     model: str
     seeds: tuple[int, ...]
-    trials: tuple[TrialSpec, ...]
+    plans: tuple[TrialPlan, ...]  # grid and targets studies: every trial x seed, in file order
     train: tuple[tuple[str, Any], ...] = ()
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     resources: Resources = field(default_factory=Resources)
@@ -131,46 +162,85 @@ class StudySpec:
     description: str = ""
     source: str = ""  # the file it came from, for messages
 
-    def train_config(self, trial: Mapping[str, Any]) -> TrainConfig:
-        """The TrainConfig of one trial (a dict made by `TrialSpec.as_config` or by the searcher)."""
-        overrides = dict(self.train)
-        overrides.update(trial.get("train", {}))
-        return TrainConfig.from_preset(
-            self.preset,
-            dataset=self.dataset,
-            model=trial.get("model") or self.model,
-            mechanism=trial["mechanism"],
-            magnitudes=trial.get("magnitudes", {}),
-            seed=int(trial["seed"]),
-            data_path=self.data,
-            **overrides,
-        )
+    def plan_for_sample(self, values: Mapping[str, Any]) -> TrialPlan:
+        """A search sample (magnitudes, and searchable training settings) as a trial plan."""
+        search = self.search
+        magnitudes = {k: v for k, v in values.items() if k not in SEARCHABLE_TRAIN_KEYS}
+        overrides = {k: v for k, v in values.items() if k in SEARCHABLE_TRAIN_KEYS}
+        return TrialPlan(_train_config(self, search.mechanism, magnitudes, self.model, self.seeds[0], overrides))
 
-    def grid_configs(self) -> list[dict[str, Any]]:
-        """Every trial x seed of a grid or targets study, in file order."""
-        configs = []
-        for trial in self.trials:
-            for seed in self.seeds:
-                name = target_name(trial, self.dataset, seed, len(self.seeds)) if self.kind == "targets" else None
-                configs.append(trial.as_config(seed, name))
-        return configs
+    def plan_from_ray(self, config: Mapping[str, Any]) -> TrialPlan:
+        """The plan of a trial from the config Ray gave it (and recorded in params.json)."""
+        if "plan" in config:
+            return TrialPlan.from_dict(config["plan"])
+        if "trial" in config:  # experiments written before plans: {"trial": {mechanism, magnitudes, seed, ...}}
+            return _legacy_plan(self, config["trial"])
+        return self.plan_for_sample(config)
+
+    def search_corner(self, corner: str = "low") -> TrialPlan:
+        """The plan at one corner of the search box (choices: the first)."""
+        values = {p.name: p.choices[0] if p.choices else getattr(p, corner) for p in self.search.params}
+        return self.plan_for_sample(values)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True, default=list)
 
 
-def target_name(trial: TrialSpec, dataset: str, seed: int, n_seeds: int) -> str:
+def target_name(config: TrainConfig, n_seeds: int) -> str:
     """A target's name says how it was trained: `vgg16`, `vgg16_MU_p0.5`, `vgg16_AT_epsilon0.1_s1`."""
-    from raystudy.mechanisms import get_mechanism
-
-    parts = [trial.model]
-    if trial.mechanism != "ST":
-        parts.append(trial.mechanism.replace("&", "and"))
-        magnitudes = get_mechanism(trial.mechanism).resolve(dict(trial.magnitudes), dataset)
-        parts.extend(f"{name}{value:g}" for name, value in magnitudes.items())
+    parts = [config.model]
+    if config.mechanism != "ST":
+        parts.append(config.mechanism.replace("&", "and"))
+        parts.extend(f"{name}{value:g}" for name, value in config.magnitudes)
     if n_seeds > 1:
-        parts.append(f"s{seed}")
+        parts.append(f"s{config.seed}")
     return "_".join(parts)
+
+
+def _train_config(
+    spec,
+    mechanism: str,
+    magnitudes: Mapping[str, float],
+    model: str | None,
+    seed: int,
+    overrides: Mapping[str, Any] = (),
+) -> TrainConfig:
+    """The one place a trial's TrainConfig is made: the preset, the study's settings, the trial's."""
+    values = {**dict(spec.train), **dict(overrides)}
+    return TrainConfig.from_preset(
+        spec.preset,
+        dataset=spec.dataset,
+        model=model or spec.model,
+        mechanism=mechanism,
+        magnitudes=dict(magnitudes),
+        seed=seed,
+        data_path=spec.data,
+        **values,
+    )
+
+
+def _plans(spec, entries: tuple[TrialSpec, ...]) -> tuple[TrialPlan, ...]:
+    """Every entry x seed of a grid or targets study, resolved, in file order."""
+    plans = []
+    for entry in entries:
+        for seed in spec.seeds:
+            config = _train_config(spec, entry.mechanism, dict(entry.magnitudes), entry.model, seed, dict(entry.train))
+            name = target_name(config, len(spec.seeds)) if spec.kind == "targets" else None
+            plans.append(TrialPlan(config, entry.lgv, name))
+    return tuple(plans)
+
+
+def _legacy_plan(spec, trial: Mapping[str, Any]) -> TrialPlan:
+    """Migrate a trial config written before plans ({mechanism, magnitudes, seed, model, lgv, train})."""
+    config = _train_config(
+        spec,
+        trial["mechanism"],
+        trial.get("magnitudes", {}),
+        trial.get("model"),
+        int(trial["seed"]),
+        trial.get("train", {}),
+    )
+    return TrialPlan(config, LgvPhase.parse(trial.get("lgv")), trial.get("target_name"))
 
 
 class _Reader:
@@ -244,7 +314,7 @@ def parse_space(values: Any, where: str, data: str | None = None) -> StudySpec:
         dataset=r.get("dataset", "cifar10", str),
         model=r.get("model", "resnet18", str),
         seeds=_seeds(r.get("seeds", [0]), where),
-        trials=_trials(r.get("trials", [] if kind == "search" else ..., list), kind, where),
+        plans=(),  # expanded from the entries below, once the spec is complete
         train=_train(r.get("train", {}), where),
         evaluation=_evaluation(r.get("evaluation", {}), where),
         resources=_resources(r.get("resources", {}), where),
@@ -255,9 +325,9 @@ def parse_space(values: Any, where: str, data: str | None = None) -> StudySpec:
         description=r.get("description", "", str),
         source=where,
     )
+    entries = _trials(r.get("trials", [] if kind == "search" else ..., list), kind, where)
     r.finish()
-    _validate(spec, where)
-    return spec
+    return _validate(spec, entries, where)
 
 
 def _name(name: str, where: str) -> str:
@@ -399,6 +469,7 @@ def _search(values: Any, where: str) -> SearchSpec:
         seed=r.get("seed", 0, int),
         proxy_every=r.get("proxy_every", 0, int),
         proxy_n_eval=r.get("proxy_n_eval", 100, int),
+        proxy_budget=r.get("proxy_budget", 8, int),
         grace_period=r.get("grace_period", 1, int),
     )
     r.finish()
@@ -411,16 +482,16 @@ def _search(values: Any, where: str) -> SearchSpec:
     return search
 
 
-def _validate(spec: StudySpec, where: str) -> None:
-    """Build every trial's TrainConfig once, so a bad mechanism or magnitude fails before Ray starts."""
+def _validate(spec: StudySpec, entries: tuple[TrialSpec, ...], where: str) -> StudySpec:
+    """Resolve every trial's plan once (a bad mechanism, magnitude or setting fails before Ray
+    starts), and check what spans several sections; returns the spec with its plans."""
     input_size = 224 if spec.dataset == "imagenette" else dict(spec.train).get("image_size", 32)
     try:
         check_model_name(spec.model, input_size)
-        for trial in spec.trials:
-            if trial.model:
-                check_model_name(trial.model, input_size)
-        for config in spec.grid_configs():
-            spec.train_config(config)
+        for entry in entries:
+            if entry.model:
+                check_model_name(entry.model, input_size)
+        spec = dataclasses.replace(spec, plans=_plans(spec, entries))
         if spec.search is not None:
             _validate_search(spec)
     except RaystudyError as err:
@@ -429,6 +500,7 @@ def _validate(spec: StudySpec, where: str) -> None:
         raise RaystudyError(f"{where}: a setting has the wrong type ({err})") from None
     if spec.kind != "targets" and not spec.targets:
         raise RaystudyError(f"{where}: missing key 'targets' (the name of the targets study to attack)")
+    return spec
 
 
 def _validate_search(spec: StudySpec) -> None:
@@ -441,21 +513,39 @@ def _validate_search(spec: StudySpec) -> None:
                 f"search: {spec.search.mechanism} has no magnitude {param.name!r}; searchable: "
                 f"{', '.join(sorted(known | set(SEARCHABLE_TRAIN_KEYS)))}"
             )
-    # The corners of the box must be valid magnitudes.
-    for corner in ("low", "high"):
-        trial = search_point(
-            spec.search,
-            {p.name: (getattr(p, corner) if not p.choices else p.choices[0]) for p in spec.search.params},
-            spec.seeds[0],
+    _check_metric(spec.search.metric, spec.evaluation, "search: metric")
+    if spec.search.proxy_every and spec.search.proxy_budget not in spec.evaluation.budgets:
+        raise RaystudyError(
+            f"search: proxy_budget={spec.search.proxy_budget} is not one of the evaluation budgets "
+            f"{list(spec.evaluation.budgets)}"
         )
-        spec.train_config(trial)
+    for corner in ("low", "high"):  # the corners of the box must be valid magnitudes
+        spec.search_corner(corner)
 
 
-def search_point(search: SearchSpec, values: Mapping[str, Any], seed: int) -> dict[str, Any]:
-    """A searcher's flat sample as a trial config: magnitudes apart from training settings."""
-    return {
-        "mechanism": search.mechanism,
-        "seed": seed,
-        "magnitudes": {k: v for k, v in values.items() if k not in SEARCHABLE_TRAIN_KEYS},
-        "train": {k: v for k, v in values.items() if k in SEARCHABLE_TRAIN_KEYS},
+SCALAR_METRICS = ("acc", "smoothness/mean", "smoothness/max", "similarity/mean", "test_acc")
+
+
+def _check_metric(metric: str, evaluation: EvalConfig, where: str) -> None:
+    """A metric the hook computes: asr|asr_all/<attack>/<mode>/<budget>/<target|mean>,
+    fooling/<attack>/<mode>/<budget>, or one of SCALAR_METRICS."""
+    parts = metric.split("/")
+    if metric in SCALAR_METRICS:
+        return
+    shapes = {"asr": 5, "asr_all": 5, "fooling": 4}
+    if parts[0] not in shapes or len(parts) != shapes[parts[0]]:
+        raise RaystudyError(
+            f"{where}={metric!r} is not a metric the hook reports (e.g. asr/pgd/untargeted/8/mean, fooling/pgd/"
+            f"untargeted/8, {', '.join(SCALAR_METRICS)})"
+        )
+    attack, mode, budget = parts[1], parts[2], parts[3]
+    computed = {
+        "attack": (attack, evaluation.attacks),
+        "mode": (mode, evaluation.modes),
+        "budget": (budget, tuple(str(b) for b in evaluation.budgets)),
     }
+    for what, (value, known) in computed.items():
+        if value not in known:
+            raise RaystudyError(f"{where}={metric!r}: the evaluation computes no {what} {value!r} ({', '.join(known)})")
+    if attack == "autoattack" and mode == "targeted":
+        raise RaystudyError(f"{where}={metric!r}: AutoAttack runs untargeted only")

@@ -11,10 +11,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from raystudy.data import CIFAR_MAX_INPUT
 from raystudy.errors import RaystudyError
 from raystudy.mechanisms import get_mechanism
 from raystudy.mechanisms.base import grid_family
 
+# The CIFAR variants raystudy.models builds (for inputs of at most CIFAR_MAX_INPUT pixels); larger
+# inputs take any timm model by name.
+CIFAR_MODEL_NAMES = ("densenet121", "inception_v3", "resnet18", "resnet50", "tiny_cnn", "vgg16")
 PRECISIONS = ("fp32", "bf16")
 SCHEDULES = ("cosine", "constant")
 SAM_BN_MODES = ("both", "first")  # which SAM passes update BatchNorm's running statistics
@@ -23,30 +27,21 @@ SAM_BN_MODES = ("both", "first")  # which SAM passes update BatchNorm's running 
 # the method: batch size and weight decay set how sharp the minimum is (smoothness is what the
 # study measures), IR's and JR's magnitudes are batch-128 magnitudes, and fp32 keeps AT's smallest
 # perturbations (bf16 rounds most of an eps=0.01 perturbation away before the first convolution).
+CIFAR10_RECIPE = dict(
+    epochs=200,
+    batch_size=128,
+    lr=0.1,
+    momentum=0.9,
+    weight_decay=1e-4,
+    warmup_epochs=10,
+    schedule="cosine",
+    precision="fp32",
+    pretrained=False,
+)
 FAITHFUL: dict[str, dict[str, Any]] = {
-    "cifar10": dict(
-        epochs=200,
-        batch_size=128,
-        lr=0.1,
-        momentum=0.9,
-        weight_decay=1e-4,
-        warmup_epochs=10,
-        schedule="cosine",
-        precision="fp32",
-        pretrained=False,
-    ),
+    "cifar10": CIFAR10_RECIPE,
     # ResNet-50 (and the timm targets) fine-tuned from ImageNet weights; lr as METHOD.md states it.
-    "imagenette": dict(
-        epochs=50,
-        batch_size=128,
-        lr=1.0,
-        momentum=0.9,
-        weight_decay=1e-4,
-        warmup_epochs=5,
-        schedule="cosine",
-        precision="fp32",
-        pretrained=True,
-    ),
+    "imagenette": {**CIFAR10_RECIPE, "epochs": 50, "warmup_epochs": 5, "lr": 1.0, "pretrained": True},
 }
 # "fast" is the faithful recipe with a fifth of its epochs (warm-up kept at the same fraction):
 # the same loss at every step, only a shorter schedule. Throughput comes from packing trials
@@ -65,33 +60,50 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+def _setting(default: Any, help: str, flag: str | None = None, choices: tuple[str, ...] = ()) -> Any:
+    """A TrainConfig field with what `raystudy train` needs to offer it as a flag (help, name, choices)."""
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    dataset: str = "cifar10"
-    model: str = "resnet18"
-    mechanism: str = "ST"
-    # Every magnitude of the mechanism (defaults filled in), as sorted (name, value) pairs.
+    """One training run. Every field but `magnitudes` is also a `raystudy train` flag (its metadata)."""
+
+    dataset: str = _setting("cifar10", "cifar10, imagenette or synthetic")
+    model: str = _setting("resnet18", "architecture (CIFAR variants or, for large inputs, any timm model)")
+    mechanism: str = _setting("ST", "training mechanism (see `raystudy mechanisms`)")
+    # Every magnitude of the mechanism (defaults filled in), as sorted (name, value) pairs (flag: --magnitude).
     magnitudes: tuple[tuple[str, float], ...] = ()
-    epochs: int = 200
-    batch_size: int = 128
-    lr: float = 0.1  # peak learning rate
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_epochs: int = 10  # linear warm-up, then the schedule
-    schedule: str = "cosine"  # cosine decay to 0 per epoch, or constant
-    precision: str = "fp32"  # fp32 or bf16 autocast
-    seed: int = 0  # weights, batches, augmentation, mechanisms
-    data_seed: int = 0  # which n_train / n_test subset (same for every trial)
-    deterministic: bool = False  # deterministic kernels (slower on GPU)
-    checkpoint_every: int = 1  # epochs between resumable checkpoints
-    n_train: int | None = None  # seeded class-balanced subsets; None = whole split
-    n_test: int | None = None
-    image_size: int = 32  # synthetic data only
-    pretrained: bool = False  # timm weights (ImageNette models)
-    init_checkpoint: str | None = None  # start from these weights (LGV's fine-tuning)
-    snapshots_per_epoch: int = 0  # models saved along each epoch (LGV's collection)
-    sam_bn: str = "both"  # BN running statistics updated by both SAM passes (published) or the first only
-    data_path: str | None = field(default=None, compare=False)  # where this machine keeps the data
+    epochs: int = _setting(200, "epochs")
+    batch_size: int = _setting(128, "batch size (IR/JR magnitudes are rescaled from batch 128)")
+    lr: float = _setting(0.1, "peak learning rate")
+    momentum: float = _setting(0.9, "SGD momentum")
+    weight_decay: float = _setting(1e-4, "weight decay (base SGD step only)")
+    warmup_epochs: int = _setting(10, "linear warm-up epochs, then the schedule")
+    schedule: str = _setting("cosine", "cosine decay to 0 per epoch, or constant", choices=SCHEDULES)
+    precision: str = _setting("fp32", "fp32, or bf16 autocast (refused for AT, IR, JR)", choices=PRECISIONS)
+    seed: int = _setting(0, "seed of weights, batches, augmentation and mechanisms")
+    data_seed: int = _setting(0, "seed of the --n-train/--n-test subsets (the same for every trial)")
+    deterministic: bool = _setting(False, "deterministic kernels (bit-exact resume on GPU; slower)")
+    checkpoint_every: int = _setting(1, "epochs between resumable checkpoints")
+    n_train: int | None = _setting(None, "seeded class-balanced training subset (default: the whole split)")
+    n_test: int | None = _setting(None, "seeded class-balanced test subset (default: the whole split)")
+    image_size: int = _setting(32, "image side of the synthetic dataset")
+    pretrained: bool = _setting(False, "start from timm's ImageNet weights (ImageNette fine-tunes)")
+    init_checkpoint: str | None = _setting(None, "start from this model file (LGV's fine-tuning)", flag="--init")
+    snapshots_per_epoch: int = _setting(0, "models saved along each epoch (LGV's collection)")
+    sam_bn: str = _setting(
+        "both", "BN statistics updated by both SAM passes (published) or the first", choices=SAM_BN_MODES
+    )
+    data_path: str | None = field(  # where this machine keeps the data: not part of the run's identity
+        default=None,
+        compare=False,
+        metadata={
+            "help": "data folder (default: $RAYSTUDY_DATA, else download CIFAR-10)",
+            "flag": "--data",
+            "choices": (),
+        },
+    )
 
     def __post_init__(self) -> None:
         spec = get_mechanism(self.mechanism)
@@ -129,7 +141,8 @@ class TrainConfig:
         return dataclasses.replace(recipe, sam_bn_second_pass=self.sam_bn == "both")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain nested data (magnitudes as a mapping); `from_dict` reads it back."""
+        return {**dataclasses.asdict(self), "magnitudes": dict(self.magnitudes)}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -165,6 +178,22 @@ class TrainConfig:
         return [
             f.name for f in dataclasses.fields(self) if f.compare and getattr(self, f.name) != getattr(other, f.name)
         ]
+
+
+def check_model_name(name: str, input_size: int) -> None:
+    """Raise the same error `build_model` would for an unknown name, without building anything."""
+    if input_size <= CIFAR_MAX_INPUT:
+        if name not in CIFAR_MODEL_NAMES:
+            raise RaystudyError(
+                f"unknown model {name!r} for {input_size}px inputs; known: {', '.join(CIFAR_MODEL_NAMES)}"
+            )
+        return
+    import timm
+
+    if not timm.is_model(name):
+        raise RaystudyError(
+            f"unknown model {name!r}: not a timm model (e.g. resnet50, vgg16, densenet121, mobilenetv2_100)"
+        )
 
 
 def _check(ok: bool, key: str, value: Any, why: str) -> None:

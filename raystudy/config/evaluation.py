@@ -1,0 +1,50 @@
+"""What the trial-end hook measures: the typed, frozen evaluation settings (no torch here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from raystudy.errors import RaystudyError
+
+ATTACKS = ("pgd", "mi", "di", "dim", "autoattack")
+MODES = ("untargeted", "targeted")
+TARGET_CLASS_RULES = ("random", "next")
+PIXEL = 1 / 255
+# Power iteration for smoothness: iterations, and the relative change at which a sample has converged.
+DEFAULT_ITERATIONS = 20
+DEFAULT_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    n_eval: int | None = 1000  # images of the test set (seeded, class-balanced); None = all
+    seed: int = 0  # the subset, the targeted classes, random starts, power iteration
+    budgets: tuple[int, ...] = (4, 8, 16)  # L-inf budgets in 1/255 units
+    attacks: tuple[str, ...] = ("pgd",)
+    modes: tuple[str, ...] = MODES
+    steps: int = 20
+    step_size: float = 2 * PIXEL
+    random_start: bool = False
+    target_classes: str = "random"  # random (fixed, seeded, != y) or next ((y+1) mod m, the published code)
+    smoothness_samples: int | None = None  # None = every evaluation image
+    power_iterations: int = DEFAULT_ITERATIONS
+    power_tolerance: float = DEFAULT_TOLERANCE
+    batch_size: int = 250
+    autoattack_steps: int = 100  # the reference setting; fewer only for quick checks
+
+    def __post_init__(self) -> None:
+        bad = [a for a in self.attacks if a not in ATTACKS]
+        if bad or not self.attacks:
+            raise RaystudyError(f"unknown attack(s) {', '.join(bad) or '(none)'}; known: {', '.join(ATTACKS)}")
+        if not self.modes or any(m not in MODES for m in self.modes):
+            raise RaystudyError(f"modes {self.modes!r}: each must be one of {', '.join(MODES)}")
+        whole = all(isinstance(b, int) and not isinstance(b, bool) for b in self.budgets)
+        if not self.budgets or not whole or any(not 0 < b <= 255 for b in self.budgets):
+            raise RaystudyError(f"budgets {self.budgets!r} must be whole numbers of 1/255 in (0, 255]")
+        if self.target_classes not in TARGET_CLASS_RULES:
+            raise RaystudyError(f"target_classes={self.target_classes!r}; known: {', '.join(TARGET_CLASS_RULES)}")
+        for key in ("n_eval", "smoothness_samples"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise RaystudyError(f"{key}={getattr(self, key)} must be >= 1")
+        if self.steps < 1 or self.batch_size < 1 or self.power_iterations < 1:
+            raise RaystudyError("steps, batch_size and power_iterations must be >= 1")

@@ -1,0 +1,28 @@
+"""Model modes: a block that runs models in eval mode and gives each its own mode back."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+from torch import nn
+
+
+@contextmanager
+def eval_mode(*models: nn.Module, frozen: bool = False) -> Iterator[None]:
+    """Models in eval mode inside the block (and, with `frozen`, without parameter gradients);
+    each model's training flag and its parameters' requires_grad come back as they were."""
+    training = [m.training for m in models]
+    grads = [[p.requires_grad for p in m.parameters()] for m in models] if frozen else []
+    for m in models:
+        m.eval()
+        if frozen:
+            m.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for m, mode in zip(models, training):
+            m.train(mode)
+        for m, flags in zip(models, grads):
+            for p, flag in zip(m.parameters(), flags):
+                p.requires_grad_(flag)
