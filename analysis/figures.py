@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis.tables import BASELINE, label_order, wide  # noqa: E402
+from raystudy.record import MetricRow  # noqa: E402
 
 CURVE_ORDER = ("AT", "MU", "CM", "CO", "LS", "IR", "JR", "ER", "SAM")  # AT's inverted U first
 
@@ -27,28 +28,24 @@ def magnitude_curves(tidy: pd.DataFrame, out: Path, attack: str = "pgd") -> list
     single = table[table.magnitude.notna() & ~table.lgv]
     baseline = table[(table.mechanism == BASELINE) & ~table.lgv]
     mechanisms = [m for m in CURVE_ORDER if single[single.mechanism == m].magnitude.nunique() >= 2]
+    asr = tidy[(tidy.name == "asr") & (tidy.attack == attack) & (tidy["mode"] == "untargeted")]
+    asr = asr[asr.target == "mean"]
+    budgets = sorted(int(b) for b in asr.budget.dropna().unique())
     for mechanism in mechanisms:
         rows = pd.concat([baseline.assign(magnitude=0.0), single[single.mechanism == mechanism]])
         path = out / f"curve_{mechanism}.png"
-        _curve_figure(rows, mechanism, attack, path)
+        _curve_figure(rows, mechanism, attack, budgets, path)
         figures.append((mechanism, path))
     return figures
 
 
-def _curve_figure(rows: pd.DataFrame, mechanism: str, attack: str, path: Path) -> None:
+def _curve_figure(rows: pd.DataFrame, mechanism: str, attack: str, budgets: list[int], path: Path) -> None:
     magnitudes = sorted(rows.magnitude.unique())
     positions = {m: i for i, m in enumerate(magnitudes)}  # evenly spaced: the grids are roughly geometric
-    budgets = sorted(
-        {
-            int(c.split("/")[3])
-            for c in rows.columns
-            if isinstance(c, str) and c.startswith(f"asr/{attack}/untargeted/") and c.endswith("/mean")
-        }
-    )
     panels = [
         (
             f"ASR % ({attack}, untargeted, mean over targets)",
-            [(f"asr/{attack}/untargeted/{b}/mean", f"{b}/255", 100) for b in budgets],
+            [(MetricRow("asr", 0.0, attack, "untargeted", b, target="mean").key, f"{b}/255", 100) for b in budgets],
         ),
         ("smoothness (mean |λmax|)", [("smoothness/mean", None, 1)]),
         ("gradient similarity (mean over targets)", [("similarity/mean", None, 1)]),

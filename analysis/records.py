@@ -2,20 +2,24 @@
 
 An experiment is what `raystudy run/search/targets` wrote: `raystudy-study.json` (the study file,
 the evaluation images, the targets) and one folder per trial holding Ray's `params.json` (the
-trial's config), `result.json` (one JSON line per report; the trial-end hook's metrics are in the
-line with `final: 1`) and, if it failed, `error.txt`. Trials are found by those files and
-identified by their recorded config, never by folder names.
+trial's plan), `result.json` (one JSON line per report; the line with `final: 1` carries the
+trial's record: identity, plan, versions and metric rows, see raystudy.record) and, if it failed,
+`error.txt`. Trials are found by those files and identified by their recorded plan, never by
+folder names. Experiments written before records are migrated on read (`_migrate`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from raystudy import storage
+from raystudy.config import STUDY_RECORD, StudySpec, TrialPlan, parse_space
 from raystudy.errors import RaystudyError
-from raystudy.space import STUDY_RECORD, StudySpec, parse_space
+from raystudy.mechanisms import mechanism_label
+from raystudy.record import legacy_rows, make_record
 
 DONE, FAILED, INCOMPLETE, MISSING, STOPPED = "done", "failed", "incomplete", "missing", "stopped early"
 
@@ -24,9 +28,10 @@ DONE, FAILED, INCOMPLETE, MISSING, STOPPED = "done", "failed", "incomplete", "mi
 class TrialRecord:
     experiment: str
     trial_id: str
-    config: dict[str, Any]  # the Ray config (grid: {"trial": {...}}; search: the sampled values)
+    config: dict[str, Any]  # the Ray config (grid: {"plan": {...}}; search: the sampled values)
     status: str  # done, failed, stopped early (ASHA), incomplete (no final yet) or missing
-    final: dict[str, Any] = field(default_factory=dict)  # the final result: epoch record + hook metrics
+    final: dict[str, Any] = field(default_factory=dict)  # the final result (flat metrics for Ray)
+    record: dict[str, Any] = field(default_factory=dict)  # the trial's record (raystudy.record); {} unless done
     history: tuple[dict[str, Any], ...] = ()
     error: str = ""
     location: str = ""  # the trial's folder (where its checkpoints are), "" if it never ran
@@ -51,6 +56,7 @@ def load_experiment(path: str) -> Experiment:
     except (ValueError, KeyError) as err:
         raise RaystudyError(f"{path}: unreadable {STUDY_RECORD} ({err})") from None
     trials = [t for t in (_read_trial(location, spec.name, d) for d in storage.list_dirs(location)) if t is not None]
+    trials = [_migrate(spec, t) if t.final and not t.record else t for t in trials]
     trials += _missing(spec, trials)
     return Experiment(location, spec.name, spec, record, tuple(trials))
 
@@ -77,21 +83,34 @@ def _read_trial(location: str, experiment: str, folder: str) -> TrialRecord | No
     status = DONE if finals else FAILED if error else STOPPED if stopped else INCOMPLETE
     trial_id = (rows[-1].get("trial_id") if rows else None) or folder
     history = tuple(r for r in rows if r.get("final") != 1)
-    return TrialRecord(experiment, str(trial_id), config, status, finals[-1] if finals else {}, history, error, base)
+    final = finals[-1] if finals else {}
+    return TrialRecord(experiment, str(trial_id), config, status, final, final.get("record", {}), history, error, base)
 
 
-def trial_key(config: dict[str, Any]) -> str:
-    """A grid trial's identity: its mechanism, magnitudes, model, LGV flag, overrides and seed."""
-    return json.dumps(config.get("trial", config), sort_keys=True)
+def plan_of(spec: StudySpec, trial: TrialRecord) -> TrialPlan:
+    """The trial's plan: from its record when it finished, else from the config Ray recorded."""
+    if trial.record:
+        return TrialPlan.from_dict(trial.record["plan"])
+    return spec.plan_from_ray(trial.config)
+
+
+def _migrate(spec: StudySpec, trial: TrialRecord) -> TrialRecord:
+    """A finished trial written before records: its plan from its config, its rows from its flat metrics."""
+    plan = spec.plan_from_ray(trial.config)
+    label = mechanism_label(plan.train.mechanism, dict(plan.train.magnitudes), plan.train.dataset, plan.lgv is not None)
+    identity = {**plan.identity(), "label": label[0]}
+    study = {"name": spec.name, "kind": spec.kind, "preset": spec.preset}
+    record = make_record(identity, plan.to_dict(), study, {}, legacy_rows(trial.final))
+    return dataclasses.replace(trial, record=record)
 
 
 def _missing(spec: StudySpec, trials: list[TrialRecord]) -> list[TrialRecord]:
     """Grid points the study defines but no trial folder holds (a study stopped before starting them)."""
     if spec.kind == "search":
         return []
-    seen = {trial_key(t.config) for t in trials}
+    seen = {plan_of(spec, t).key() for t in trials}
     return [
-        TrialRecord(spec.name, f"missing-{i}", {"trial": c}, MISSING)
-        for i, c in enumerate(spec.grid_configs())
-        if trial_key({"trial": c}) not in seen
+        TrialRecord(spec.name, f"missing-{i}", {"plan": plan.to_dict()}, MISSING)
+        for i, plan in enumerate(spec.plans)
+        if plan.key() not in seen
     ]

@@ -8,7 +8,6 @@ from the experiment's recorded evaluation set; so this needs the data on the ana
 from __future__ import annotations
 
 import itertools
-import json
 import tempfile
 from pathlib import Path
 
@@ -66,7 +65,7 @@ def _images(experiment: Experiment, dataset, n_images: int, device: str):
 
 
 def _config(trial: TrialRecord) -> TrainConfig:
-    return TrainConfig.from_dict(json.loads(trial.final["train_config"]))
+    return TrainConfig.from_dict(trial.record["plan"]["train"])
 
 
 def _model(trial: TrialRecord, experiment: Experiment, dataset, device: str) -> torch.nn.Module:

@@ -1,7 +1,9 @@
 """The tidy trial table and what is computed from it: the headline table and the correlations.
 
-Everything reads `tidy_trials(...)`: one row per finished trial x metric, with the trial's config
-columns. Statistics come from scipy (Pearson r) and statsmodels (OLS R^2).
+Everything reads `tidy_trials(...)`: one row per finished trial x metric, built from the trials'
+records alone: the config columns from the record's identity and plan, the metric's dimensions
+(name, attack, mode, budget, statistic, target) from its row; `metric` is the row's flat key, for
+wide tables. Statistics come from scipy (Pearson r) and statsmodels (OLS R^2).
 """
 
 from __future__ import annotations
@@ -13,10 +15,9 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from analysis.records import DONE, Experiment, TrialRecord
-from raystudy.mechanisms import MECHANISMS, get_mechanism
-from raystudy.mechanisms.base import grid_family
-from raystudy.space import search_point
+from analysis.records import DONE, Experiment, TrialRecord, plan_of
+from raystudy.mechanisms import MECHANISMS, mechanism_label
+from raystudy.record import DIMENSIONS, MetricRow, rows_of
 
 CONFIG_COLUMNS = [
     "experiment",
@@ -38,76 +39,46 @@ BELOW_BASELINE_POINTS = 0.2  # ASR percentage points under ST that get marked
 
 
 def trial_setting(experiment: Experiment, trial: TrialRecord) -> dict:
-    """The config columns of a trial, from its recorded config (and resolved magnitudes if it finished)."""
-    spec = experiment.spec
-    point = (
-        search_point(spec.search, trial.config, spec.seeds[0])
-        if spec.kind == "search"
-        else trial.config.get("trial", {})
-    )
-    config = spec.train_config(point)
+    """The config columns of a trial: from its record when it finished, else from its recorded plan."""
+    plan = plan_of(experiment.spec, trial)
+    config = plan.train
     magnitudes = dict(config.magnitudes)
-    label, tau = mechanism_label(config.mechanism, magnitudes, config.dataset, bool(point.get("lgv")))
+    label, tau = mechanism_label(config.mechanism, magnitudes, config.dataset, plan.lgv is not None)
+    study = trial.record.get("study", {})
     return {
         "experiment": experiment.name,
-        "kind": spec.kind,
+        "kind": study.get("kind", experiment.spec.kind),
         "trial_id": trial.trial_id,
         "mechanism": config.mechanism,
-        "label": label,
+        "label": trial.record.get("identity", {}).get("label", label),
         "tau": tau,
         "magnitudes": json.dumps(magnitudes, sort_keys=True),
         "magnitude": next(iter(magnitudes.values())) if len(magnitudes) == 1 else float("nan"),
         "seed": config.seed,
         "model": config.model,
         "dataset": config.dataset,
-        "preset": spec.preset,
-        "lgv": bool(point.get("lgv")),
+        "preset": study.get("preset", experiment.spec.preset),
+        "lgv": plan.lgv is not None,
     }
 
 
-def mechanism_label(mechanism: str, magnitudes: dict, dataset: str, lgv: bool = False) -> tuple[str, float]:
-    """'MU τ=1' for augmentations on their grid, 'AT' at the default, 'AT (epsilon=0.1)' elsewhere."""
-    spec = get_mechanism(mechanism)
-    family = grid_family(dataset)
-    tau = float("nan")
-    if not spec.params or magnitudes == spec.default_magnitudes(dataset) and not spec.tau5:
-        label = mechanism
-    elif spec.tau5 and len(spec.params) == 1 and magnitudes[spec.params[0].name] in spec.params[0].grids[family]:
-        tau = float(spec.params[0].grids[family].index(magnitudes[spec.params[0].name]) + 1)
-        label = f"{mechanism} τ={int(tau)}"
-    else:
-        label = f"{mechanism} (" + ", ".join(f"{k}={v:g}" for k, v in magnitudes.items()) + ")"
-    return (f"LGV-{label}" if lgv else label), tau
+METRIC_COLUMNS = ["metric", "name", *DIMENSIONS, "value"]
 
 
 def tidy_trials(experiments: Iterable[Experiment]) -> pd.DataFrame:
-    """One row per finished trial x numeric metric of its final result."""
+    """One row per finished trial x metric row of its record."""
     rows = []
     for experiment in experiments:
         for trial in experiment.trials:
             if trial.status != DONE:
                 continue
             setting = trial_setting(experiment, trial)
-            for metric, value in trial.final.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and metric not in IGNORED:
-                    rows.append({**setting, "metric": metric, "value": float(value)})
-    frame = pd.DataFrame(rows, columns=CONFIG_COLUMNS + ["metric", "value"])
+            for row in rows_of(trial.record):
+                dims = {d: getattr(row, d) for d in DIMENSIONS}
+                rows.append({**setting, "metric": row.key, "name": row.name, **dims, "value": float(row.value)})
+    frame = pd.DataFrame(rows, columns=CONFIG_COLUMNS + METRIC_COLUMNS)
+    frame["budget"] = frame["budget"].astype("Int64")
     return frame
-
-
-# Ray's bookkeeping in every result; not study metrics.
-IGNORED = {
-    "final",
-    "timestamp",
-    "time_this_iter_s",
-    "time_total_s",
-    "pid",
-    "training_iteration",
-    "time_since_restore",
-    "iterations_since_restore",
-    "done",
-    "seed",
-}
 
 
 def wide(tidy: pd.DataFrame) -> pd.DataFrame:
@@ -135,12 +106,10 @@ def label_order(labels: Iterable[str]) -> list[str]:
 
 def headline_cells(tidy: pd.DataFrame, mode: str, attack: str = "pgd") -> pd.DataFrame:
     """Rows: mechanism labels; one row per (label, target, budget) with mean, std (ddof=1) and n over seeds, in %."""
-    prefix = f"asr/{attack}/{mode}/"
-    rows = tidy[tidy.metric.str.startswith(prefix)].copy()
+    rows = tidy[(tidy.name == "asr") & (tidy.attack == attack) & (tidy["mode"] == mode)].copy()
     if rows.empty:
         return pd.DataFrame(columns=["label", "target", "budget", "mean", "std", "n"])
-    parts = rows.metric.str[len(prefix) :].str.split("/", n=1, expand=True)
-    rows["budget"], rows["target"] = parts[0].astype(int), parts[1]
+    rows["budget"] = rows["budget"].astype(int)
     rows = rows.drop_duplicates(["label", "seed", "model", "dataset", "preset", "metric"])  # one value per seed
     grouped = rows.groupby(["label", "target", "budget"])["value"]
     cells = pd.DataFrame(
@@ -210,22 +179,24 @@ def correlation_table(tidy: pd.DataFrame, attack: str = "pgd", mode: str = "unta
     import scipy.stats
     import statsmodels.api as sm
 
-    table = wide(tidy[tidy.kind != "targets"])
+    surrogates = tidy[tidy.kind != "targets"]
+    table = wide(surrogates)
+    asr = surrogates[(surrogates.name == "asr") & (surrogates.attack == attack) & (surrogates["mode"] == mode)]
+    pairs = sorted({(t, int(b)) for t, b in zip(asr.target, asr.budget) if t != "mean"})
     rows = []
-    for column in sorted(c for c in table.columns if isinstance(c, str) and c.startswith(f"asr/{attack}/{mode}/")):
-        budget, target = column.split("/")[3], column.split("/")[4]
-        if target == "mean":
-            continue
+    for target, budget in pairs:
+        where = {"attack": attack, "mode": mode, "budget": budget}
+        column = MetricRow("asr", 0.0, target=target, **where).key
         predictors = {
-            "acc": "acc",
-            "fooling": f"fooling/{attack}/{mode}/{budget}",
-            "smoothness": "smoothness/mean",
-            "similarity": f"similarity/{target}",
+            "acc": MetricRow("acc", 0.0).key,
+            "fooling": MetricRow("fooling", 0.0, **where).key,
+            "smoothness": MetricRow("smoothness", 0.0, statistic="mean").key,
+            "similarity": MetricRow("similarity", 0.0, target=target).key,
         }
-        if any(p not in table.columns for p in predictors.values()):
+        if any(p not in table.columns for p in [column, *predictors.values()]):
             continue
         data = table[[column, *predictors.values()]].dropna()
-        row = {"target": target, "budget": int(budget), "n": len(data)}
+        row = {"target": target, "budget": budget, "n": len(data)}
         for name, source in predictors.items():
             row[f"r_{name}"] = _pearson(scipy.stats, data[source], data[column])
         row["r2_smoothness_similarity"] = _r2(
@@ -254,50 +225,49 @@ def metric_gaps(experiments: Iterable[Experiment]) -> pd.DataFrame:
     rows = []
     for experiment in experiments:
         done = [t for t in experiment.trials if t.status == DONE]
-        expected = (
-            {k for k in set().union(*(numeric_keys(t.final) for t in done)) if _shared_metric(k)} if done else set()
-        )
+        expected = set().union(*(_shared_metrics(t) for t in done)) if done else set()
         for trial in experiment.trials:
             setting = trial_setting(experiment, trial)
             if trial.status != DONE:
+                detail = trial.error or _no_final(trial.status)
                 rows.append(
                     {
                         "experiment": experiment.name,
                         "label": setting["label"],
                         "seed": setting["seed"],
                         "status": trial.status,
-                        "detail": trial.error or _no_final(trial.status),
+                        "detail": detail,
                     }
                 )
                 continue
-            absent = sorted(expected - numeric_keys(trial.final))
+            absent = sorted(expected - _shared_metrics(trial))
             if absent:
+                detail = ", ".join(absent[:12]) + (" ..." if len(absent) > 12 else "")
                 rows.append(
                     {
                         "experiment": experiment.name,
                         "label": setting["label"],
                         "seed": setting["seed"],
                         "status": "missing metrics",
-                        "detail": ", ".join(absent[:12]) + (" ..." if len(absent) > 12 else ""),
+                        "detail": detail,
                     }
                 )
     return pd.DataFrame(rows, columns=["experiment", "label", "seed", "status", "detail"])
 
 
-def _shared_metric(key: str) -> bool:
-    """Metrics every finished trial should have: the hook's and the accuracies (not a mechanism's
-    own loss parts such as 'jr', nor timings)."""
-    return ("/" in key and not key.startswith("seconds/")) or key in {"acc", "test_acc", "train_acc", "loss"}
+# The training summary every trial reports; a mechanism's own loss parts ('jr', 'ir') are not expected of others.
+SHARED_TRAINING_METRICS = {"acc", "test_acc", "train_acc", "loss"}
 
 
-def numeric_keys(result: dict) -> set[str]:
+def _shared_metrics(trial: TrialRecord) -> set[str]:
+    """Keys of the finite metrics every finished trial should have: the hook's (with a dimension,
+    not timings) and the shared training summary."""
     return {
-        k
-        for k, v in result.items()
-        if isinstance(v, (int, float))
-        and not isinstance(v, bool)
-        and k not in IGNORED
-        and not (isinstance(v, float) and np.isnan(v))
+        row.key
+        for row in rows_of(trial.record)
+        if not (isinstance(row.value, float) and np.isnan(row.value))
+        and row.name != "seconds"
+        and (any(getattr(row, d) is not None for d in DIMENSIONS) or row.name in SHARED_TRAINING_METRICS)
     }
 
 

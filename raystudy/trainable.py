@@ -19,11 +19,12 @@ from ray import tune
 
 from raystudy import lgv, storage
 from raystudy.checkpoint import MODEL_FILE, STATE_FILE, load_model
+from raystudy.config import EvalConfig, StudySpec, TrialPlan
 from raystudy.data import dataset_for
 from raystudy.errors import RaystudyError
-from raystudy.lgv import LgvPhase
-from raystudy.metrics.hook import EvalConfig, evaluate_surrogate, make_eval_set, quick_transfer_asr
-from raystudy.space import StudySpec, search_point
+from raystudy.mechanisms import mechanism_label
+from raystudy.metrics.hook import make_eval_set, measure_surrogate, quick_transfer_asr
+from raystudy.record import flat, make_record, training_rows
 from raystudy.train import pick_device, train, versions
 
 TARGETS_DIR = "targets"  # <storage>/<targets study>/targets/<name>.pt
@@ -34,32 +35,31 @@ def targets_location(storage_path: str, targets_study: str) -> str:
     return storage.join(storage_path, targets_study, TARGETS_DIR)
 
 
-def trial_identity(study: StudySpec, trial: dict[str, Any]) -> dict[str, Any]:
-    """Columns every result carries, so progress tables and the analysis need no config parsing."""
-    config = study.train_config(trial)
+def progress_columns(plan: TrialPlan) -> dict[str, Any]:
+    """Flat columns every result carries, for Ray's progress table and `raystudy status`."""
+    identity = plan.identity()
     return {
-        "mechanism": config.mechanism,
-        "seed": config.seed,
-        "model": config.model,
-        "magnitudes": json.dumps(dict(config.magnitudes), sort_keys=True),
+        "mechanism": identity["mechanism"],
+        "seed": identity["seed"],
+        "model": identity["model"],
+        "magnitudes": json.dumps(identity["magnitudes"], sort_keys=True),
     }
 
 
 def run_trial(config: dict[str, Any], study: StudySpec, storage_path: str) -> None:
-    trial = search_point(study.search, config, study.seeds[0]) if study.kind == "search" else config["trial"]
-    train_config = study.train_config(trial)
+    plan = study.plan_from_ray(config)
     _share_device(study)
-    dataset = dataset_for(train_config)
+    dataset = dataset_for(plan.train)
     work = Path(tempfile.mkdtemp(prefix="raystudy-trial-"))
     try:
-        _run_in(work, study, trial, train_config, dataset, storage_path)
+        _run_in(work, study, plan, dataset, storage_path)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _run_in(work: Path, study: StudySpec, trial: dict[str, Any], train_config, dataset, storage_path: str) -> None:
-    """Train (resuming from Ray's checkpoint), report every epoch, then the trial-end metrics."""
-    identity = trial_identity(study, trial)
+def _run_in(work: Path, study: StudySpec, plan: TrialPlan, dataset, storage_path: str) -> None:
+    """Train (resuming from Ray's checkpoint), report every epoch, then the trial-end metrics and record."""
+    columns = progress_columns(plan)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         checkpoint.to_directory(str(work))  # holds checkpoint.pt: train() resumes from it
@@ -70,32 +70,35 @@ def _run_in(work: Path, study: StudySpec, trial: dict[str, Any], train_config, d
     proxy = _proxy(study, dataset)
 
     def on_epoch_end(record: dict[str, float], state_path: Path | None, model: torch.nn.Module) -> None:
-        metrics = {**identity, **record, FINAL_KEY: 0}
+        metrics = {**columns, **record, FINAL_KEY: 0}
         if proxy is not None and int(record["epoch"]) % study.search.proxy_every == 0:
-            metrics["proxy/asr"] = quick_transfer_asr(model, targets, proxy, study.evaluation)
+            budget = study.search.proxy_budget
+            metrics["proxy/asr"] = quick_transfer_asr(model, targets, proxy, study.evaluation, budget)
         _report(metrics, state_path)
 
-    result = train(train_config, dataset=dataset, out_dir=work, on_epoch_end=on_epoch_end, log=print)
-    final = {
-        **identity,
-        **(result.history[-1] if result.history else {}),
-        FINAL_KEY: 1,
-        "train_config": train_config.to_json(),
-        "versions": json.dumps(versions()),
-    }
+    result = train(plan.train, dataset=dataset, out_dir=work, on_epoch_end=on_epoch_end, log=print)
+    rows = training_rows(result.history[-1] if result.history else {})
     if study.kind == "targets":
-        name = trial["target_name"]
-        storage.write_bytes(
-            storage.join(targets_location(storage_path, study.name), f"{name}.pt"), (work / MODEL_FILE).read_bytes()
-        )
-        final["target_name"] = name
+        location = storage.join(targets_location(storage_path, study.name), f"{plan.target_name}.pt")
+        storage.write_bytes(location, (work / MODEL_FILE).read_bytes())
     else:
-        phase = LgvPhase.parse(trial.get("lgv"))
         surrogate = result.model
-        if phase is not None:  # a restarted trial redoes this short phase from the trained surrogate
-            surrogate = lgv.collect(train_config, work / MODEL_FILE, dataset, phase, work / "lgv", log=print)
+        if plan.lgv is not None:  # a restarted trial redoes this short phase from the trained surrogate
+            surrogate = lgv.collect(plan.train, work / MODEL_FILE, dataset, plan.lgv, work / "lgv", log=print)
         print(f"trial-end hook: {len(eval_set.labels)} images, targets {', '.join(targets)}", flush=True)
-        final.update(evaluate_surrogate(surrogate, targets, eval_set, study.evaluation, log=print))
+        rows += measure_surrogate(surrogate, targets, eval_set, study.evaluation, log=print)
+    identity = {
+        **plan.identity(),
+        "label": mechanism_label(
+            plan.train.mechanism, dict(plan.train.magnitudes), plan.train.dataset, plan.lgv is not None
+        )[0],
+    }
+    record = make_record(
+        identity, plan.to_dict(), {"name": study.name, "kind": study.kind, "preset": study.preset}, versions(), rows
+    )
+    final = {**columns, **flat(rows), FINAL_KEY: 1, "record": record}
+    if plan.target_name:
+        final["target_name"] = plan.target_name
     tune.report(final)
 
 

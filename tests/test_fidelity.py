@@ -8,6 +8,7 @@ passes, AT's eval-mode PGD, the attack loop's projection and momentum, and the d
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -652,3 +653,326 @@ def test_hook_against_the_surrogate_itself_and_the_quick_proxy():
     assert metrics["similarity/mean"] == pytest.approx((metrics["similarity/self"] + metrics["similarity/other"]) / 2)
     proxy = quick_transfer_asr(surrogate, {"self": copy.deepcopy(surrogate), "other": other}, eval_set, config)
     assert proxy == pytest.approx(metrics["asr/pgd/untargeted/8/mean"]) and surrogate.training
+
+
+# --------------------------------------------------------------------------------------------
+# 9. The attack loop's randomness, random start, ensembles; the hook against a recomputation
+
+
+def di_reference(x: torch.Tensor, generator: torch.Generator, prob: float = 0.7) -> torch.Tensor:
+    """METHOD.md's DI written out, drawing in the published order: r, the side, the offsets, the coin."""
+    side = x.shape[-1]
+    rate = 0.75 + 0.75 * float(torch.rand(1, generator=generator))
+    scaled = int(side * rate)
+    if scaled == side:
+        return x
+    low, high = (scaled, side) if rate < 1 else (side, scaled)
+    new = int(torch.randint(low, high, (1,), generator=generator))
+    resized = F.interpolate(x, size=(new, new), mode="bilinear", align_corners=False)
+    top, left = (int(v) for v in torch.randint(0, high - new, (2,), generator=generator))
+    padded = F.pad(resized, (left, high - new - left, top, high - new - top))
+    return padded if float(torch.rand(1, generator=generator)) < prob else x
+
+
+def test_di_matches_the_written_out_transform_and_uses_only_its_generator():
+    attack = make_attack("di", 8 * PIXEL)
+    x = torch.rand(3, 3, 32, 32)
+    for seed in range(40):
+        torch.manual_seed(1000 + seed)  # the global RNG must not matter
+        out = attack._diversify(x, torch.Generator().manual_seed(seed))
+        expected = di_reference(x, torch.Generator().manual_seed(seed))
+        assert out.shape[-1] == out.shape[-2] and torch.equal(out, expected), seed
+
+
+def test_random_start_is_uniform_in_the_ball_inside_the_image_and_seeded():
+    model = linear(48, 4)
+    x = torch.rand(64, 3, 4, 4)
+    y = torch.zeros(64, dtype=torch.long)
+    start = LinfAttack(8 * PIXEL, steps=0, random_start=True, round_to_8bit=False)
+    torch.manual_seed(1)
+    a = start(model, x, y, None, torch.Generator().manual_seed(5))
+    torch.manual_seed(2)
+    b = start(model, x, y, None, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)  # the generator alone decides
+    delta = a - x
+    assert delta.abs().max() <= 8 * PIXEL + 1e-7 and a.min() >= 0 and a.max() <= 1
+    inside = (x > 0.1) & (x < 0.9)  # pixels the [0, 1] clamp cannot touch
+    assert delta[inside].abs().mean() == pytest.approx(4 * PIXEL, rel=0.1)  # U(-eps, eps): mean |delta| = eps / 2
+    assert (delta[inside] > 0).float().mean() == pytest.approx(0.5, abs=0.05)
+
+
+def test_a_pixel_without_gradient_does_not_move():
+    model = linear(48, 2)
+    with torch.no_grad():
+        model[1].weight[:, :5] = 0.0  # the first five pixels do not affect the logits
+    x = 0.25 + 0.5 * torch.rand(4, 3, 4, 4)
+    adversarial = LinfAttack(8 * PIXEL, round_to_8bit=False)(model, x, torch.zeros(4, dtype=torch.long))
+    assert torch.equal(adversarial.flatten(1)[:, :5], x.flatten(1)[:, :5])
+
+
+def test_an_ensemble_is_attacked_one_member_per_step_in_a_seeded_order():
+    first, second = tiny(size=8, seed=1).eval(), tiny(size=8, seed=2).eval()
+    x, y = batch(6, 4, 8)
+    attack = LinfAttack(12 * PIXEL, steps=5, round_to_8bit=False)
+    torch.manual_seed(3)
+    cycled = attack([first, second], x, y, None, torch.Generator().manual_seed(9))
+    order = torch.randperm(2, generator=torch.Generator().manual_seed(9)).tolist()
+    members = [[first, second][order[i % 2]] for i in range(5)]
+    delta = torch.zeros_like(x)
+    for model in members:  # the same sign steps, each on the member of that step
+        delta.requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cross_entropy(model(x + delta), y, reduction="sum"), delta)
+        delta = (delta.detach() + 2 * PIXEL * g.sign()).clamp(-12 * PIXEL, 12 * PIXEL)
+        delta = (x + delta).clamp(0, 1) - x
+    assert torch.allclose(cycled, x + delta, atol=1e-6)
+    assert not torch.allclose(cycled, attack(first, x, y), atol=1e-4)
+
+
+def hook_setting():
+    from raystudy.data import make_synthetic
+    from raystudy.metrics import make_eval_set
+
+    data = make_synthetic(32, 60, num_classes=4, image_size=8, seed=0)
+    config = EvalConfig(
+        n_eval=24,
+        budgets=(4, 8),
+        steps=3,
+        step_size=3 * PIXEL,
+        power_iterations=3,
+        power_tolerance=1e-4,
+        smoothness_samples=6,
+        batch_size=10,
+        seed=2,
+    )
+    return make_eval_set(data.test, 4, config), config
+
+
+def test_hook_metrics_equal_a_recomputation_from_the_parts():
+    from raystudy.metrics import evaluate_surrogate, transfer_success
+    from raystudy.metrics.asr import fooling_rate
+
+    eval_set, config = hook_setting()
+    surrogate, target = tiny(4, 8, seed=1).eval(), tiny(4, 8, seed=2).eval()
+    seen_grad_flags = []
+    target.register_forward_hook(lambda m, i, o: seen_grad_flags.append(next(m.parameters()).requires_grad))
+    lines = []
+    metrics = evaluate_surrogate(surrogate, {"t": target}, eval_set, config, log=lines.append)
+    assert (
+        seen_grad_flags and not any(seen_grad_flags) and next(target.parameters()).requires_grad
+    )  # frozen inside only
+    x, y, goal = eval_set.images.float() / 255, eval_set.labels, eval_set.target_classes
+    with torch.no_grad():
+        clean_s, clean_t = surrogate(x).argmax(1), target(x).argmax(1)
+    values = smoothness(surrogate, x[:6], y[:6], 10, 3, 1e-4, 2)
+    assert metrics["smoothness/mean"] == pytest.approx(float(values.mean()))
+    assert metrics["smoothness/max"] == pytest.approx(float(values.max()))
+    assert metrics["acc"] == pytest.approx(float((clean_s == y).float().mean()))
+    for mode, target_classes in (("untargeted", None), ("targeted", goal)):
+        for budget in (4, 8):
+            attack = make_attack("pgd", budget * PIXEL, 3, 3 * PIXEL)
+            generator = torch.Generator().manual_seed(2 + budget)
+            adversarial = torch.cat(
+                [
+                    attack(surrogate, x[s], y[s], None if target_classes is None else target_classes[s], generator)
+                    for s in (slice(0, 10), slice(10, 20), slice(20, 24))
+                ]
+            )
+            with torch.no_grad():
+                count = transfer_success(y, clean_s, clean_t, target(adversarial).argmax(1), target_classes)
+                fooled = fooling_rate(y, surrogate(adversarial).argmax(1), target_classes)
+            key = f"pgd/{mode}/{budget}"
+            assert metrics[f"fooling/{key}"] == pytest.approx(fooled), key
+            assert metrics[f"asr_all/{key}/t"] == pytest.approx(count.asr_all), key
+            assert metrics[f"asr_all/{key}/mean"] == pytest.approx(count.asr_all), key
+            if count.support:
+                assert metrics[f"asr/{key}/t"] == pytest.approx(count.asr), key
+    assert {"seconds/accuracy", "seconds/smoothness", "seconds/similarity", "seconds/pgd"} <= set(metrics)
+    assert any(line.strip().startswith("smoothness:") for line in lines)
+
+
+def test_the_hook_hands_autoattack_its_budget_classes_seed_and_steps(monkeypatch):
+    from raystudy.metrics import evaluate_surrogate
+    from raystudy.metrics import hook as hook_module
+
+    calls = []
+
+    def fake(model, x, y, eps, num_classes, seed, steps):
+        calls.append((x.shape[0], eps, num_classes, seed, steps, torch.equal(y, y)))
+        return x
+
+    monkeypatch.setattr(hook_module, "autoattack", fake)
+    eval_set, config = hook_setting()
+    config = dataclasses.replace(config, attacks=("autoattack",), autoattack_steps=7)
+    metrics = evaluate_surrogate(tiny(4, 8, seed=1), {"t": tiny(4, 8, seed=2)}, eval_set, config)
+    assert [c[0] for c in calls] == [10, 10, 4, 10, 10, 4]  # batches of 10, budget 4 then 8, untargeted only
+    assert {c[1:5] for c in calls} == {(4 * PIXEL, 4, 2, 7), (8 * PIXEL, 4, 2, 7)}
+    assert "fooling/autoattack/untargeted/8" in metrics and "fooling/autoattack/targeted/8" not in metrics
+    assert metrics["fooling/autoattack/untargeted/8"] == pytest.approx(1 - metrics["acc"])  # unperturbed AEs
+
+
+def test_an_lgv_ensemble_surrogate_is_attacked_member_by_member():
+    from raystudy.metrics import evaluate_surrogate
+    from raystudy.models import Ensemble
+
+    eval_set, config = hook_setting()
+    config = dataclasses.replace(config, budgets=(8,), modes=("untargeted",))
+    first, second = tiny(4, 8, seed=1).eval(), tiny(4, 8, seed=3).eval()
+    target = tiny(4, 8, seed=2).eval()
+    metrics = evaluate_surrogate(Ensemble([first, second]), {"t": target}, eval_set, config)
+    x, y = eval_set.images.float() / 255, eval_set.labels
+    attack = make_attack("pgd", 8 * PIXEL, 3, 3 * PIXEL)
+    generator = torch.Generator().manual_seed(10)
+    adversarial = torch.cat(
+        [attack([first, second], x[s], y[s], None, generator) for s in (slice(0, 10), slice(10, 20), slice(20, 24))]
+    )
+    with torch.no_grad():
+        expected = float((target(adversarial).argmax(1) != y).float().mean())
+    assert metrics["asr_all/pgd/untargeted/8/t"] == pytest.approx(expected)
+
+
+def test_eval_set_sizes_and_target_class_draws():
+    from raystudy.data import make_synthetic
+    from raystudy.metrics import make_eval_set
+
+    data = make_synthetic(32, 40, num_classes=5, image_size=8, seed=0)
+    for n_eval in (None, 40, 100):  # none, all or more than there are: the whole test split, in a seeded order
+        chosen = make_eval_set(data.test, 5, EvalConfig(n_eval=n_eval, seed=4))
+        assert sorted(chosen.indices.tolist()) == list(range(40)) and chosen.indices.tolist() != list(range(40))
+    random = make_eval_set(data.test, 5, EvalConfig(n_eval=None, seed=4))
+    offsets = torch.randint(1, 5, (40,), generator=torch.Generator().manual_seed(4 + 7))  # the recorded rule
+    assert torch.equal(random.target_classes, (random.labels + offsets) % 5)
+    assert set(((random.target_classes - random.labels) % 5).tolist()) == {1, 2, 3, 4}
+
+
+def test_a_target_called_mean_is_refused():
+    from raystudy.errors import RaystudyError
+    from raystudy.metrics import evaluate_surrogate
+
+    eval_set, config = hook_setting()
+    with pytest.raises(RaystudyError, match="a target may not be called 'mean'"):
+        evaluate_surrogate(tiny(4, 8), {"mean": tiny(4, 8)}, eval_set, config)
+
+
+# --------------------------------------------------------------------------------------------
+# 10. Power iteration's stopping rule, smoothness seeding, settings that are refused
+
+
+class ScalarQuadratic(nn.Module):
+    """Output i is 1/2 * a_i * x_i^2 for a one-pixel input: the Hessian is a_i exactly."""
+
+    def __init__(self, a: torch.Tensor):
+        super().__init__()
+        self.register_buffer("a", a)
+
+    def forward(self, x):
+        return 0.5 * self.a * x.flatten(1)[:, 0] ** 2
+
+
+def test_power_iteration_counts_and_stops_exactly():
+    from raystudy.metrics.smoothness import input_hessian_top_eigenvalue
+
+    # One pixel: every iterate is exact, so the second iteration changes nothing and stops there.
+    model = ScalarQuadratic(torch.tensor([3.0, 0.5]))
+    x = torch.rand(2, 1, 1, 1)
+    exact = input_hessian_top_eigenvalue(model, x, None, iterations=50, tolerance=0.0, loss_fn=lambda o, y: o.sum())
+    assert exact.iterations == 2 and torch.allclose(exact.eigenvalues, torch.tensor([3.0, 0.5]))
+    # One iteration is the Rayleigh quotient of the seeded start vector.
+    a = symmetric(torch.tensor([4.0, 1.0, 0.5, 0.1]), seed=0)
+    quad = Quadratic4(a)
+    x = torch.rand(1, 1, 2, 2)
+    one = input_hessian_top_eigenvalue(
+        quad,
+        x,
+        None,
+        iterations=1,
+        tolerance=0.0,
+        generator=torch.Generator().manual_seed(3),
+        loss_fn=lambda o, y: o.sum(),
+    )
+    v = torch.randn(1, 1, 2, 2, generator=torch.Generator().manual_seed(3)).flatten()
+    v = v / v.norm()
+    assert one.iterations == 1 and one.eigenvalues.item() == pytest.approx(float(v @ a @ v), rel=1e-5)
+    # A small eigenvalue converges to the relative tolerance, not to an absolute one.
+    small = Quadratic4(symmetric(torch.tensor([0.01, 0.007, 0.001, 0.0]), seed=1))
+    result = input_hessian_top_eigenvalue(small, x, None, iterations=500, tolerance=1e-4, loss_fn=lambda o, y: o.sum())
+    assert result.eigenvalues.item() == pytest.approx(0.01, rel=5e-3)
+
+
+def symmetric(values: torch.Tensor, seed: int) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(len(values), len(values), generator=torch.Generator().manual_seed(seed)))
+    return q @ torch.diag(values) @ q.T
+
+
+class Quadratic4(nn.Module):
+    def __init__(self, a: torch.Tensor):
+        super().__init__()
+        self.register_buffer("a", a)
+
+    def forward(self, x):
+        flat = x.flatten(1)
+        return 0.5 * torch.einsum("bi,ij,bj->b", flat, self.a, flat)
+
+
+def test_smoothness_is_seeded_by_its_seed_alone():
+    import inspect
+
+    model = tiny(4, 8).eval()
+    x, y = batch(5, 4, 8)
+    torch.manual_seed(1)
+    first = smoothness(model, x, y, iterations=2, seed=3)
+    torch.manual_seed(2)
+    again = smoothness(model, x, y, iterations=2, seed=3)
+    assert torch.equal(first, again) and not torch.equal(first, smoothness(model, x, y, iterations=2, seed=4))
+    parameters = inspect.signature(smoothness).parameters
+    assert parameters["batch_size"].default == 250 and parameters["seed"].default == 0
+
+
+def test_make_attack_passes_every_option_and_names_the_known_attacks():
+    assert make_attack("pgd", 8 * PIXEL, steps=7, step_size=PIXEL, random_start=True) == LinfAttack(
+        8 * PIXEL, 7, PIXEL, True
+    )
+    with pytest.raises(ValueError, match="unknown iterative attack 'fgsm'; known: pgd, mi, di, dim"):
+        make_attack("fgsm", 8 * PIXEL)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"attacks": ("fgsm",)}, "unknown attack(s) fgsm; known: pgd, mi, di, dim, autoattack"),
+        ({"attacks": ()}, "unknown attack(s) (none)"),
+        ({"modes": ("both",)}, "each must be one of untargeted, targeted"),
+        ({"modes": ()}, "each must be one of untargeted, targeted"),
+        ({"budgets": (8.5,)}, "must be whole numbers of 1/255"),
+        ({"budgets": (0,)}, "must be whole numbers of 1/255"),
+        ({"budgets": (256,)}, "must be whole numbers of 1/255"),
+        ({"budgets": ()}, "must be whole numbers of 1/255"),
+        ({"budgets": (True,)}, "must be whole numbers of 1/255"),
+        ({"target_classes": "last"}, "target_classes='last'; known: random, next"),
+        ({"n_eval": 0}, "n_eval=0 must be >= 1"),
+        ({"smoothness_samples": 0}, "smoothness_samples=0 must be >= 1"),
+        ({"steps": 0}, "steps, batch_size and power_iterations must be >= 1"),
+        ({"batch_size": 0}, "steps, batch_size and power_iterations must be >= 1"),
+        ({"power_iterations": 0}, "steps, batch_size and power_iterations must be >= 1"),
+    ],
+)
+def test_evaluation_settings_that_are_refused(settings, message):
+    from raystudy.errors import RaystudyError
+
+    with pytest.raises(RaystudyError) as err:
+        EvalConfig(**settings)
+    assert message in str(err.value)
+
+
+def test_evaluation_settings_at_their_limits_are_accepted():
+    config = EvalConfig(
+        budgets=(1, 255),
+        n_eval=1,
+        smoothness_samples=1,
+        steps=1,
+        batch_size=1,
+        power_iterations=1,
+        attacks=("pgd", "autoattack"),
+        modes=("targeted",),
+        target_classes="next",
+    )
+    assert config.budgets == (1, 255) and config.n_eval == 1

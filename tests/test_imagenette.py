@@ -92,9 +92,7 @@ def test_imagenette_targets_and_study_run_with_timm_models(imagenette, tmp_path)
 
     _, meta = load_model(storage / "in_targets" / "targets" / "test_efficientnet_MU_p0.5.pt")
     assert (
-        meta["config"]["mechanism"] == "MU"
-        and meta["config"]["magnitudes"] == [["p", 0.5]]
-        and meta["input_size"] == 224
+        meta["config"]["mechanism"] == "MU" and meta["config"]["magnitudes"] == {"p": 0.5} and meta["input_size"] == 224
     )
 
     grid = space(
@@ -127,7 +125,7 @@ def test_imagenette_targets_and_study_run_with_timm_models(imagenette, tmp_path)
     assert sorted(r["mechanism"] for r in finals) == ["CO", "ST"]
     for r in finals:
         assert "asr/pgd/untargeted/8/test_efficientnet_MU_p0.5" in r and "similarity/test_resnet" in r
-        config = json.loads(r["train_config"])
+        config = r["record"]["plan"]["train"]
         assert (config["dataset"], config["batch_size"], config["lr"]) == ("imagenette", 8, 1.0)
     co = next(r for r in finals if r["mechanism"] == "CO")
     assert json.loads(co["magnitudes"]) == {"size": 80.0}  # ImageNette's grid, not CIFAR's

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from raystudy.config import load_space, parse_space
 from raystudy.errors import RaystudyError
-from raystudy.space import load_space, parse_space
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))
@@ -127,11 +127,23 @@ def test_smoke_study_reports_the_hook_metrics_for_every_trial(storage):
             "asr_all/pgd/untargeted/4/mean",
             "fooling/pgd/untargeted/8",
             "test_acc",
-            "train_config",
-            "versions",
+            "record",
         ):
             assert key in r, key
-        assert math.isfinite(r["smoothness/mean"]) and json.loads(r["train_config"])["seed"] == r["seed"]
+        assert math.isfinite(r["smoothness/mean"])
+        # The trial's record: identity, the resolved training config as nested data, versions, metric rows.
+        record = r["record"]
+        assert (
+            record["format"] == "raystudy-trial/1"
+            and record["identity"]["seed"] == r["seed"] == record["plan"]["train"]["seed"]
+        )
+        assert record["identity"]["mechanism"] == r["mechanism"] and "torch" in record["versions"]
+        assert isinstance(record["plan"]["train"]["magnitudes"], dict) and record["study"]["preset"] == "faithful"
+        asr = [
+            m for m in record["metrics"] if m["name"] == "asr" and m.get("target") == "mean" and m.get("budget") == 8
+        ]
+        by_mode = {m["mode"]: m["value"] for m in asr if m["attack"] == "pgd"}
+        assert by_mode["untargeted"] == r["asr/pgd/untargeted/8/mean"] and set(by_mode) == {"untargeted", "targeted"}
     record = json.loads((storage / "smoke" / "raystudy-study.json").read_text())
     assert len(record["eval_indices"]) == 64 and record["targets"] == ["tiny_cnn_s1", "tiny_cnn_s2"]
     status = raystudy("status", storage / "smoke")

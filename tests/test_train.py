@@ -137,7 +137,12 @@ def test_lgv_collects_snapshots_from_a_trained_model(tmp_path):
         0,
         32,
     )
-    assert (config.snapshots_per_epoch, config.magnitudes, config.weight_decay, config.momentum) == (4, (("rho", 0.1),), 1e-4, 0.9)
+    assert (config.snapshots_per_epoch, config.magnitudes, config.weight_decay, config.momentum) == (
+        4,
+        (("rho", 0.1),),
+        1e-4,
+        0.9,
+    )
     ensemble = collect(trained, tmp_path / "base" / MODEL_FILE, dataset_for(trained), phase, tmp_path / "lgv", log=None)
     files = sorted((tmp_path / "lgv" / LGV_DIR).glob("model_*.pt"))
     assert isinstance(ensemble, Ensemble) and len(ensemble.members) == len(files) == 8

@@ -2,7 +2,7 @@
 
 from raystudy.metrics.asr import TransferCount, fooling_rate, transfer_success
 from raystudy.metrics.attacks import ATTACKS, LinfAttack, autoattack, make_attack
-from raystudy.metrics.hook import EvalConfig, EvalSet, evaluate_surrogate, make_eval_set
+from raystudy.metrics.hook import EvalConfig, EvalSet, evaluate_surrogate, make_eval_set, measure_surrogate
 from raystudy.metrics.similarity import gradient_cosine, input_gradients
 from raystudy.metrics.smoothness import input_hessian_top_eigenvalue, smoothness
 
@@ -20,6 +20,7 @@ __all__ = [
     "input_hessian_top_eigenvalue",
     "make_attack",
     "make_eval_set",
+    "measure_surrogate",
     "smoothness",
     "transfer_success",
 ]

@@ -1,4 +1,7 @@
-"""The trial-end hook: every metric of a trained surrogate against its targets, as flat names.
+"""The trial-end hook: every metric of a trained surrogate against its targets.
+
+`measure_surrogate` returns `MetricRow`s with their dimensions (raystudy.record);
+`evaluate_surrogate` the same as a dict of flat names:
 
 Metric names (budgets are in 1/255 units, e.g. `8` = 8/255; `<t>` is a target's name):
     acc, acc/<t>                        clean accuracy on the evaluation set
@@ -13,7 +16,7 @@ Metric names (budgets are in 1/255 units, e.g. `8` = 8/255; `<t>` is a target's 
 with <attack> in pgd, mi, di, dim, autoattack and <mode> in untargeted, targeted (AutoAttack is
 untargeted only). An `Ensemble` surrogate (LGV) is attacked one member per iteration, cycling in
 a shuffled order, and measured (accuracy, smoothness, similarity) through its mean logits.
-No Ray here: the trainable calls this and reports the dict.
+No Ray here: the trainable calls this and reports the rows.
 """
 
 from __future__ import annotations
@@ -28,50 +31,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from raystudy.config.evaluation import MODES, EvalConfig  # noqa: F401 (MODES re-exported)
 from raystudy.data import Split, balanced_subset
 from raystudy.errors import RaystudyError
 from raystudy.metrics.asr import fooling_rate, transfer_success
-from raystudy.metrics.attacks import ATTACKS, PIXEL, autoattack, make_attack
+from raystudy.metrics.attacks import PIXEL, autoattack, make_attack
 from raystudy.metrics.similarity import gradient_cosine, input_gradients
-from raystudy.metrics.smoothness import DEFAULT_ITERATIONS, DEFAULT_TOLERANCE, smoothness
-from raystudy.models import Ensemble, eval_mode
-
-MODES = ("untargeted", "targeted")
-TARGET_CLASS_RULES = ("random", "next")
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    n_eval: int | None = 1000  # images of the test set (seeded, class-balanced); None = all
-    seed: int = 0  # the subset, the targeted classes, random starts, power iteration
-    budgets: tuple[int, ...] = (4, 8, 16)  # L-inf budgets in 1/255 units
-    attacks: tuple[str, ...] = ("pgd",)
-    modes: tuple[str, ...] = MODES
-    steps: int = 20
-    step_size: float = 2 * PIXEL
-    random_start: bool = False
-    target_classes: str = "random"  # random (fixed, seeded, != y) or next ((y+1) mod m, the published code)
-    smoothness_samples: int | None = None  # None = every evaluation image
-    power_iterations: int = DEFAULT_ITERATIONS
-    power_tolerance: float = DEFAULT_TOLERANCE
-    batch_size: int = 250
-    autoattack_steps: int = 100  # the reference setting; fewer only for quick checks
-
-    def __post_init__(self) -> None:
-        bad = [a for a in self.attacks if a not in ATTACKS]
-        if bad or not self.attacks:
-            raise RaystudyError(f"unknown attack(s) {', '.join(bad) or '(none)'}; known: {', '.join(ATTACKS)}")
-        if not self.modes or any(m not in MODES for m in self.modes):
-            raise RaystudyError(f"modes {self.modes!r}: each must be one of {', '.join(MODES)}")
-        if not self.budgets or any(not 0 < b <= 255 for b in self.budgets):
-            raise RaystudyError(f"budgets {self.budgets!r} must be whole numbers of 1/255 in (0, 255]")
-        if self.target_classes not in TARGET_CLASS_RULES:
-            raise RaystudyError(f"target_classes={self.target_classes!r}; known: {', '.join(TARGET_CLASS_RULES)}")
-        for key in ("n_eval", "smoothness_samples"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise RaystudyError(f"{key}={getattr(self, key)} must be >= 1")
-        if self.steps < 1 or self.batch_size < 1 or self.power_iterations < 1:
-            raise RaystudyError("steps, batch_size and power_iterations must be >= 1")
+from raystudy.metrics.smoothness import smoothness
+from raystudy.models import Ensemble
+from raystudy.modes import eval_mode
+from raystudy.record import MetricRow, flat
 
 
 @dataclass(frozen=True)
@@ -120,67 +89,85 @@ def evaluate_surrogate(
     log: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
     """Every documented metric of `surrogate` against `targets` on `eval_data` (see the module doc)."""
+    return flat(measure_surrogate(surrogate, targets, eval_data, config, log))
+
+
+def measure_surrogate(
+    surrogate: nn.Module,
+    targets: Mapping[str, nn.Module],
+    eval_data: EvalSet,
+    config: EvalConfig,
+    log: Callable[[str], None] | None = None,
+) -> list[MetricRow]:
+    """Every metric as a row with its dimensions; the models come back in the modes they had."""
     if "mean" in targets:
         raise RaystudyError("a target may not be called 'mean' (it names the mean over targets)")
     device = next(surrogate.parameters()).device
     data = eval_data.to(device)
     with eval_mode(surrogate), eval_mode(*targets.values(), frozen=True):
-        return _evaluate(surrogate, targets, data, config, log)
+        return _measure(surrogate, targets, data, config, log)
 
 
-def _evaluate(surrogate, targets, data: EvalSet, config: EvalConfig, log) -> dict[str, float]:
+def _measure(surrogate, targets, data: EvalSet, config: EvalConfig, log) -> list[MetricRow]:
     x, y, goal = data.images.float() / 255, data.labels, data.target_classes
-    metrics: dict[str, float] = {}
-    clock = lambda part: _timed(metrics, part, log)  # noqa: E731
+    rows: list[MetricRow] = []
+    clock = lambda part: _timed(rows, part, log)  # noqa: E731
 
     with clock("accuracy"):
         clean = {"surrogate": _predict(surrogate, x, config.batch_size)}
         clean.update({name: _predict(m, x, config.batch_size) for name, m in targets.items()})
-        metrics["acc"] = float((clean["surrogate"] == y).float().mean())
-        metrics.update({f"acc/{name}": float((clean[name] == y).float().mean()) for name in targets})
+        rows.append(MetricRow("acc", float((clean["surrogate"] == y).float().mean())))
+        rows += [MetricRow("acc", float((clean[name] == y).float().mean()), target=name) for name in targets]
     with clock("smoothness"):
         k = min(config.smoothness_samples or len(x), len(x))
         values = smoothness(
             surrogate, x[:k], y[:k], config.batch_size, config.power_iterations, config.power_tolerance, config.seed
         )
-        metrics["smoothness/mean"], metrics["smoothness/max"] = float(values.mean()), float(values.max())
+        rows += [
+            MetricRow("smoothness", float(values.mean()), statistic="mean"),
+            MetricRow("smoothness", float(values.max()), statistic="max"),
+        ]
     with clock("similarity"):
-        metrics.update(_similarities(surrogate, targets, x, y, config.batch_size))
+        rows += _similarities(surrogate, targets, x, y, config.batch_size)
     for attack in config.attacks:
         with clock(attack):
             for mode in config.modes:
                 if attack == "autoattack" and mode == "targeted":
                     continue  # AutoAttack's targeted parts still aim at misclassification
                 for budget in config.budgets:
-                    metrics.update(
-                        _transfer(
-                            surrogate,
-                            targets,
-                            x,
-                            y,
-                            goal if mode == "targeted" else None,
-                            attack,
-                            mode,
-                            budget,
-                            clean,
-                            config,
-                        )
-                    )
-    return metrics
+                    target_classes = goal if mode == "targeted" else None
+                    rows += _transfer(surrogate, targets, x, y, target_classes, attack, mode, budget, clean, config)
+    return _support_once(rows)
 
 
-def _similarities(surrogate, targets, x, y, size) -> dict[str, float]:
+def _support_once(rows: list[MetricRow]) -> list[MetricRow]:
+    """`support/<t>` is the same for every attack (it counts clean predictions): keep one row per target."""
+    seen, out = set(), []
+    for row in rows:
+        if row.name == "support":
+            if row.target in seen:
+                continue
+            seen.add(row.target)
+        out.append(row)
+    return out
+
+
+def _similarities(surrogate, targets, x, y, size) -> list[MetricRow]:
     cosines: dict[str, list[torch.Tensor]] = {name: [] for name in targets}
     for s in _batches(len(x), size):
         surrogate_grads = input_gradients(surrogate, x[s], y[s])
         for name, target in targets.items():
             cosines[name].append(gradient_cosine(surrogate_grads, input_gradients(target, x[s], y[s])))
-    out = {}
+    rows, means = [], []
     for name, parts in cosines.items():
         values = torch.cat(parts)
-        out[f"similarity/{name}"], out[f"similarity_min/{name}"] = float(values.mean()), float(values.min())
-    out["similarity/mean"] = float(np.mean([out[f"similarity/{n}"] for n in targets])) if targets else float("nan")
-    return out
+        means.append(float(values.mean()))
+        rows += [
+            MetricRow("similarity", means[-1], target=name),
+            MetricRow("similarity_min", float(values.min()), target=name),
+        ]
+    rows.append(MetricRow("similarity", float(np.mean(means)) if means else float("nan"), target="mean"))
+    return rows
 
 
 def _craft(surrogate, x, y, goal, attack, budget, config, generator) -> torch.Tensor:
@@ -214,38 +201,41 @@ def quick_transfer_asr(
     with eval_mode(surrogate), eval_mode(*targets.values(), frozen=True):
         clean = {"surrogate": _predict(surrogate, x, config.batch_size)}
         clean.update({name: _predict(m, x, config.batch_size) for name, m in targets.items()})
-        out = _transfer(surrogate, targets, x, y, None, "pgd", "untargeted", budget, clean, config)
-    return out[f"asr/pgd/untargeted/{budget}/mean"]
+        rows = _transfer(surrogate, targets, x, y, None, "pgd", "untargeted", budget, clean, config)
+    return next(row.value for row in rows if row.name == "asr" and row.target == "mean")
 
 
-def _transfer(surrogate, targets, x, y, goal, attack, mode, budget, clean, config) -> dict[str, float]:
+def _transfer(surrogate, targets, x, y, goal, attack, mode, budget, clean, config) -> list[MetricRow]:
     """AEs crafted once for this (attack, mode, budget), then shown to every target."""
     generator = torch.Generator().manual_seed(config.seed + budget)
     adversarial = _craft(surrogate, x, y, goal, attack, budget, config, generator)
-    key = f"{attack}/{mode}/{budget}"
-    out = {f"fooling/{key}": fooling_rate(y, _predict(surrogate, adversarial, config.batch_size), goal)}
-    for name, target in targets.items():
-        count = transfer_success(
+    where = {"attack": attack, "mode": mode, "budget": budget}
+    rows = [MetricRow("fooling", fooling_rate(y, _predict(surrogate, adversarial, config.batch_size), goal), **where)]
+    counts = {
+        name: transfer_success(
             y, clean["surrogate"], clean[name], _predict(target, adversarial, config.batch_size), goal
         )
-        out[f"asr/{key}/{name}"], out[f"asr_all/{key}/{name}"], out[f"support/{name}"] = (
-            count.asr,
-            count.asr_all,
-            count.support,
-        )
-    for prefix in ("asr", "asr_all"):
-        values = [out[f"{prefix}/{key}/{name}"] for name in targets if not math.isnan(out[f"{prefix}/{key}/{name}"])]
-        out[f"{prefix}/{key}/mean"] = float(np.mean(values)) if values else float("nan")
-    return out
+        for name, target in targets.items()
+    }
+    for name, count in counts.items():
+        rows += [
+            MetricRow("asr", count.asr, target=name, **where),
+            MetricRow("asr_all", count.asr_all, target=name, **where),
+            MetricRow("support", float(count.support), target=name),
+        ]
+    for kind in ("asr", "asr_all"):
+        values = [getattr(c, kind) for c in counts.values() if not math.isnan(getattr(c, kind))]
+        rows.append(MetricRow(kind, float(np.mean(values)) if values else float("nan"), target="mean", **where))
+    return rows
 
 
 @contextmanager
-def _timed(metrics: dict[str, float], part: str, log):
-    """Wall time of one part into metrics['seconds/<part>'], logged when it ends."""
+def _timed(rows: list[MetricRow], part: str, log):
+    """Wall time of one part as a `seconds/<part>` row, logged when it ends."""
     start = time.perf_counter()
     yield
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    metrics[f"seconds/{part}"] = time.perf_counter() - start
+    rows.append(MetricRow("seconds", time.perf_counter() - start, statistic=part))
     if log is not None:
-        log(f"  {part}: {metrics[f'seconds/{part}']:.1f}s")
+        log(f"  {part}: {rows[-1].value:.1f}s")

@@ -1,0 +1,123 @@
+"""A trial's record: who the trial is, how it was trained, with which versions, and what it measured.
+
+The trainable reports one record with its final result (`result["record"]`); the analysis builds
+every table from these records alone. A metric is a row with its dimensions, so nothing
+downstream takes a metric's name apart:
+
+    MetricRow("asr", 0.42, attack="pgd", mode="untargeted", budget=8, target="vgg16")
+    MetricRow("smoothness", 3.1, statistic="mean")
+    MetricRow("test_acc", 0.91)
+
+`MetricRow.key` is the flat name Ray's progress table, ASHA and Optuna use
+(`asr/pgd/untargeted/8/vgg16`, `smoothness/mean`, `test_acc`). No torch and no Ray here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable, Mapping
+
+RECORD_FORMAT = "raystudy-trial/1"
+DIMENSIONS = ("attack", "mode", "budget", "statistic", "target")
+
+
+@dataclass(frozen=True)
+class MetricRow:
+    name: str  # acc, smoothness, similarity, similarity_min, asr, asr_all, support, fooling, seconds, test_acc...
+    value: float
+    attack: str | None = None  # pgd, mi, di, dim, autoattack
+    mode: str | None = None  # untargeted, targeted
+    budget: int | None = None  # L-inf budget in 1/255
+    statistic: str | None = None  # smoothness: mean | max; seconds: which part of the hook
+    target: str | None = None  # a target's name, or "mean" over the targets
+
+    @property
+    def key(self) -> str:
+        parts = [self.name]
+        if self.attack is not None:
+            parts += [self.attack, self.mode, str(self.budget)]
+        parts += [p for p in (self.statistic, self.target) if p is not None]
+        return "/".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None or k == "value"}
+
+
+def flat(rows: Iterable[MetricRow]) -> dict[str, float]:
+    return {row.key: row.value for row in rows}
+
+
+def training_rows(epoch_record: Mapping[str, Any]) -> list[MetricRow]:
+    """The last epoch's numbers (loss and its parts, accuracies, speed) as rows without dimensions."""
+    return [
+        MetricRow(name, float(value))
+        for name, value in epoch_record.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    ]
+
+
+def make_record(
+    identity: Mapping[str, Any],
+    plan: Mapping[str, Any],
+    study: Mapping[str, Any],
+    versions: Mapping[str, str],
+    rows: Iterable[MetricRow],
+) -> dict[str, Any]:
+    """The record the trainable reports: plain nested JSON."""
+    return {
+        "format": RECORD_FORMAT,
+        "identity": dict(identity),
+        "plan": dict(plan),
+        "study": dict(study),
+        "versions": dict(versions),
+        "metrics": [row.to_dict() for row in rows],
+    }
+
+
+def rows_of(record: Mapping[str, Any]) -> list[MetricRow]:
+    return [MetricRow(**row) for row in record.get("metrics", [])]
+
+
+# Ray's bookkeeping in every result, and the identity columns: not metrics (old records only).
+_NOT_METRICS = {
+    "final",
+    "timestamp",
+    "time_this_iter_s",
+    "time_total_s",
+    "pid",
+    "training_iteration",
+    "time_since_restore",
+    "iterations_since_restore",
+    "done",
+    "seed",
+    "epoch",
+}
+
+
+def legacy_rows(result: Mapping[str, Any]) -> list[MetricRow]:
+    """Migrate the flat metrics of a final result written before records (read once, on load)."""
+    rows = []
+    for key, value in result.items():
+        if key in _NOT_METRICS or not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        rows.append(_row_from_key(key, float(value)))
+    return rows
+
+
+def _row_from_key(key: str, value: float) -> MetricRow:
+    parts = key.split("/")
+    name = parts[0]
+    if name in ("asr", "asr_all") and len(parts) == 5:
+        return MetricRow(name, value, attack=parts[1], mode=parts[2], budget=int(parts[3]), target=parts[4])
+    if name == "fooling" and len(parts) == 4:
+        return MetricRow(name, value, attack=parts[1], mode=parts[2], budget=int(parts[3]))
+    if name in ("smoothness", "seconds") and len(parts) == 2:
+        return MetricRow(name, value, statistic=parts[1])
+    if len(parts) == 2:  # acc/<t>, similarity/<t>, similarity_min/<t>, support/<t>
+        return MetricRow(name, value, target=parts[1])
+    return MetricRow(key, value)
+
+
+def is_finite(row: MetricRow) -> bool:
+    return not (isinstance(row.value, float) and math.isnan(row.value))

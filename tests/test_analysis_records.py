@@ -1,0 +1,196 @@
+"""The analysis on small hand-made experiments (no Ray, no training): it reads trial records only.
+
+Each experiment here is written the way the trainable writes one (raystudy-study.json, and per
+trial params.json with the plan and result.json whose final line carries the record), with
+metric values chosen by hand, so every table has a known answer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.stats
+
+from analysis import correlation_table, headline_cells, headline_table, load_experiment, metric_gaps, tidy_trials
+from raystudy.config import STUDY_RECORD, parse_space
+from raystudy.record import MetricRow, make_record
+
+STUDY = {
+    "name": "hand",
+    "kind": "grid",
+    "preset": "faithful",
+    "dataset": "synthetic",
+    "model": "tiny_cnn",
+    "seeds": [0, 1],
+    "targets": "hand_targets",
+    "train": {"epochs": 2, "image_size": 16},
+    "trials": [{"mechanism": "ST"}, {"mechanism": "SAM"}, {"mechanism": "MU", "magnitudes": {"p": [0.1, 0.9]}}],
+}
+TARGETS = ("t1", "t2")
+
+
+def hook_rows(asr: float, smooth: float, similar: float) -> list[MetricRow]:
+    """What the hook reports, with chosen values: ASR per target = asr (+0.1 for t2)."""
+    rows = [
+        MetricRow("acc", 0.8 + 0.01 * (round(100 * asr) % 7)),
+        MetricRow("smoothness", smooth, statistic="mean"),
+        MetricRow("smoothness", 2 * smooth, statistic="max"),
+        MetricRow("similarity", similar, target="mean"),
+        MetricRow("test_acc", 0.88),
+        MetricRow("seconds", 1.0, statistic="smoothness"),
+    ]
+    values = {"t1": asr, "t2": asr + 0.1}
+    for mode in ("untargeted", "targeted"):
+        where = {"attack": "pgd", "mode": mode, "budget": 8}
+        scale = 1.0 if mode == "untargeted" else 0.5
+        rows.append(MetricRow("fooling", min(1.0, asr + 0.2) * scale, **where))
+        for target, value in values.items():
+            rows.append(MetricRow("asr", value * scale, target=target, **where))
+        rows.append(MetricRow("asr", float(np.mean(list(values.values()))) * scale, target="mean", **where))
+    rows += [MetricRow("similarity", similar + 0.01 * i, target=t) for i, t in enumerate(TARGETS)]
+    return rows
+
+
+def write_experiment(root: Path, values: dict, fail=(), skip=(), legacy=()) -> Path:
+    """One trial folder per plan, with its record; `values[(label, seed)] = (asr, smooth, similar)`."""
+    spec = parse_space(STUDY, "hand.yaml")
+    folder = root / spec.name
+    folder.mkdir(parents=True)
+    (folder / STUDY_RECORD).write_text(
+        json.dumps({"study": STUDY, "source": "hand.yaml", "data": None, "targets": list(TARGETS)})
+    )
+    for i, plan in enumerate(spec.plans):
+        identity = plan.identity()
+        label = identity["mechanism"] + {0.1: " τ=1", 0.9: " τ=5"}.get(identity["magnitudes"].get("p"), "")
+        if (label, identity["seed"]) in skip:
+            continue
+        trial = folder / f"trial_{i:03d}"
+        trial.mkdir()
+        epoch = {"epoch": 1, "loss": 1.0, "test_acc": 0.5, "final": 0, "trial_id": f"t{i}"}
+        lines = [epoch]
+        if (label, identity["seed"]) in fail:
+            (trial / "error.txt").write_text(
+                "Traceback ...\nraystudy.train.TrainingDiverged: training diverged at epoch 1\n"
+            )
+        else:
+            rows = hook_rows(*values[(label, identity["seed"])])
+            record = make_record(
+                {**identity, "label": label},
+                plan.to_dict(),
+                {"name": spec.name, "kind": "grid", "preset": "faithful"},
+                {"torch": "x"},
+                rows,
+            )
+            final = {"final": 1, "trial_id": f"t{i}", **{r.key: r.value for r in rows}}
+            if (label, identity["seed"]) in legacy:  # written before records: flat metrics, old config shape
+                config = {
+                    "trial": {
+                        "mechanism": identity["mechanism"],
+                        "magnitudes": identity["magnitudes"],
+                        "seed": identity["seed"],
+                    }
+                }
+            else:
+                final["record"] = record
+                config = {"plan": plan.to_dict()}
+            lines.append(final)
+        (trial / "params.json").write_text(
+            json.dumps(config if (label, identity["seed"]) not in fail else {"plan": plan.to_dict()})
+        )
+        (trial / "result.json").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    return folder
+
+
+VALUES = {
+    ("ST", 0): (0.40, 5.0, 0.20),
+    ("ST", 1): (0.50, 4.0, 0.22),
+    ("SAM", 0): (0.60, 2.0, 0.30),
+    ("SAM", 1): (0.70, 1.0, 0.34),
+    ("MU τ=1", 0): (0.30, 6.0, 0.15),
+    ("MU τ=1", 1): (0.35, 6.5, 0.14),
+    ("MU τ=5", 0): (0.20, 7.0, 0.10),
+    ("MU τ=5", 1): (0.25, 8.0, 0.12),
+}
+
+
+def test_tidy_rows_come_from_the_records(tmp_path):
+    experiment = load_experiment(str(write_experiment(tmp_path, VALUES)))
+    tidy = tidy_trials([experiment])
+    assert tidy.trial_id.nunique() == 8 and sorted(tidy.drop_duplicates("trial_id").label.unique()) == [
+        "MU τ=1",
+        "MU τ=5",
+        "SAM",
+        "ST",
+    ]
+    row = tidy[
+        (tidy.label == "SAM")
+        & (tidy.seed == 1)
+        & (tidy.name == "asr")
+        & (tidy.target == "t2")
+        & (tidy["mode"] == "untargeted")
+    ].iloc[0]
+    assert row.value == pytest.approx(0.8) and row.attack == "pgd" and row.budget == 8
+    assert row.metric == "asr/pgd/untargeted/8/t2"
+    mu = tidy[(tidy.label == "MU τ=5")].iloc[0]
+    assert mu.magnitude == 0.9 and mu.tau == 5.0 and mu.preset == "faithful" and mu.dataset == "synthetic"
+
+
+def test_headline_cells_are_mean_and_std_over_seeds(tmp_path):
+    tidy = tidy_trials([load_experiment(str(write_experiment(tmp_path, VALUES)))])
+    cells = headline_cells(tidy, "untargeted").set_index(["label", "target", "budget"])
+    sam = cells.loc[("SAM", "t1", 8)]
+    assert (
+        sam["n"] == 2
+        and sam["mean"] == pytest.approx(65.0)
+        and sam["std"] == pytest.approx(np.std([60, 70], ddof=1) * 1)
+    )
+    targeted = headline_cells(tidy, "targeted").set_index(["label", "target", "budget"])
+    assert targeted.loc[("ST", "mean", 8)]["mean"] == pytest.approx(100 * np.mean([0.45, 0.55]) * 0.5)
+    table = headline_table(tidy, "untargeted")
+    assert table.loc["SAM", ("t1", "8/255")].endswith("[best]") and "[↓]" in table.loc["MU τ=5", ("t1", "8/255")]
+    assert table.loc["SAM", ("t1", "8/255")].startswith("65.0 ± 7.1")
+
+
+def test_correlations_equal_scipy_on_the_hand_made_values(tmp_path):
+    tidy = tidy_trials([load_experiment(str(write_experiment(tmp_path, VALUES)))])
+    row = correlation_table(tidy).set_index(["target", "budget"]).loc[("t1", 8)]
+    order = sorted(VALUES)  # any fixed order of the trials
+    asr = [VALUES[k][0] for k in order]
+    smooth = [VALUES[k][1] for k in order]
+    assert row["n"] == 8
+    assert row["r_smoothness"] == pytest.approx(scipy.stats.pearsonr(smooth, asr).statistic)
+    similar_t1 = [VALUES[k][2] for k in order]  # similarity/t1 = similar + 0
+    assert row["r_similarity"] == pytest.approx(scipy.stats.pearsonr(similar_t1, asr).statistic)
+
+
+def test_gaps_list_failed_missing_and_incomplete_metrics(tmp_path):
+    folder = write_experiment(tmp_path, VALUES, fail={("ST", 1)}, skip={("MU τ=5", 1)})
+    # One finished trial lacks a metric the others have.
+    result = folder / "trial_002" / "result.json"
+    lines = [json.loads(line) for line in result.read_text().splitlines()]
+    lines[-1]["record"]["metrics"] = [
+        m for m in lines[-1]["record"]["metrics"] if not (m["name"] == "smoothness" and m.get("statistic") == "max")
+    ]
+    result.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    gaps = metric_gaps([load_experiment(str(folder))]).set_index("status")
+    assert "training diverged at epoch 1" in gaps.loc["failed", "detail"] and gaps.loc["failed", "label"] == "ST"
+    assert gaps.loc["missing", "label"] == "MU τ=5" and gaps.loc["missing", "detail"] == "never started"
+    assert gaps.loc["missing metrics", "detail"] == "smoothness/max"
+    tidy = tidy_trials([load_experiment(str(folder))])
+    assert tidy.trial_id.nunique() == 6  # failed and never-started trials are listed, not counted
+
+
+def test_experiments_written_before_records_are_migrated_on_read(tmp_path):
+    current = tidy_trials([load_experiment(str(write_experiment(tmp_path / "a", VALUES)))])
+    old = tidy_trials([load_experiment(str(write_experiment(tmp_path / "b", VALUES, legacy=set(VALUES))))])
+    columns = ["label", "seed", "metric", "name", "attack", "mode", "budget", "statistic", "target", "value"]
+    key = ["label", "seed", "metric"]
+    both = current[columns].merge(old[columns], on=key, suffixes=("", "_old"))
+    assert len(both) == len(current) == len(old)
+    for column in ("value", "name", "attack", "mode", "target", "statistic"):
+        assert both[column].equals(both[f"{column}_old"]) or (both[column].isna() == both[f"{column}_old"].isna()).all()
+    assert pd.Series(both.budget == both.budget_old).fillna(True).all()
