@@ -258,3 +258,36 @@ def test_lgv_trial_attacks_with_its_ensemble(storage, tmp_path):
     assert "LGV: 10 epochs at lr 0.05 with SAM, 4 models per epoch" in out.stdout + out.stderr
     (rows,) = final_results(storage / "lgv_smoke").values()
     assert len(rows) == 1 and "asr/pgd/untargeted/8/mean" in rows[0]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"metric": "asr/pgd/untargeted/4/mean"}, "the evaluation computes no budget '4'"),
+        ({"metric": "asr/mi/untargeted/8/mean"}, "the evaluation computes no attack 'mi'"),
+        ({"metric": "asr/pgd/targeted/8/mean"}, "the evaluation computes no mode 'targeted'"),
+        ({"metric": "accuracy"}, "is not a metric the hook reports"),
+        ({"proxy_budget": 16}, "proxy_budget=16 is not one of the evaluation budgets [8]"),
+        ({"params": {"rho": {"low": 0.0, "high": 0.5}}}, "rho=0 is outside"),
+    ],
+)
+def test_a_search_is_checked_against_what_the_evaluation_computes(change, message):
+    values = yaml.safe_load((ROOT / "search_spaces" / "sam_jr_optuna.yaml").read_text())
+    values["search"].update(change)
+    with pytest.raises(RaystudyError) as err:
+        parse_space(values, "search.yaml")
+    assert message in str(err.value) and str(err.value).startswith("search.yaml")
+
+
+def test_grid_plans_are_resolved_once_at_load():
+    spec = load_space(ROOT / "search_spaces" / "table.yaml")
+    assert len(spec.plans) == 48 and len({plan.key() for plan in spec.plans}) == 48
+    sam_jr = next(p for p in spec.plans if p.train.mechanism == "SAM&JR")
+    assert dict(sam_jr.train.magnitudes) == {"rho": 0.1, "lambda_jr": 1e-4}
+    assert (sam_jr.train.epochs, sam_jr.train.batch_size, sam_jr.train.weight_decay) == (40, 128, 1e-4)
+    from raystudy.config import TrialPlan
+
+    assert TrialPlan.from_dict(sam_jr.to_dict()) == sam_jr  # what Ray passes reads back as the same plan
+    search = load_space(ROOT / "search_spaces" / "sam_jr_optuna.yaml")
+    plan = search.plan_from_ray({"rho": 0.2, "lambda_jr": 0.001})
+    assert dict(plan.train.magnitudes) == {"rho": 0.2, "lambda_jr": 0.001} and plan.train.seed == 0

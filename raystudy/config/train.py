@@ -137,7 +137,8 @@ class TrainConfig:
             _check(value is None or value >= 1, key, value, "must be >= 1")
 
     def recipe(self):
-        recipe = get_mechanism(self.mechanism).recipe(dict(self.magnitudes), self.dataset)
+        """The step's parts; the magnitudes were resolved and checked when this config was made."""
+        recipe = get_mechanism(self.mechanism).build(dict(self.magnitudes), grid_family(self.dataset))
         return dataclasses.replace(recipe, sam_bn_second_pass=self.sam_bn == "both")
 
     def to_dict(self) -> dict[str, Any]:
