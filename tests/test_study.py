@@ -291,3 +291,10 @@ def test_grid_plans_are_resolved_once_at_load():
     search = load_space(ROOT / "search_spaces" / "sam_jr_optuna.yaml")
     plan = search.plan_from_ray({"rho": 0.2, "lambda_jr": 0.001})
     assert dict(plan.train.magnitudes) == {"rho": 0.2, "lambda_jr": 0.001} and plan.train.seed == 0
+
+
+def test_two_targets_that_would_share_a_file_are_refused():
+    values = yaml.safe_load((ROOT / "search_spaces" / "smoke_targets.yaml").read_text())
+    values["trials"] = [{"model": "tiny_cnn"}, {"model": "tiny_cnn", "train": {"lr": 0.01}}]
+    with pytest.raises(RaystudyError, match="two targets would be saved as tiny_cnn_s1, tiny_cnn_s2"):
+        parse_space(values, "targets.yaml")

@@ -492,6 +492,12 @@ def _validate(spec: StudySpec, entries: tuple[TrialSpec, ...], where: str) -> St
             if entry.model:
                 check_model_name(entry.model, input_size)
         spec = dataclasses.replace(spec, plans=_plans(spec, entries))
+        names = [plan.target_name for plan in spec.plans if plan.target_name]
+        clashes = sorted({name for name in names if names.count(name) > 1})
+        if clashes:
+            raise RaystudyError(
+                f"two targets would be saved as {', '.join(clashes)}: give them other models or magnitudes"
+            )
         if spec.search is not None:
             _validate_search(spec)
     except RaystudyError as err:
