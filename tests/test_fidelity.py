@@ -869,6 +869,8 @@ class ScalarQuadratic(nn.Module):
 
 
 def test_power_iteration_counts_and_stops_exactly():
+    from test_metrics import PerSampleQuadratic, symmetric_with_eigenvalues
+
     from raystudy.metrics.smoothness import input_hessian_top_eigenvalue
 
     # One pixel: every iterate is exact, so the second iteration changes nothing and stops there.
@@ -877,8 +879,8 @@ def test_power_iteration_counts_and_stops_exactly():
     exact = input_hessian_top_eigenvalue(model, x, None, iterations=50, tolerance=0.0, loss_fn=lambda o, y: o.sum())
     assert exact.iterations == 2 and torch.allclose(exact.eigenvalues, torch.tensor([3.0, 0.5]))
     # One iteration is the Rayleigh quotient of the seeded start vector.
-    a = symmetric(torch.tensor([4.0, 1.0, 0.5, 0.1]), seed=0)
-    quad = Quadratic4(a)
+    a = symmetric_with_eigenvalues([4.0, 1.0, 0.5, 0.1], seed=0)
+    quad = PerSampleQuadratic(a[None])
     x = torch.rand(1, 1, 2, 2)
     one = input_hessian_top_eigenvalue(
         quad,
@@ -893,24 +895,9 @@ def test_power_iteration_counts_and_stops_exactly():
     v = v / v.norm()
     assert one.iterations == 1 and one.eigenvalues.item() == pytest.approx(float(v @ a @ v), rel=1e-5)
     # A small eigenvalue converges to the relative tolerance, not to an absolute one.
-    small = Quadratic4(symmetric(torch.tensor([0.01, 0.007, 0.001, 0.0]), seed=1))
+    small = PerSampleQuadratic(symmetric_with_eigenvalues([0.01, 0.007, 0.001, 0.0], seed=1)[None])
     result = input_hessian_top_eigenvalue(small, x, None, iterations=500, tolerance=1e-4, loss_fn=lambda o, y: o.sum())
     assert result.eigenvalues.item() == pytest.approx(0.01, rel=5e-3)
-
-
-def symmetric(values: torch.Tensor, seed: int) -> torch.Tensor:
-    q, _ = torch.linalg.qr(torch.randn(len(values), len(values), generator=torch.Generator().manual_seed(seed)))
-    return q @ torch.diag(values) @ q.T
-
-
-class Quadratic4(nn.Module):
-    def __init__(self, a: torch.Tensor):
-        super().__init__()
-        self.register_buffer("a", a)
-
-    def forward(self, x):
-        flat = x.flatten(1)
-        return 0.5 * torch.einsum("bi,ij,bj->b", flat, self.a, flat)
 
 
 def test_smoothness_is_seeded_by_its_seed_alone():
