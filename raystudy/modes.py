@@ -1,4 +1,5 @@
-"""Model modes: a block that runs models in eval mode and gives each its own mode back."""
+"""Model modes: blocks that run models in eval mode, or in train mode with BatchNorm's running
+statistics left alone, and give each its own mode back."""
 
 from __future__ import annotations
 
@@ -26,3 +27,17 @@ def eval_mode(*models: nn.Module, frozen: bool = False) -> Iterator[None]:
         for m, flags in zip(models, grads):
             for p, flag in zip(m.parameters(), flags):
                 p.requires_grad_(flag)
+
+
+@contextmanager
+def bn_running_stats_frozen(model: nn.Module) -> Iterator[None]:
+    """BatchNorm normalizes with batch statistics but leaves its running averages alone."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, saved):
+            m.momentum = momentum

@@ -19,6 +19,7 @@ from raystudy.config import TrainConfig
 from raystudy.mechanisms import get_mechanism, objective, soft_targets, training_step
 from raystudy.mechanisms.adversarial import L2PGD
 from raystudy.mechanisms.augmentation import CutMix, Mixup
+from raystudy.mechanisms.base import ForwardPass
 from raystudy.mechanisms.gradient_norms import InputGradientNorm, InputJacobianNorm
 from raystudy.mechanisms.sam import SAM
 from raystudy.mechanisms.step import soft_cross_entropy
@@ -76,7 +77,8 @@ def test_fast_preset_keeps_a_small_perturbation_at_the_first_layer():
 def penalty_and_gradient(model, penalty, x, y) -> tuple[float, torch.Tensor]:
     x = x.detach().requires_grad_(True)
     logits = model(x)
-    value = penalty(model, x, logits, soft_cross_entropy(logits, soft_targets(y, 4)))
+    y_soft = soft_targets(y, 4)
+    value = penalty(ForwardPass(model, x, y_soft, logits, soft_cross_entropy(logits, y_soft)))
     params = list(model.parameters())
     grads = torch.autograd.grad(value, params, allow_unused=True)  # JR does not depend on the last bias
     return float(value.detach()), torch.cat(
@@ -361,8 +363,9 @@ def test_objective_is_mean_cross_entropy_plus_each_penalty_once():
     assert torch.allclose(out["loss"], out["ce"] + out["ir"])
     xg = x.clone().requires_grad_(True)
     logits = model(xg)
+    y_soft = soft_targets(y, 4)
     assert torch.allclose(
-        out["ir"], InputGradientNorm(0.7)(model, xg, logits, soft_cross_entropy(logits, soft_targets(y, 4)))
+        out["ir"], InputGradientNorm(0.7)(ForwardPass(model, xg, y_soft, logits, soft_cross_entropy(logits, y_soft)))
     )
 
 

@@ -12,6 +12,7 @@ from raystudy.errors import RaystudyError
 from raystudy.mechanisms import MECHANISMS, get_mechanism, objective, parse_magnitudes, soft_targets, training_step
 from raystudy.mechanisms.adversarial import L2PGD
 from raystudy.mechanisms.augmentation import Cutout
+from raystudy.mechanisms.base import ForwardPass
 from raystudy.mechanisms.gradient_norms import (
     InputGradientNorm,
     InputJacobianNorm,
@@ -141,7 +142,7 @@ def test_ir_penalty_equals_independent_gradient_norm():
     xg = x.clone().requires_grad_(True)
     logits = model(xg)
     ce = soft_cross_entropy(logits, soft_targets(y, 3))
-    penalty = InputGradientNorm(weight=0.3)(model, xg, logits, ce)
+    penalty = InputGradientNorm(weight=0.3)(ForwardPass(model, xg, soft_targets(y, 3), logits, ce))
     # Independently: the CE gradient of a linear model is W^T (softmax - onehot) per sample.
     w = model[1].weight.detach()
     residual = torch.softmax(logits.detach(), 1) - nn.functional.one_hot(y, 3)
@@ -162,9 +163,8 @@ def test_jr_estimate_matches_exact_frobenius_norm_in_expectation():
     # The loss term divides by B once more, as in the published code.
     logits = model(x)
     torch.manual_seed(5)
-    term = InputJacobianNorm(weight=2.0)(
-        model, x, logits, soft_cross_entropy(logits, soft_targets(torch.zeros(8, dtype=torch.long), 6))
-    )
+    y_soft = soft_targets(torch.zeros(8, dtype=torch.long), 6)
+    term = InputJacobianNorm(weight=2.0)(ForwardPass(model, x, y_soft, logits, soft_cross_entropy(logits, y_soft)))
     torch.manual_seed(5)
     assert torch.allclose(term, 2.0 * (8 / 128) * jacobian_projection_norm(x, logits) / 8)  # lambda * B/128 at batch 8
 
@@ -174,7 +174,7 @@ def test_er_penalty_matches_weight_gradient_norm():
     x, y = torch.rand(6, 12), torch.tensor([0, 1, 2, 2, 1, 0])
     logits = model(x)
     ce = soft_cross_entropy(logits, soft_targets(y, 3))
-    penalty = WeightGradientNorm(weight=0.2)(model, x, logits, ce)
+    penalty = WeightGradientNorm(weight=0.2)(ForwardPass(model, x, soft_targets(y, 3), logits, ce))
     model.zero_grad()
     nn.functional.cross_entropy(model(x), y).backward()
     expected = 0.1 * sum(p.grad.pow(2).sum() for p in model.parameters())

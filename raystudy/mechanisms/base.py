@@ -13,7 +13,7 @@ penalty, not a new class of its own.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 import torch
 from torch import nn
@@ -37,13 +37,34 @@ class Adversary(Protocol):
     def __call__(self, model: nn.Module, x: torch.Tensor, y_soft: torch.Tensor) -> torch.Tensor: ...
 
 
+@dataclass(frozen=True)
+class ForwardPass:
+    """What a penalty sees of the step's forward pass: the model, its (possibly adversarial) input,
+    the soft targets, the logits and the per-sample cross-entropy; `pattern` holds the pass's
+    ReLU/max-pool/dropout decisions when a penalty takes finite differences around it."""
+
+    model: nn.Module
+    x: torch.Tensor
+    y_soft: torch.Tensor
+    logits: torch.Tensor
+    ce: torch.Tensor
+    pattern: Any = None  # an ActivationPattern, recorded during the forward pass
+
+
 class Penalty(Protocol):
-    """A loss term added to the mean cross-entropy, computed from the same forward pass."""
+    """A loss term added to the mean cross-entropy, computed from the same forward pass.
+
+    `needs_input_grad`: the input must require grad (the penalty differentiates with respect to it);
+    `input_sensitive`: the penalty depends on small input perturbations or input gradients (no bf16);
+    `holds_pattern`: the penalty runs a second forward pass that must replay the first's decisions.
+    """
 
     name: str
     needs_input_grad: bool
+    input_sensitive: bool
+    holds_pattern: bool
 
-    def __call__(self, model: nn.Module, x: torch.Tensor, logits: torch.Tensor, ce: torch.Tensor) -> torch.Tensor: ...
+    def __call__(self, fwd: ForwardPass) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -60,9 +81,14 @@ class Recipe:
     sam_bn_second_pass: bool = True
 
     @property
+    def takes_finite_differences(self) -> bool:
+        """A penalty differences two nearby forward passes (penalty_gradient: finite_difference)."""
+        return any(p.holds_pattern for p in self.penalties)
+
+    @property
     def input_sensitive(self) -> bool:
         """The step depends on small input perturbations or input gradients (AT, IR, JR)."""
-        return self.adversary is not None or any(p.needs_input_grad for p in self.penalties)
+        return self.adversary is not None or any(p.input_sensitive for p in self.penalties)
 
 
 @dataclass(frozen=True)

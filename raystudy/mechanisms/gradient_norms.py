@@ -14,9 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from raystudy.mechanisms.base import MechanismSpec, Param, Recipe, register
+from raystudy.mechanisms.base import ForwardPass, MechanismSpec, Param, Recipe, register
 
 REFERENCE_BATCH = 128  # the batch size the published magnitudes were tuned at
 
@@ -68,10 +67,12 @@ class InputGradientNorm:
     weight: float
     name: str = "ir"
     needs_input_grad: bool = True
+    input_sensitive: bool = True
+    holds_pattern: bool = False
 
-    def __call__(self, model: nn.Module, x: torch.Tensor, logits: torch.Tensor, ce: torch.Tensor) -> torch.Tensor:
-        (grad,) = torch.autograd.grad(ce.sum(), x, create_graph=True)
-        batch = x.shape[0]
+    def __call__(self, fwd: ForwardPass) -> torch.Tensor:
+        (grad,) = torch.autograd.grad(fwd.ce.sum(), fwd.x, create_graph=True)
+        batch = fwd.x.shape[0]
         return self.weight * ir_batch_factor(batch) * grad.float().norm() / batch
 
 
@@ -96,10 +97,12 @@ class InputJacobianNorm:
     weight: float
     name: str = "jr"
     needs_input_grad: bool = True
+    input_sensitive: bool = True
+    holds_pattern: bool = False
 
-    def __call__(self, model: nn.Module, x: torch.Tensor, logits: torch.Tensor, ce: torch.Tensor) -> torch.Tensor:
-        batch = x.shape[0]
-        return self.weight * jr_batch_factor(batch) * jacobian_projection_norm(x, logits) / batch
+    def __call__(self, fwd: ForwardPass) -> torch.Tensor:
+        batch = fwd.x.shape[0]
+        return self.weight * jr_batch_factor(batch) * jacobian_projection_norm(fwd.x, fwd.logits) / batch
 
 
 @dataclass(frozen=True)
@@ -109,10 +112,12 @@ class WeightGradientNorm:
     weight: float
     name: str = "er"
     needs_input_grad: bool = False
+    input_sensitive: bool = False
+    holds_pattern: bool = False
 
-    def __call__(self, model: nn.Module, x: torch.Tensor, logits: torch.Tensor, ce: torch.Tensor) -> torch.Tensor:
-        params = [p for p in model.parameters() if p.requires_grad]
-        grads = torch.autograd.grad(ce.mean(), params, create_graph=True)
+    def __call__(self, fwd: ForwardPass) -> torch.Tensor:
+        params = [p for p in fwd.model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(fwd.ce.mean(), params, create_graph=True)
         return 0.5 * self.weight * sum(g.float().pow(2).sum() for g in grads)
 
 

@@ -7,11 +7,9 @@ weight decay) step with that gradient. SAM&IR and SAM&JR run both passes on the 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
-from torch import nn
 
 from raystudy.mechanisms.base import MechanismSpec, Param, Recipe, register
 from raystudy.mechanisms.gradient_norms import LAMBDA_IR, LAMBDA_JR, InputGradientNorm, InputJacobianNorm
@@ -53,20 +51,6 @@ class SAM:
         for p, saved in zip(self.params, self._saved):
             p.copy_(saved)
         self._saved = None
-
-
-@contextmanager
-def bn_running_stats_frozen(model: nn.Module) -> Iterator[None]:
-    """BatchNorm normalizes with batch statistics but leaves its running averages alone."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in norms]
-    for m in norms:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, momentum in zip(norms, saved):
-            m.momentum = momentum
 
 
 register(

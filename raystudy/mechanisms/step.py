@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raystudy.mechanisms.base import Recipe
-from raystudy.mechanisms.sam import SAM, bn_running_stats_frozen
+from raystudy.mechanisms.activation_pattern import ActivationPattern
+from raystudy.mechanisms.base import ForwardPass, Recipe
+from raystudy.mechanisms.sam import SAM
+from raystudy.modes import bn_running_stats_frozen
 
 
 def soft_targets(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
@@ -29,12 +31,15 @@ def objective(model: nn.Module, recipe: Recipe, x: torch.Tensor, y_soft: torch.T
     """{'loss': CE mean + penalties, 'ce': ..., <penalty name>: ..., 'logits': ...} on a ready batch."""
     if any(p.needs_input_grad for p in recipe.penalties):
         x = x.detach().requires_grad_(True)
-    logits = model(x)
+    pattern = ActivationPattern() if any(p.holds_pattern for p in recipe.penalties) else None
+    with pattern.record() if pattern else nullcontext():
+        logits = model(x)
     ce = soft_cross_entropy(logits, y_soft)
     out = {"ce": ce.mean().detach(), "logits": logits.detach()}
     loss = ce.mean()
+    fwd = ForwardPass(model, x, y_soft, logits, ce, pattern)
     for penalty in recipe.penalties:
-        value = penalty(model, x, logits, ce)
+        value = penalty(fwd)
         out[penalty.name] = value.detach()
         loss = loss + value
     out["loss"] = loss
