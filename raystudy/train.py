@@ -157,6 +157,9 @@ def train(
     dataset = dataset.to(dev)
     model = _build(config, dataset, dev)
     recipe = config.recipe()
+    # Finite differences need full fp32 arithmetic: TF32 (cuDNN's default for convolutions on
+    # Ampere and later GPUs) keeps 10 mantissa bits, coarser than the steps they take (1e-3).
+    torch.backends.cudnn.allow_tf32 = not recipe.takes_finite_differences
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )

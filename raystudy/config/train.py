@@ -15,6 +15,7 @@ from raystudy.data import CIFAR_MAX_INPUT
 from raystudy.errors import RaystudyError
 from raystudy.mechanisms import get_mechanism
 from raystudy.mechanisms.base import grid_family
+from raystudy.mechanisms.finite_difference import PENALTY_GRADIENTS, with_penalty_gradient
 
 # The CIFAR variants raystudy.models builds (for inputs of at most CIFAR_MAX_INPUT pixels); larger
 # inputs take any timm model by name.
@@ -95,6 +96,11 @@ class TrainConfig:
     sam_bn: str = _setting(
         "both", "BN statistics updated by both SAM passes (published) or the first", choices=SAM_BN_MODES
     )
+    penalty_gradient: str = _setting(
+        "exact",
+        "parameter gradient of IR/JR/ER: exact double backprop (published) or finite_difference",
+        choices=PENALTY_GRADIENTS,
+    )
     data_path: str | None = field(  # where this machine keeps the data: not part of the run's identity
         default=None,
         compare=False,
@@ -124,6 +130,18 @@ class TrainConfig:
         _check(self.precision in PRECISIONS, "precision", self.precision, f"must be one of {', '.join(PRECISIONS)}")
         _check(self.sam_bn in SAM_BN_MODES, "sam_bn", self.sam_bn, f"must be one of {', '.join(SAM_BN_MODES)}")
         _check(
+            self.penalty_gradient in PENALTY_GRADIENTS,
+            "penalty_gradient",
+            self.penalty_gradient,
+            f"must be one of {', '.join(PENALTY_GRADIENTS)}",
+        )
+        _check(
+            self.precision == "fp32" or self.penalty_gradient == "exact" or not self.recipe().penalties,
+            "precision",
+            self.precision,
+            "would drown the finite differences of penalty_gradient=finite_difference in rounding: use fp32",
+        )
+        _check(
             self.precision == "fp32" or not self.recipe().input_sensitive,
             "precision",
             self.precision,
@@ -139,6 +157,7 @@ class TrainConfig:
     def recipe(self):
         """The step's parts; the magnitudes were resolved and checked when this config was made."""
         recipe = get_mechanism(self.mechanism).build(dict(self.magnitudes), grid_family(self.dataset))
+        recipe = with_penalty_gradient(recipe, self.penalty_gradient)
         return dataclasses.replace(recipe, sam_bn_second_pass=self.sam_bn == "both")
 
     def to_dict(self) -> dict[str, Any]:
