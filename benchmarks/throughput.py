@@ -1,0 +1,301 @@
+"""Benchmark: a training step of every mechanism side by side, and the trial-end hook's parts.
+
+    python benchmarks/throughput.py --device cuda --model resnet18 --batch-size 128 --json results/throughput_h100.json
+    python benchmarks/throughput.py --device cpu --model tiny_cnn --batch-size 128 --json results/throughput_cpu.json
+
+Every mechanism (ST ... SAM&JR; IR, JR, ER, SAM&IR and SAM&JR with both penalty gradients) takes
+`--rounds` rounds of `--steps` timed steps after `--warmup` untimed ones, on the same model, batch and device, with the
+faithful recipe and with `fast` (the same step: fast only shortens the schedule, so the two columns
+are a check, not a speed-up). CUDA is synchronized around each timed block. Prints images/s and the
+ratio to ST and to the faithful recipe. Then the trial-end hook of one surrogate (accuracy,
+smoothness, similarity, each attack) against `--targets`, each part as a fraction of that
+surrogate's training time under `fast` (epochs x 50000/batch steps at the measured ST...SAM&JR
+rates). `--settings` also times torch.compile and channels_last for the mechanisms without double
+backprop and reports how far one step's update moves from eager's (raystudy turns each on in
+`fast` only where it is faster and leaves the update unchanged).
+
+`raystudy plan --costs THIS.json` reads the JSON this writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from typing import Callable
+
+import torch
+
+from raystudy.config import EvalConfig, TrainConfig
+from raystudy.mechanisms import ORDER, training_step
+from raystudy.metrics.hook import EvalSet, measure_surrogate
+from raystudy.models import build_model
+
+TRAIN_IMAGES = 50_000  # CIFAR-10's training split: steps per epoch = TRAIN_IMAGES // batch (drop last)
+PENALIZED = ("IR", "JR", "ER", "SAM&IR", "SAM&JR")
+PAPER_TARGETS = ("resnet50", "vgg16", "inception_v3", "densenet121")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds_per_call(fn: Callable[[], object], device: torch.device, steps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
+def step_timer(config: TrainConfig, args, device: torch.device, layout: Callable) -> Callable[[], object]:
+    torch.manual_seed(0)
+    model = layout(build_model(args.model, 10, input_size=args.image_size).to(device))
+    recipe = config.recipe()
+    torch.backends.cudnn.allow_tf32 = not recipe.takes_finite_differences  # as raystudy/train.py does
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=config.weight_decay)
+    from raystudy.mechanisms.sam import SAM
+
+    sam = SAM(model.parameters(), recipe.sam_rho) if recipe.sam_rho else None
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    images = torch.rand(4 * config.batch_size, 3, args.image_size, args.image_size, generator=generator).to(device)
+    labels = torch.randint(0, 10, (4 * config.batch_size,), generator=generator).to(device)
+
+    def draw():
+        idx = torch.randint(0, len(labels), (config.batch_size,), device=device)
+        return layout(images[idx]), labels[idx]
+
+    def step():
+        x, y = draw()
+        return training_step(model, recipe, optimizer, x, y, 10, sam, partners=draw)
+
+    return step
+
+
+def variants(mechanism: str) -> list[str]:
+    return ["exact", "finite_difference"] if mechanism in PENALIZED else ["exact"]
+
+
+def time_mechanisms(args, device) -> list[dict]:
+    """Faithful and fast of one mechanism are timed in alternating rounds; each keeps its fastest
+    round (the least disturbed by the rest of the machine)."""
+    identity = lambda t: t  # noqa: E731
+    rows = []
+    for mechanism in ORDER:
+        for gradient in variants(mechanism):
+            steps = {
+                preset: step_timer(
+                    TrainConfig.from_preset(
+                        preset, mechanism=mechanism, batch_size=args.batch_size, penalty_gradient=gradient
+                    ),
+                    args,
+                    device,
+                    identity,
+                )
+                for preset in ("faithful", "fast")
+            }
+            best = {preset: float("inf") for preset in steps}
+            for round_ in range(args.rounds):
+                for preset, step in steps.items():
+                    warmup = args.warmup if round_ == 0 else 0
+                    best[preset] = min(best[preset], seconds_per_call(step, device, args.steps, warmup))
+            for preset, seconds in best.items():
+                rows.append(
+                    {
+                        "mechanism": mechanism,
+                        "penalty_gradient": gradient,
+                        "preset": preset,
+                        "seconds_per_step": seconds,
+                        "images_per_second": args.batch_size / seconds,
+                    }
+                )
+                rate = args.batch_size / seconds
+                print(f"  {mechanism:7s} {gradient:17s} {preset:8s} {rate:10.1f} img/s", flush=True)
+    st = {r["preset"]: r["seconds_per_step"] for r in rows if r["mechanism"] == "ST"}
+    faithful = {
+        (r["mechanism"], r["penalty_gradient"]): r["seconds_per_step"] for r in rows if r["preset"] == "faithful"
+    }
+    for r in rows:
+        r["ratio_to_st"] = r["seconds_per_step"] / st[r["preset"]]
+        r["ratio_to_faithful"] = r["seconds_per_step"] / faithful[(r["mechanism"], r["penalty_gradient"])]
+        r["ratio_to_exact"] = r["seconds_per_step"] / next(
+            q["seconds_per_step"]
+            for q in rows
+            if (q["mechanism"], q["preset"], q["penalty_gradient"]) == (r["mechanism"], r["preset"], "exact")
+        )
+    return rows
+
+
+def time_hook(args, device, rows) -> dict:
+    """The hook's parts for one surrogate, and each as a fraction of that surrogate's fast training."""
+    torch.manual_seed(0)
+    surrogate = build_model(args.model, 10, input_size=args.image_size).to(device)
+    names = PAPER_TARGETS if args.targets == "paper" else (args.targets,) * 4
+    targets = {
+        f"{name}_{i}": build_model(name, 10, input_size=args.image_size).to(device) for i, name in enumerate(names)
+    }
+    n = args.n_eval
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (n,), generator=generator)
+    eval_set = EvalSet(
+        torch.randint(0, 256, (n, 3, args.image_size, args.image_size), dtype=torch.uint8, generator=generator),
+        labels,
+        (labels + 1) % 10,
+        torch.arange(n).numpy(),
+    )
+    config = EvalConfig(n_eval=n)
+    synchronize(device)
+    measured = measure_surrogate(surrogate, targets, eval_set, config)
+    parts = {row.statistic: row.value for row in measured if row.name == "seconds"}
+    fast = TrainConfig.from_preset("fast")
+    steps = fast.epochs * (TRAIN_IMAGES // args.batch_size)
+    per_step = {
+        r["mechanism"]: r["seconds_per_step"]
+        for r in rows
+        if r["preset"] == "fast" and r["penalty_gradient"] == "exact"
+    }
+    training = {m: s * steps for m, s in per_step.items()}
+    return {
+        "n_eval": n,
+        "targets": list(names),
+        "evaluation": {"budgets": list(config.budgets), "attacks": list(config.attacks), "modes": list(config.modes)},
+        "seconds": parts,
+        "fast_training_seconds": training,
+        "fraction_of_fast_training": {m: {p: s / t for p, s in parts.items()} for m, t in training.items()},
+    }
+
+
+def time_settings(args, device) -> list[dict]:
+    """torch.compile and channels_last for the mechanisms without double backprop (eager NCHW = 1)."""
+
+    def channels_last(t):  # a batch or a model
+        if isinstance(t, torch.Tensor):
+            return t.contiguous(memory_format=torch.channels_last)
+        return t.to(memory_format=torch.channels_last)
+
+    def compiled(t):  # the model only; batches stay as they are
+        return t if isinstance(t, torch.Tensor) else torch.compile(t)
+
+    out = []
+    for mechanism in ("ST", "MU", "SAM", "AT"):
+        config = TrainConfig.from_preset("fast", mechanism=mechanism, batch_size=args.batch_size)
+        base = seconds_per_call(step_timer(config, args, device, lambda t: t), device, args.steps, args.warmup)
+        for name, layout in (("channels_last", channels_last), ("compile", compiled)):
+            try:
+                seconds = seconds_per_call(
+                    step_timer(config, args, device, layout), device, args.steps, args.warmup + 2
+                )
+            except Exception as error:  # a compiler missing on this machine is a result, not a crash
+                out.append({"mechanism": mechanism, "setting": name, "error": f"{type(error).__name__}: {error}"[:300]})
+                continue
+            out.append(
+                {
+                    "mechanism": mechanism,
+                    "setting": name,
+                    "speedup": base / seconds,
+                    "update_difference": update_difference(config, args, device, layout),
+                }
+            )
+            print(f"  {mechanism:5s} {name:14s} x{base / seconds:.2f}  {out[-1]['update_difference']:.1e}", flush=True)
+    return out
+
+
+def update_difference(config, args, device, layout) -> float:
+    """Largest parameter difference after one identical step with and without the setting, relative
+    to the largest change the eager step makes."""
+    results = []
+    for wrap in (lambda t: t, layout):
+        torch.manual_seed(0)
+        model = build_model(args.model, 10, input_size=args.image_size).to(device)
+        wrapped = wrap(model)
+        torch.manual_seed(1)
+        x = torch.rand(config.batch_size, 3, args.image_size, args.image_size).to(device)
+        y = torch.randint(0, 10, (config.batch_size,)).to(device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        torch.manual_seed(2)
+        x = wrap(x)
+        start = torch.cat([p.detach().flatten() for p in model.parameters()])
+        training_step(wrapped, config.recipe(), optimizer, x, y, 10, partners=lambda: (x.flip(0), y.flip(0)))
+        results.append(torch.cat([p.detach().flatten() for p in model.parameters()]) - start)
+    return float((results[0] - results[1]).abs().max() / results[0].abs().max())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds; the fastest counts")
+    parser.add_argument("--targets", default=None, help="'paper' (the 4 CIFAR targets) or one model name x4")
+    parser.add_argument("--n-eval", type=int, default=1000, help="evaluation images of the hook")
+    parser.add_argument("--no-hook", action="store_true", help="skip timing the trial-end hook")
+    parser.add_argument("--settings", action="store_true", help="also time torch.compile and channels_last")
+    parser.add_argument("--settings-only", action="store_true", help="time only torch.compile and channels_last")
+    parser.add_argument("--json", help="also write the figures to this JSON file (with the command)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    args.targets = args.targets or ("paper" if device.type == "cuda" else args.model)
+    report = {
+        "command": "python " + " ".join(sys.argv),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "dataset": "cifar10",  # random images of CIFAR-10's shape; steps per epoch from its 50000 images
+        "train_images": TRAIN_IMAGES,
+    }
+    if not args.settings_only:
+        print(f"training steps ({args.model}, batch {args.batch_size}, {device}):", flush=True)
+        report["mechanisms"] = time_mechanisms(args, device)
+        print_table(report["mechanisms"])
+    if not args.no_hook and not args.settings_only:
+        print(f"trial-end hook ({args.n_eval} images, targets {args.targets}):", flush=True)
+        report["hook"] = time_hook(args, device, report["mechanisms"])
+        for part, seconds in report["hook"]["seconds"].items():
+            share = report["hook"]["fraction_of_fast_training"]["ST"][part]
+            print(f"  {part:12s} {seconds:8.2f} s  = {share:.3f} of an ST surrogate's fast training", flush=True)
+    if args.settings or args.settings_only:
+        print(
+            "settings (speed-up over eager NCHW; largest weight-update difference after one step, relative):",
+            flush=True,
+        )
+        report["settings"] = time_settings(args, device)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.json}")
+
+
+def print_table(rows: list[dict]) -> None:
+    header = ("mechanism", "gradient", "img/s faithful", "img/s fast", "x ST", "fast/faithful", "vs exact")
+    print(f"{header[0]:9s} {header[1]:17s} " + " ".join(f"{h:>14s}" for h in header[2:]))
+    for r in rows:
+        if r["preset"] != "fast":
+            continue
+        faithful = next(
+            q
+            for q in rows
+            if q["preset"] == "faithful"
+            and (q["mechanism"], q["penalty_gradient"]) == (r["mechanism"], r["penalty_gradient"])
+        )
+        print(
+            f"{r['mechanism']:9s} {r['penalty_gradient']:17s} {faithful['images_per_second']:14.1f} "
+            f"{r['images_per_second']:14.1f} {r['ratio_to_st']:14.2f} {r['ratio_to_faithful']:14.2f} "
+            f"{r['ratio_to_exact']:14.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
