@@ -279,6 +279,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from raystudy.config import load_space
+    from raystudy.plan import quoted_h100, read_costs, render_plan
+
+    costs = read_costs(args.costs) if args.costs else quoted_h100()
+    print(render_plan(load_space(args.space), costs, args.gpus))
+    return 0
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     from analysis import analyze
 
@@ -293,6 +302,13 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} is negative")
+    return value
+
+
+def _at_least_one(text: str) -> int:
+    value = _positive_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
     return value
 
 
@@ -396,6 +412,14 @@ def _add_study(sub) -> None:
     r.add_argument("experiment", help="<storage>/<study name>")
     _add_ray_options(r)
     r.set_defaults(func=cmd_resume)
+    c = sub.add_parser("plan", help="what a study will cost (GPU-hours, wall time) before it runs")
+    c.add_argument("space", help="search-space YAML file")
+    c.add_argument(
+        "--costs",
+        help="step costs from `benchmarks/throughput.py --json` (default: quoted H100 figures, not measured here)",
+    )
+    c.add_argument("--gpus", type=_at_least_one, default=1, help="GPUs the study runs on (default 1)")
+    c.set_defaults(func=cmd_plan)
     s = sub.add_parser("status", help="summarize an experiment's trials: done, running, failed and why")
     s.add_argument("experiment", help="<storage>/<study name>")
     s.set_defaults(func=cmd_status)
