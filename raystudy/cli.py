@@ -251,13 +251,21 @@ def _study_command(kind: str):
         from raystudy.config import read_space
         from raystudy.storage import DEFAULT_STORAGE
         from raystudy.study import all_finished, run_study
+        from raystudy.tracking import parse_trackers
 
         spec, raw = read_space(args.space, args.data)
         if spec.kind != kind:
             verb = {"grid": "run", "targets": "targets", "search": "search"}[spec.kind]
             raise RaystudyError(f"{args.space} is a kind: {spec.kind} study: use `raystudy {verb} {args.space}`")
         results = run_study(
-            spec, raw, args.storage or DEFAULT_STORAGE, args.address, args.max_concurrent, args.num_cpus
+            spec,
+            raw,
+            args.storage or DEFAULT_STORAGE,
+            args.address,
+            args.max_concurrent,
+            args.num_cpus,
+            getattr(args, "optuna_storage", None),
+            parse_trackers(args.log_to),
         )
         return 0 if all_finished(results) else 1
 
@@ -406,6 +414,17 @@ def _add_study(sub) -> None:
         p.add_argument(
             "--max-concurrent", type=_positive_int, help="trials running at once (default: as resources allow)"
         )
+        p.add_argument(
+            "--log-to",
+            metavar="TRACKERS",
+            help="also log every trial to any of tensorboard, mlflow, wandb (comma-separated; see README)",
+        )
+        if kind == "search":
+            p.add_argument(
+                "--optuna-storage",
+                help="an Optuna RDB URL (e.g. postgresql://...) for the search's history "
+                "(default: sqlite kept with the experiment)",
+            )
         _add_ray_options(p)
         p.set_defaults(func=_study_command(kind))
     r = sub.add_parser("resume", help="finish an interrupted study without re-running finished trials")

@@ -17,6 +17,14 @@ from raystudy.errors import RaystudyError
 DEFAULT_STORAGE = os.environ.get("RAYSTUDY_STORAGE", "~/raystudy_results")
 
 
+def configure_s3_endpoint() -> None:
+    """`RAYSTUDY_S3_ENDPOINT=http://host:9000` (MinIO, Ceph, a local S3 server) becomes the standard
+    AWS_ENDPOINT_URL, which pyarrow, Ray and boto3 all read for s3:// URIs."""
+    endpoint = os.environ.get("RAYSTUDY_S3_ENDPOINT")
+    if endpoint:
+        os.environ["AWS_ENDPOINT_URL"] = endpoint
+
+
 def is_uri(location: str) -> bool:
     return "://" in location
 
@@ -31,6 +39,7 @@ def join(*parts: str) -> str:
 
 
 def _resolve(location: str) -> tuple[pafs.FileSystem, str]:
+    configure_s3_endpoint()
     try:
         return pafs.FileSystem.from_uri(location) if is_uri(location) else (pafs.LocalFileSystem(), normalize(location))
     except (ValueError, OSError) as err:  # pyarrow's ArrowInvalid is a ValueError

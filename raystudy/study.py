@@ -7,6 +7,7 @@ path, the evaluation images and targeted classes) from which `resume` rebuilds e
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -19,6 +20,17 @@ from raystudy.errors import RaystudyError
 from raystudy.trainable import FINAL_KEY, run_trial, targets_location
 
 BEST_CONFIG = "best_config.json"
+WORKER_ENVIRONMENT = (
+    "RAYSTUDY_CACHE",
+    "RAYSTUDY_DATA",
+    "HF_HUB_OFFLINE",
+    "AWS_ENDPOINT_URL",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+)
 OPTUNA_DB = "optuna.db"
 
 
@@ -33,7 +45,10 @@ def _init_ray(address: str | None, num_cpus: int | None) -> None:
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # hook metrics exist only at the end
     if ray.is_initialized():
         return
-    passed = {k: os.environ[k] for k in ("RAYSTUDY_CACHE", "RAYSTUDY_DATA", "HF_HUB_OFFLINE") if k in os.environ}
+    storage.configure_s3_endpoint()
+    # What every worker needs to see as the driver does: data and cache folders, and the object
+    # store's endpoint, region and (where given as variables, e.g. for MinIO) credentials.
+    passed = {k: os.environ[k] for k in WORKER_ENVIRONMENT if k in os.environ}
     runtime_env = {"env_vars": passed} if passed else None
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
@@ -80,7 +95,36 @@ def _trainable(spec: StudySpec, storage_path: str, local: bool):
     )
 
 
-def _search_setup(spec: StudySpec, experiment: str) -> tuple[dict[str, Any], Any, Any]:
+def _optuna_storage(experiment: str, url: str | None):
+    """(Optuna storage, mirror): an RDB `url` as given (clusters run a database); else sqlite beside
+    a local experiment; else, for a storage URI, sqlite in this machine's cache mirrored to
+    `<experiment>/optuna.db` (mirror = (local file, remote file)) so that the search's history
+    lives with the experiment and a new driver machine can resume it."""
+    import optuna
+
+    if url:
+        return optuna.storages.RDBStorage(url), None
+    if not storage.is_uri(experiment):
+        os.makedirs(experiment, exist_ok=True)
+        return optuna.storages.RDBStorage(f"sqlite:///{os.path.join(experiment, OPTUNA_DB)}"), None
+    local = _local_optuna_db(experiment)
+    remote = storage.join(experiment, OPTUNA_DB)
+    if storage.exists(remote) and not os.path.exists(local):
+        with open(local, "wb") as f:
+            f.write(storage.read_bytes(remote))
+    return optuna.storages.RDBStorage(f"sqlite:///{local}"), (local, remote)
+
+
+def _local_optuna_db(experiment: str) -> str:
+    """This machine's copy of a remote experiment's Optuna database (under $HOME's cache)."""
+    folder = os.path.expanduser(f"~/.cache/raystudy/optuna/{hashlib.sha1(experiment.encode()).hexdigest()[:16]}")
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, OPTUNA_DB)
+
+
+def _search_setup(
+    spec: StudySpec, experiment: str, optuna_storage: str | None = None
+) -> tuple[dict[str, Any], Any, Any]:
     """(param_space, OptunaSearch, ASHA or None) for a kind: search study."""
     import optuna
     from ray import tune
@@ -92,13 +136,7 @@ def _search_setup(spec: StudySpec, experiment: str) -> tuple[dict[str, Any], Any
             space[p.name] = tune.choice(list(p.choices))
         else:
             space[p.name] = tune.loguniform(p.low, p.high) if p.log else tune.uniform(p.low, p.high)
-    # The Optuna study lives in sqlite beside the experiment (a local folder) so it can be inspected
-    # and resumed; with a remote storage URI it stays in the local cache.
-    db_folder = (
-        experiment if not storage.is_uri(experiment) else os.path.expanduser(f"~/.cache/raystudy/optuna/{spec.name}")
-    )
-    os.makedirs(db_folder, exist_ok=True)
-    db = optuna.storages.RDBStorage(f"sqlite:///{os.path.join(db_folder, OPTUNA_DB)}")
+    db, mirror = _optuna_storage(experiment, optuna_storage)
     searcher = _final_metric_optuna()(
         metric=spec.search.metric,
         mode=spec.search.mode,
@@ -106,6 +144,8 @@ def _search_setup(spec: StudySpec, experiment: str) -> tuple[dict[str, Any], Any
         storage=db,
         sampler=optuna.samplers.TPESampler(seed=spec.search.seed),
     )
+    searcher.raystudy_mirror = mirror
+    searcher.upload()
     scheduler = None
     if spec.search.proxy_every:
         # stop_last_trials=False: a trial that survives every rung must still reach its trial-end
@@ -127,9 +167,44 @@ def _final_metric_optuna():
     from ray.tune.search.optuna import OptunaSearch
 
     class FinalMetricOptunaSearch(OptunaSearch):
+        raystudy_mirror: tuple[str, str] | None = None  # (local sqlite file, its copy in the experiment)
+
         def on_trial_result(self, trial_id: str, result: dict) -> None:
             if self.metric in result:
                 super().on_trial_result(trial_id, result)
+
+        # The database is copied to the experiment whenever Optuna writes to it (a trial asked or told).
+        def suggest(self, trial_id: str):
+            suggestion = super().suggest(trial_id)
+            self.upload()
+            return suggestion
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            super().on_trial_complete(trial_id, result, error)
+            self.upload()
+
+        def upload(self) -> None:
+            if self.raystudy_mirror and os.path.exists(self.raystudy_mirror[0]):
+                with open(self.raystudy_mirror[0], "rb") as f:
+                    storage.write_bytes(self.raystudy_mirror[1], f.read())
+
+        def restore(self, checkpoint_path: str) -> None:
+            """Ray's saved searcher names the old driver's local database: fetch the experiment's
+            copy to this machine and reopen the study there."""
+            import optuna
+
+            super().restore(checkpoint_path)
+            if self.raystudy_mirror is None:
+                return
+            remote = self.raystudy_mirror[1]
+            local = _local_optuna_db(remote.rsplit("/", 1)[0])
+            with open(local, "wb") as f:
+                f.write(storage.read_bytes(remote))
+            self.raystudy_mirror = (local, remote)
+            self._storage = optuna.storages.RDBStorage(f"sqlite:///{local}")
+            self._ot_study = optuna.load_study(
+                study_name=self._study_name, storage=self._storage, sampler=self._ot_study.sampler
+            )
 
     return FinalMetricOptunaSearch
 
@@ -181,11 +256,17 @@ def run_study(
     address: str | None = None,
     max_concurrent: int | None = None,
     num_cpus: int | None = None,
+    optuna_storage: str | None = None,
+    trackers: tuple[str, ...] = (),
 ):
-    """Start a new experiment; refuses one that exists (resume it instead)."""
+    """Start a new experiment; refuses one that exists (resume it instead). `trackers`: any of
+    tensorboard, mlflow, wandb (raystudy.tracking)."""
     from ray import tune
 
+    from raystudy.tracking import tracking_callbacks
+
     storage.check_writable(storage_path)
+    callbacks = tracking_callbacks(trackers, spec.name)  # a missing tracker package fails before anything runs
     experiment = experiment_path(spec, storage_path)
     if storage.exists(storage.join(experiment, STUDY_RECORD)):
         raise RaystudyError(
@@ -198,7 +279,7 @@ def run_study(
     scheduler = searcher = None
     num_samples = 1
     if spec.kind == "search":
-        param_space, searcher, scheduler = _search_setup(spec, experiment)
+        param_space, searcher, scheduler = _search_setup(spec, experiment, optuna_storage)
         num_samples = spec.search.num_samples
     else:
         param_space = {"plan": tune.grid_search([plan.to_dict() for plan in spec.plans])}
@@ -218,6 +299,7 @@ def run_study(
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             progress_reporter=_reporter(spec),
+            callbacks=callbacks,
             verbose=1,
         ),
     )
