@@ -151,3 +151,37 @@ def test_study_on_two_worker_nodes_survives_losing_one(smoke_storage, tmp_path, 
         f"two-node study: node removed after {lost_at - started:.1f}s, finished after {time.time() - started:.1f}s, "
         f"{failures} trial failure(s) recovered"
     )
+
+
+def pip_installs(commands: list[str]) -> list[str]:
+    """The package arguments of every `pip install` in shell commands (flags dropped)."""
+    import shlex
+
+    out = []
+    for command in commands:
+        for part in command.split("&&"):
+            words = shlex.split(part)
+            if "pip" in words and "install" in words:
+                out += [w for w in words[words.index("install") + 1 :] if not w.startswith("-")]
+    return out
+
+
+def test_cluster_nodes_install_what_the_readme_installs():
+    readme = (ROOT / "README.md").read_text()
+    setup = next(line for line in readme.splitlines() if line.startswith("python3 -m venv"))
+    wanted = [w.replace(".[test]", "raystudy[test]") for w in pip_installs([setup])]
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    installed = [
+        w.replace("/home/ubuntu/raystudy[test]", "raystudy[test]") for w in pip_installs(config["setup_commands"])
+    ]
+    assert installed == wanted == ["torch==2.14.1", "torchvision==0.29.1", "raystudy[test]"]
+    # The head's extra Ray (the dashboard) is the version every node gets from pyproject.toml.
+    pinned = next(d for d in _dependencies() if d.startswith("ray[tune]=="))
+    (head_ray,) = [w for w in pip_installs(config["head_setup_commands"]) if w.startswith("ray[")]
+    assert head_ray.split("==")[1] == pinned.split("==")[1]
+
+
+def _dependencies() -> list[str]:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
