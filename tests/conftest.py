@@ -14,6 +14,11 @@ import torch
 SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `ends_every_ray` (they run `ray stop --force`) go last, after every other Ray."""
+    items.sort(key=lambda item: item.get_closest_marker("ends_every_ray") is not None)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     # Every test writes decoded data into a throw-away cache, never the user's.

@@ -1,0 +1,166 @@
+"""A study on an autoscaling cluster: Ray's real autoscaler and monitor with the fake multi-node
+provider (worker nodes are local processes with fake GPUs). A head without GPUs, a GPU worker type
+scaling from 0: trials asking for half a GPU wait for workers, run on them, finish once; a worker
+killed mid-trial (a lost spot instance) costs its trials a restart from their last checkpoint; the
+workers are gone again after the idle timeout.
+
+`AutoscalingCluster.start()` runs `ray stop --force`, which ends every Ray on this machine: the test
+is marked `ends_every_ray`, which tests/conftest.py orders after every other test."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = yaml.safe_load((ROOT / "search_spaces" / "smoke.yaml").read_text())
+IDLE_TIMEOUT_MINUTES = 0.2
+
+pytestmark = [pytest.mark.slow, pytest.mark.ends_every_ray]
+
+
+def fake_multinode_cluster(worker_types: dict):
+    """Ray's AutoscalingCluster with the base config its pip wheel does not ship."""
+    from ray.cluster_utils import AutoscalingCluster
+
+    class Cluster(AutoscalingCluster):
+        def _generate_config(self, head_resources, worker_node_types, autoscaler_v2=False, **config_kwargs):
+            return {
+                "cluster_name": "fake_multinode",
+                "max_workers": sum(t["max_workers"] for t in worker_node_types.values()),
+                "provider": {
+                    "type": "fake_multinode",
+                    "use_node_id_as_ip": True,
+                    "disable_node_updaters": True,
+                    "disable_launch_config_check": True,
+                },
+                "available_node_types": {
+                    **worker_node_types,
+                    "ray.head.default": {"resources": dict(head_resources), "node_config": {}, "max_workers": 0},
+                },
+                "head_node_type": "ray.head.default",
+                "auth": {"ssh_user": "ubuntu"},
+                "upscaling_speed": 1.0,
+                "idle_timeout_minutes": IDLE_TIMEOUT_MINUTES,
+                "docker": {},
+                "file_mounts": {},
+                "cluster_synced_files": [],
+                "file_mounts_sync_continuously": False,
+                "rsync_exclude": [],
+                "rsync_filter": [],
+                "initialization_commands": [],
+                "setup_commands": [],
+                "head_setup_commands": [],
+                "worker_setup_commands": [],
+                "head_start_ray_commands": [],
+                "worker_start_ray_commands": [],
+            }
+
+    return Cluster(head_resources={"CPU": 2}, worker_node_types=worker_types)
+
+
+def gpu_workers() -> list[str]:
+    """Node ids of the live worker nodes with (fake) GPUs, as the cluster sees them."""
+    import ray
+
+    return [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU", 0) > 0]
+
+
+def kill_node(node_id: str) -> int:
+    """SIGKILL every process of a fake node (its raylet and its workers, which carry the node's id
+    in their environment), as a vanished spot instance takes them all at once."""
+    marker = f"RAY_OVERRIDE_NODE_ID_FOR_TESTING={node_id}".encode()
+    killed = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if marker in (proc / "environ").read_bytes().split(b"\0"):
+                os.kill(int(proc.name), signal.SIGKILL)
+                killed += 1
+        except (OSError, ProcessLookupError):
+            continue
+    return killed
+
+
+def results(experiment: Path) -> dict[str, list[dict]]:
+    out = {}
+    for path in experiment.glob("trial_*/result.json"):
+        out[path.parent.name] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return out
+
+
+def test_trials_scale_workers_up_from_zero_survive_a_lost_worker_and_scale_down(smoke_storage, tmp_path):
+    import ray
+
+    space = dict(
+        SMOKE,
+        name="autoscaled",
+        trials=[{"mechanism": m} for m in ("ST", "SAM", "LS", "CO")],
+        train={**SMOKE["train"], "epochs": 6},
+        resources={"cpu": 1, "gpu": 0.5},
+        max_failures=3,
+    )
+    path = tmp_path / "autoscaled.yaml"
+    path.write_text(yaml.safe_dump(space))
+    cluster = fake_multinode_cluster(
+        {"gpu_worker": {"resources": {"CPU": 2, "GPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2}}
+    )
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    os.environ["PATH"] = env["PATH"]  # `ray start` / `ray stop` from this environment
+    cluster.start()
+    try:
+        ray.init(address="auto", log_to_driver=False)
+        counts = [(0.0, len(gpu_workers()))]
+        start = time.time()
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "raystudy", "run", str(path), "--storage", str(smoke_storage), "--address", "auto"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        experiment = smoke_storage / "autoscaled"
+        killed = None
+        while driver.poll() is None and time.time() - start < 480:
+            counts.append((time.time() - start, len(gpu_workers())))
+            epochs = [r.get("epoch", 0) for rows in results(experiment).values() for r in rows if r.get("final") == 0]
+            if killed is None and epochs and max(epochs) >= 2 and gpu_workers():
+                killed = gpu_workers()[0]
+                assert kill_node(killed) > 0
+            time.sleep(0.5)
+        output = driver.communicate(timeout=60)[0]
+        assert driver.returncode == 0, output[-4000:]
+        assert killed is not None, "the worker should be lost mid-study"
+        deadline = time.time() + 120  # idle timeout (12 s) plus the autoscaler's reaction
+        while time.time() < deadline and gpu_workers():
+            counts.append((time.time() - start, len(gpu_workers())))
+            time.sleep(1)
+        counts.append((time.time() - start, len(gpu_workers())))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+    workers = [n for _, n in counts]
+    assert workers[0] == 0 and max(workers) >= 1 and workers[-1] == 0, counts  # 0 -> >=1 -> 0
+    trials = results(experiment)
+    assert len(trials) == 4
+    for name, rows in trials.items():
+        assert sum(r.get("final") == 1 for r in rows) == 1, name  # finished exactly once
+        epochs = [r["epoch"] for r in rows if r.get("final") == 0]
+        assert sorted(epochs) == list(range(1, 7)), (name, epochs)  # every epoch once: none redone
+    # The lost worker's trials went on from their checkpoints: restored, not restarted from epoch 1.
+    restored = [
+        rows for rows in trials.values() if any(r["iterations_since_restore"] < r["training_iteration"] for r in rows)
+    ]
+    assert restored, "a trial of the lost worker should have resumed from its checkpoint"
+    for rows in restored:
+        assert [r["epoch"] for r in rows if r.get("final") == 0].count(1) == 1
