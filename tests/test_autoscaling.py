@@ -98,6 +98,22 @@ def results(experiment: Path) -> dict[str, list[dict]]:
     return out
 
 
+def node_of_running_trial(experiment: Path, epochs: int) -> str | None:
+    """The node of a trial in mid-training (reported epoch 2 or later, not its last): its trial
+    process's environment names the fake node it runs on."""
+    for rows in results(experiment).values():
+        last = rows[-1] if rows else {}
+        if not any(r.get("final") == 1 for r in rows) and 2 <= last.get("epoch", 0) < epochs:
+            try:
+                environ = (Path("/proc") / str(last["pid"]) / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            for entry in environ:
+                if entry.startswith(b"RAY_OVERRIDE_NODE_ID_FOR_TESTING="):
+                    return entry.split(b"=", 1)[1].decode()
+    return None
+
+
 def test_trials_scale_workers_up_from_zero_survive_a_lost_worker_and_scale_down(smoke_storage, tmp_path):
     import ray
 
@@ -132,10 +148,10 @@ def test_trials_scale_workers_up_from_zero_survive_a_lost_worker_and_scale_down(
         killed = None
         while driver.poll() is None and time.time() - start < 480:
             counts.append((time.time() - start, len(gpu_workers())))
-            epochs = [r.get("epoch", 0) for rows in results(experiment).values() for r in rows if r.get("final") == 0]
-            if killed is None and epochs and max(epochs) >= 2 and gpu_workers():
-                killed = gpu_workers()[0]
-                assert kill_node(killed) > 0
+            if killed is None:
+                killed = node_of_running_trial(experiment, epochs=6)
+                if killed is not None:
+                    assert kill_node(killed) > 0
             time.sleep(0.5)
         output = driver.communicate(timeout=60)[0]
         assert driver.returncode == 0, output[-4000:]
