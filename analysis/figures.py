@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis.tables import BASELINE, label_order, wide  # noqa: E402
+from raystudy import storage  # noqa: E402
 from raystudy.record import MetricRow  # noqa: E402
 
 CURVE_ORDER = ("AT", "MU", "CM", "CO", "LS", "IR", "JR", "ER", "SAM")  # AT's inverted U first
@@ -77,6 +78,18 @@ def _curve_figure(rows: pd.DataFrame, mechanism: str, attack: str, budgets: list
     plt.close(fig)
 
 
+def _local_optuna_db(experiment_path: str, out: Path) -> str | None:
+    """The search's optuna.db as a local file: in place for a local experiment, else a copy from storage."""
+    location = storage.join(storage.normalize(experiment_path), "optuna.db")
+    if not storage.is_uri(location):
+        return location if os.path.isfile(location) else None
+    if not storage.exists(location):
+        return None
+    copy = out / "optuna_copy.db"
+    copy.write_bytes(storage.read_bytes(location))
+    return str(copy)
+
+
 def optuna_figures(experiment, tidy: pd.DataFrame, out: Path) -> list[tuple[str, Path]]:
     """History and parameter importances from the Optuna study stored beside the experiment;
     without it (e.g. remote storage), the history from the trial results alone."""
@@ -84,20 +97,15 @@ def optuna_figures(experiment, tidy: pd.DataFrame, out: Path) -> list[tuple[str,
 
     spec = experiment.spec
     figures = []
-    db = os.path.join(experiment.path, "optuna.db")
+    db = _local_optuna_db(experiment.path, out)
     study = None
-    if os.path.isfile(db):
+    if db is not None:
         study = optuna.load_study(study_name=spec.name, storage=f"sqlite:///{db}")
     if study is not None and len(study.trials) >= 1:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         with warnings.catch_warnings():  # optuna marks its matplotlib plots experimental
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            ax = optuna.visualization.matplotlib.plot_optimization_history(study)
-            figures.append(("optimization history", _save_axes(ax, out / f"optuna_history_{spec.name}.png")))
-            complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-            if len(complete) >= 2 and len(spec.search.params) >= 1:
-                ax = optuna.visualization.matplotlib.plot_param_importances(study)
-                figures.append(("parameter importances", _save_axes(ax, out / f"optuna_importances_{spec.name}.png")))
+            figures += _study_figures(optuna, study, spec, out)
         return figures
     rows = wide(tidy[tidy.experiment == spec.name])
     if spec.search.metric in rows.columns and len(rows):
@@ -110,6 +118,29 @@ def optuna_figures(experiment, tidy: pd.DataFrame, out: Path) -> list[tuple[str,
         ax.set_ylabel(spec.search.metric)
         ax.legend()
         figures.append(("optimization history", _save_axes(ax, out / f"optuna_history_{spec.name}.png")))
+    return figures
+
+
+def _study_figures(optuna, study, spec, out: Path) -> list[tuple[str, Path]]:
+    """History and importances of the (first) objective; with several objectives, the Pareto front
+    too (two or three objectives)."""
+    plots = optuna.visualization.matplotlib
+    names = list(spec.search.objective_metrics)
+    multi = len(study.directions) > 1
+    first = {"target": (lambda t: t.values[0]), "target_name": names[0]} if multi else {}
+    figures = [
+        (
+            "optimization history",
+            _save_axes(plots.plot_optimization_history(study, **first), out / f"optuna_history_{spec.name}.png"),
+        )
+    ]
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if len(complete) >= 2 and len({k for t in complete for k in t.params}) >= 1:
+        ax = plots.plot_param_importances(study, **first)
+        figures.append(("parameter importances", _save_axes(ax, out / f"optuna_importances_{spec.name}.png")))
+    if multi and len(names) <= 3 and complete:
+        ax = plots.plot_pareto_front(study, target_names=names)
+        figures.append(("Pareto front", _save_axes(ax, out / f"optuna_pareto_{spec.name}.png")))
     return figures
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ import pandas as pd
 from analysis.figures import magnitude_curves, optuna_figures
 from analysis.records import Experiment, load_experiment
 from analysis.tables import correlation_table, headline_table, metric_gaps, tidy_trials
+from raystudy import storage
 from raystudy.errors import RaystudyError
 
 MODES = ("untargeted", "targeted")
@@ -280,14 +282,62 @@ def _optuna(report: Report, experiments: list[Experiment], tidy: pd.DataFrame, o
         figures = optuna_figures(experiment, tidy, out)
         if not figures:
             continue
+        search = experiment.spec.search
         report.heading(f"Optuna search: {experiment.name}")
         report.paragraph(
-            f"The objective is {experiment.spec.search.metric} ({experiment.spec.search.mode}imized) "
-            f"over {', '.join(p.name for p in experiment.spec.search.params)}: its value per trial in "
+            f"The objective is {search.objective_metric} ({search.mode}imized) "
+            f"over {', '.join(p.name for p in search.params)}: its value per trial in "
             "order with the best so far, and each parameter's importance (fANOVA)."
         )
+        report.paragraph(_selection_statement(experiment))
         for _, path in figures:
             report.image(path)
+        front = _pareto_table(experiment)
+        if front is not None:
+            report.table(front)
+
+
+def _best_config(experiment: Experiment) -> dict | None:
+    location = storage.join(storage.normalize(experiment.path), "best_config.json")
+    return json.loads(storage.read_bytes(location)) if storage.exists(location) else None
+
+
+def _selection_statement(experiment: Experiment) -> str:
+    """What the winner was selected on and what it is tested on (best_config.json of the search)."""
+    search = experiment.spec.search
+    best = _best_config(experiment)
+    if best is None:
+        return "No trial has finished with the objective yet: no winner."
+    if search.multi_objective:
+        what = f"The Pareto front over {', '.join(best['metrics'])} holds {len(best['pareto_front'])} trials (below)"
+        if not search.objective_targets:
+            return what + ", selected on every target they are scored on."
+        return what + f", selected on {', '.join(best['selected_on'])} and tested on {', '.join(best['tested_on'])}."
+    if not search.objective_targets:
+        return (
+            f"The winner ({best['metric']} = {best['value']:.4f}) was selected on every target it is "
+            "scored on, with one seed: its score is optimistic. Name `objective_targets` to hold targets out."
+        )
+    held = best.get("held_out_value")
+    return (
+        f"Selected on {', '.join(best['selected_on'])} ({best['metric']} = {best['value']:.4f}); "
+        f"tested on {', '.join(best['tested_on'])}: {best['held_out_metric']} = "
+        f"{'n/a' if held is None else f'{held:.4f}'}. The held-out score is the unbiased one."
+    )
+
+
+def _pareto_table(experiment: Experiment) -> pd.DataFrame | None:
+    best = _best_config(experiment)
+    if not best or "pareto_front" not in best:
+        return None
+    rows = []
+    for entry in best["pareto_front"]:
+        row = {k: v for k, v in entry["config"].items() if not isinstance(v, dict)}
+        row.update(zip(best["metrics"], entry["values"]))
+        if "held_out_value" in entry:
+            row[best["held_out_metric"]] = entry["held_out_value"]
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def _gaps(report: Report, experiments: list[Experiment], out: Path) -> None:

@@ -194,7 +194,8 @@ def _as_mechanism(train: TrainConfig, mechanism: str, **changes: Any) -> TrainCo
 
 def trial_plans(spec: StudySpec) -> list[TrialPlan]:
     """Grid and targets studies: their plans. Searches: num_samples trials at the search box's
-    midpoint of epochs (if searched) or the preset's."""
+    midpoint of epochs (if searched) or the preset's; a search over several mechanisms is costed at
+    its first mechanism (the plan says so)."""
     if spec.search is None:
         return list(spec.plans)
     corner = spec.search_corner("low")
@@ -250,6 +251,11 @@ def render_plan(spec: StudySpec, costs: StepCosts, gpus: int) -> str:
         f"wall time on {gpus} GPU(s) at {per_gpu} trial(s) per GPU (gpu: {spec.resources.gpu:g}; packing gain "
         f"{gain:.2f}x, not {per_gpu}x): {wall / 3600:.2f} h",
     ]
+    if spec.search is not None and spec.search.conditional:
+        lines.append(
+            f"note: every sample is costed as {spec.search.mechanisms[0]}; "
+            f"the search picks among {spec.search.mechanism}"
+        )
     if spec.search is not None and spec.search.proxy_every:
         lines.append("note: an upper bound: ASHA stops some search trials early")
     if spec.resources.gpu == 0:

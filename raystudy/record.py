@@ -48,6 +48,33 @@ def flat(rows: Iterable[MetricRow]) -> dict[str, float]:
     return {row.key: row.value for row in rows}
 
 
+# Target names reserved for rows aggregated over targets: every target, the search's objective
+# targets, and the targets held out from it.
+AGGREGATE_TARGETS = ("mean", "objective", "held_out")
+
+
+def objective_rows(rows: Iterable[MetricRow], metric: str, objective_targets: Iterable[str]) -> list[MetricRow]:
+    """For a search metric averaged over targets (e.g. asr/pgd/untargeted/8/mean): the same metric
+    averaged over the objective targets only (target 'objective') and over the others ('held_out')."""
+    name, attack, mode, budget, _ = metric.split("/")
+    family = [
+        r
+        for r in rows
+        if (r.name, r.attack, r.mode, str(r.budget)) == (name, attack, mode, budget)
+        and r.target not in AGGREGATE_TARGETS
+    ]
+    chosen = set(objective_targets)
+    out = []
+    for label, members in (
+        ("objective", [r for r in family if r.target in chosen]),
+        ("held_out", [r for r in family if r.target not in chosen]),
+    ):
+        if members:
+            value = sum(r.value for r in members) / len(members)
+            out.append(MetricRow(name, value, attack, mode, int(budget), target=label))
+    return out
+
+
 def training_rows(epoch_record: Mapping[str, Any]) -> list[MetricRow]:
     """The last epoch's numbers (loss and its parts, accuracies, speed) as rows without dimensions."""
     return [

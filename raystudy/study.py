@@ -12,10 +12,12 @@ import json
 import os
 import time
 from collections import Counter
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 from raystudy import storage
 from raystudy.config import STUDY_RECORD, StudySpec, parse_space
+from raystudy.config.study import SearchParam
 from raystudy.errors import RaystudyError
 from raystudy.trainable import FINAL_KEY, run_trial, targets_location
 
@@ -74,6 +76,8 @@ def _reporter(spec: StudySpec):
     metrics = {"epoch": "epoch", "test_acc": "test acc", "asr/pgd/untargeted/8/mean": "ASR pgd 8/255 (mean)"}
     if spec.kind == "search":
         parameters = {p.name: p.name for p in spec.search.params}
+        if spec.search.conditional:
+            parameters = {"mechanism": "mechanism", **parameters}
     elif spec.kind == "targets":
         parameters = {"plan/target_name": "target", "plan/train/seed": "seed"}
     else:  # the magnitudes come from each result's columns (a mapping in the plan)
@@ -136,10 +140,17 @@ def _search_setup(
             space[p.name] = tune.choice(list(p.choices))
         else:
             space[p.name] = tune.loguniform(p.low, p.high) if p.log else tune.uniform(p.low, p.high)
+    define_by_run = None
+    if spec.search.conditional:
+        # The mechanism is a choice and its magnitudes exist only when it is chosen: Optuna's
+        # define-by-run space (Tune then takes no param_space of its own).
+        define_by_run, space = ConditionalSpace.of(spec), {}
     db, mirror = _optuna_storage(experiment, optuna_storage)
     searcher = _final_metric_optuna()(
-        metric=spec.search.metric,
-        mode=spec.search.mode,
+        space=define_by_run,
+        # Several metrics: a list each (Optuna's TPE runs its multi-objective mode on them).
+        metric=list(spec.search.objective_metrics) if spec.search.multi_objective else spec.search.objective_metric,
+        mode=list(spec.search.modes) if spec.search.multi_objective else spec.search.mode,
         study_name=spec.name,
         storage=db,
         sampler=optuna.samplers.TPESampler(seed=spec.search.seed),
@@ -161,6 +172,32 @@ def _search_setup(
     return space, searcher, scheduler
 
 
+@dataclass(frozen=True)
+class ConditionalSpace:
+    """Optuna's define-by-run space of a search over several mechanisms: the mechanism first, then
+    only its magnitudes (and the searched training settings). A module-level class, not a closure:
+    Ray pickles the searcher, and the space with it, into the experiment."""
+
+    magnitudes: tuple[tuple[str, tuple[SearchParam, ...]], ...]  # (mechanism, its magnitude ranges)
+    settings: tuple[SearchParam, ...]
+
+    @classmethod
+    def of(cls, spec: StudySpec) -> "ConditionalSpace":
+        search = spec.search
+        return cls(tuple((m, search.magnitude_params(m, spec.dataset)) for m in search.mechanisms), search.params)
+
+    def __call__(self, trial) -> None:
+        ranges = dict(self.magnitudes)
+        mechanism = trial.suggest_categorical("mechanism", list(ranges))
+        for p in ranges[mechanism] + self.settings:
+            if p.choices:
+                trial.suggest_categorical(p.name, list(p.choices))
+            elif p.integer:
+                trial.suggest_int(p.name, int(p.low), int(p.high), log=p.log)
+            else:
+                trial.suggest_float(p.name, p.low, p.high, log=p.log)
+
+
 def _final_metric_optuna():
     """OptunaSearch that skips per-epoch results: the objective (a transfer ASR) exists only in the
     final result, and OptunaSearch would look it up in every one (its pruner is off anyway)."""
@@ -170,7 +207,8 @@ def _final_metric_optuna():
         raystudy_mirror: tuple[str, str] | None = None  # (local sqlite file, its copy in the experiment)
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
-            if self.metric in result:
+            metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+            if all(m in result for m in metrics):
                 super().on_trial_result(trial_id, result)
 
         # The database is copied to the experiment whenever Optuna writes to it (a trial asked or told).
@@ -225,7 +263,20 @@ def check_targets(spec: StudySpec, storage_path: str) -> list[str]:
             f"study {spec.name!r} attacks the targets of study {spec.targets!r}, but {location} holds none: "
             f"train them first with `raystudy targets search_spaces/{spec.targets}.yaml --storage {storage_path}`"
         )
-    return [n[:-3] for n in names]
+    found = [n[:-3] for n in names]
+    if spec.search is not None and spec.search.objective_targets:
+        missing = [t for t in spec.search.objective_targets if t not in found]
+        if missing:
+            raise RaystudyError(
+                f"search: objective_targets {', '.join(missing)} not among the targets of {spec.targets!r}: "
+                f"{', '.join(found)}"
+            )
+        if set(found) <= set(spec.search.objective_targets):
+            raise RaystudyError(
+                f"search: objective_targets take every target of {spec.targets!r}: hold at least one out "
+                f"(the winner is tested on the held-out targets)"
+            )
+    return found
 
 
 def _write_record(spec: StudySpec, raw: Any, storage_path: str, experiment: str, targets: list[str]) -> None:
@@ -344,18 +395,68 @@ def _finish(spec: StudySpec, results, experiment: str):
     for r in errors:
         print(f"  failed: {_describe(r.config)}: {str(r.error).strip().splitlines()[-1][:300]}")
     if spec.kind == "search":
-        done = [
-            r for r in results if r.error is None and r.metrics.get(FINAL_KEY) == 1 and spec.search.metric in r.metrics
-        ]
-        if done:
-            best = max(done, key=lambda r: r.metrics[spec.search.metric] * (1 if spec.search.mode == "max" else -1))
-            summary = {"config": best.config, "metric": spec.search.metric, "value": best.metrics[spec.search.metric]}
-            storage.write_bytes(storage.join(experiment, BEST_CONFIG), json.dumps(summary, indent=1).encode())
-            print(
-                f"best {spec.search.metric} = {summary['value']:.4f} with {json.dumps(best.config)} "
-                f"(saved to {storage.join(experiment, BEST_CONFIG)})"
-            )
+        _write_best(spec, results, experiment)
     return results
+
+
+def _write_best(spec: StudySpec, results, experiment: str) -> None:
+    """best_config.json: the best finished trial on the objective (several objectives: the Pareto
+    front), with what it was selected on and, with objective targets, its held-out score."""
+    search = spec.search
+    metrics = search.objective_metrics
+    done = [
+        r for r in results if r.error is None and r.metrics.get(FINAL_KEY) == 1 and all(m in r.metrics for m in metrics)
+    ]
+    if not done:
+        return
+    if search.multi_objective:
+        front = pareto_front([[r.metrics[m] for m in metrics] for r in done], search.modes)
+        summary = {
+            "metrics": list(metrics),
+            "modes": list(search.modes),
+            "pareto_front": [
+                {"config": done[i].config, "values": [done[i].metrics[m] for m in metrics]} for i in front
+            ],
+        }
+        line = f"Pareto front over {', '.join(metrics)}: {len(front)} of {len(done)} trials"
+        chosen = [done[i] for i in front]
+    else:
+        best = max(done, key=lambda r: r.metrics[metrics[0]] * (1 if search.mode == "max" else -1))
+        summary = {"config": best.config, "metric": metrics[0], "value": best.metrics[metrics[0]]}
+        line = f"best {metrics[0]} = {summary['value']:.4f} with {json.dumps(best.config)}"
+        chosen = [best]
+    if search.objective_targets:
+        held_out = [t for t in _target_names(chosen[0].metrics) if t not in search.objective_targets]
+        summary.update(selected_on=list(search.objective_targets), tested_on=held_out)
+        summary["held_out_metric"] = search.held_out_metric
+        held = [r.metrics.get(search.held_out_metric) for r in chosen]
+        if search.multi_objective:
+            for entry, value in zip(summary["pareto_front"], held):
+                entry["held_out_value"] = value
+        else:
+            summary["held_out_value"] = held[0]
+            line += (
+                f"\n  selected on {', '.join(search.objective_targets)}; tested on {', '.join(held_out)}: "
+                f"{search.held_out_metric} = {held[0]:.4f}"
+            )
+    storage.write_bytes(storage.join(experiment, BEST_CONFIG), json.dumps(summary, indent=1).encode())
+    print(f"{line}\n(saved to {storage.join(experiment, BEST_CONFIG)})")
+
+
+def pareto_front(values: list[list[float]], modes: Sequence[str]) -> list[int]:
+    """Indices of the non-dominated points: no other point is at least as good in every objective
+    and better in one (max/min per objective)."""
+    signed = [[v if mode == "max" else -v for v, mode in zip(point, modes)] for point in values]
+
+    def dominates(a, b) -> bool:
+        return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
+
+    return [i for i, p in enumerate(signed) if not any(dominates(q, p) for j, q in enumerate(signed) if j != i)]
+
+
+def _target_names(metrics: dict[str, Any]) -> list[str]:
+    """The targets a trial's hook measured (from its support/<target> counts)."""
+    return sorted(k.split("/", 1)[1] for k in metrics if k.startswith("support/"))
 
 
 def all_finished(results) -> bool:

@@ -20,11 +20,12 @@ from ray import tune
 from raystudy import lgv, storage
 from raystudy.checkpoint import MODEL_FILE, STATE_FILE, load_model
 from raystudy.config import EvalConfig, StudySpec, TrialPlan
+from raystudy.config.study import averaged_over_targets
 from raystudy.data import dataset_for
 from raystudy.errors import RaystudyError
 from raystudy.mechanisms import mechanism_label
 from raystudy.metrics.hook import make_eval_set, measure_surrogate, quick_transfer_asr
-from raystudy.record import flat, make_record, training_rows
+from raystudy.record import flat, make_record, objective_rows, training_rows
 from raystudy.train import pick_device, train, versions
 
 TARGETS_DIR = "targets"  # <storage>/<targets study>/targets/<name>.pt
@@ -87,6 +88,9 @@ def _run_in(work: Path, study: StudySpec, plan: TrialPlan, dataset, storage_path
             surrogate = lgv.collect(plan.train, work / MODEL_FILE, dataset, plan.lgv, work / "lgv", log=print)
         print(f"trial-end hook: {len(eval_set.labels)} images, targets {', '.join(targets)}", flush=True)
         rows += measure_surrogate(surrogate, targets, eval_set, study.evaluation, log=print)
+        if study.search is not None and study.search.objective_targets:
+            for metric in filter(averaged_over_targets, study.search.metrics):
+                rows += objective_rows(rows, metric, study.search.objective_targets)
     identity = {
         **plan.identity(),
         "label": mechanism_label(

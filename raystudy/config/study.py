@@ -126,6 +126,7 @@ class SearchParam:
     high: float | None = None
     log: bool = False
     choices: tuple[Any, ...] = ()
+    integer: bool = False  # whole numbers only (a magnitude in pixels)
 
 
 @dataclass(frozen=True)
@@ -133,14 +134,80 @@ class SearchSpec:
     mechanism: str
     num_samples: int
     params: tuple[SearchParam, ...]
-    metric: str = "asr/pgd/untargeted/8/mean"
-    mode: str = "max"
+    # One objective, or several (a multi-objective search: Optuna's TPE in its multi-objective
+    # mode, reporting a Pareto front); each metric with its mode.
+    metrics: tuple[str, ...] = ("asr/pgd/untargeted/8/mean",)
+    modes: tuple[str, ...] = ("max",)
     seed: int = 0
     # ASHA early stopping on a small-sample PGD ASR reported every `proxy_every` epochs (0 = off).
     proxy_every: int = 0
     proxy_n_eval: int = 100
     proxy_budget: int = 8  # the proxy's L-inf budget in 1/255 (one of the evaluation's budgets)
     grace_period: int = 1
+    # Targets the objective averages over (empty: all); the others are held out, measured by every
+    # trial's hook and reported apart, so the winner is not scored on the targets it was selected on.
+    objective_targets: tuple[str, ...] = ()
+    # A search over several mechanisms (`mechanism: any` or a list): the mechanism is a searched
+    # choice and each one's magnitudes come from the registry's ranges (conditional on the choice).
+    mechanisms: tuple[str, ...] = ()
+
+    @property
+    def conditional(self) -> bool:
+        return len(self.mechanisms) > 1
+
+    def magnitude_params(self, mechanism: str, dataset: str) -> tuple[SearchParam, ...]:
+        """A mechanism's magnitudes as search ranges from its registered grid: min to max of the
+        dataset's grid, log-uniform where the grid spans a factor of 10 or more (geometric in
+        METHOD.md), integers where the magnitude is whole pixels. Named `<mechanism>.<magnitude>`."""
+        from raystudy.mechanisms import get_mechanism
+        from raystudy.mechanisms.base import grid_family
+
+        params = []
+        for p in get_mechanism(mechanism).params:
+            grid = p.grids[grid_family(dataset)]
+            low, high = min(grid), max(grid)
+            log = low > 0 and high / low >= 10
+            params.append(SearchParam(f"{mechanism}.{p.name}", low, high, log=log, integer=p.integer))
+        return tuple(params)
+
+    @property
+    def metric(self) -> str:
+        """The first (with one objective, the only) metric."""
+        return self.metrics[0]
+
+    @property
+    def mode(self) -> str:
+        return self.modes[0]
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.metrics) > 1
+
+    @property
+    def objective_metrics(self) -> tuple[str, ...]:
+        """What Optuna optimizes: each metric, where objective targets are named and the metric is a
+        mean over targets, its mean over the objective targets only (`.../objective`)."""
+        return tuple(
+            _objective_name(m) if self.objective_targets and averaged_over_targets(m) else m for m in self.metrics
+        )
+
+    @property
+    def objective_metric(self) -> str:
+        return self.objective_metrics[0]
+
+    @property
+    def held_out_metric(self) -> str | None:
+        """The held-out counterpart of the first target-averaged metric (None without objective targets)."""
+        over = [m for m in self.metrics if averaged_over_targets(m)]
+        return over[0].rsplit("/", 1)[0] + "/held_out" if self.objective_targets and over else None
+
+
+def averaged_over_targets(metric: str) -> bool:
+    return metric.startswith(("asr/", "asr_all/")) and metric.endswith("/mean")
+
+
+def _objective_name(metric: str) -> str:
+    return metric.rsplit("/", 1)[0] + "/objective"
 
 
 @dataclass(frozen=True)
@@ -165,9 +232,15 @@ class StudySpec:
     def plan_for_sample(self, values: Mapping[str, Any]) -> TrialPlan:
         """A search sample (magnitudes, and searchable training settings) as a trial plan."""
         search = self.search
-        magnitudes = {k: v for k, v in values.items() if k not in SEARCHABLE_TRAIN_KEYS}
         overrides = {k: v for k, v in values.items() if k in SEARCHABLE_TRAIN_KEYS}
-        return TrialPlan(_train_config(self, search.mechanism, magnitudes, self.model, self.seeds[0], overrides))
+        if search.conditional:  # {"mechanism": "MU", "MU.p": 0.3, ...}: the chosen mechanism's magnitudes
+            mechanism = values["mechanism"]
+            prefix = f"{mechanism}."
+            magnitudes = {k[len(prefix) :]: v for k, v in values.items() if k.startswith(prefix)}
+        else:
+            mechanism = search.mechanism
+            magnitudes = {k: v for k, v in values.items() if k not in SEARCHABLE_TRAIN_KEYS}
+        return TrialPlan(_train_config(self, mechanism, magnitudes, self.model, self.seeds[0], overrides))
 
     def plan_from_ray(self, config: Mapping[str, Any]) -> TrialPlan:
         """The plan of a trial from the config Ray gave it (and recorded in params.json)."""
@@ -178,8 +251,14 @@ class StudySpec:
         return self.plan_for_sample(config)
 
     def search_corner(self, corner: str = "low") -> TrialPlan:
-        """The plan at one corner of the search box (choices: the first)."""
-        values = {p.name: p.choices[0] if p.choices else getattr(p, corner) for p in self.search.params}
+        """The plan at one corner of the search box (choices: the first; several mechanisms: the
+        first mechanism's corner)."""
+        params = self.search.params
+        values: dict[str, Any] = {}
+        if self.search.conditional:
+            values["mechanism"] = self.search.mechanisms[0]
+            params = params + self.search.magnitude_params(self.search.mechanisms[0], self.dataset)
+        values.update({p.name: p.choices[0] if p.choices else getattr(p, corner) for p in params})
         return self.plan_for_sample(values)
 
     def to_json(self) -> str:
@@ -445,7 +524,7 @@ def _search(values: Any, where: str) -> SearchSpec:
         raise RaystudyError(f"{where}: a kind: search study needs a 'search' section")
     r = _Reader(values, f"{where}: search")
     params = []
-    for name, spec in r.get("params", kind=dict).items():
+    for name, spec in r.get("params", {}, dict).items():
         p = _Reader(spec, f"{where}: search: params: {name}")
         param = SearchParam(
             name,
@@ -460,26 +539,57 @@ def _search(values: Any, where: str) -> SearchSpec:
         if param.log and not param.choices and param.low <= 0:
             raise RaystudyError(f"{where}: search: params: {name}: a log-uniform range needs low > 0")
         params.append(param)
+    mechanism, mechanisms = _search_mechanisms(r.get("mechanism", kind=(str, list)), where)
     search = SearchSpec(
-        mechanism=r.get("mechanism", kind=str),
+        mechanism=mechanism,
+        mechanisms=mechanisms,
         num_samples=r.get("num_samples", kind=int),
         params=tuple(params),
-        metric=r.get("metric", SearchSpec.metric, str),
-        mode=r.get("mode", "max", str),
+        metrics=_as_tuple(r.get("metric", SearchSpec.metrics[0], (str, list))),
+        modes=_as_tuple(r.get("mode", "max", (str, list))),
         seed=r.get("seed", 0, int),
         proxy_every=r.get("proxy_every", 0, int),
         proxy_n_eval=r.get("proxy_n_eval", 100, int),
         proxy_budget=r.get("proxy_budget", 8, int),
         grace_period=r.get("grace_period", 1, int),
+        objective_targets=tuple(str(t) for t in r.get("objective_targets", [], list)),
     )
     r.finish()
-    if search.mode not in ("max", "min"):
-        raise RaystudyError(f"{where}: search: mode={search.mode!r} must be max or min")
+    if any(mode not in ("max", "min") for mode in search.modes):
+        raise RaystudyError(f"{where}: search: mode={list(search.modes)!r}: each must be max or min")
+    if len(search.modes) != len(search.metrics):
+        raise RaystudyError(
+            f"{where}: search: {len(search.metrics)} metric(s) but {len(search.modes)} mode(s): "
+            "give one mode per metric"
+        )
+    if len(set(search.metrics)) != len(search.metrics):
+        raise RaystudyError(f"{where}: search: metric lists a metric twice")
     if search.num_samples < 1:
         raise RaystudyError(f"{where}: search: num_samples must be >= 1")
-    if not params:
+    if not params and not search.conditional:
         raise RaystudyError(f"{where}: search: params is empty")
     return search
+
+
+def _as_tuple(value: Any) -> tuple[str, ...]:
+    return tuple(str(v) for v in value) if isinstance(value, list) else (str(value),)
+
+
+def _search_mechanisms(value: Any, where: str) -> tuple[str, tuple[str, ...]]:
+    """('SAM&JR', ()) for one mechanism; ('any', every registered name) or ('MU|LS', ('MU', 'LS'))."""
+    from raystudy.mechanisms import MECHANISMS, get_mechanism
+
+    if value == "any":
+        return "any", tuple(MECHANISMS)
+    names = [value] if isinstance(value, str) else [str(v) for v in value]
+    try:
+        for name in names:
+            get_mechanism(name)
+    except RaystudyError as err:
+        raise RaystudyError(f"{where}: search: mechanism: {err} (or any, or a list)") from None
+    if len(set(names)) != len(names) or not names:
+        raise RaystudyError(f"{where}: search: mechanism: list each mechanism once")
+    return ("|".join(names), tuple(names)) if len(names) > 1 else (names[0], ())
 
 
 def _validate(spec: StudySpec, entries: tuple[TrialSpec, ...], where: str) -> StudySpec:
@@ -512,14 +622,24 @@ def _validate(spec: StudySpec, entries: tuple[TrialSpec, ...], where: str) -> St
 def _validate_search(spec: StudySpec) -> None:
     from raystudy.mechanisms import get_mechanism
 
-    known = {p.name for p in get_mechanism(spec.search.mechanism).params}
+    known = set() if spec.search.conditional else {p.name for p in get_mechanism(spec.search.mechanism).params}
     for param in spec.search.params:
         if param.name not in known | set(SEARCHABLE_TRAIN_KEYS):
             raise RaystudyError(
                 f"search: {spec.search.mechanism} has no magnitude {param.name!r}; searchable: "
                 f"{', '.join(sorted(known | set(SEARCHABLE_TRAIN_KEYS)))}"
             )
-    _check_metric(spec.search.metric, spec.evaluation, "search: metric")
+    for metric in spec.search.metrics:
+        _check_metric(metric, spec.evaluation, "search: metric")
+    objective = spec.search.objective_targets
+    if objective:
+        if not any(averaged_over_targets(m) for m in spec.search.metrics):
+            raise RaystudyError(
+                f"search: objective_targets needs a metric averaged over targets (e.g. asr/pgd/untargeted/8/mean), "
+                f"not {', '.join(spec.search.metrics)}"
+            )
+        if len(set(objective)) != len(objective):
+            raise RaystudyError(f"search: objective_targets names a target twice: {list(objective)}")
     if spec.search.proxy_every and spec.search.proxy_budget not in spec.evaluation.budgets:
         raise RaystudyError(
             f"search: proxy_budget={spec.search.proxy_budget} is not one of the evaluation budgets "

@@ -40,7 +40,7 @@ from raystudy.metrics.similarity import gradient_cosine, input_gradients
 from raystudy.metrics.smoothness import smoothness
 from raystudy.models import Ensemble
 from raystudy.modes import eval_mode
-from raystudy.record import MetricRow, flat
+from raystudy.record import AGGREGATE_TARGETS, MetricRow, flat
 
 
 @dataclass(frozen=True)
@@ -100,8 +100,11 @@ def measure_surrogate(
     log: Callable[[str], None] | None = None,
 ) -> list[MetricRow]:
     """Every metric as a row with its dimensions; the models come back in the modes they had."""
-    if "mean" in targets:
-        raise RaystudyError("a target may not be called 'mean' (it names the mean over targets)")
+    reserved = [name for name in targets if name in AGGREGATE_TARGETS]
+    if reserved:
+        raise RaystudyError(
+            f"a target may not be called {reserved[0]!r}: {', '.join(AGGREGATE_TARGETS)} name aggregates over targets"
+        )
     device = next(surrogate.parameters()).device
     data = eval_data.to(device)
     with eval_mode(surrogate), eval_mode(*targets.values(), frozen=True):

@@ -1,0 +1,223 @@
+"""Held-out targets in a search: the objective averages over the named targets only; every trial
+still measures all of them, and the winner is reported on the held-out ones apart."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raystudy.config import parse_space
+from raystudy.errors import RaystudyError
+from raystudy.record import MetricRow, objective_rows
+from raystudy.study import check_targets
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = yaml.safe_load((ROOT / "search_spaces" / "smoke.yaml").read_text())
+
+
+def asr(target: str, value: float, budget: int = 8) -> MetricRow:
+    return MetricRow("asr", value, "pgd", "untargeted", budget, target=target)
+
+
+def test_objective_and_held_out_average_only_their_targets():
+    rows = [asr("a", 0.9), asr("b", 0.7), asr("c", 0.2), asr("d", 0.0), asr("mean", 0.45), asr("a", 0.1, budget=4)]
+    objective, held_out = objective_rows(rows, "asr/pgd/untargeted/8/mean", ["a", "b"])
+    assert (objective.key, objective.value) == ("asr/pgd/untargeted/8/objective", pytest.approx(0.8))
+    assert (held_out.key, held_out.value) == ("asr/pgd/untargeted/8/held_out", pytest.approx(0.1))
+
+
+def search_space(**search) -> dict:
+    space = dict(SMOKE, name="held_out_smoke", kind="search", train={**SMOKE["train"], "epochs": 2})
+    space.pop("trials")
+    space["evaluation"] = {"n_eval": 32, "budgets": [8], "modes": ["untargeted"], "smoothness_samples": 8}
+    space["search"] = {
+        "mechanism": "SAM&JR",
+        "num_samples": 3,
+        "seed": 0,
+        "params": {
+            "rho": {"low": 0.01, "high": 0.5, "log": True},
+            "lambda_jr": {"low": 1e-6, "high": 1.0, "log": True},
+        },
+        **search,
+    }
+    return space
+
+
+@pytest.mark.parametrize(
+    "search, message",
+    [
+        ({"objective_targets": ["tiny_cnn_s1"], "metric": "acc"}, "needs a metric averaged over targets"),
+        ({"objective_targets": ["tiny_cnn_s1", "tiny_cnn_s1"]}, "names a target twice"),
+        ({"objective_targets": "tiny_cnn_s1"}, "objective_targets"),
+    ],
+)
+def test_objective_targets_are_checked_on_load(search, message):
+    with pytest.raises(RaystudyError, match=message):
+        parse_space(search_space(**search), "held_out.yaml")
+
+
+@pytest.mark.parametrize(
+    "objective, message",
+    [
+        (["tiny_cnn_s3"], "tiny_cnn_s3 not among the targets of 'smoke_targets': tiny_cnn_s1, tiny_cnn_s2"),
+        (["tiny_cnn_s1", "tiny_cnn_s2"], "hold at least one out"),
+    ],
+)
+def test_objective_targets_must_exist_and_leave_one_out(tmp_path, objective, message):
+    folder = tmp_path / "smoke_targets" / "targets"
+    folder.mkdir(parents=True)
+    for name in ("tiny_cnn_s1", "tiny_cnn_s2"):
+        (folder / f"{name}.pt").write_bytes(b"")
+    spec = parse_space(search_space(objective_targets=objective), "held_out.yaml")
+    with pytest.raises(RaystudyError, match=message):
+        check_targets(spec, str(tmp_path))
+
+
+@pytest.mark.slow
+def test_search_optimizes_the_objective_targets_and_reports_the_held_out_ones(smoke_storage, tmp_path):
+    import optuna
+
+    path = tmp_path / "held_out_smoke.yaml"
+    path.write_text(yaml.safe_dump(search_space(objective_targets=["tiny_cnn_s1"])))
+    out = subprocess.run(
+        [sys.executable, "-m", "raystudy", "search", str(path), "--storage", str(smoke_storage), "--num-cpus", "2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "selected on tiny_cnn_s1; tested on tiny_cnn_s2" in out.stdout
+    experiment = smoke_storage / "held_out_smoke"
+    finals = [
+        json.loads(line)
+        for f in experiment.glob("trial_*/result.json")
+        for line in f.read_text().splitlines()
+        if line.strip() and json.loads(line).get("final") == 1
+    ]
+    assert len(finals) == 3
+    for r in finals:  # the objective is the named target's ASR, not the mean over both
+        assert r["asr/pgd/untargeted/8/objective"] == pytest.approx(r["asr/pgd/untargeted/8/tiny_cnn_s1"])
+        assert r["asr/pgd/untargeted/8/held_out"] == pytest.approx(r["asr/pgd/untargeted/8/tiny_cnn_s2"])
+    # The test can fail: the two targets' ASRs differ, so optimizing the mean would give other values.
+    assert any(r["asr/pgd/untargeted/8/tiny_cnn_s1"] != r["asr/pgd/untargeted/8/tiny_cnn_s2"] for r in finals)
+    study = optuna.load_study(study_name="held_out_smoke", storage=f"sqlite:///{experiment / 'optuna.db'}")
+    told = sorted(t.value for t in study.trials)
+    assert told == pytest.approx(sorted(r["asr/pgd/untargeted/8/objective"] for r in finals))
+    best = json.loads((experiment / "best_config.json").read_text())
+    assert best["selected_on"] == ["tiny_cnn_s1"] and best["tested_on"] == ["tiny_cnn_s2"]
+    winner = max(finals, key=lambda r: r["asr/pgd/untargeted/8/objective"])
+    assert best["held_out_value"] == pytest.approx(winner["asr/pgd/untargeted/8/tiny_cnn_s2"])
+
+
+def test_any_mechanism_search_draws_magnitudes_from_the_registry():
+    spec = parse_space(search_space(mechanism="any", params={}), "any.yaml")
+    assert spec.search.conditional and "SAM&JR" in spec.search.mechanisms and len(spec.search.mechanisms) == 12
+    at, co = spec.search.magnitude_params("AT", "cifar10"), spec.search.magnitude_params("CO", "cifar10")
+    assert (at[0].name, at[0].low, at[0].high, at[0].log) == ("AT.epsilon", 0.01, 1.0, True)  # geometric grid
+    assert (co[0].name, co[0].low, co[0].high, co[0].log, co[0].integer) == ("CO.size", 8, 24, False, True)
+    plan = spec.plan_for_sample({"mechanism": "MU", "MU.p": 0.3, "LS.p": 0.2})
+    assert plan.train.mechanism == "MU" and dict(plan.train.magnitudes) == {"p": 0.3}
+    assert spec.plan_for_sample({"mechanism": "ST"}).train.mechanism == "ST"
+    listed = parse_space(search_space(mechanism=["MU", "LS"], params={}), "list.yaml")
+    assert listed.search.mechanisms == ("MU", "LS") and listed.search.mechanism == "MU|LS"
+    with pytest.raises(RaystudyError, match=re.escape("unknown mechanism 'SAM+JR'; valid: ST, MU")):
+        parse_space(search_space(mechanism=["MU", "SAM+JR"], params={}), "bad.yaml")
+
+
+@pytest.mark.slow
+def test_any_mechanism_search_samples_several_mechanisms_inside_their_ranges(smoke_storage, tmp_path):
+    space = search_space(mechanism=["ST", "MU", "LS", "CO"], params={}, num_samples=5)
+    space["name"] = "any_smoke"
+    space["train"]["epochs"] = 1
+    path = tmp_path / "any_smoke.yaml"
+    path.write_text(yaml.safe_dump(space))
+    out = subprocess.run(
+        [sys.executable, "-m", "raystudy", "search", str(path), "--storage", str(smoke_storage), "--num-cpus", "2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    finals = [
+        json.loads(line)
+        for f in (smoke_storage / "any_smoke").glob("trial_*/result.json")
+        for line in f.read_text().splitlines()
+        if line.strip() and json.loads(line).get("final") == 1
+    ]
+    assert len(finals) == 5
+    identities = [r["record"]["identity"] for r in finals]
+    assert len({i["mechanism"] for i in identities}) >= 2
+    ranges = {"MU": ("p", 0.1, 0.9), "LS": ("p", 0.1, 0.5), "CO": ("size", 8, 24)}
+    for identity in identities:
+        if identity["mechanism"] in ranges:
+            name, low, high = ranges[identity["mechanism"]]
+            assert low <= identity["magnitudes"][name] <= high
+            assert identity["mechanism"] != "CO" or float(identity["magnitudes"]["size"]).is_integer()
+
+
+def test_pareto_front_keeps_exactly_the_non_dominated_points():
+    from raystudy.study import pareto_front
+
+    points = [[0.9, 0.1], [0.5, 0.5], [0.4, 0.4], [0.1, 0.9], [0.5, 0.5], [0.2, 0.95]]
+    # [0.4, 0.4] is dominated by [0.5, 0.5], [0.1, 0.9] by [0.2, 0.95]; equal points dominate neither other
+    assert pareto_front(points, ["max", "max"]) == [0, 1, 4, 5]
+    assert pareto_front(points, ["max", "min"]) == [0]  # the most ASR with the least of the other
+
+
+def test_multi_objective_settings_are_checked():
+    spec = parse_space(search_space(metric=["asr/pgd/untargeted/8/mean", "acc"], mode=["max", "max"]), "mo.yaml")
+    assert spec.search.multi_objective and spec.search.objective_metrics == ("asr/pgd/untargeted/8/mean", "acc")
+    held = parse_space(
+        search_space(
+            metric=["asr/pgd/untargeted/8/mean", "acc"], mode=["max", "max"], objective_targets=["tiny_cnn_s1"]
+        ),
+        "mo.yaml",
+    )
+    assert held.search.objective_metrics == ("asr/pgd/untargeted/8/objective", "acc")
+    with pytest.raises(RaystudyError, match="2 metric.s. but 1 mode"):
+        parse_space(search_space(metric=["asr/pgd/untargeted/8/mean", "acc"], mode="max"), "mo.yaml")
+
+
+@pytest.mark.slow
+def test_two_objective_search_writes_a_pareto_front_of_non_dominated_trials(smoke_storage, tmp_path):
+    from raystudy.study import pareto_front
+
+    space = search_space(metric=["asr/pgd/untargeted/8/mean", "acc"], mode=["max", "max"], num_samples=4)
+    space["name"] = "pareto_smoke"
+    path = tmp_path / "pareto_smoke.yaml"
+    path.write_text(yaml.safe_dump(space))
+    out = subprocess.run(
+        [sys.executable, "-m", "raystudy", "search", str(path), "--storage", str(smoke_storage), "--num-cpus", "2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    experiment = smoke_storage / "pareto_smoke"
+    finals = [
+        json.loads(line)
+        for f in experiment.glob("trial_*/result.json")
+        for line in f.read_text().splitlines()
+        if line.strip() and json.loads(line).get("final") == 1
+    ]
+    table = [[r["asr/pgd/untargeted/8/mean"], r["acc"]] for r in finals]
+    expected = sorted(table[i] for i in pareto_front(table, ["max", "max"]))
+    best = json.loads((experiment / "best_config.json").read_text())
+    assert sorted(entry["values"] for entry in best["pareto_front"]) == expected
+    for a in best["pareto_front"]:  # checked against the whole trial table: nothing dominates a front trial
+        assert not any(b[0] >= a["values"][0] and b[1] >= a["values"][1] and b != a["values"] for b in table)
+    report = subprocess.run(
+        [sys.executable, "-m", "raystudy", "analyze", str(experiment), "--out", str(tmp_path / "report")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert (tmp_path / "report" / "optuna_pareto_pareto_smoke.png").is_file()
+    assert "Pareto front over asr/pgd/untargeted/8/mean, acc" in (tmp_path / "report" / "report.md").read_text()
