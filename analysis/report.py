@@ -295,6 +295,13 @@ def _optuna(report: Report, experiments: list[Experiment], tidy: pd.DataFrame, o
         front = _pareto_table(experiment)
         if front is not None:
             report.table(front)
+        confirmed = (_best_config(experiment) or {}).get("confirmed")
+        if confirmed:
+            report.paragraph(
+                f"Confirmation ({confirmed['experiment']}): the top configurations retrained with seeds "
+                f"{confirmed['seeds']}, next to baselines trained with the same seeds; mean ± std over seeds."
+            )
+            report.table(_confirmed_table(confirmed["rows"]))
 
 
 def _best_config(experiment: Experiment) -> dict | None:
@@ -324,6 +331,23 @@ def _selection_statement(experiment: Experiment) -> str:
         f"tested on {', '.join(best['tested_on'])}: {best['held_out_metric']} = "
         f"{'n/a' if held is None else f'{held:.4f}'}. The held-out score is the unbiased one."
     )
+
+
+def _confirmed_table(rows: list[dict]) -> pd.DataFrame:
+    def pm(row: dict, name: str) -> str:
+        mean, std = row.get(f"{name}_mean"), row.get(f"{name}_std")
+        if mean is None:
+            return "n/a"
+        return f"{mean:.3f}" + (f" ± {std:.3f}" if std is not None else "")
+
+    table = []
+    for row in rows:
+        entry = {"role": row["role"], "surrogate": row["label"], "seeds": row["seeds"]}
+        entry[row["objective_metric"]] = pm(row, "objective")
+        if "held_out_metric" in row:
+            entry[row["held_out_metric"]] = pm(row, "held_out")
+        table.append(entry)
+    return pd.DataFrame(table)
 
 
 def _pareto_table(experiment: Experiment) -> pd.DataFrame | None:

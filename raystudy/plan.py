@@ -182,7 +182,15 @@ def plan_costs(spec: StudySpec, costs: StepCosts) -> list[TrialCost]:
             )
         st_step, _ = costs.step_seconds(_as_mechanism(train, "ST"))
         hook = hook_seconds(spec, costs, st_step, train.batch_size)
-        label = f"{spec.search.mechanism} sample {i + 1}" if spec.search else _label(plan)
+        samples = spec.search.num_samples if spec.search else 0
+        if spec.search and i < samples:
+            label = f"{spec.search.mechanism} sample {i + 1}"
+        elif spec.search and i < samples + spec.search.confirm.top_k * len(spec.search.confirm.seeds):
+            label = f"confirm: search #{(i - samples) // len(spec.search.confirm.seeds) + 1}"
+        elif spec.search:
+            label = f"confirm: {_label(plan)}"
+        else:
+            label = _label(plan)
         out.append(TrialCost(label, plan, steps, total, hook, note))
     return out
 
@@ -206,7 +214,17 @@ def trial_plans(spec: StudySpec) -> list[TrialPlan]:
             corner.train, epochs=middle, warmup_epochs=min(corner.train.warmup_epochs, middle - 1)
         )
         corner = TrialPlan(train, corner.lgv, corner.target_name)
-    return [corner] * spec.search.num_samples
+    plans = [corner] * spec.search.num_samples
+    confirm = spec.search.confirm
+    if confirm is not None:  # the top_k retrained with each confirm seed, and the baselines
+        retrained = [
+            dataclasses.replace(corner, train=dataclasses.replace(corner.train, seed=s)) for s in confirm.seeds
+        ]
+        baselines = [
+            TrialPlan(_as_mechanism(corner.train, name, seed=s)) for name in confirm.baselines for s in confirm.seeds
+        ]
+        plans += retrained * confirm.top_k + baselines
+    return plans
 
 
 def wall_seconds(trials: list[TrialCost], spec: StudySpec, costs: StepCosts, gpus: int) -> tuple[float, int, float]:

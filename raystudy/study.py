@@ -354,7 +354,17 @@ def run_study(
             verbose=1,
         ),
     )
-    return _finish(spec, tuner.fit(), experiment)
+    results = _finish(spec, tuner.fit(), experiment)
+    return _then_confirm(spec, raw, results, storage_path, experiment, address=address, num_cpus=num_cpus)
+
+
+def _then_confirm(spec: StudySpec, raw: Any, results, storage_path: str, experiment: str, **ray):
+    """A search with `confirm` goes on with its confirmation (raystudy.confirm); its results join the search's."""
+    if spec.kind != "search" or spec.search.confirm is None:
+        return results
+    from raystudy.confirm import run_confirm
+
+    return list(results) + run_confirm(spec, raw, results, storage_path, experiment, **ray)
 
 
 def load_record(experiment: str) -> dict[str, Any]:
@@ -377,7 +387,16 @@ def resume_study(experiment: str, address: str | None = None, num_cpus: int | No
         resume_unfinished=True,
         resume_errored=True,
     )
-    return _finish(spec, tuner.fit(), storage.normalize(experiment))
+    results = _finish(spec, tuner.fit(), storage.normalize(experiment))
+    return _then_confirm(
+        spec,
+        record["study"],
+        results,
+        record["storage"],
+        storage.normalize(experiment),
+        address=address,
+        num_cpus=num_cpus,
+    )
 
 
 def _finish(spec: StudySpec, results, experiment: str):

@@ -130,6 +130,17 @@ class SearchParam:
 
 
 @dataclass(frozen=True)
+class ConfirmSpec:
+    """After a search: retrain its top_k configurations with fresh seeds, next to baseline
+    mechanisms (at their default magnitudes) trained with the same seeds, as a grid study named
+    `<search>_confirm` beside it."""
+
+    top_k: int = 3
+    seeds: tuple[int, ...] = (1, 2, 3)
+    baselines: tuple[str, ...] = ("ST", "SAM")
+
+
+@dataclass(frozen=True)
 class SearchSpec:
     mechanism: str
     num_samples: int
@@ -150,6 +161,7 @@ class SearchSpec:
     # A search over several mechanisms (`mechanism: any` or a list): the mechanism is a searched
     # choice and each one's magnitudes come from the registry's ranges (conditional on the choice).
     mechanisms: tuple[str, ...] = ()
+    confirm: ConfirmSpec | None = None
 
     @property
     def conditional(self) -> bool:
@@ -553,6 +565,7 @@ def _search(values: Any, where: str) -> SearchSpec:
         proxy_budget=r.get("proxy_budget", 8, int),
         grace_period=r.get("grace_period", 1, int),
         objective_targets=tuple(str(t) for t in r.get("objective_targets", [], list)),
+        confirm=_confirm(r.get("confirm", None, dict), where),
     )
     r.finish()
     if any(mode not in ("max", "min") for mode in search.modes):
@@ -568,7 +581,41 @@ def _search(values: Any, where: str) -> SearchSpec:
         raise RaystudyError(f"{where}: search: num_samples must be >= 1")
     if not params and not search.conditional:
         raise RaystudyError(f"{where}: search: params is empty")
+    if search.confirm is not None and search.confirm.top_k > search.num_samples:
+        raise RaystudyError(
+            f"{where}: search: confirm: top_k={search.confirm.top_k} exceeds num_samples={search.num_samples}"
+        )
     return search
+
+
+def _confirm(values: Mapping[str, Any] | None, where: str) -> ConfirmSpec | None:
+    from raystudy.mechanisms import get_mechanism
+
+    if values is None:
+        return None
+    r = _Reader(values, f"{where}: search: confirm")
+    confirm = ConfirmSpec(
+        top_k=r.get("top_k", ConfirmSpec.top_k, int),
+        seeds=tuple(r.get("seeds", list(ConfirmSpec.seeds), list)),
+        baselines=tuple(str(b) for b in r.get("baselines", list(ConfirmSpec.baselines), list)),
+    )
+    r.finish()
+    if confirm.top_k < 1:
+        raise RaystudyError(f"{where}: search: confirm: top_k must be >= 1")
+    if (
+        not confirm.seeds
+        or len(set(confirm.seeds)) != len(confirm.seeds)
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in confirm.seeds)
+    ):
+        raise RaystudyError(
+            f"{where}: search: confirm: seeds must be distinct whole numbers >= 0, got {list(confirm.seeds)}"
+        )
+    for name in confirm.baselines:
+        try:
+            get_mechanism(name)
+        except RaystudyError as err:
+            raise RaystudyError(f"{where}: search: confirm: baselines: {err}") from None
+    return confirm
 
 
 def _as_tuple(value: Any) -> tuple[str, ...]:
