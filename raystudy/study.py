@@ -19,7 +19,7 @@ from raystudy import storage
 from raystudy.config import STUDY_RECORD, StudySpec, parse_space
 from raystudy.config.study import SearchParam
 from raystudy.errors import RaystudyError
-from raystudy.trainable import FINAL_KEY, run_trial, targets_location
+from raystudy.trainable import FINAL_KEY, run_trial, targets_location, trial_folder
 
 BEST_CONFIG = "best_config.json"
 WORKER_ENVIRONMENT = (
@@ -87,8 +87,7 @@ def _reporter(spec: StudySpec):
 
 
 def trial_dirname(trial) -> str:
-    """Short trial folders (Ray's default packs the whole config into the name)."""
-    return f"trial_{trial.trial_id}"
+    return trial_folder(trial.trial_id)
 
 
 def _trainable(spec: StudySpec, storage_path: str, local: bool):
@@ -208,8 +207,20 @@ def _final_metric_optuna():
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
             metrics = self.metric if isinstance(self.metric, list) else [self.metric]
-            if all(m in result for m in metrics):
+            if all(m in result for m in metrics) and not self._told(trial_id):
                 super().on_trial_result(trial_id, result)
+
+        def _told(self, trial_id: str) -> bool:
+            """Optuna already holds this trial's outcome: Ray restarted a trial that had finished
+            before its driver was lost (Ray records trial ends with a delay), and it reports its
+            kept final result again. Optuna refuses a second outcome; the first stands."""
+            import optuna
+
+            ot_trial = self._ot_trials.get(trial_id)
+            if ot_trial is None:
+                return False
+            state = self._ot_study.get_trials(deepcopy=False)[ot_trial.number].state
+            return state != optuna.trial.TrialState.RUNNING
 
         # The database is copied to the experiment whenever Optuna writes to it (a trial asked or told).
         def suggest(self, trial_id: str):
@@ -218,6 +229,9 @@ def _final_metric_optuna():
             return suggestion
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            if self._told(trial_id):
+                self._ot_trials.pop(trial_id, None)
+                return
             super().on_trial_complete(trial_id, result, error)
             self.upload()
 

@@ -30,6 +30,7 @@ from raystudy.train import pick_device, train, versions
 
 TARGETS_DIR = "targets"  # <storage>/<targets study>/targets/<name>.pt
 FINAL_KEY = "final"  # 1 on the result that carries the hook's metrics
+FINAL_FILE = "raystudy-final.json"  # the final result, kept in the trial's folder of the experiment
 
 
 def targets_location(storage_path: str, targets_study: str) -> str:
@@ -58,8 +59,27 @@ def run_trial(config: dict[str, Any], study: StudySpec, storage_path: str) -> No
         shutil.rmtree(work, ignore_errors=True)
 
 
+def trial_folder(trial_id: str) -> str:
+    """A trial's folder in the experiment (short: Ray's default packs the whole config into it)."""
+    return f"trial_{trial_id}"
+
+
+def _final_location(study: StudySpec, storage_path: str) -> str:
+    """Where a trial keeps its final result in the experiment (beside Ray's files for the trial)."""
+    return storage.join(storage_path, study.name, trial_folder(tune.get_context().get_trial_id()), FINAL_FILE)
+
+
 def _run_in(work: Path, study: StudySpec, plan: TrialPlan, dataset, storage_path: str) -> None:
-    """Train (resuming from Ray's checkpoint), report every epoch, then the trial-end metrics and record."""
+    """Train (resuming from Ray's checkpoint), report every epoch, then the trial-end metrics and record.
+
+    The final result is kept in the experiment before it is reported: a trial that Ray restarts
+    after it finished (its driver died before Ray's experiment state recorded the end) reports
+    the same result again instead of training or measuring anew."""
+    final_location = _final_location(study, storage_path)
+    if storage.exists(final_location):
+        print("this trial finished before its driver was lost: reporting its kept final result", flush=True)
+        tune.report(json.loads(storage.read_bytes(final_location)))
+        return
     columns = progress_columns(plan)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -103,6 +123,7 @@ def _run_in(work: Path, study: StudySpec, plan: TrialPlan, dataset, storage_path
     final = {**columns, **flat(rows), FINAL_KEY: 1, "record": record}
     if plan.target_name:
         final["target_name"] = plan.target_name
+    storage.write_bytes(final_location, json.dumps(final).encode())
     tune.report(final)
 
 

@@ -57,3 +57,10 @@ def smoke_storage(tmp_path_factory):
     study = run_raystudy("run", ROOT / "search_spaces" / "smoke.yaml", "--storage", root, "--num-cpus", 2)
     assert study.returncode == 0, study.stdout[-3000:] + study.stderr[-3000:]
     return root
+
+
+def finished_once(final_rows: list[dict]) -> bool:
+    """A trial finished, and was not run again: Ray may log a restarted trial's final result twice
+    (it records trial ends with a delay, so a trial that finished just before its driver died is
+    restarted), but the trial then reports its kept result, the same record, not a new one."""
+    return bool(final_rows) and all(r["record"] == final_rows[0]["record"] for r in final_rows)
