@@ -59,6 +59,17 @@ def smoke_storage(tmp_path_factory):
     return root
 
 
+def final_rows(experiment: Path) -> dict[str, list[dict]]:
+    """Per trial folder of a local experiment, the results that carry the hook's metrics (final == 1)."""
+    import json
+
+    out = {}
+    for path in experiment.glob("trial_*/result.json"):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        out[path.parent.name] = [r for r in rows if r.get("final") == 1]
+    return out
+
+
 def finished_once(final_rows: list[dict]) -> bool:
     """A trial finished, and was not run again: Ray may log a restarted trial's final result twice
     (it records trial ends with a delay, so a trial that finished just before its driver died is

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import finished_once
+from conftest import final_rows, finished_once
+from test_search_held_out import search_space
 
 from raystudy.config import parse_space
 from raystudy.errors import RaystudyError
@@ -24,20 +25,9 @@ RAYSTUDY = [sys.executable, "-m", "raystudy"]
 
 
 def confirm_space(**confirm) -> dict:
-    space = dict(SMOKE, name="confirm_smoke", kind="search", train={**SMOKE["train"], "epochs": 2})
-    space.pop("trials")
-    space["evaluation"] = {"n_eval": 32, "budgets": [8], "modes": ["untargeted"], "smoothness_samples": 8}
-    space["search"] = {
-        "mechanism": "SAM&JR",
-        "num_samples": 3,
-        "seed": 0,
-        "objective_targets": ["tiny_cnn_s1"],
-        "params": {
-            "rho": {"low": 0.01, "high": 0.5, "log": True},
-            "lambda_jr": {"low": 1e-6, "high": 1.0, "log": True},
-        },
-        "confirm": {"top_k": 2, "seeds": [1, 2], "baselines": ["ST"], **confirm},
-    }
+    space = search_space(objective_targets=["tiny_cnn_s1"])
+    space["name"] = "confirm_smoke"
+    space["search"]["confirm"] = {"top_k": 2, "seeds": [1, 2], "baselines": ["ST"], **confirm}
     return space
 
 
@@ -57,11 +47,7 @@ def test_confirm_settings_are_checked(confirm, message):
 
 
 def finals(experiment: Path) -> dict[str, list[dict]]:
-    out = {}
-    for path in experiment.glob("trial_*/result.json"):
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        out[path.parent.name] = [r for r in rows if r.get("final") == 1]
-    return out
+    return final_rows(experiment)
 
 
 @pytest.mark.slow

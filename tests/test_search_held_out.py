@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import final_rows
 
 from raystudy.config import parse_space
 from raystudy.errors import RaystudyError
@@ -30,6 +31,20 @@ def test_objective_and_held_out_average_only_their_targets():
     objective, held_out = objective_rows(rows, "asr/pgd/untargeted/8/mean", ["a", "b"])
     assert (objective.key, objective.value) == ("asr/pgd/untargeted/8/objective", pytest.approx(0.8))
     assert (held_out.key, held_out.value) == ("asr/pgd/untargeted/8/held_out", pytest.approx(0.1))
+
+
+def run_search(space: dict, storage: Path, tmp_path: Path) -> tuple[str, list[dict]]:
+    """`raystudy search` on a study file written from `space`: its output and each trial's final result."""
+    path = tmp_path / f"{space['name']}.yaml"
+    path.write_text(yaml.safe_dump(space))
+    out = subprocess.run(
+        [sys.executable, "-m", "raystudy", "search", str(path), "--storage", str(storage), "--num-cpus", "2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout, [rows[-1] for rows in final_rows(storage / space["name"]).values() if rows]
 
 
 def search_space(**search) -> dict:
@@ -83,23 +98,9 @@ def test_objective_targets_must_exist_and_leave_one_out(tmp_path, objective, mes
 def test_search_optimizes_the_objective_targets_and_reports_the_held_out_ones(smoke_storage, tmp_path):
     import optuna
 
-    path = tmp_path / "held_out_smoke.yaml"
-    path.write_text(yaml.safe_dump(search_space(objective_targets=["tiny_cnn_s1"])))
-    out = subprocess.run(
-        [sys.executable, "-m", "raystudy", "search", str(path), "--storage", str(smoke_storage), "--num-cpus", "2"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "selected on tiny_cnn_s1; tested on tiny_cnn_s2" in out.stdout
+    stdout, finals = run_search(search_space(objective_targets=["tiny_cnn_s1"]), smoke_storage, tmp_path)
+    assert "selected on tiny_cnn_s1; tested on tiny_cnn_s2" in stdout
     experiment = smoke_storage / "held_out_smoke"
-    finals = [
-        json.loads(line)
-        for f in experiment.glob("trial_*/result.json")
-        for line in f.read_text().splitlines()
-        if line.strip() and json.loads(line).get("final") == 1
-    ]
     assert len(finals) == 3
     for r in finals:  # the objective is the named target's ASR, not the mean over both
         assert r["asr/pgd/untargeted/8/objective"] == pytest.approx(r["asr/pgd/untargeted/8/tiny_cnn_s1"])
@@ -135,21 +136,7 @@ def test_any_mechanism_search_samples_several_mechanisms_inside_their_ranges(smo
     space = search_space(mechanism=["ST", "MU", "LS", "CO"], params={}, num_samples=5)
     space["name"] = "any_smoke"
     space["train"]["epochs"] = 1
-    path = tmp_path / "any_smoke.yaml"
-    path.write_text(yaml.safe_dump(space))
-    out = subprocess.run(
-        [sys.executable, "-m", "raystudy", "search", str(path), "--storage", str(smoke_storage), "--num-cpus", "2"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    finals = [
-        json.loads(line)
-        for f in (smoke_storage / "any_smoke").glob("trial_*/result.json")
-        for line in f.read_text().splitlines()
-        if line.strip() and json.loads(line).get("final") == 1
-    ]
+    _, finals = run_search(space, smoke_storage, tmp_path)
     assert len(finals) == 5
     identities = [r["record"]["identity"] for r in finals]
     assert len({i["mechanism"] for i in identities}) >= 2
@@ -190,22 +177,8 @@ def test_two_objective_search_writes_a_pareto_front_of_non_dominated_trials(smok
 
     space = search_space(metric=["asr/pgd/untargeted/8/mean", "acc"], mode=["max", "max"], num_samples=4)
     space["name"] = "pareto_smoke"
-    path = tmp_path / "pareto_smoke.yaml"
-    path.write_text(yaml.safe_dump(space))
-    out = subprocess.run(
-        [sys.executable, "-m", "raystudy", "search", str(path), "--storage", str(smoke_storage), "--num-cpus", "2"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    _, finals = run_search(space, smoke_storage, tmp_path)
     experiment = smoke_storage / "pareto_smoke"
-    finals = [
-        json.loads(line)
-        for f in experiment.glob("trial_*/result.json")
-        for line in f.read_text().splitlines()
-        if line.strip() and json.loads(line).get("final") == 1
-    ]
     table = [[r["asr/pgd/untargeted/8/mean"], r["acc"]] for r in finals]
     expected = sorted(table[i] for i in pareto_front(table, ["max", "max"]))
     best = json.loads((experiment / "best_config.json").read_text())

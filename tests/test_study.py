@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import finished_once
+from conftest import final_rows, finished_once
 
 from raystudy.config import load_space, parse_space
 from raystudy.errors import RaystudyError
@@ -91,11 +91,7 @@ def storage(smoke_storage):
 
 def final_results(experiment: Path) -> dict[str, list[dict]]:
     """Every trial folder's reported results that carry the hook's metrics (final == 1)."""
-    out = {}
-    for result_file in experiment.glob("trial_*/result.json"):
-        rows = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
-        out[result_file.parent.name] = [r for r in rows if r.get("final") == 1]
-    return out
+    return final_rows(experiment)
 
 
 def write_space(tmp_path, name, **changes) -> Path:

@@ -23,7 +23,7 @@ The steps were chosen from the sweep in benchmarks/finite_difference_sweep.py
 gradient is >= 0.9996 from 1e-4 to 1e-2 on every model swept (trained CNNs with ReLU and max-pool
 or SiLU, a ResNet-18) and >= 0.99999 at 1e-3, falling off below 1e-4 (float32 cancellation) and
 above 1e-2 (curvature). 1e-3 sits in the middle of the plateau. Without the held pattern, a ReLU
-network's cosine is 0.09-0.95 from 1e-4 to 1e-1. Training with these forms turns TF32 off
+network's cosine is 0.12-0.95 from 1e-4 to 1e-1. Training with these forms turns TF32 off
 (raystudy/train.py): its 10-bit mantissa is far coarser than the steps.
 """
 
