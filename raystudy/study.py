@@ -99,8 +99,8 @@ def _trainable(spec: StudySpec, storage_path: str, local: bool):
 
 
 def _optuna_storage(experiment: str, url: str | None):
-    """(Optuna storage, mirror): an RDB `url` as given (clusters run a database); else sqlite beside
-    a local experiment; else, for a storage URI, sqlite in this machine's cache mirrored to
+    """(Optuna storage, mirror) of a new search: an RDB `url` as given (clusters run a database);
+    else sqlite beside a local experiment; else, for a storage URI, sqlite in this machine's cache mirrored to
     `<experiment>/optuna.db` (mirror = (local file, remote file)) so that the search's history
     lives with the experiment and a new driver machine can resume it."""
     import optuna
@@ -110,12 +110,12 @@ def _optuna_storage(experiment: str, url: str | None):
     if not storage.is_uri(experiment):
         os.makedirs(experiment, exist_ok=True)
         return optuna.storages.RDBStorage(f"sqlite:///{os.path.join(experiment, OPTUNA_DB)}"), None
+    # A new experiment starts a new database: a copy left here by an earlier experiment of the same
+    # URI (since deleted) must not lend it its trials. A resumed search fetches the experiment's copy.
     local = _local_optuna_db(experiment)
-    remote = storage.join(experiment, OPTUNA_DB)
-    if storage.exists(remote) and not os.path.exists(local):
-        with open(local, "wb") as f:
-            f.write(storage.read_bytes(remote))
-    return optuna.storages.RDBStorage(f"sqlite:///{local}"), (local, remote)
+    if os.path.exists(local):
+        os.remove(local)
+    return optuna.storages.RDBStorage(f"sqlite:///{local}"), (local, storage.join(experiment, OPTUNA_DB))
 
 
 def _local_optuna_db(experiment: str) -> str:
@@ -207,8 +207,29 @@ def _final_metric_optuna():
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
             metrics = self.metric if isinstance(self.metric, list) else [self.metric]
-            if all(m in result for m in metrics) and not self._told(trial_id):
+            if not all(m in result for m in metrics) or not self._known(trial_id, result):
+                return
+            if not self._told(trial_id):
                 super().on_trial_result(trial_id, result)
+
+        def _known(self, trial_id: str, result: dict) -> bool:
+            """Whether this searcher holds the trial's Optuna trial. Ray restores the searcher from its
+            last snapshot, which may predate a trial's suggestion: that trial was asked in the database
+            (copied on every suggestion) with the same parameters, still running, and is found there."""
+            import optuna
+
+            if trial_id in self._ot_trials:
+                return True
+            config = result.get("config") or {
+                k[len("config/") :]: v for k, v in result.items() if k.startswith("config/")
+            }
+            running = self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+            for frozen in running:
+                if frozen.params and all(config.get(k) == v for k, v in frozen.params.items()):
+                    self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, frozen._trial_id)
+                    return True
+            print(f"optuna: trial {trial_id} is not in the search's history; its result is kept by Ray only")
+            return False
 
         def _told(self, trial_id: str) -> bool:
             """Optuna already holds this trial's outcome: Ray restarted a trial that had finished
@@ -229,6 +250,8 @@ def _final_metric_optuna():
             return suggestion
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            if not self._known(trial_id, result or {}):
+                return
             if self._told(trial_id):
                 self._ot_trials.pop(trial_id, None)
                 return
