@@ -3,3 +3,11 @@
 
 class RaystudyError(Exception):
     """Bad input or missing resources that the user can fix (a path, a name, a value)."""
+
+
+def require_extra(module: str, extra: str, purpose: str) -> None:
+    """Refuse, with the install line, a feature whose optional dependency is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise RaystudyError(f"{purpose} needs {module}, which is not installed: pip install 'raystudy[{extra}]'")

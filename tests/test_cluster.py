@@ -174,7 +174,7 @@ def test_cluster_nodes_install_what_the_readme_installs():
     installed = [
         w.replace("/home/ubuntu/raystudy[test]", "raystudy[test]") for w in pip_installs(config["setup_commands"])
     ]
-    assert installed == wanted == ["torch==2.14.1", "torchvision==0.29.1", "raystudy[test]"]
+    assert installed == wanted == ["pip", "torch==2.14.1", "torchvision==0.29.1", "raystudy[test]"]
     # The head's extra Ray (the dashboard) is the version every node gets from pyproject.toml.
     pinned = next(d for d in _dependencies() if d.startswith("ray[tune]=="))
     (head_ray,) = [w for w in pip_installs(config["head_setup_commands"]) if w.startswith("ray[")]

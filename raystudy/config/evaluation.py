@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from raystudy.errors import RaystudyError
+from raystudy.errors import RaystudyError, require_extra
 
 ATTACKS = ("pgd", "mi", "di", "dim", "autoattack")
 MODES = ("untargeted", "targeted")
@@ -36,6 +36,8 @@ class EvalConfig:
         bad = [a for a in self.attacks if a not in ATTACKS]
         if bad or not self.attacks:
             raise RaystudyError(f"unknown attack(s) {', '.join(bad) or '(none)'}; known: {', '.join(ATTACKS)}")
+        if "autoattack" in self.attacks:
+            require_extra("torchattacks", "autoattack", "the attack autoattack")
         if not self.modes or any(m not in MODES for m in self.modes):
             raise RaystudyError(f"modes {self.modes!r}: each must be one of {', '.join(MODES)}")
         whole = all(isinstance(b, int) and not isinstance(b, bool) for b in self.budgets)

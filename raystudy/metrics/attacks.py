@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raystudy.config.evaluation import ATTACKS, PIXEL
+from raystudy.errors import require_extra
 from raystudy.modes import eval_mode
 
 __all__ = ["ATTACKS", "PIXEL", "LinfAttack", "autoattack", "make_attack", "round_to_8bit"]
@@ -122,6 +123,7 @@ def autoattack(
     reference uses 100 steps and 5000 Square queries, so its parts are assembled here with those
     settings and a fixed seed. Points it does not need to attack come back unperturbed.
     """
+    require_extra("torchattacks", "autoattack", "AutoAttack")
     import torchattacks
 
     with eval_mode(model):
