@@ -22,6 +22,10 @@ from raystudy.errors import RaystudyError
 from raystudy.trainable import FINAL_KEY, run_trial, targets_location, trial_folder
 
 BEST_CONFIG = "best_config.json"
+# Settings every worker must see as the driver does; never a secret: Ray stores a runtime_env in its
+# job table (readable through the dashboard) and prints it to runtime_env_agent.log. Credentials reach
+# workers from the provider's chain on a cluster (instance profile, service account) and from the
+# inherited environment on a local Ray.
 WORKER_ENVIRONMENT = (
     "RAYSTUDY_CACHE",
     "RAYSTUDY_DATA",
@@ -29,11 +33,9 @@ WORKER_ENVIRONMENT = (
     "AWS_ENDPOINT_URL",
     "AWS_DEFAULT_REGION",
     "AWS_REGION",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
 )
-OPTUNA_DB = "optuna.db"
+# A variable whose name holds one of these carries a credential (AWS_ACCESS_KEY_ID included).
+CREDENTIAL_MARKERS = ("SECRET", "TOKEN", "PASSWORD", "KEY")
 
 
 def experiment_path(spec: StudySpec, storage_path: str) -> str:
@@ -48,14 +50,34 @@ def _init_ray(address: str | None, num_cpus: int | None) -> None:
     if ray.is_initialized():
         return
     storage.configure_s3_endpoint()
-    # What every worker needs to see as the driver does: data and cache folders, and the object
-    # store's endpoint, region and (where given as variables, e.g. for MinIO) credentials.
-    passed = {k: os.environ[k] for k in WORKER_ENVIRONMENT if k in os.environ}
-    runtime_env = {"env_vars": passed} if passed else None
+    _keep_credentials_out_of_trial_runtime_envs()
+    runtime_env = worker_runtime_env(os.environ)
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
+
+
+def worker_runtime_env(environment: dict[str, str]) -> dict | None:
+    """The runtime_env that carries WORKER_ENVIRONMENT to every worker: data and cache folders, the
+    object store's endpoint and region (tests/test_secrets.py: no secret among them)."""
+    passed = {k: environment[k] for k in WORKER_ENVIRONMENT if k in environment}
+    return {"env_vars": passed} if passed else None
+
+
+def _keep_credentials_out_of_trial_runtime_envs() -> None:
+    """Ray Tune copies the driver's AWS credentials into every trainable's runtime_env (the names in
+    ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE), which the job table keeps and
+    runtime_env_agent.log prints. No public setting turns that off, so the credential names are
+    dropped from that set; workers take credentials from their own environment instead."""
+    from ray.tune.execution import class_cache
+
+    propagated = getattr(class_cache, "ENV_VARS_TO_PROPAGATE", set())
+    propagated.difference_update({name for name in propagated if is_credential(name)})
+
+
+def is_credential(name: str) -> bool:
+    return any(marker in name.upper() for marker in CREDENTIAL_MARKERS)
 
 
 def _resources(spec: StudySpec, local: bool) -> dict[str, float]:
@@ -109,20 +131,20 @@ def _optuna_storage(experiment: str, url: str | None):
         return optuna.storages.RDBStorage(url), None
     if not storage.is_uri(experiment):
         os.makedirs(experiment, exist_ok=True)
-        return optuna.storages.RDBStorage(f"sqlite:///{os.path.join(experiment, OPTUNA_DB)}"), None
+        return optuna.storages.RDBStorage(f"sqlite:///{os.path.join(experiment, storage.OPTUNA_DB)}"), None
     # A new experiment starts a new database: a copy left here by an earlier experiment of the same
     # URI (since deleted) must not lend it its trials. A resumed search fetches the experiment's copy.
     local = _local_optuna_db(experiment)
     if os.path.exists(local):
         os.remove(local)
-    return optuna.storages.RDBStorage(f"sqlite:///{local}"), (local, storage.join(experiment, OPTUNA_DB))
+    return optuna.storages.RDBStorage(f"sqlite:///{local}"), (local, storage.join(experiment, storage.OPTUNA_DB))
 
 
 def _local_optuna_db(experiment: str) -> str:
     """This machine's copy of a remote experiment's Optuna database (under $HOME's cache)."""
     folder = os.path.expanduser(f"~/.cache/raystudy/optuna/{hashlib.sha1(experiment.encode()).hexdigest()[:16]}")
     os.makedirs(folder, exist_ok=True)
-    return os.path.join(folder, OPTUNA_DB)
+    return os.path.join(folder, storage.OPTUNA_DB)
 
 
 def _search_setup(

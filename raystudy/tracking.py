@@ -116,4 +116,15 @@ def _wandb_callback(study_name: str):
             self.kwargs["tags"] = [f"{k}={v}" for k, v in trial_tags(trial.config).items()]
             super().log_trial_start(trial)
 
+        def _start_logging_actor(self, trial, exclude_results, **wandb_init_kwargs):
+            # Ray hands WANDB_API_KEY to its logging actor in a runtime_env, which the job table
+            # keeps and runtime_env_agent.log prints. The actor runs on this node (Ray places it
+            # here) and inherits the key from the environment Ray was started with instead.
+            key = os.environ.pop("WANDB_API_KEY", None)
+            try:
+                super()._start_logging_actor(trial, exclude_results, **wandb_init_kwargs)
+            finally:
+                if key is not None:
+                    os.environ["WANDB_API_KEY"] = key
+
     return TaggedWandbLoggerCallback(project=study_name)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 # No network here: hub look-ups fail at once instead of retrying (read when huggingface_hub imports).
@@ -38,9 +41,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_raystudy(*args, timeout=600):
-    import subprocess
-    import sys
-
     return subprocess.run(
         [sys.executable, "-m", "raystudy", *map(str, args)], capture_output=True, text=True, timeout=timeout
     )
@@ -75,3 +75,67 @@ def finished_once(final_rows: list[dict]) -> bool:
     (it records trial ends with a delay, so a trial that finished just before its driver died is
     restarted), but the trial then reports its kept result, the same record, not a new one."""
     return bool(final_rows) and all(r["record"] == final_rows[0]["record"] for r in final_rows)
+
+
+BUCKET = "studies"
+RAYSTUDY = [sys.executable, "-m", "raystudy"]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A local S3 endpoint with an empty bucket; yields the environment a user would set."""
+    moto_server = pytest.importorskip("moto.server")
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "RAYSTUDY_S3_ENDPOINT": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    import boto3
+
+    boto3.client(
+        "s3",
+        endpoint_url=env["RAYSTUDY_S3_ENDPOINT"],
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    ).create_bucket(Bucket=BUCKET)
+    yield env
+    server.stop()
+
+
+def raystudy(env: dict, *args, cwd: Path, home: Path, timeout=600) -> subprocess.CompletedProcess:
+    home.mkdir(parents=True, exist_ok=True)
+    full = {**os.environ, **env, "HOME": str(home)}
+    full.pop("AWS_ENDPOINT_URL", None)  # only RAYSTUDY_S3_ENDPOINT points at the server
+    return subprocess.run(
+        RAYSTUDY + [str(a) for a in args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=full
+    )
+
+
+def bucket_files(env: dict, prefix: str, suffix: str = "") -> dict[str, bytes]:
+    """The objects under s3://studies/<prefix> (ending in `suffix`), read through the same S3 API;
+    one deleted between listing and reading (Ray drops old checkpoints) is left out."""
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=env["RAYSTUDY_S3_ENDPOINT"],
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
+    out = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
+        for item in page.get("Contents", []):
+            if not item["Key"].endswith(suffix):
+                continue
+            try:
+                out[item["Key"]] = client.get_object(Bucket=BUCKET, Key=item["Key"])["Body"].read()
+            except client.exceptions.NoSuchKey:
+                continue
+    return out

@@ -7,85 +7,20 @@ working directory and HOME."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import finished_once
-
-moto_server = pytest.importorskip("moto.server")
+from conftest import BUCKET, RAYSTUDY, bucket_files, finished_once, raystudy
 
 ROOT = Path(__file__).resolve().parents[1]
-RAYSTUDY = [sys.executable, "-m", "raystudy"]
 SMOKE = yaml.safe_load((ROOT / "search_spaces" / "smoke.yaml").read_text())
-BUCKET = "studies"
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A local S3 endpoint with an empty bucket; yields the environment a user would set."""
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {
-        "RAYSTUDY_S3_ENDPOINT": f"http://{host}:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    import boto3
-
-    boto3.client(
-        "s3",
-        endpoint_url=env["RAYSTUDY_S3_ENDPOINT"],
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-    ).create_bucket(Bucket=BUCKET)
-    yield env
-    server.stop()
-
-
-def raystudy(env: dict, *args, cwd: Path, home: Path, timeout=600) -> subprocess.CompletedProcess:
-    home.mkdir(parents=True, exist_ok=True)
-    full = {**os.environ, **env, "HOME": str(home)}
-    full.pop("AWS_ENDPOINT_URL", None)  # only RAYSTUDY_S3_ENDPOINT points at the server
-    return subprocess.run(
-        RAYSTUDY + [str(a) for a in args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=full
-    )
-
-
-def bucket_files(env: dict, prefix: str, suffix: str = "") -> dict[str, bytes]:
-    """The objects under s3://studies/<prefix> (ending in `suffix`), read through the same S3 API;
-    one deleted between listing and reading (Ray drops old checkpoints) is left out."""
-    import boto3
-
-    client = boto3.client(
-        "s3",
-        endpoint_url=env["RAYSTUDY_S3_ENDPOINT"],
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-    )
-    out = {}
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
-        for item in page.get("Contents", []):
-            if not item["Key"].endswith(suffix):
-                continue
-            try:
-                out[item["Key"]] = client.get_object(Bucket=BUCKET, Key=item["Key"])["Body"].read()
-            except client.exceptions.NoSuchKey:
-                continue
-    return out
 
 
 def finals_in_bucket(env: dict, experiment: str) -> dict[str, list[dict]]:
