@@ -80,7 +80,7 @@ def _curve_figure(rows: pd.DataFrame, mechanism: str, attack: str, budgets: list
 
 def _local_optuna_db(experiment_path: str, out: Path) -> str | None:
     """The search's optuna.db as a local file: in place for a local experiment, else a copy from storage."""
-    location = storage.join(storage.normalize(experiment_path), "optuna.db")
+    location = storage.join(storage.normalize(experiment_path), storage.OPTUNA_DB)
     if not storage.is_uri(location):
         return location if os.path.isfile(location) else None
     if not storage.exists(location):

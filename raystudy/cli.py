@@ -296,6 +296,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from raystudy.dashboard import serve
+    from raystudy.data import cache_dir
+
+    try:
+        serve(args.source, args.host, args.port, cache_dir() / "dashboard")
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     from analysis import analyze
 
@@ -470,6 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--matrix-images", type=_positive_int, default=256, help="evaluation images for the matrix (default 256)"
     )
     a.set_defaults(func=cmd_analyze)
+    d = sub.add_parser("dashboard", help="watch a search's Optuna history in optuna-dashboard (running or finished)")
+    d.add_argument("source", help="<storage>/<search name> folder or URI, or the search's --optuna-storage URL")
+    d.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    d.add_argument("--port", type=_positive_int, default=8080, help="port (default 8080)")
+    d.set_defaults(func=cmd_dashboard)
     return parser
 
 

@@ -13,6 +13,7 @@ import pyarrow.fs as pafs
 
 from raystudy.errors import RaystudyError
 
+OPTUNA_DB = "optuna.db"  # a search's Optuna history (sqlite) in its experiment folder
 # Where studies go without --storage: $RAYSTUDY_STORAGE (a cluster sets it to its bucket), else here.
 DEFAULT_STORAGE = os.environ.get("RAYSTUDY_STORAGE", "~/raystudy_results")
 
