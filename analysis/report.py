@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import pandas as pd
 
 from analysis.figures import magnitude_curves, optuna_figures
+from analysis.findings import findings, findings_table
 from analysis.records import Experiment, load_experiment
 from analysis.tables import correlation_table, headline_table, metric_gaps, tidy_trials
 from raystudy import storage
@@ -155,6 +156,7 @@ def analyze(
     _headline(report, tidy, out)
     _curves(report, tidy, out)
     _correlations(report, tidy, out)
+    _findings(report, tidy, out)
     _similarity_matrix(report, experiments, out, similarity, matrix_images, say)
     _optuna(report, experiments, tidy, out)
     _gaps(report, experiments, out)
@@ -239,6 +241,20 @@ def _correlations(report: Report, tidy: pd.DataFrame, out: Path) -> None:
         "(scipy, statsmodels). NaN where too few trials or no variation."
     )
     report.table(table)
+
+
+def _findings(report: Report, tidy: pd.DataFrame, out: Path) -> None:
+    verdicts = findings(tidy)
+    (out / "findings.json").write_text(json.dumps([v.to_dict() for v in verdicts], indent=1, ensure_ascii=False))
+    report.heading("The paper's findings")
+    report.paragraph(
+        "Each finding as operational checks, paired over seeds, targets and budgets (mean difference "
+        "and 95% t interval; Pearson r with a Fisher-z interval for F6): supported when every check's "
+        "interval lies on the claimed side, not supported when one lies on the other side, inconclusive "
+        "otherwise, not enough trials when the experiments lack a needed setting "
+        "(`raystudy findings` prints the same; analysis/findings.py defines the checks)."
+    )
+    report.table(findings_table(verdicts))
 
 
 def _similarity_matrix(

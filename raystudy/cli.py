@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import os
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 from raystudy.errors import RaystudyError
@@ -296,6 +297,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_findings(args: argparse.Namespace) -> int:
+    import json
+
+    from analysis import load_experiment, tidy_trials
+    from analysis.findings import findings, render
+
+    verdicts = findings(tidy_trials([load_experiment(path) for path in args.experiments]))
+    print(render(verdicts))
+    if args.json:
+        Path(args.json).write_text(json.dumps([v.to_dict() for v in verdicts], indent=1, ensure_ascii=False))
+    return 0
+
+
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from raystudy.dashboard import serve
     from raystudy.data import cache_dir
@@ -481,6 +495,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--matrix-images", type=_positive_int, default=256, help="evaluation images for the matrix (default 256)"
     )
     a.set_defaults(func=cmd_analyze)
+    f = sub.add_parser("findings", help="verdicts on the paper's findings F1-F7, with the statistic behind each")
+    f.add_argument("experiments", nargs="+", help="<storage>/<study name> folders or URIs")
+    f.add_argument("--json", help="also write the verdicts and their checks to this JSON file")
+    f.set_defaults(func=cmd_findings)
     d = sub.add_parser("dashboard", help="watch a search's Optuna history in optuna-dashboard (running or finished)")
     d.add_argument("source", help="<storage>/<search name> folder or URI, or the search's --optuna-storage URL")
     d.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")

@@ -1,0 +1,181 @@
+"""Verdicts on the paper's findings from hand-made experiments whose answer is known: a world where
+every finding holds, and for each finding a world where it does not. The experiments are written
+as the trainable writes them (records in result.json) and read through the real analysis path."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from analysis import load_experiment, tidy_trials
+from analysis.findings import CONTRADICTED, NOT_ENOUGH, SUPPORTED, findings
+from raystudy.config import STUDY_RECORD, parse_space
+from raystudy.record import MetricRow, make_record
+
+TARGETS = ("t1", "t2", "t3")
+BUDGETS = (4, 8)
+SEEDS = [0, 1, 2]
+# (mechanism, magnitudes) -> (PGD ASR, smoothness eigenvalue, similarity): the paper's picture.
+PAPER = {
+    ("ST", ()): (0.40, 10.0, 0.30),
+    ("AT", (("epsilon", 0.01),)): (0.50, 7.0, 0.29),
+    ("AT", (("epsilon", 0.03),)): (0.55, 5.0, 0.28),
+    ("AT", (("epsilon", 1.0),)): (0.20, 4.0, 0.15),
+    ("MU", (("p", 0.9),)): (0.30, 9.5, 0.25),
+    ("CM", (("p", 0.9),)): (0.28, 9.0, 0.24),
+    ("LS", (("p", 0.5),)): (0.33, 8.5, 0.26),
+    ("CO", (("size", 24),)): (0.38, 9.8, 0.29),
+    ("IR", (("lambda_ir", 0.5),)): (0.50, 3.0, 0.31),
+    ("JR", (("lambda_jr", 0.0001),)): (0.52, 3.5, 0.32),
+    ("ER", (("lambda_er", 0.05),)): (0.45, 8.0, 0.30),
+    ("SAM", (("rho", 0.1),)): (0.58, 7.0, 0.35),
+    ("SAM&IR", (("lambda_ir", 0.5), ("rho", 0.1))): (0.70, 2.5, 0.37),
+    ("SAM&JR", (("lambda_jr", 0.0001), ("rho", 0.1))): (0.72, 2.4, 0.38),
+}
+LGV_ASR = {"ST": 0.50, "SAM&JR": 0.80}
+
+
+def noise(*parts) -> float:
+    """A small deterministic wobble per (setting, seed, target, budget)."""
+    return 0.004 * math.sin(sum((i + 1.7) * hash_float(p) for i, p in enumerate(parts)))
+
+
+def hash_float(part) -> float:
+    return sum(ord(c) for c in str(part)) * 0.37
+
+
+def rows_for(mechanism, magnitudes, seed, world, attacks_asr) -> list[MetricRow]:
+    asr, smooth, similar = world[(mechanism, magnitudes)]
+    rows = [
+        MetricRow("acc", 0.9),
+        MetricRow("smoothness", smooth * (1 + 5 * noise(mechanism, seed)), statistic="mean"),
+        MetricRow("smoothness", 2 * smooth, statistic="max"),
+    ]
+    for i, target in enumerate(TARGETS):
+        rows.append(MetricRow("similarity", similar + 0.01 * i + noise(mechanism, seed, target), target=target))
+        for attack, value in attacks_asr(mechanism, asr).items():
+            for budget in BUDGETS:
+                v = value + 0.02 * i + 0.05 * (budget == 8) + noise(mechanism, magnitudes, seed, target, budget)
+                rows.append(MetricRow("asr", v, attack=attack, mode="untargeted", budget=budget, target=target))
+    rows.append(MetricRow("similarity", similar, target="mean"))
+    return rows
+
+
+def pgd_mi_dim(mechanism, asr):
+    return {"pgd": asr, "mi": asr + 0.1, "dim": asr + 0.12}
+
+
+def write_world(root: Path, world=PAPER, attacks_asr=pgd_mi_dim, lgv=True, name="world") -> Path:
+    trials = [{"mechanism": m, "magnitudes": dict(g)} for m, g in world]
+    if lgv:
+        trials += [{"mechanism": "ST", "lgv": True}, {"mechanism": "SAM&JR", "lgv": True}]
+    study = {
+        "name": name,
+        "kind": "grid",
+        "preset": "faithful",
+        "dataset": "synthetic",
+        "model": "tiny_cnn",
+        "seeds": SEEDS,
+        "targets": "hand_targets",
+        "train": {"epochs": 2, "image_size": 16},
+        "trials": trials,
+    }
+    spec = parse_space(study, f"{name}.yaml")
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / STUDY_RECORD).write_text(
+        json.dumps({"study": study, "source": f"{name}.yaml", "data": None, "targets": list(TARGETS)})
+    )
+    for i, plan in enumerate(spec.plans):
+        identity = plan.identity()
+        mechanism, magnitudes = identity["mechanism"], tuple(sorted(identity["magnitudes"].items()))
+        if plan.lgv is not None:
+            rows = rows_for(mechanism, magnitudes, identity["seed"], world, lambda m, a: {"pgd": LGV_ASR[m]})
+        else:
+            rows = rows_for(mechanism, magnitudes, identity["seed"], world, attacks_asr)
+        record = make_record(identity, plan.to_dict(), {"name": name, "kind": "grid"}, {"torch": "x"}, rows)
+        trial = folder / f"trial_{i:03d}"
+        trial.mkdir()
+        (trial / "params.json").write_text(json.dumps({"plan": plan.to_dict()}))
+        final = {"final": 1, "trial_id": f"t{i}", "record": record}
+        (trial / "result.json").write_text(json.dumps(final) + "\n")
+    return folder
+
+
+def verdicts_of(folder: Path) -> dict:
+    return {v.finding: v for v in findings(tidy_trials([load_experiment(str(folder))]))}
+
+
+def test_every_finding_holds_in_the_papers_world(tmp_path):
+    verdicts = verdicts_of(write_world(tmp_path))
+    assert {k: v.verdict for k, v in verdicts.items()} == {f"F{i}": SUPPORTED for i in range(1, 8)}
+    f1 = verdicts["F1"]
+    assert "AT epsilon=0.03 > ST (asr)" in f1.statistic and "n = 18 pairs" in f1.statistic  # 3 seeds x 3 x 2
+    assert "Δ = +15" in f1.checks[0].statistic  # 0.55 - 0.40, in points
+    assert any("R² of OLS" in c.what for c in verdicts["F6"].checks)
+
+
+def changed(setting_values: dict) -> dict:
+    return {**PAPER, **setting_values}
+
+
+BROKEN = {
+    "F1": changed({("AT", (("epsilon", 0.01),)): (0.30, 7.0, 0.29), ("AT", (("epsilon", 0.03),)): (0.32, 5.0, 0.28)}),
+    "F2": changed({("AT", (("epsilon", 1.0),)): (0.20, 14.0, 0.15)}),
+    "F3": changed({("MU", (("p", 0.9),)): (0.50, 9.5, 0.34)}),
+    "F4": changed({("IR", (("lambda_ir", 0.5),)): (0.50, 12.0, 0.31)}),
+    "F5": changed({("SAM", (("rho", 0.1),)): (0.30, 7.0, 0.35)}),
+    "F6": {k: (asr, smooth, 0.60 - asr) for k, (asr, smooth, _) in PAPER.items()},
+}
+
+
+@pytest.mark.parametrize("finding", sorted(BROKEN))
+def test_a_finding_that_does_not_hold_is_not_supported(tmp_path, finding):
+    verdicts = verdicts_of(write_world(tmp_path, BROKEN[finding]))
+    assert verdicts[finding].verdict == CONTRADICTED, verdicts[finding].statistic
+
+
+def test_better_surrogates_that_fall_behind_under_mi_fail_f7(tmp_path):
+    def mi_reverses(mechanism, asr):
+        return {"pgd": asr, "mi": 0.7 if mechanism == "ST" else 0.3, "dim": asr + 0.1}
+
+    verdicts = verdicts_of(write_world(tmp_path, attacks_asr=mi_reverses))
+    assert verdicts["F7"].verdict == CONTRADICTED
+    assert verdicts["F5"].verdict == SUPPORTED  # PGD alone still says SAM beats ST
+
+
+def test_lgv_ensembles_that_reverse_the_order_fail_f7(tmp_path, monkeypatch):
+    monkeypatch.setitem(LGV_ASR, "ST", 0.95)
+    verdicts = verdicts_of(write_world(tmp_path))
+    assert verdicts["F7"].verdict == CONTRADICTED
+    assert any(c.what.startswith("LGV-SAM&JR") and c.verdict == CONTRADICTED for c in verdicts["F7"].checks)
+
+
+def test_missing_settings_say_not_enough_trials(tmp_path):
+    small = {k: v for k, v in PAPER.items() if k[0] in ("ST", "SAM", "IR")}
+    verdicts = verdicts_of(write_world(tmp_path, small, lgv=False))
+    for finding in ("F1", "F2", "F3", "F4"):
+        assert verdicts[finding].verdict == NOT_ENOUGH, finding
+    assert "not in the experiments" in verdicts["F4"].statistic  # ER, and JR, are missing
+
+
+def test_findings_command_prints_the_verdicts_and_writes_json(tmp_path):
+    folder = write_world(tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "raystudy", "findings", str(folder), "--json", str(tmp_path / "f.json")],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("SUPPORTED:") == 7 and "95% CI" in out.stdout
+    saved = json.loads((tmp_path / "f.json").read_text())
+    assert [v["finding"] for v in saved] == [f"F{i}" for i in range(1, 8)]
+    missing = subprocess.run(
+        [sys.executable, "-m", "raystudy", "findings", str(tmp_path / "nope")], capture_output=True, text=True
+    )
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
