@@ -95,6 +95,58 @@ class TinyCNN(nn.Module):
         return self.head(self.features(x))
 
 
+class _BasicBlock(nn.Module):
+    """He et al.'s CIFAR residual block: two 3x3 convolutions with BN, a 1x1 projection when the shape changes."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(),
+            nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(c_out),
+        )
+        reshape = stride != 1 or c_in != c_out
+        self.shortcut = (
+            nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+            if reshape
+            else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+def resnet8(num_classes: int, width: int = 16) -> nn.Module:
+    """He et al.'s CIFAR ResNet-8 (one block per stage, widths 16-32-64): a ResNet small enough to
+    train on CPU, for real-data studies at CPU scale."""
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, 1, 1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        _BasicBlock(width, width, 1),
+        _BasicBlock(width, 2 * width, 2),
+        _BasicBlock(2 * width, 4 * width, 2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4 * width, num_classes),
+    )
+
+
+def vgg_small(num_classes: int, width: int = 16) -> nn.Module:
+    """A VGG in miniature (conv-BN-ReLU pairs at widths 16, 32, 64 with max-pools, no residuals):
+    a CPU-scale target whose architecture differs from ResNet-8's."""
+    layers: list[nn.Module] = []
+    c_in = 3
+    for c_out in (width, 2 * width, 4 * width):
+        for _ in range(2):
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+            c_in = c_out
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes))
+
+
 def _torchvision(name: str) -> Callable[..., nn.Module]:
     import torchvision.models
 
@@ -108,6 +160,8 @@ CIFAR_MODELS: dict[str, Callable[[int], nn.Module]] = {
     "inception_v3": _cifar_inception_v3,
     "densenet121": _cifar_densenet121,
     "tiny_cnn": TinyCNN,
+    "resnet8": resnet8,
+    "vgg_small": vgg_small,
 }
 
 

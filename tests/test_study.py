@@ -297,3 +297,15 @@ def test_two_targets_that_would_share_a_file_are_refused():
     values["trials"] = [{"model": "tiny_cnn"}, {"model": "tiny_cnn", "train": {"lr": 0.01}}]
     with pytest.raises(RaystudyError, match="two targets would be saved as tiny_cnn_s1, tiny_cnn_s2"):
         parse_space(values, "targets.yaml")
+
+
+def test_a_relative_data_path_becomes_absolute_at_load(tmp_path, monkeypatch):
+    from raystudy.config.study import read_space
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    space = ROOT / "search_spaces" / "smoke.yaml"
+    # Trials run in their own folders (and maybe on other nodes): `--data data` must not stay relative.
+    assert read_space(space, "data")[0].data == str(tmp_path / "data")
+    assert read_space(space, "s3://bucket/data")[0].data == "s3://bucket/data"
+    assert read_space(space)[0].data is None

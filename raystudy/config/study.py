@@ -387,7 +387,16 @@ def read_space(path: str | Path, data: str | None = None) -> tuple[StudySpec, An
         values = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise RaystudyError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    return parse_space(values, str(path), data), values
+    if data is None and isinstance(values, dict) and isinstance(values.get("data"), str):
+        data = values["data"]
+    return parse_space(values, str(path), _absolute(data)), values
+
+
+def _absolute(data: str | None) -> str | None:
+    """A local data path as an absolute one: trials run in their own folders, maybe on other nodes."""
+    if data is None or "://" in data:
+        return data
+    return str(Path(data).expanduser().resolve())
 
 
 def parse_space(values: Any, where: str, data: str | None = None) -> StudySpec:

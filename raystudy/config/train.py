@@ -19,7 +19,7 @@ from raystudy.mechanisms.finite_difference import PENALTY_GRADIENTS, with_penalt
 
 # The CIFAR variants raystudy.models builds (for inputs of at most CIFAR_MAX_INPUT pixels); larger
 # inputs take any timm model by name.
-CIFAR_MODEL_NAMES = ("densenet121", "inception_v3", "resnet18", "resnet50", "tiny_cnn", "vgg16")
+CIFAR_MODEL_NAMES = ("densenet121", "inception_v3", "resnet18", "resnet50", "resnet8", "tiny_cnn", "vgg16", "vgg_small")
 PRECISIONS = ("fp32", "bf16")
 SCHEDULES = ("cosine", "constant")
 SAM_BN_MODES = ("both", "first")  # which SAM passes update BatchNorm's running statistics
