@@ -250,23 +250,24 @@ def _study_command(kind: str):
     def command(args: argparse.Namespace) -> int:
         _local_ray_on_loopback(args)
         from raystudy.config import read_space
+        from raystudy.confirm import run_then_confirm
         from raystudy.storage import DEFAULT_STORAGE
-        from raystudy.study import all_finished, run_study
+        from raystudy.study import all_finished
         from raystudy.tracking import parse_trackers
 
         spec, raw = read_space(args.space, args.data)
         if spec.kind != kind:
             verb = {"grid": "run", "targets": "targets", "search": "search"}[spec.kind]
             raise RaystudyError(f"{args.space} is a kind: {spec.kind} study: use `raystudy {verb} {args.space}`")
-        results = run_study(
+        results = run_then_confirm(
             spec,
             raw,
             args.storage or DEFAULT_STORAGE,
             args.address,
-            args.max_concurrent,
             args.num_cpus,
-            getattr(args, "optuna_storage", None),
-            parse_trackers(args.log_to),
+            max_concurrent=args.max_concurrent,
+            optuna_storage=getattr(args, "optuna_storage", None),
+            trackers=parse_trackers(args.log_to),
         )
         return 0 if all_finished(results) else 1
 
@@ -275,9 +276,10 @@ def _study_command(kind: str):
 
 def cmd_resume(args: argparse.Namespace) -> int:
     _local_ray_on_loopback(args)
-    from raystudy.study import all_finished, resume_study
+    from raystudy.confirm import resume_then_confirm
+    from raystudy.study import all_finished
 
-    results = resume_study(args.experiment, args.address, args.num_cpus)
+    results = resume_then_confirm(args.experiment, args.address, args.num_cpus)
     return 0 if all_finished(results) else 1
 
 

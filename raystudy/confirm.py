@@ -9,7 +9,8 @@ ordinary grid study `<search>_confirm` beside the search: resumable like any stu
 mean ± std over the seeds on the objective and the held-out targets, goes into the search's
 best_config.json under "confirmed" and into the report.
 
-Part of the study builder (it starts Ray studies through raystudy.study).
+Part of the study builder: it runs above raystudy.study (the CLI starts every study through
+`run_then_confirm` and `resume_then_confirm`), which never calls back into it.
 """
 
 from __future__ import annotations
@@ -23,8 +24,32 @@ from raystudy import storage
 from raystudy.config import STUDY_RECORD, StudySpec, parse_space
 from raystudy.config.study import SEARCHABLE_TRAIN_KEYS, TrialPlan, averaged_over_targets
 from raystudy.record import objective_rows, rows_of
+from raystudy.study import BEST_CONFIG, FINAL_KEY, experiment_path, load_record, pareto_front, resume_study, run_study
 
 CONFIRM_SUFFIX = "_confirm"
+
+
+def run_then_confirm(spec: StudySpec, raw: Any, storage_path: str, address=None, num_cpus=None, **options):
+    """Run a new study (raystudy.study.run_study; `options`: max_concurrent, optuna_storage,
+    trackers); a search with `confirm` goes on with its confirmation, whose results join its own."""
+    results = run_study(spec, raw, storage_path, address, num_cpus=num_cpus, **options)
+    experiment = experiment_path(spec, storage_path)
+    return then_confirm(spec, raw, results, storage_path, experiment, address=address, num_cpus=num_cpus)
+
+
+def resume_then_confirm(experiment: str, address=None, num_cpus=None):
+    """Finish an interrupted study, then (a search with `confirm`) its confirmation."""
+    results = resume_study(experiment, address, num_cpus)
+    record = load_record(experiment)
+    spec = parse_space(record["study"], record["source"], record["data"])
+    location = storage.normalize(experiment)
+    return then_confirm(spec, record["study"], results, record["storage"], location, address=address, num_cpus=num_cpus)
+
+
+def then_confirm(spec: StudySpec, raw: Any, results, storage_path: str, experiment: str, **ray) -> list:
+    if spec.kind != "search" or spec.search.confirm is None:
+        return list(results)
+    return list(results) + run_confirm(spec, raw, results, storage_path, experiment, **ray)
 
 
 def confirm_experiment(search_experiment: str) -> str:
@@ -34,8 +59,6 @@ def confirm_experiment(search_experiment: str) -> str:
 def top_plans(spec: StudySpec, results) -> list[TrialPlan]:
     """The search's top_k finished configurations, best first (several objectives: the Pareto front
     by its first objective, then the rest)."""
-    from raystudy.study import FINAL_KEY, pareto_front
-
     search = spec.search
     metrics = search.objective_metrics
     done = [
@@ -80,8 +103,6 @@ def confirm_raw(spec: StudySpec, raw: dict[str, Any], plans: list[TrialPlan]) ->
 
 def run_confirm(spec: StudySpec, raw: dict[str, Any], results, storage_path: str, search_experiment: str, **ray):
     """Start (or resume) the confirmation and record its summary; returns its results."""
-    from raystudy.study import BEST_CONFIG, resume_study, run_study
-
     plans = top_plans(spec, results)
     if not plans:
         print("confirm: no finished search trial to confirm")

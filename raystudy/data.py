@@ -26,19 +26,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from raystudy.config.train import CIFAR_MAX_INPUT
 from raystudy.errors import RaystudyError
 
 if TYPE_CHECKING:
-    from raystudy.config import TrainConfig
+    from raystudy.config.train import TrainConfig
 
 DATASETS = ("cifar10", "imagenette", "synthetic")
-# Per-channel normalization (the first layer of every model) and the size below which images are
-# CIFAR-sized (CIFAR model variants, pad-and-crop augmentation).
+# Per-channel normalization (the first layer of every model).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CIFAR_MAX_INPUT = 64
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".JPEG", ".JPG", ".PNG")
 IMAGENETTE_SIZE = 224
 SYNTHETIC_CONTRAST = 0.3  # spread of the synthetic class patterns around mid-grey

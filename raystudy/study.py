@@ -413,17 +413,7 @@ def run_study(
             verbose=1,
         ),
     )
-    results = _finish(spec, tuner.fit(), experiment)
-    return _then_confirm(spec, raw, results, storage_path, experiment, address=address, num_cpus=num_cpus)
-
-
-def _then_confirm(spec: StudySpec, raw: Any, results, storage_path: str, experiment: str, **ray):
-    """A search with `confirm` goes on with its confirmation (raystudy.confirm); its results join the search's."""
-    if spec.kind != "search" or spec.search.confirm is None:
-        return results
-    from raystudy.confirm import run_confirm
-
-    return list(results) + run_confirm(spec, raw, results, storage_path, experiment, **ray)
+    return _finish(spec, tuner.fit(), experiment)
 
 
 def load_record(experiment: str) -> dict[str, Any]:
@@ -446,16 +436,7 @@ def resume_study(experiment: str, address: str | None = None, num_cpus: int | No
         resume_unfinished=True,
         resume_errored=True,
     )
-    results = _finish(spec, tuner.fit(), storage.normalize(experiment))
-    return _then_confirm(
-        spec,
-        record["study"],
-        results,
-        record["storage"],
-        storage.normalize(experiment),
-        address=address,
-        num_cpus=num_cpus,
-    )
+    return _finish(spec, tuner.fit(), storage.normalize(experiment))
 
 
 def _finish(spec: StudySpec, results, experiment: str):

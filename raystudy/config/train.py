@@ -11,12 +11,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from raystudy.data import CIFAR_MAX_INPUT
 from raystudy.errors import RaystudyError
 from raystudy.mechanisms import get_mechanism
 from raystudy.mechanisms.base import grid_family
 from raystudy.mechanisms.finite_difference import PENALTY_GRADIENTS, with_penalty_gradient
 
+# Images at most this many pixels wide are CIFAR-sized: the CIFAR model variants (3x3 stem, no early
+# down-sampling) and pad-and-crop augmentation (raystudy.data) apply to them.
+CIFAR_MAX_INPUT = 64
 # The CIFAR variants raystudy.models builds (for inputs of at most CIFAR_MAX_INPUT pixels); larger
 # inputs take any timm model by name.
 CIFAR_MODEL_NAMES = ("densenet121", "inception_v3", "resnet18", "resnet50", "resnet8", "tiny_cnn", "vgg16", "vgg_small")
