@@ -4,10 +4,13 @@
     python benchmarks/throughput.py --device cpu --model tiny_cnn --batch-size 128 --json results/throughput_cpu.json
 
 Every mechanism (ST ... SAM&JR; IR, JR, ER, SAM&IR and SAM&JR with both penalty gradients) takes
-`--rounds` rounds of `--steps` timed steps after `--warmup` untimed ones, on the same model, batch and device, with the
-faithful recipe and with `fast` (the same step: fast only shortens the schedule, so the two columns
-are a check, not a speed-up). CUDA is synchronized around each timed block. Prints images/s and the
-ratio to ST and to the faithful recipe. Then the trial-end hook of one surrogate (accuracy,
+`--rounds` rounds of `--steps` timed steps after `--warmup` untimed ones, on the same model, batch and
+device, with the faithful recipe and with `fast` (the same step: fast only shortens the schedule, so
+the two columns are a check, not a speed-up); each round times ST right before them, so every ratio
+to ST is taken within a round. CUDA is synchronized around each timed block. Prints the median
+images/s and the median ratio to ST with its spread over rounds, and the ratio to the faithful recipe.
+`--packing K` also runs K copies of each step at once and reports their aggregate throughput over
+one alone (the packing gain `raystudy plan` uses per mechanism). Then the trial-end hook of one surrogate (accuracy,
 smoothness, similarity, each attack) against `--targets`, each part as a fraction of that
 surrogate's training time under `fast` (epochs x 50000/batch steps at the measured ST...SAM&JR
 rates). `--settings` also times torch.compile and channels_last for the mechanisms without double
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 from typing import Callable
@@ -83,53 +87,109 @@ def variants(mechanism: str) -> list[str]:
 
 
 def time_mechanisms(args, device) -> list[dict]:
-    """Faithful and fast of one mechanism are timed in alternating rounds; each keeps its fastest
-    round (the least disturbed by the rest of the machine)."""
+    """Every mechanism is timed beside ST: each round times ST, then the mechanism's faithful and
+    fast steps, back to back, so a machine that slows down or speeds up (other jobs, clocks,
+    allocator warm-up) moves both sides of a ratio alike. Each row reports the median over rounds
+    and the spread (min, max) of its seconds per step and of its per-round ratio to ST."""
     identity = lambda t: t  # noqa: E731
+
+    def timer(mechanism: str, preset: str, gradient: str = "exact"):
+        config = TrainConfig.from_preset(
+            preset, mechanism=mechanism, batch_size=args.batch_size, penalty_gradient=gradient
+        )
+        return step_timer(config, args, device, identity)
+
+    st_step = timer("ST", "fast")
+    seconds_per_call(st_step, device, args.steps, args.warmup)
+    st_rounds: list[float] = []
     rows = []
     for mechanism in ORDER:
         for gradient in variants(mechanism):
-            steps = {
-                preset: step_timer(
-                    TrainConfig.from_preset(
-                        preset, mechanism=mechanism, batch_size=args.batch_size, penalty_gradient=gradient
-                    ),
-                    args,
-                    device,
-                    identity,
-                )
-                for preset in ("faithful", "fast")
-            }
-            best = {preset: float("inf") for preset in steps}
+            steps = {preset: timer(mechanism, preset, gradient) for preset in ("faithful", "fast")}
+            rounds: dict[str, list[float]] = {preset: [] for preset in steps}
+            ratios: dict[str, list[float]] = {preset: [] for preset in steps}
             for round_ in range(args.rounds):
+                st = seconds_per_call(st_step, device, args.steps, 0)
+                st_rounds.append(st)
                 for preset, step in steps.items():
-                    warmup = args.warmup if round_ == 0 else 0
-                    best[preset] = min(best[preset], seconds_per_call(step, device, args.steps, warmup))
-            for preset, seconds in best.items():
-                rows.append(
-                    {
-                        "mechanism": mechanism,
-                        "penalty_gradient": gradient,
-                        "preset": preset,
-                        "seconds_per_step": seconds,
-                        "images_per_second": args.batch_size / seconds,
-                    }
+                    seconds = seconds_per_call(step, device, args.steps, args.warmup if round_ == 0 else 0)
+                    rounds[preset].append(seconds)
+                    ratios[preset].append(seconds / st)
+            for preset in steps:
+                rows.append(_row(mechanism, gradient, preset, rounds[preset], ratios[preset], args.batch_size))
+                r = rows[-1]
+                print(
+                    f"  {mechanism:7s} {gradient:17s} {preset:8s} {r['images_per_second']:10.1f} img/s  "
+                    f"x ST {r['ratio_to_st']:.2f} [{r['ratio_to_st_min']:.2f}, {r['ratio_to_st_max']:.2f}]",
+                    flush=True,
                 )
-                rate = args.batch_size / seconds
-                print(f"  {mechanism:7s} {gradient:17s} {preset:8s} {rate:10.1f} img/s", flush=True)
-    st = {r["preset"]: r["seconds_per_step"] for r in rows if r["mechanism"] == "ST"}
     faithful = {
         (r["mechanism"], r["penalty_gradient"]): r["seconds_per_step"] for r in rows if r["preset"] == "faithful"
     }
     for r in rows:
-        r["ratio_to_st"] = r["seconds_per_step"] / st[r["preset"]]
         r["ratio_to_faithful"] = r["seconds_per_step"] / faithful[(r["mechanism"], r["penalty_gradient"])]
         r["ratio_to_exact"] = r["seconds_per_step"] / next(
             q["seconds_per_step"]
             for q in rows
             if (q["mechanism"], q["preset"], q["penalty_gradient"]) == (r["mechanism"], r["preset"], "exact")
         )
+    low, middle, high = min(st_rounds), statistics.median(st_rounds), max(st_rounds)
+    print(f"  ST over all {len(st_rounds)} rounds: median {middle:.4f} s/step, min {low:.4f}, max {high:.4f}")
     return rows
+
+
+def _row(mechanism: str, gradient: str, preset: str, seconds: list[float], ratios: list[float], batch: int) -> dict:
+    median = statistics.median(seconds)
+    return {
+        "mechanism": mechanism,
+        "penalty_gradient": gradient,
+        "preset": preset,
+        "seconds_per_step": median,
+        "seconds_per_step_min": min(seconds),
+        "seconds_per_step_max": max(seconds),
+        "images_per_second": batch / median,
+        "ratio_to_st": statistics.median(ratios),
+        "ratio_to_st_min": min(ratios),
+        "ratio_to_st_max": max(ratios),
+        "rounds": len(seconds),
+    }
+
+
+def _packed_worker(args, device, mechanism: str, gradient: str, barrier, queue) -> None:
+    """One of `--packing` processes timing the same step at once (as trials sharing a GPU do)."""
+    torch.set_num_threads(max(1, torch.get_num_threads() // args.packing))
+    config = TrainConfig.from_preset("fast", mechanism=mechanism, batch_size=args.batch_size, penalty_gradient=gradient)
+    step = step_timer(config, args, device, lambda t: t)
+    seconds_per_call(step, device, 1, args.warmup)
+    barrier.wait()
+    queue.put(seconds_per_call(step, device, args.steps, 0))
+
+
+def time_packing(args, device, rows) -> dict[str, dict[str, float]]:
+    """Aggregate throughput of `--packing` copies of each mechanism's step running at once, relative
+    to one alone (its median step from the rounds above): the gain `raystudy plan` applies to trials
+    that share a device (gpu: 1/k)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    alone = {(r["mechanism"], r["penalty_gradient"]): r["seconds_per_step"] for r in rows if r["preset"] == "fast"}
+    gains: dict[str, dict[str, float]] = {}
+    for (mechanism, gradient), single in alone.items():
+        barrier, queue = context.Barrier(args.packing), context.Queue()
+        workers = [
+            context.Process(target=_packed_worker, args=(args, device, mechanism, gradient, barrier, queue))
+            for _ in range(args.packing)
+        ]
+        for worker in workers:
+            worker.start()
+        packed = [queue.get(timeout=3600) for _ in workers]
+        for worker in workers:
+            worker.join()
+        gain = args.packing * single / max(packed)  # k steps in the time of the slowest copy's one
+        key = mechanism if gradient == "exact" else f"{mechanism}:{gradient}"
+        gains[key] = {str(args.packing): gain}
+        print(f"  {key:28s} {args.packing} at once: {gain:.2f}x one alone", flush=True)
+    return gains
 
 
 def time_hook(args, device, rows) -> dict:
@@ -234,12 +294,17 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds; the fastest counts")
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="rounds, each timing ST beside the mechanism; medians count"
+    )
     parser.add_argument("--targets", default=None, help="'paper' (the 4 CIFAR targets) or one model name x4")
     parser.add_argument("--n-eval", type=int, default=1000, help="evaluation images of the hook")
     parser.add_argument("--no-hook", action="store_true", help="skip timing the trial-end hook")
     parser.add_argument("--settings", action="store_true", help="also time torch.compile and channels_last")
     parser.add_argument("--settings-only", action="store_true", help="time only torch.compile and channels_last")
+    parser.add_argument(
+        "--packing", type=int, default=0, help="also time K copies of each step at once (the packing gain; 0: no)"
+    )
     parser.add_argument("--json", help="also write the figures to this JSON file (with the command)")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -260,6 +325,9 @@ def main() -> None:
         print(f"training steps ({args.model}, batch {args.batch_size}, {device}):", flush=True)
         report["mechanisms"] = time_mechanisms(args, device)
         print_table(report["mechanisms"])
+    if args.packing > 1 and not args.settings_only:
+        print(f"packing ({args.packing} copies of a step at once on one {device.type}):", flush=True)
+        report["packing_gain"] = time_packing(args, device, report["mechanisms"])
     if not args.no_hook and not args.settings_only:
         print(f"trial-end hook ({args.n_eval} images, targets {args.targets}):", flush=True)
         report["hook"] = time_hook(args, device, report["mechanisms"])

@@ -36,13 +36,22 @@ _QUOTED_SECONDS = {m: minutes * 60 / _QUOTED_STEPS for m, minutes in _QUOTED_MIN
 _QUOTED_SECONDS.update({m: _QUOTED_SECONDS["ST"] for m in ("MU", "CM", "CO", "LS")})
 _QUOTED_SECONDS["SAM&IR"] = 2 * _QUOTED_SECONDS["IR"]
 _QUOTED_SECONDS["SAM&JR"] = 2 * _QUOTED_SECONDS["JR"]
-# Aggregate throughput of k ResNet-18 trainings sharing one H100, relative to one alone (quoted).
+# Finite-difference penalty gradients: ~2.5 ST steps on an H100 (quoted with the exact ~10x in
+# PITFALLS.md); the SAM combinations run two of them.
+QUOTED_FD_OVER_ST = 2.5
+PENALIZED = ("IR", "JR", "ER", "SAM&IR", "SAM&JR")  # the mechanisms a penalty gradient applies to
+_QUOTED_FD_SECONDS = {
+    m: (2 if m.startswith("SAM&") else 1) * QUOTED_FD_OVER_ST * _QUOTED_SECONDS["ST"] for m in PENALIZED
+}
+# Aggregate throughput of k ResNet-18 ST trainings sharing one H100, relative to one alone (quoted).
 QUOTED_PACKING_GAIN = {1: 1.0, 4: 2.36}
+MEASURED, QUOTED, ESTIMATED = "measured", "quoted", "estimated"
 
 
 @dataclass(frozen=True)
 class StepCosts:
-    """Seconds per training step per (mechanism, penalty_gradient) at `batch_size`, and the hook."""
+    """Seconds per training step per (mechanism, penalty_gradient) at `batch_size`, the packing gain
+    per mechanism ({trials per GPU: aggregate gain}), and the hook."""
 
     source: str
     measured: bool
@@ -50,34 +59,64 @@ class StepCosts:
     dataset: str
     batch_size: int
     seconds: Mapping[tuple[str, str], float]
-    packing_gain: Mapping[int, float]
+    packing_gain: Mapping[str, Mapping[int, float]]  # mechanism -> gains; "ST" at least
     hook_seconds: Mapping[str, float] | None = None  # per part, at hook_n_eval images
     hook_n_eval: int = 0
     hook_attack_runs: int = 0  # attack x mode x budget combinations the hook's timings covered
+    provenance: str = MEASURED  # of `seconds`: measured or quoted
+    packing_provenance: str = QUOTED  # of `packing_gain`
 
     def step_seconds(self, train: TrainConfig) -> tuple[float, str]:
-        """Seconds per step of `train`'s mechanism at its batch size, and a note where estimated."""
-        key = (train.mechanism, train.penalty_gradient)
-        note = ""
-        if key not in self.seconds:
-            if (train.mechanism, "exact") not in self.seconds:
-                known = sorted({m for m, _ in self.seconds}, key=ORDER.index)
-                raise RaystudyError(
-                    f"the costs ({self.source}) have no {train.mechanism}; they have {', '.join(known)}"
-                )
-            key, note = (train.mechanism, "exact"), "finite-difference cost not in the costs: exact's used"
-        return self.seconds[key] * train.batch_size / self.batch_size, note
+        """Seconds per step of `train`'s mechanism and penalty gradient at its batch size, and where
+        the figure comes from: measured, quoted, or estimated (a finite-difference step the costs
+        lack: the exact step times the FD/exact ratio measured on other mechanisms, else the quoted
+        ~2.5 ST steps)."""
+        mechanism = train.mechanism
+        gradient = train.penalty_gradient if mechanism in PENALIZED else "exact"
+        per_image = train.batch_size / self.batch_size
+        if (mechanism, gradient) in self.seconds:
+            return self.seconds[(mechanism, gradient)] * per_image, self.provenance
+        if (mechanism, "exact") not in self.seconds:
+            known = sorted({m for m, _ in self.seconds}, key=ORDER.index)
+            raise RaystudyError(f"the costs ({self.source}) have no {mechanism}; they have {', '.join(known)}")
+        ratios = [
+            fd / self.seconds[(m, "exact")]
+            for (m, g), fd in self.seconds.items()
+            if g == "finite_difference" and (m, "exact") in self.seconds
+        ]
+        if ratios:
+            ratio = sorted(ratios)[len(ratios) // 2]
+            return self.seconds[(mechanism, "exact")] * ratio * per_image, f"{ESTIMATED} (exact x {ratio:.2f})"
+        st = self.seconds.get(("ST", "exact"), self.seconds[(mechanism, "exact")])
+        fd = (2 if mechanism.startswith("SAM&") else 1) * QUOTED_FD_OVER_ST * st
+        return fd * per_image, f"{ESTIMATED} ({QUOTED_FD_OVER_ST:g} ST steps, quoted)"
+
+    def gain(self, train: TrainConfig, per_gpu: int) -> tuple[float, str]:
+        """The packing gain of `per_gpu` trials like `train` on one GPU, and where it comes from
+        (the benchmark keys a finite-difference step as 'IR:finite_difference')."""
+        if per_gpu == 1:
+            return 1.0, "none"
+        gradient = train.penalty_gradient if train.mechanism in PENALIZED else "exact"
+        for key in (f"{train.mechanism}:{gradient}", train.mechanism) if gradient != "exact" else (train.mechanism,):
+            if key in self.packing_gain:
+                return packing_gain(self.packing_gain[key], per_gpu), self.packing_provenance
+        st = self.packing_gain.get("ST", QUOTED_PACKING_GAIN)
+        return packing_gain(st, per_gpu), f"{ESTIMATED} (ST's)"
 
 
 def quoted_h100() -> StepCosts:
+    seconds = {(m, "exact"): s for m, s in _QUOTED_SECONDS.items()}
+    seconds.update({(m, "finite_difference"): s for m, s in _QUOTED_FD_SECONDS.items()})
     return StepCosts(
         source="quoted H100 minutes per 200-epoch surrogate (ResNet-18, CIFAR-10, batch 128, fp32); not measured here",
         measured=False,
         model="resnet18",
         dataset="cifar10",
         batch_size=128,
-        seconds={(m, "exact"): s for m, s in _QUOTED_SECONDS.items()},
-        packing_gain=QUOTED_PACKING_GAIN,
+        seconds=seconds,
+        packing_gain={"ST": QUOTED_PACKING_GAIN},
+        provenance=QUOTED,
+        packing_provenance=QUOTED,
     )
 
 
@@ -104,7 +143,8 @@ def read_costs(path: str | Path) -> StepCosts:
             dataset=data.get("dataset", "cifar10"),
             batch_size=int(data["batch_size"]),
             seconds=seconds,
-            packing_gain={int(k): float(v) for k, v in data.get("packing_gain", QUOTED_PACKING_GAIN).items()},
+            packing_gain=_gains(data.get("packing_gain")),
+            packing_provenance=MEASURED if data.get("packing_gain") else QUOTED,
             hook_seconds=hook["seconds"] if hook else None,
             hook_n_eval=int(hook["n_eval"]) if hook else 0,
             hook_attack_runs=runs,
@@ -115,6 +155,16 @@ def read_costs(path: str | Path) -> StepCosts:
         raise RaystudyError(
             f"--costs {path}: not a benchmarks/throughput.py JSON ({type(error).__name__}: {error})"
         ) from None
+
+
+def _gains(values: Any) -> dict[str, dict[int, float]]:
+    """A benchmark's packing gains: per mechanism ({"ST": {"4": 2.4}, ...}), or one set ({"4": 2.4},
+    an older file) taken as ST's; none measured: the quoted ST gain."""
+    if not values:
+        return {"ST": dict(QUOTED_PACKING_GAIN)}
+    if all(isinstance(v, Mapping) for v in values.values()):
+        return {m: {1: 1.0, **{int(k): float(v) for k, v in g.items()}} for m, g in values.items()}
+    return {"ST": {1: 1.0, **{int(k): float(v) for k, v in values.items()}}}
 
 
 def packing_gain(gains: Mapping[int, float], per_gpu: int) -> float:
@@ -136,7 +186,7 @@ class TrialCost:
     steps: int
     train_seconds: float
     hook_seconds: float
-    note: str
+    cost_source: str  # of the step cost: measured, quoted or estimated (how)
 
     @property
     def seconds(self) -> float:
@@ -169,7 +219,7 @@ def plan_costs(spec: StudySpec, costs: StepCosts) -> list[TrialCost]:
     out = []
     for i, plan in enumerate(trial_plans(spec)):
         train = plan.train
-        seconds, note = costs.step_seconds(train)
+        seconds, source = costs.step_seconds(train)
         steps = trial_steps(train)
         total = steps * seconds
         if plan.lgv is not None:
@@ -191,7 +241,7 @@ def plan_costs(spec: StudySpec, costs: StepCosts) -> list[TrialCost]:
             label = f"confirm: {_label(plan)}"
         else:
             label = _label(plan)
-        out.append(TrialCost(label, plan, steps, total, hook, note))
+        out.append(TrialCost(label, plan, steps, total, hook, source))
     return out
 
 
@@ -228,19 +278,49 @@ def trial_plans(spec: StudySpec) -> list[TrialPlan]:
 
 
 def wall_seconds(trials: list[TrialCost], spec: StudySpec, costs: StepCosts, gpus: int) -> tuple[float, int, float]:
-    """(wall seconds, trials per GPU, packing gain) on `gpus` GPUs with the study's packing."""
+    """(wall seconds, trials per GPU, overall packing gain) on `gpus` GPUs with the study's packing,
+    each trial sped up by its own mechanism's gain."""
     gpu = spec.resources.gpu
     per_gpu = max(1, int(math.floor(1 / gpu + 1e-9))) if gpu > 0 else 1
-    gain = packing_gain(costs.packing_gain, per_gpu)
     total = sum(t.seconds for t in trials)
-    longest = max((t.seconds for t in trials), default=0.0)
+    packed = sum(t.seconds / costs.gain(t.plan.train, per_gpu)[0] for t in trials)
+    longest = max((t.seconds * per_gpu / costs.gain(t.plan.train, per_gpu)[0] for t in trials), default=0.0)
     # Perfect load balance, but never shorter than the longest trial run at its packed speed.
-    return max(total / (gpus * gain), longest * per_gpu / gain), per_gpu, gain
+    return max(packed / gpus, longest), per_gpu, total / packed if packed else 1.0
+
+
+def setting_rows(trials: list[TrialCost], costs: StepCosts, per_gpu: int) -> list[dict[str, Any]]:
+    """One row per setting (its seeds folded): trials, epochs, steps, hours per trial and in all,
+    the step's cost relative to ST, and where the step cost and the packing gain come from."""
+    rows: dict[str, dict[str, Any]] = {}
+    for t in trials:
+        train = t.plan.train
+        st, _ = costs.step_seconds(_as_mechanism(train, "ST"))
+        step, _ = costs.step_seconds(train)
+        row = rows.setdefault(
+            t.label,
+            {
+                "setting": t.label,
+                "trials": 0,
+                "epochs": train.epochs,
+                "steps": t.steps,
+                "x_st": step / st,
+                "cost": t.cost_source,
+                "packing": "{:.2f}x {}".format(*costs.gain(train, per_gpu)),
+                "hours": 0.0,
+                "hook_hours": 0.0,
+            },
+        )
+        row["trials"] += 1
+        row["hours"] += t.train_seconds / 3600
+        row["hook_hours"] += t.hook_seconds / 3600
+    return list(rows.values())
 
 
 def render_plan(spec: StudySpec, costs: StepCosts, gpus: int) -> str:
     trials = plan_costs(spec, costs)
     wall, per_gpu, gain = wall_seconds(trials, spec, costs, gpus)
+    unit = "GPU" if spec.resources.gpu > 0 else "device"
     lines = [
         f"study {spec.name!r} ({spec.kind}, preset {spec.preset}, {spec.dataset}/{spec.model}): {len(trials)} trials"
     ]
@@ -253,21 +333,23 @@ def render_plan(spec: StudySpec, costs: StepCosts, gpus: int) -> str:
     if not costs.hook_seconds:
         lines.append("  the hook is estimated from ST's step cost (no measured hook in the costs)")
     lines.append("")
-    lines.append(f"{'trial':34s} {'seed':>4s} {'epochs':>6s} {'steps':>8s} {'train GPU-h':>11s} {'hook GPU-h':>10s}")
-    for t in trials:
-        train = t.plan.train
+    header = (
+        f"{'setting':38s} {'trials':>6s} {'epochs':>6s} {'steps':>7s} {'x ST':>5s} {unit + '-h':>8s} {'hook-h':>7s}"
+    )
+    lines.append(header + "  step cost; packing gain")
+    for r in setting_rows(trials, costs, per_gpu):
         lines.append(
-            f"{t.label[:34]:34s} {train.seed:4d} {train.epochs:6d} {t.steps:8d} {t.train_seconds / 3600:11.3f} "
-            f"{t.hook_seconds / 3600:10.3f}" + (f"  ({t.note})" if t.note else "")
+            f"{r['setting'][:38]:38s} {r['trials']:6d} {r['epochs']:6d} {r['steps']:7d} {r['x_st']:5.1f} "
+            f"{r['hours']:8.3f} {r['hook_hours']:7.3f}  {r['cost']}; {r['packing']}"
         )
     train_h = sum(t.train_seconds for t in trials) / 3600
     hook_h = sum(t.hook_seconds for t in trials) / 3600
     lines += [
         "",
-        f"total: {train_h + hook_h:.2f} GPU-hours ({train_h:.2f} training, {hook_h:.2f} trial-end hook = "
+        f"total: {train_h + hook_h:.2f} {unit}-hours ({train_h:.2f} training, {hook_h:.2f} trial-end hook = "
         f"{100 * hook_h / max(train_h + hook_h, 1e-12):.1f}%)",
-        f"wall time on {gpus} GPU(s) at {per_gpu} trial(s) per GPU (gpu: {spec.resources.gpu:g}; packing gain "
-        f"{gain:.2f}x, not {per_gpu}x): {wall / 3600:.2f} h",
+        f"wall time on {gpus} {unit}(s) at {per_gpu} trial(s) per {unit} (gpu: {spec.resources.gpu:g}; packing gain "
+        f"{gain:.2f}x over the trials, not {per_gpu}x): {wall / 3600:.2f} h",
     ]
     if spec.search is not None and spec.search.conditional:
         lines.append(
@@ -277,7 +359,7 @@ def render_plan(spec: StudySpec, costs: StepCosts, gpus: int) -> str:
     if spec.search is not None and spec.search.proxy_every:
         lines.append("note: an upper bound: ASHA stops some search trials early")
     if spec.resources.gpu == 0:
-        lines.append("note: this study asks for no GPU (resources.gpu: 0); the figures are for GPUs")
+        lines.append("note: this study asks for no GPU (resources.gpu: 0): the hours are on the costs' device")
     return "\n".join(lines)
 
 

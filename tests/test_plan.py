@@ -9,7 +9,7 @@ import pytest
 import yaml
 from test_cli import one_line_error, run
 
-from raystudy.config import load_space
+from raystudy.config import TrainConfig, load_space
 from raystudy.errors import RaystudyError
 from raystudy.plan import packing_gain, plan_costs, quoted_h100, read_costs, render_plan, wall_seconds
 
@@ -48,13 +48,13 @@ def test_doubling_epochs_doubles_training_time(tmp_path):
 
 
 def test_packing_uses_the_measured_gain_not_the_trial_count(tmp_path):
-    gains = {1: 1.0, 4: 2.36}
+    gains = {1: 1.0, 4: 2.36}  # ST's (quoted); every mechanism of the table packs with it
     assert packing_gain(gains, 1) == 1.0 and packing_gain(gains, 4) == 2.36 and packing_gain(gains, 8) == 2.36
     assert packing_gain(gains, 2) == pytest.approx(1.0 + 1.36 / 3)
     spec = load_space(write_space(tmp_path, 40, gpu=0.25))
     trials = plan_costs(spec, quoted_h100())
     wall, per_gpu, gain = wall_seconds(trials, spec, quoted_h100(), gpus=4)
-    assert (per_gpu, gain) == (4, 2.36)
+    assert per_gpu == 4 and gain == pytest.approx(2.36)
     assert wall == pytest.approx(sum(t.seconds for t in trials) / (4 * 2.36))
     alone = load_space(write_space(tmp_path, 40, gpu=1.0))
     wall_alone, _, _ = wall_seconds(plan_costs(alone, quoted_h100()), alone, quoted_h100(), gpus=4)
@@ -99,12 +99,70 @@ def test_measured_costs_scale_per_image_and_use_the_finite_difference_rows(tmp_p
     st, ir = plan_costs(load_space(path), costs)
     steps = 40 * (50_000 // 128)
     assert st.train_seconds == pytest.approx(steps * 0.01 * 128 / 256)  # measured at batch 256
-    assert ir.train_seconds == pytest.approx(steps * 0.02 * 128 / 256) and ir.note == ""
+    assert ir.train_seconds == pytest.approx(steps * 0.02 * 128 / 256) and ir.cost_source == "measured"
+    assert st.cost_source == "measured"  # ST has no penalty: its one step, whatever penalty_gradient says
     # The hook: 1000 evaluation images (twice the benchmark's), the same 6 attack runs.
     assert st.hook_seconds == pytest.approx(2 * (1.0 + 10.0 + 2.0 + 30.0))
+    # Costs without finite-difference rows: estimated at the quoted 2.5 ST steps, and said so.
     exact_only = read_costs(benchmark_json(tmp_path, with_fd=False))
-    _, ir_exact = plan_costs(load_space(path), exact_only)
-    assert ir_exact.train_seconds == pytest.approx(steps * 0.04 * 128 / 256) and "exact's used" in ir_exact.note
+    _, ir_estimated = plan_costs(load_space(path), exact_only)
+    assert ir_estimated.train_seconds == pytest.approx(steps * 2.5 * 0.01 * 128 / 256)
+    assert ir_estimated.cost_source.startswith("estimated")
+
+
+def fd_twin(tmp_path: Path, name: str) -> Path:
+    raw = yaml.safe_load((SPACES / f"{name}.yaml").read_text())
+    raw["train"] = {**raw.get("train", {}), "penalty_gradient": "finite_difference"}
+    raw["name"] = f"{name}_fd"
+    path = tmp_path / f"{name}_fd.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize("name", ["table", "regularization", "sam_jr_optuna"])
+def test_a_finite_difference_study_costs_less_than_its_exact_twin(tmp_path, name):
+    exact = sum(t.seconds for t in plan_costs(load_space(SPACES / f"{name}.yaml"), quoted_h100()))
+    fd = sum(t.seconds for t in plan_costs(load_space(fd_twin(tmp_path, name)), quoted_h100()))
+    assert fd < 0.9 * exact
+
+
+def test_measured_fd_ratio_estimates_a_missing_fd_step_and_rows_fold_seeds(tmp_path):
+    costs = read_costs(benchmark_json(tmp_path, with_fd=True))  # IR: FD 0.02 = half its exact 0.04
+    raw = yaml.safe_load((SPACES / "table.yaml").read_text())
+    raw.update(trials=[{"mechanism": "ST"}, {"mechanism": "SAM&JR"}], train={"penalty_gradient": "finite_difference"})
+    path = tmp_path / "fd.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    spec = load_space(path)
+    trials = plan_costs(spec, costs)
+    sam_jr = [t for t in trials if t.plan.train.mechanism == "SAM&JR"]
+    assert sam_jr[0].train_seconds == pytest.approx(40 * (50_000 // 128) * 0.08 * 0.5 * 128 / 256)
+    assert "estimated (exact x 0.50)" == sam_jr[0].cost_source
+    text = render_plan(spec, costs, gpus=1)
+    rows = [line for line in text.splitlines() if line.startswith(("ST ", "SAM&JR"))]
+    assert len(rows) == 2 and all(" 3 " in row for row in rows)  # one row per setting, its 3 seeds folded
+
+
+def test_each_mechanism_packs_with_its_own_gain(tmp_path):
+    path = benchmark_json(tmp_path, with_fd=True)
+    data = json.loads(path.read_text())
+    data["packing_gain"] = {"ST": {"4": 3.0}, "AT": {"4": 1.5}}
+    path.write_text(json.dumps(data))
+    costs = read_costs(path)
+    config = lambda m, g="exact": TrainConfig.from_preset("fast", mechanism=m, penalty_gradient=g)  # noqa: E731
+    assert costs.gain(config("ST"), 4) == (3.0, "measured") and costs.gain(config("AT"), 4) == (1.5, "measured")
+    assert costs.gain(config("IR"), 4) == (3.0, "estimated (ST's)")
+    data["packing_gain"]["IR:finite_difference"] = {"4": 2.0}
+    path.write_text(json.dumps(data))
+    assert read_costs(path).gain(config("IR", "finite_difference"), 4) == (2.0, "measured")
+    raw = yaml.safe_load((SPACES / "table.yaml").read_text())
+    raw.update(trials=[{"mechanism": "ST"}, {"mechanism": "AT"}], seeds=[0])
+    space = tmp_path / "two.yaml"
+    space.write_text(yaml.safe_dump(raw))
+    spec = load_space(space)
+    st, at = plan_costs(spec, costs)
+    wall, per_gpu, _ = wall_seconds([st, at], spec, costs, gpus=1)
+    assert per_gpu == 4
+    assert wall == pytest.approx(max(st.seconds / 3.0 + at.seconds / 1.5, 4 * at.seconds / 1.5))
 
 
 def test_costs_without_a_mechanism_of_the_study_are_refused(tmp_path):
