@@ -11,8 +11,12 @@ folder names. Experiments written before records are migrated on read (`_migrate
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from raystudy import storage
@@ -22,6 +26,9 @@ from raystudy.mechanisms import mechanism_label
 from raystudy.record import legacy_rows, make_record
 
 DONE, FAILED, INCOMPLETE, MISSING, STOPPED = "done", "failed", "incomplete", "missing", "stopped early"
+TRIAL_FILES = ("params.json", "result.json", "error.txt")
+READERS = 32  # trials read at once: an object store answers each request in tens of milliseconds
+CACHE_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -46,7 +53,10 @@ class Experiment:
     trials: tuple[TrialRecord, ...]
 
 
-def load_experiment(path: str) -> Experiment:
+def load_experiment(path: str, cache: Path | None = None) -> Experiment:
+    """Read an experiment. Trials are read concurrently from one listing of the experiment, and a
+    finished trial's record is kept in `cache` (default: $RAYSTUDY_CACHE/analysis), keyed by the
+    sizes and times of its files, so a second analysis reads only what is new or changed."""
     location = storage.normalize(path)
     if not storage.exists(storage.join(location, STUDY_RECORD)):
         raise RaystudyError(f"{path} is not a raystudy experiment (no {STUDY_RECORD}; pass <storage>/<study name>)")
@@ -55,19 +65,68 @@ def load_experiment(path: str) -> Experiment:
         spec = parse_space(record["study"], record.get("source", path), record.get("data"))
     except (ValueError, KeyError) as err:
         raise RaystudyError(f"{path}: unreadable {STUDY_RECORD} ({err})") from None
-    trials = [t for t in (_read_trial(location, spec.name, d) for d in storage.list_dirs(location)) if t is not None]
+    trials = _read_trials(location, spec.name, cache)
     trials = [_migrate(spec, t) if t.final and not t.record else t for t in trials]
     trials += _missing(spec, trials)
     return Experiment(location, spec.name, spec, record, tuple(trials))
 
 
-def _read_trial(location: str, experiment: str, folder: str) -> TrialRecord | None:
+def _read_trials(location: str, experiment: str, cache: Path | None) -> list[TrialRecord]:
+    """Every trial folder (one holding params.json), in folder order."""
+    files: dict[str, dict[str, storage.FileEntry]] = {}
+    for entry in storage.list_tree(location):
+        folder, _, name = entry.path.partition("/")
+        if name in TRIAL_FILES:
+            files.setdefault(folder, {})[name] = entry
+    folders = sorted(f for f, names in files.items() if "params.json" in names)
+    kept = _TrialCache(location, cache)
+
+    def read(folder: str) -> TrialRecord:
+        fingerprint = {name: [e.size, e.mtime_ns] for name, e in sorted(files[folder].items())}
+        trial = kept.get(folder, fingerprint)
+        if trial is None:
+            trial = _read_trial(location, experiment, folder, set(files[folder]))
+            if trial.status == DONE:  # a finished trial never changes; others may go on
+                kept.put(folder, fingerprint, trial)
+        return trial
+
+    with ThreadPoolExecutor(READERS) as pool:
+        return list(pool.map(read, folders))
+
+
+class _TrialCache:
+    """Finished trials' records on this machine, one JSON file per trial folder."""
+
+    def __init__(self, location: str, root: Path | None) -> None:
+        if root is None:
+            root = Path(os.environ.get("RAYSTUDY_CACHE", Path.home() / ".cache" / "raystudy")).expanduser() / "analysis"
+        self.folder = root / hashlib.sha1(location.encode()).hexdigest()[:16]
+
+    def get(self, folder: str, fingerprint: dict) -> TrialRecord | None:
+        try:
+            kept = json.loads((self.folder / f"{folder}.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if kept.get("format") != CACHE_FORMAT or kept.get("fingerprint") != fingerprint:
+            return None
+        values = kept["trial"]
+        return TrialRecord(**{**values, "history": tuple(values["history"])})
+
+    def put(self, folder: str, fingerprint: dict, trial: TrialRecord) -> None:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tmp = self.folder / f"{folder}.json.tmp{os.getpid()}"
+            payload = {"format": CACHE_FORMAT, "fingerprint": fingerprint, "trial": dataclasses.asdict(trial)}
+            tmp.write_text(json.dumps(payload))
+            tmp.replace(self.folder / f"{folder}.json")
+        except OSError:
+            pass  # a cache that cannot be written costs a re-read next time, nothing more
+
+
+def _read_trial(location: str, experiment: str, folder: str, present: set[str]) -> TrialRecord:
     base = storage.join(location, folder)
-    if not storage.exists(storage.join(base, "params.json")):
-        return None  # not a trial folder
-    config = json.loads(storage.read_bytes(storage.join(base, "params.json")))
     rows = []
-    if storage.exists(storage.join(base, "result.json")):
+    if "result.json" in present:
         for line in storage.read_bytes(storage.join(base, "result.json")).decode().splitlines():
             if line.strip():
                 try:
@@ -75,8 +134,13 @@ def _read_trial(location: str, experiment: str, folder: str) -> TrialRecord | No
                 except ValueError:
                     continue  # a line cut by a crash mid-write
     finals = [r for r in rows if r.get("final") == 1]
+    # Ray writes the trial's config into every result row: params.json only for a trial without one
+    # (one request less per trial on an object store).
+    config = next((r["config"] for r in reversed(rows) if isinstance(r.get("config"), dict)), None)
+    if config is None:
+        config = json.loads(storage.read_bytes(storage.join(base, "params.json")))
     error = ""
-    if storage.exists(storage.join(base, "error.txt")):
+    if "error.txt" in present:
         lines = storage.read_bytes(storage.join(base, "error.txt")).decode(errors="replace").strip().splitlines()
         error = lines[-1] if lines else "unknown error"
     stopped = bool(rows) and rows[-1].get("done") is True  # a scheduler (ASHA) ended it before the hook

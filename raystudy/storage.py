@@ -6,7 +6,9 @@ any node. No Ray here.
 
 from __future__ import annotations
 
+import functools
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -39,10 +41,28 @@ def join(*parts: str) -> str:
     return "/".join([parts[0].rstrip("/")] + [p.strip("/") for p in parts[1:]])
 
 
+# What an object-store filesystem is made from: a changed endpoint, key or region makes a new one.
+_FILESYSTEM_SETTINGS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE")
+
+
+@functools.lru_cache(maxsize=32)
+def _bucket_filesystem(root: str, settings: tuple) -> pafs.FileSystem:
+    return pafs.FileSystem.from_uri(root)[0]
+
+
 def _resolve(location: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) of a location. An s3:// or gs:// bucket's filesystem is made once and
+    shared (making one resolves the bucket's region: a request each time); it is thread-safe."""
     configure_s3_endpoint()
     try:
-        return pafs.FileSystem.from_uri(location) if is_uri(location) else (pafs.LocalFileSystem(), normalize(location))
+        if not is_uri(location):
+            return pafs.LocalFileSystem(), normalize(location)
+        scheme, _, rest = location.partition("://")
+        if scheme in ("s3", "gs", "gcs"):
+            bucket = rest.split("/", 1)[0]
+            settings = tuple(os.environ.get(k) for k in _FILESYSTEM_SETTINGS)
+            return _bucket_filesystem(f"{scheme}://{bucket}", settings), rest.rstrip("/")
+        return pafs.FileSystem.from_uri(location)
     except (ValueError, OSError) as err:  # pyarrow's ArrowInvalid is a ValueError
         raise RaystudyError(f"cannot open storage {location!r}: {err}") from None
 
@@ -80,6 +100,31 @@ def list_files(location: str, suffix: str = "") -> list[str]:
         return []
     infos = fs.get_file_info(pafs.FileSelector(path))
     return sorted(i.base_name for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(suffix))
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str  # relative to the listed folder, '/'-separated
+    size: int
+    mtime_ns: int | None  # None where the filesystem does not say
+
+
+def list_tree(location: str) -> list[FileEntry]:
+    """Every file under a folder, at any depth, from one recursive listing (on an object store a
+    few paginated requests, not one per file); empty if the folder does not exist."""
+    fs, path = _resolve(location)
+    try:
+        if fs.get_file_info(path).type != pafs.FileType.Directory:
+            return []
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    except OSError as err:
+        raise RaystudyError(f"cannot list {location!r}: {err}") from None
+    prefix = path.rstrip("/") + "/"
+    return [
+        FileEntry(i.path[len(prefix) :] if i.path.startswith(prefix) else i.base_name, i.size, i.mtime_ns)
+        for i in infos
+        if i.type == pafs.FileType.File
+    ]
 
 
 def list_dirs(location: str) -> list[str]:

@@ -194,3 +194,55 @@ def test_experiments_written_before_records_are_migrated_on_read(tmp_path):
     for column in ("value", "name", "attack", "mode", "target", "statistic"):
         assert both[column].equals(both[f"{column}_old"]) or (both[column].isna() == both[f"{column}_old"].isna()).all()
     assert pd.Series(both.budget == both.budget_old).fillna(True).all()
+
+
+def counting_reads(monkeypatch) -> dict[str, int]:
+    """Counts of storage reads and listings, by what was read."""
+    from raystudy import storage
+
+    counts = {"read": 0, "list": 0}
+    read, listing = storage.read_bytes, storage.list_tree
+
+    def counted_read(location):
+        if location.endswith(("result.json", "params.json", "error.txt")):
+            counts["read"] += 1
+        return read(location)
+
+    def counted_list(location):
+        counts["list"] += 1
+        return listing(location)
+
+    monkeypatch.setattr(storage, "read_bytes", counted_read)
+    monkeypatch.setattr(storage, "list_tree", counted_list)
+    return counts
+
+
+def test_a_second_analysis_reads_only_trials_that_are_new_or_changed(tmp_path, monkeypatch):
+    folder = write_experiment(tmp_path, VALUES, fail=[("MU τ=5", 1)])
+    counts = counting_reads(monkeypatch)
+    cache = tmp_path / "cache"
+    first = load_experiment(str(folder), cache=cache)
+    assert counts == {"read": 8 * 2 + 1, "list": 1}  # params + result per trial, the failed one's error
+    counts.update(read=0, list=0)
+    second = load_experiment(str(folder), cache=cache)
+    assert second.trials == first.trials
+    assert counts == {"read": 2 + 1, "list": 1}  # only the failed trial (it may be resumed) is read again
+    # A finished trial whose result.json changed (restarted after finishing) is read again.
+    result = next(folder.glob("trial_000/result.json"))
+    result.write_text(result.read_text() + result.read_text().splitlines()[-1] + "\n")
+    counts.update(read=0)
+    load_experiment(str(folder), cache=cache)
+    assert counts["read"] == 2 + 3
+
+
+def test_trials_are_read_in_folder_order_whatever_finishes_first(tmp_path, monkeypatch):
+    import random
+    import time
+
+    from raystudy import storage
+
+    folder = write_experiment(tmp_path, VALUES)
+    read = storage.read_bytes
+    monkeypatch.setattr(storage, "read_bytes", lambda location: (time.sleep(random.random() / 50), read(location))[1])
+    trials = load_experiment(str(folder), cache=tmp_path / "cache").trials
+    assert [t.location.rsplit("/", 1)[-1] for t in trials] == sorted(t.location.rsplit("/", 1)[-1] for t in trials)
