@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
-from analysis.tables import wide
+from analysis.tables import _r2, wide
 from raystudy.mechanisms import get_mechanism
 from raystudy.record import AGGREGATE_TARGETS, MetricRow
 
@@ -282,10 +282,8 @@ def _correlation(what: str, x: pd.Series, y: pd.Series, side: str) -> Check:
 def _r2_text(data: pd.DataFrame) -> str:
     import statsmodels.api as sm
 
-    y, x = data.iloc[:, 0].to_numpy(float), data.iloc[:, 1:].to_numpy(float)
-    if len(y) <= 3:
-        return "too few trials"
-    return f"R² = {sm.OLS(y, sm.add_constant(x, has_constant='add')).fit().rsquared:.2f} (n = {len(y)})"
+    r2 = _r2(sm, data.iloc[:, 0], data.iloc[:, 1:])
+    return "too few trials" if math.isnan(r2) else f"R² = {r2:.2f} (n = {len(data)})"
 
 
 def _f7(d: _Data) -> list[Check]:

@@ -214,9 +214,13 @@ def _pearson(stats, x: pd.Series, y: pd.Series) -> float:
 
 
 def _r2(sm, y: pd.Series, x: pd.DataFrame) -> float:
+    import warnings
+
     if len(y) <= x.shape[1] + 1 or y.nunique() < 2:
         return float("nan")
-    return float(sm.OLS(y.to_numpy(float), sm.add_constant(x.to_numpy(float), has_constant="add")).fit().rsquared)
+    with warnings.catch_warnings():  # collinear predictors still have an R² (the fit's, not unique weights)
+        warnings.simplefilter("ignore")
+        return float(sm.OLS(y.to_numpy(float), sm.add_constant(x.to_numpy(float), has_constant="add")).fit().rsquared)
 
 
 def metric_gaps(experiments: Iterable[Experiment]) -> pd.DataFrame:
