@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import functools
 import os
+import random
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,38 +70,104 @@ def _resolve(location: str) -> tuple[pafs.FileSystem, str]:
         raise RaystudyError(f"cannot open storage {location!r}: {err}") from None
 
 
-def write_bytes(location: str, data: bytes) -> None:
+# An object store that stops answering (a restart, a network blip, throttling) is waited out, with
+# exponential backoff and jitter, for up to this many seconds before an operation fails.
+OUTAGE_SECONDS = float(os.environ.get("RAYSTUDY_STORAGE_OUTAGE_S", "300"))
+# What a store that is down (not one that refuses us) says through pyarrow's S3 and GCS clients.
+_TRANSIENT = (
+    "connection refused",
+    "couldn't connect",
+    "could not connect",
+    "connection reset",
+    "connection was reset",
+    "timed out",
+    "timeout",
+    "network_connection",
+    "curlcode: 7,",
+    "curlcode: 28",
+    "curlcode: 52",
+    "curlcode: 55",
+    "curlcode: 56",
+    "service unavailable",
+    "slowdown",
+    "internalerror",
+    "http response code: 500",
+    "http response code: 502",
+    "http response code: 503",
+    "http response code: 504",
+)
+
+
+def is_transient(error: OSError) -> bool:
+    text = str(error).lower()
+    return not isinstance(error, FileNotFoundError) and any(marker in text for marker in _TRANSIENT)
+
+
+def _retrying(what: str, location: str, operation, seconds: float | None = None):
+    """Run a storage operation; on an object store, connection failures are retried with exponential
+    backoff and jitter for up to OUTAGE_SECONDS (a local folder is never retried). Other errors, and
+    an outage that lasts longer, are one-line errors."""
+    seconds = OUTAGE_SECONDS if seconds is None else seconds
+    delay, deadline, warned = 0.5, time.monotonic() + seconds, False
+    while True:
+        try:
+            return operation()
+        except OSError as err:
+            if not is_uri(location) or not is_transient(err) or time.monotonic() + delay > deadline:
+                raise RaystudyError(f"cannot {what} {location!r}: {err}") from None
+            if not warned:
+                print(
+                    f"storage unreachable ({str(err)[:160]}); retrying for up to {OUTAGE_SECONDS:g} s", file=sys.stderr
+                )
+                warned = True
+            time.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(2 * delay, 30.0)
+
+
+def write_bytes(location: str, data: bytes, outage_seconds: float | None = None) -> None:
     fs, path = _resolve(location)
-    try:
+
+    def write() -> None:
         fs.create_dir(os.path.dirname(path), recursive=True)
         tmp = f"{path}.tmp{os.getpid()}"
         with fs.open_output_stream(tmp) as out:
             out.write(data)
         fs.move(tmp, path)
-    except OSError as err:
-        raise RaystudyError(f"cannot write {location!r}: {err}") from None
+
+    _retrying("write", location, write, outage_seconds)
 
 
 def read_bytes(location: str) -> bytes:
     fs, path = _resolve(location)
-    try:
+
+    def read() -> bytes:
         with fs.open_input_stream(path) as handle:
             return handle.read()
-    except (OSError, FileNotFoundError) as err:
-        raise RaystudyError(f"cannot read {location!r}: {err}") from None
+
+    return _retrying("read", location, read)
 
 
 def exists(location: str) -> bool:
     fs, path = _resolve(location)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    return _retrying("look up", location, lambda: fs.get_file_info(path).type != pafs.FileType.NotFound)
+
+
+def wait_until_reachable(location: str) -> None:
+    """Return once the storage answers (waiting out an outage as every operation here does): a
+    trial calls it before Ray uploads its checkpoint, which Ray does not retry."""
+    exists(location)
 
 
 def list_files(location: str, suffix: str = "") -> list[str]:
     """Names of the files directly in a folder (empty if it does not exist)."""
     fs, path = _resolve(location)
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        return []
-    infos = fs.get_file_info(pafs.FileSelector(path))
+
+    def listing() -> list[pafs.FileInfo]:
+        if fs.get_file_info(path).type != pafs.FileType.Directory:
+            return []
+        return fs.get_file_info(pafs.FileSelector(path))
+
+    infos = _retrying("list", location, listing)
     return sorted(i.base_name for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(suffix))
 
 
@@ -113,12 +182,13 @@ def list_tree(location: str) -> list[FileEntry]:
     """Every file under a folder, at any depth, from one recursive listing (on an object store a
     few paginated requests, not one per file); empty if the folder does not exist."""
     fs, path = _resolve(location)
-    try:
+
+    def listing() -> list[pafs.FileInfo]:
         if fs.get_file_info(path).type != pafs.FileType.Directory:
             return []
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    except OSError as err:
-        raise RaystudyError(f"cannot list {location!r}: {err}") from None
+        return fs.get_file_info(pafs.FileSelector(path, recursive=True))
+
+    infos = _retrying("list", location, listing)
     prefix = path.rstrip("/") + "/"
     return [
         FileEntry(i.path[len(prefix) :] if i.path.startswith(prefix) else i.base_name, i.size, i.mtime_ns)
@@ -130,15 +200,19 @@ def list_tree(location: str) -> list[FileEntry]:
 def list_dirs(location: str) -> list[str]:
     """Names of the folders directly in a folder (empty if it does not exist)."""
     fs, path = _resolve(location)
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        return []
-    infos = fs.get_file_info(pafs.FileSelector(path))
+
+    def listing() -> list[pafs.FileInfo]:
+        if fs.get_file_info(path).type != pafs.FileType.Directory:
+            return []
+        return fs.get_file_info(pafs.FileSelector(path))
+
+    infos = _retrying("list", location, listing)
     return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
 
 
 def check_writable(storage: str) -> None:
     """Fail early, with one line, on a storage path the study could not write into."""
     probe = join(normalize(storage), f".raystudy-write-check-{os.getpid()}")
-    write_bytes(probe, b"ok")
+    write_bytes(probe, b"ok", outage_seconds=15)  # at the start, an unreachable store is more likely a typo
     fs, path = _resolve(probe)
     fs.delete_file(path)

@@ -95,7 +95,7 @@ def _run_in(work: Path, study: StudySpec, plan: TrialPlan, dataset, storage_path
         if proxy is not None and int(record["epoch"]) % study.search.proxy_every == 0:
             budget = study.search.proxy_budget
             metrics["proxy/asr"] = quick_transfer_asr(model, targets, proxy, study.evaluation, budget)
-        _report(metrics, state_path)
+        _report(metrics, state_path, storage_path)
 
     result = train(plan.train, dataset=dataset, out_dir=work, on_epoch_end=on_epoch_end, log=print)
     rows = training_rows(result.history[-1] if result.history else {})
@@ -127,10 +127,13 @@ def _run_in(work: Path, study: StudySpec, plan: TrialPlan, dataset, storage_path
     tune.report(final)
 
 
-def _report(metrics: dict[str, Any], state_path: Path | None) -> None:
+def _report(metrics: dict[str, Any], state_path: Path | None, storage_path: str) -> None:
     if state_path is None:
         tune.report(metrics)
         return
+    # Ray uploads the checkpoint inside tune.report and fails the trial if the store is down: wait
+    # out an outage first (raystudy.storage retries with backoff), so it costs time, not a failure.
+    storage.wait_until_reachable(storage_path)
     with tempfile.TemporaryDirectory(prefix="raystudy-ckpt-") as folder:
         shutil.copy2(state_path, Path(folder) / STATE_FILE)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))

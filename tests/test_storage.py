@@ -1,0 +1,82 @@
+"""The storage layer waits out an object store's outage (backoff with jitter, bounded) and fails at
+once, in one line, on errors that waiting cannot mend."""
+
+from __future__ import annotations
+
+import pytest
+
+from raystudy import storage
+from raystudy.errors import RaystudyError
+
+REFUSED = OSError(
+    "When reading information for key 'p/x': AWS Error NETWORK_CONNECTION during HeadObject: "
+    "curlCode: 7, Couldn't connect to server"
+)
+DENIED = OSError("When reading information for key 'p/x': AWS Error ACCESS_DENIED during HeadObject operation")
+
+
+class FlakyStore:
+    """Fails the first `failures` operations with `error`, then answers."""
+
+    def __init__(self, failures: int, error: OSError) -> None:
+        self.failures, self.error, self.calls = failures, error, 0
+
+    def __call__(self):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.error
+        return "answer"
+
+
+@pytest.fixture
+def no_sleep(monkeypatch):
+    slept = []
+    monkeypatch.setattr(storage.time, "sleep", slept.append)
+    return slept
+
+
+def test_an_outage_is_waited_out_with_growing_jittered_delays(no_sleep):
+    store = FlakyStore(6, REFUSED)
+    assert storage._retrying("read", "s3://b/p/x", store) == "answer" and store.calls == 7
+    assert len(no_sleep) == 6 and all(0.25 <= d <= 45 for d in no_sleep)
+    assert no_sleep[-1] > no_sleep[0]  # exponential backoff (jitter keeps the order at these steps)
+
+
+def test_an_outage_longer_than_the_patience_is_one_line_error(no_sleep, monkeypatch):
+    clock = iter(range(0, 10_000, 7))
+    monkeypatch.setattr(storage.time, "monotonic", lambda: next(clock))
+    with pytest.raises(RaystudyError, match="cannot read 's3://b/p/x': .*Couldn't connect"):
+        storage._retrying("read", "s3://b/p/x", FlakyStore(10_000, REFUSED), seconds=60)
+
+
+@pytest.mark.parametrize(
+    "location, error",
+    [("s3://b/p/x", DENIED), ("/local/folder/x", REFUSED), ("s3://b/p/x", FileNotFoundError("no such key"))],
+)
+def test_errors_that_waiting_cannot_mend_fail_at_once(no_sleep, location, error):
+    store = FlakyStore(1, error)
+    with pytest.raises(RaystudyError, match="cannot write"):
+        storage._retrying("write", location, store)
+    assert store.calls == 1 and no_sleep == []
+
+
+def test_every_remote_operation_goes_through_the_retries(monkeypatch, no_sleep):
+    class Down:
+        def __getattr__(self, name):
+            def fail(*args, **kwargs):
+                raise REFUSED
+
+            return fail
+
+    monkeypatch.setattr(storage, "_resolve", lambda location: (Down(), "b/p"))
+    monkeypatch.setattr(storage, "OUTAGE_SECONDS", 0.0)
+    for operation in (
+        lambda: storage.read_bytes("s3://b/p"),
+        lambda: storage.write_bytes("s3://b/p", b"x"),
+        lambda: storage.exists("s3://b/p"),
+        lambda: storage.list_files("s3://b/p"),
+        lambda: storage.list_dirs("s3://b/p"),
+        lambda: storage.list_tree("s3://b/p"),
+    ):
+        with pytest.raises(RaystudyError, match="Couldn't connect"):
+            operation()
