@@ -146,7 +146,10 @@ def _read_trial(location: str, experiment: str, folder: str, present: set[str]) 
     stopped = bool(rows) and rows[-1].get("done") is True  # a scheduler (ASHA) ended it before the hook
     status = DONE if finals else FAILED if error else STOPPED if stopped else INCOMPLETE
     trial_id = (rows[-1].get("trial_id") if rows else None) or folder
-    history = tuple(r for r in rows if r.get("final") != 1)
+    # A restored trial may report an epoch again (Ray logs a result before it registers that epoch's
+    # checkpoint): the history keeps each epoch once, its last report.
+    epochs = {r.get("epoch", f"row{i}"): r for i, r in enumerate(rows) if r.get("final") != 1}
+    history = tuple(sorted(epochs.values(), key=lambda r: (r.get("epoch") is None, r.get("epoch") or 0)))
     final = finals[-1] if finals else {}
     return TrialRecord(experiment, str(trial_id), config, status, final, final.get("record", {}), history, error, base)
 

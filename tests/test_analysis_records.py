@@ -246,3 +246,14 @@ def test_trials_are_read_in_folder_order_whatever_finishes_first(tmp_path, monke
     monkeypatch.setattr(storage, "read_bytes", lambda location: (time.sleep(random.random() / 50), read(location))[1])
     trials = load_experiment(str(folder), cache=tmp_path / "cache").trials
     assert [t.location.rsplit("/", 1)[-1] for t in trials] == sorted(t.location.rsplit("/", 1)[-1] for t in trials)
+
+
+def test_an_epoch_redone_after_a_restore_counts_once_its_last_report(tmp_path):
+    folder = write_experiment(tmp_path, VALUES)
+    result = folder / "trial_000" / "result.json"
+    lines = [json.loads(line) for line in result.read_text().splitlines()]
+    epoch = lambda e, loss: {"epoch": e, "loss": loss, "test_acc": 0.5, "final": 0, "trial_id": "t0"}  # noqa: E731
+    redone = [epoch(1, 1.0), epoch(2, 0.9), epoch(3, 0.8), epoch(3, 0.7), epoch(4, 0.6), lines[-1]]
+    result.write_text("\n".join(json.dumps(line) for line in redone) + "\n")
+    trial = next(t for t in load_experiment(str(folder), cache=tmp_path / "c").trials if t.location.endswith("000"))
+    assert [(h["epoch"], h["loss"]) for h in trial.history] == [(1, 1.0), (2, 0.9), (3, 0.7), (4, 0.6)]

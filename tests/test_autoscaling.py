@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from analysis import load_experiment
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = yaml.safe_load((ROOT / "search_spaces" / "smoke.yaml").read_text())
 IDLE_TIMEOUT_MINUTES = 0.2
@@ -172,7 +174,15 @@ def test_trials_scale_workers_up_from_zero_survive_a_lost_worker_and_scale_down(
     for name, rows in trials.items():
         assert sum(r.get("final") == 1 for r in rows) == 1, name  # finished exactly once
         epochs = [r["epoch"] for r in rows if r.get("final") == 0]
-        assert sorted(epochs) == list(range(1, 7)), (name, epochs)  # every epoch once: none redone
+        assert sorted(set(epochs)) == list(range(1, 7)), (name, epochs)  # every epoch reported
+        # What Ray guarantees: a restored trial goes on from its last persisted checkpoint. Ray logs an
+        # epoch's result before it registers that epoch's checkpoint, so a worker lost in between
+        # costs that one epoch, redone after the restore; never more per restore.
+        restores = sum(1 for r in rows[1:] if r.get("iterations_since_restore") == 1)
+        assert len(epochs) - len(set(epochs)) <= restores, (name, epochs)
+    # The analysis counts a redone epoch once (its last report).
+    histories = {t.trial_id: [h["epoch"] for h in t.history] for t in load_experiment(str(experiment)).trials}
+    assert all(h == sorted(set(h)) for h in histories.values()), histories
     # The lost worker's trials went on from their checkpoints: restored, not restarted from epoch 1.
     restored = [
         rows for rows in trials.values() if any(r["iterations_since_restore"] < r["training_iteration"] for r in rows)
