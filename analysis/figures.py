@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis.tables import BASELINE, label_order, wide  # noqa: E402
-from raystudy import storage  # noqa: E402
+from raystudy.optuna_history import open_history  # noqa: E402
 from raystudy.record import MetricRow  # noqa: E402
 
 CURVE_ORDER = ("AT", "MU", "CM", "CO", "LS", "IR", "JR", "ER", "SAM")  # AT's inverted U first
@@ -78,29 +77,17 @@ def _curve_figure(rows: pd.DataFrame, mechanism: str, attack: str, budgets: list
     plt.close(fig)
 
 
-def _local_optuna_db(experiment_path: str, out: Path) -> str | None:
-    """The search's optuna.db as a local file: in place for a local experiment, else a copy from storage."""
-    location = storage.join(storage.normalize(experiment_path), storage.OPTUNA_DB)
-    if not storage.is_uri(location):
-        return location if os.path.isfile(location) else None
-    if not storage.exists(location):
-        return None
-    copy = out / "optuna_copy.db"
-    copy.write_bytes(storage.read_bytes(location))
-    return str(copy)
-
-
 def optuna_figures(experiment, tidy: pd.DataFrame, out: Path) -> list[tuple[str, Path]]:
-    """History and parameter importances from the Optuna study stored beside the experiment;
+    """History and parameter importances from the search's Optuna history (raystudy.optuna_history);
     without it (e.g. remote storage), the history from the trial results alone."""
     import optuna
 
     spec = experiment.spec
     figures = []
-    db = _local_optuna_db(experiment.path, out)
+    history = open_history(experiment.path, cache=out / "optuna_copy")
     study = None
-    if db is not None:
-        study = optuna.load_study(study_name=spec.name, storage=f"sqlite:///{db}")
+    if history is not None:
+        study = optuna.load_study(study_name=spec.name, storage=history[0])
     if study is not None and len(study.trials) >= 1:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         with warnings.catch_warnings():  # optuna marks its matplotlib plots experimental

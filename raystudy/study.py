@@ -7,7 +7,6 @@ path, the evaluation images and targeted classes) from which `resume` rebuilds e
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -15,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from raystudy import storage
+from raystudy import optuna_history, storage
 from raystudy.config import STUDY_RECORD, StudySpec, parse_space
 from raystudy.config.study import SearchParam
 from raystudy.errors import RaystudyError
@@ -122,9 +121,9 @@ def _trainable(spec: StudySpec, storage_path: str, local: bool):
 
 def _optuna_storage(experiment: str, url: str | None):
     """(Optuna storage, mirror) of a new search: an RDB `url` as given (clusters run a database);
-    else sqlite beside a local experiment; else, for a storage URI, sqlite in this machine's cache mirrored to
-    `<experiment>/optuna.db` (mirror = (local file, remote file)) so that the search's history
-    lives with the experiment and a new driver machine can resume it."""
+    else sqlite beside a local experiment; else, for a storage URI, an append-only journal on this
+    machine mirrored into `<experiment>/optuna-journal/` in segments (raystudy.optuna_history), so
+    that the search's history lives with the experiment and a new driver machine can resume it."""
     import optuna
 
     if url:
@@ -132,19 +131,31 @@ def _optuna_storage(experiment: str, url: str | None):
     if not storage.is_uri(experiment):
         os.makedirs(experiment, exist_ok=True)
         return optuna.storages.RDBStorage(f"sqlite:///{os.path.join(experiment, storage.OPTUNA_DB)}"), None
-    # A new experiment starts a new database: a copy left here by an earlier experiment of the same
-    # URI (since deleted) must not lend it its trials. A resumed search fetches the experiment's copy.
-    local = _local_optuna_db(experiment)
+    # A new experiment starts a new journal: one left here by an earlier experiment of the same URI
+    # (since deleted) must not lend it its trials. A resumed search fetches the experiment's copy.
+    local = str(optuna_history.local_copy_folder(experiment) / "journal.log")
     if os.path.exists(local):
         os.remove(local)
-    return optuna.storages.RDBStorage(f"sqlite:///{local}"), (local, storage.join(experiment, storage.OPTUNA_DB))
+    mirror = optuna_history.JournalMirror(local, storage.join(experiment, optuna_history.JOURNAL_DIR))
+    return optuna_history.journal_storage(local), mirror
 
 
 def _local_optuna_db(experiment: str) -> str:
-    """This machine's copy of a remote experiment's Optuna database (under $HOME's cache)."""
-    folder = os.path.expanduser(f"~/.cache/raystudy/optuna/{hashlib.sha1(experiment.encode()).hexdigest()[:16]}")
-    os.makedirs(folder, exist_ok=True)
-    return os.path.join(folder, storage.OPTUNA_DB)
+    """This machine's copy of a remote experiment's sqlite database (searches written before journals)."""
+    return str(optuna_history.local_copy_folder(experiment) / storage.OPTUNA_DB)
+
+
+def flush_search_history(experiment: str) -> None:
+    """Upload what this machine's journal of a remote search holds beyond the experiment's segments
+    (the searcher uploads at most every SYNC_INTERVAL_S; the end of a run is one more)."""
+    if not storage.is_uri(experiment):
+        return
+    local = optuna_history.local_copy_folder(experiment) / "journal.log"
+    if not local.is_file():
+        return
+    remote = storage.join(experiment, optuna_history.JOURNAL_DIR)
+    uploaded = max((int(e.path.split(".")[0]) + e.size for e in storage.list_tree(remote)), default=0)
+    optuna_history.JournalMirror(str(local), remote, uploaded=uploaded).sync(force=True)
 
 
 def _search_setup(
@@ -177,7 +188,8 @@ def _search_setup(
         sampler=optuna.samplers.TPESampler(seed=spec.search.seed),
     )
     searcher.raystudy_mirror = mirror
-    searcher.upload()
+    if mirror is not None:
+        mirror.sync(force=True)  # the study exists in the experiment before any trial
     scheduler = None
     if spec.search.proxy_every:
         # stop_last_trials=False: a trial that survives every rung must still reach its trial-end
@@ -225,7 +237,9 @@ def _final_metric_optuna():
     from ray.tune.search.optuna import OptunaSearch
 
     class FinalMetricOptunaSearch(OptunaSearch):
-        raystudy_mirror: tuple[str, str] | None = None  # (local sqlite file, its copy in the experiment)
+        # The journal's mirror in the experiment (a search written before journals: a tuple, its
+        # local sqlite file and that file's copy in the experiment).
+        raystudy_mirror: Any = None
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
             metrics = self.metric if isinstance(self.metric, list) else [self.metric]
@@ -241,7 +255,11 @@ def _final_metric_optuna():
             import optuna
 
             if trial_id in self._ot_trials:
-                return True
+                if self._ot_trials[trial_id].number < len(self._ot_study.get_trials(deepcopy=False)):
+                    return True
+                # Ray's snapshot knows a trial the fetched history does not (asked after its last
+                # upload before the driver was lost): treat it as unknown.
+                del self._ot_trials[trial_id]
             config = result.get("config") or {
                 k[len("config/") :]: v for k, v in result.items() if k.startswith("config/")
             }
@@ -273,6 +291,7 @@ def _final_metric_optuna():
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             if not self._known(trial_id, result or {}):
+                self._add_from_ray(result or {}, error)
                 return
             if self._told(trial_id):
                 self._ot_trials.pop(trial_id, None)
@@ -280,25 +299,56 @@ def _final_metric_optuna():
             super().on_trial_complete(trial_id, result, error)
             self.upload()
 
+        def _add_from_ray(self, result: dict, error: bool) -> None:
+            """A finished trial the history lacks (suggested or told after the last upload before
+            the driver was lost): added back from Ray's result, so the sampler knows it."""
+            import optuna
+
+            metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+            config = result.get("config") or {}
+            if error or not all(m in result for m in metrics) or not isinstance(self._space, dict):
+                return  # define-by-run spaces name no distributions to add a trial with
+            try:
+                params = {name: config[name] for name in self._space}
+                values = [result[m] for m in metrics]
+                frozen = optuna.trial.create_trial(params=params, distributions=self._space, values=values)
+            except (KeyError, ValueError) as err:
+                print(f"optuna: a finished trial could not be added back to the history ({err})")
+                return
+            self._ot_study.add_trial(frozen)
+            print(f"optuna: added back a finished trial the history had lost: {params}")
+            self.upload()
+
         def upload(self) -> None:
-            if self.raystudy_mirror and os.path.exists(self.raystudy_mirror[0]):
-                with open(self.raystudy_mirror[0], "rb") as f:
-                    storage.write_bytes(self.raystudy_mirror[1], f.read())
+            mirror = self.raystudy_mirror
+            if isinstance(mirror, optuna_history.JournalMirror):
+                mirror.sync()
+            elif mirror and os.path.exists(mirror[0]):  # a search written before journals
+                with open(mirror[0], "rb") as f:
+                    storage.write_bytes(mirror[1], f.read())
 
         def restore(self, checkpoint_path: str) -> None:
-            """Ray's saved searcher names the old driver's local database: fetch the experiment's
+            """Ray's saved searcher names the old driver's local history: fetch the experiment's
             copy to this machine and reopen the study there."""
             import optuna
 
             super().restore(checkpoint_path)
-            if self.raystudy_mirror is None:
+            mirror = self.raystudy_mirror
+            if mirror is None:
                 return
-            remote = self.raystudy_mirror[1]
-            local = _local_optuna_db(remote.rsplit("/", 1)[0])
-            with open(local, "wb") as f:
-                f.write(storage.read_bytes(remote))
-            self.raystudy_mirror = (local, remote)
-            self._storage = optuna.storages.RDBStorage(f"sqlite:///{local}")
+            if isinstance(mirror, optuna_history.JournalMirror):
+                experiment = mirror.remote.rsplit("/", 1)[0]
+                local = str(optuna_history.local_copy_folder(experiment) / "journal.log")
+                size = optuna_history.fetch_journal(mirror.remote, local)
+                self.raystudy_mirror = optuna_history.JournalMirror(local, mirror.remote, uploaded=size)
+                self._storage = optuna_history.journal_storage(local)
+            else:
+                remote = mirror[1]
+                local = _local_optuna_db(remote.rsplit("/", 1)[0])
+                with open(local, "wb") as f:
+                    f.write(storage.read_bytes(remote))
+                self.raystudy_mirror = (local, remote)
+                self._storage = optuna.storages.RDBStorage(f"sqlite:///{local}")
             self._ot_study = optuna.load_study(
                 study_name=self._study_name, storage=self._storage, sampler=self._ot_study.sampler
             )
@@ -440,6 +490,8 @@ def resume_study(experiment: str, address: str | None = None, num_cpus: int | No
 
 
 def _finish(spec: StudySpec, results, experiment: str):
+    if spec.kind == "search":
+        flush_search_history(experiment)
     errors = [r for r in results if r.error is not None]
     finished = [r for r in results if r.error is None and (r.metrics or {}).get(FINAL_KEY) == 1]
     stopped = [r for r in results if r.error is None and _stopped_early(r)]

@@ -17,6 +17,8 @@ import pytest
 import yaml
 from conftest import BUCKET, RAYSTUDY, bucket_files, finished_once, raystudy
 
+from raystudy.optuna_history import journal_storage
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = yaml.safe_load((ROOT / "search_spaces" / "smoke.yaml").read_text())
 
@@ -123,10 +125,13 @@ def test_search_survives_losing_its_driver(s3, targets, tmp_path):
     finals = finals_in_bucket(s3, "p/s3_search")
     assert len(finals) == 4 and all(finished_once(rows) for rows in finals.values())
     # The search's history came back from the bucket: the Optuna study holds the 4 trials, complete.
-    database = bucket_files(s3, "p/s3_search/optuna.db")["p/s3_search/optuna.db"]
-    local = tmp_path / "optuna.db"
-    local.write_bytes(database)
-    study = optuna.load_study(study_name="s3_search", storage=f"sqlite:///{local}")
+    segments = bucket_files(s3, "p/s3_search/optuna-journal/")
+    assert segments and not bucket_files(s3, "p/s3_search/optuna.db")  # an append-only journal, no database copies
+    journal = tmp_path / "journal.log"
+    journal.write_bytes(b"".join(body for _, body in sorted(segments.items())))
+    study = optuna.load_study(study_name="s3_search", storage=journal_storage(str(journal)))
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4
+    # Every byte was uploaded once: the segments add up to the journal (O(trials) bytes in all).
+    assert sum(len(body) for body in segments.values()) == journal.stat().st_size
     best = json.loads(bucket_files(s3, "p/s3_search/best_config.json")["p/s3_search/best_config.json"])
     assert best["value"] == pytest.approx(max(t.value for t in study.trials))

@@ -41,7 +41,7 @@ def test_a_local_experiment_is_opened_in_place(tmp_path):
 
 def test_an_experiment_without_a_history_is_one_clear_error(tmp_path):
     (tmp_path / "grid").mkdir()
-    with pytest.raises(RaystudyError, match="no Optuna history at .*--optuna-storage"):
+    with pytest.raises(RaystudyError, match="no Optuna history in .*--optuna-storage"):
         optuna_storage_url(str(tmp_path / "grid"), tmp_path / "cache")
 
 

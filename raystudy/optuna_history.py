@@ -1,0 +1,112 @@
+"""A search's Optuna history: where it lives and how its durable copy grows.
+
+A local experiment keeps an Optuna sqlite database beside it (`optuna.db`). An experiment on a
+storage URI keeps an append-only Optuna journal on the driver's disk and mirrors it into the
+experiment as segments: `optuna-journal/<offset>.log` holds the journal's bytes from <offset> on,
+written when the journal has grown, after every write or at most every `interval` seconds
+(RAYSTUDY_OPTUNA_SYNC_S, default 0: every write), and once more when the search ends. The bytes
+uploaded over a whole search are the journal's size, not its size times the number of writes (the
+whole-database copies they replace). A driver lost between two uploads loses at most `interval`
+seconds of history: a resumed search adds the finished trials it lacks back from Ray's results
+(raystudy.study). No Ray here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from raystudy import storage
+
+JOURNAL_DIR = "optuna-journal"
+# Seconds between uploads. 0: after every write (a suggestion, a result), so a lost driver loses
+# nothing; more: fewer, larger segments, and up to that much history to recover from Ray's results.
+SYNC_INTERVAL_S = float(os.environ.get("RAYSTUDY_OPTUNA_SYNC_S", "0"))
+_SEGMENT = "{:015d}.log"
+
+
+def journal_storage(path: str):
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.storages.JournalStorage(JournalFileBackend(path))
+
+
+class JournalMirror:
+    """Uploads what a local journal file gained since the last upload, as one new segment."""
+
+    def __init__(self, local: str, remote: str, interval: float = SYNC_INTERVAL_S, uploaded: int = 0) -> None:
+        self.local, self.remote, self.interval = local, remote, interval
+        self.uploaded = uploaded  # bytes of the local journal already in the experiment
+        self.last_sync = 0.0
+
+    def sync(self, force: bool = False) -> int:
+        """Upload the journal's new bytes if there are any and `interval` has passed (or `force`);
+        returns the bytes uploaded."""
+        size = os.path.getsize(self.local) if os.path.exists(self.local) else 0
+        if size <= self.uploaded or (not force and time.monotonic() - self.last_sync < self.interval):
+            return 0
+        with open(self.local, "rb") as f:
+            f.seek(self.uploaded)
+            chunk = f.read(size - self.uploaded)
+        storage.write_bytes(storage.join(self.remote, _SEGMENT.format(self.uploaded)), chunk)
+        self.uploaded += len(chunk)
+        self.last_sync = time.monotonic()
+        return len(chunk)
+
+
+def fetch_journal(remote: str, local: str) -> int:
+    """Rebuild a journal file from its segments (in offset order; a segment that overlaps what is
+    already there adds only its new part; a gap ends it, as the journal's lines must stay in order)."""
+    names = storage.list_files(remote, ".log")
+    with ThreadPoolExecutor(16) as pool:  # one request per segment: read them at once
+        segments = list(pool.map(lambda name: storage.read_bytes(storage.join(remote, name)), names))
+    data = bytearray()
+    for name, segment in zip(names, segments):
+        offset = int(name.split(".")[0])
+        if offset > len(data):
+            print(f"optuna history: segment {name} leaves a gap after byte {len(data)}; the rest is ignored")
+            break
+        data += segment[len(data) - offset :]
+    Path(local).parent.mkdir(parents=True, exist_ok=True)
+    Path(local).write_bytes(bytes(data))
+    return len(data)
+
+
+def local_copy_folder(experiment: str, cache: Path | None = None) -> Path:
+    """This machine's folder for a remote experiment's history."""
+    root = cache or Path(os.environ.get("RAYSTUDY_CACHE", Path.home() / ".cache" / "raystudy")).expanduser() / "optuna"
+    folder = root / hashlib.sha1(experiment.encode()).hexdigest()[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def has_history(experiment: str) -> bool:
+    location = storage.normalize(experiment)
+    return bool(storage.list_files(storage.join(location, JOURNAL_DIR), ".log")) or storage.exists(
+        storage.join(location, storage.OPTUNA_DB)
+    )
+
+
+def open_history(experiment: str, cache: Path | None = None) -> tuple[object, str] | None:
+    """(Optuna storage, what it is) of an experiment's search history, or None if it has none: a local
+    experiment's optuna.db in place (live); a remote one's journal segments, or its optuna.db,
+    copied to this machine now."""
+    location = storage.normalize(experiment)
+    database = storage.join(location, storage.OPTUNA_DB)
+    if not storage.is_uri(location):
+        return (f"sqlite:///{database}", f"{database} (live)") if os.path.isfile(database) else None
+    segments = storage.join(location, JOURNAL_DIR)
+    folder = local_copy_folder(location, cache)
+    if storage.list_files(segments, ".log"):
+        local = str(folder / "journal.log")
+        fetch_journal(segments, local)
+        return journal_storage(local), f"a copy of {segments} taken now (run again for a newer one)"
+    if storage.exists(database):
+        copy = folder / storage.OPTUNA_DB
+        copy.write_bytes(storage.read_bytes(database))
+        return f"sqlite:///{copy}", f"a copy of {database} taken now (run again for a newer one)"
+    return None

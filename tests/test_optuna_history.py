@@ -1,0 +1,78 @@
+"""A remote search's Optuna history: an append-only journal mirrored in segments, so its durable
+copy costs the journal's size in bytes, not that size times the number of writes."""
+
+from __future__ import annotations
+
+import pytest
+
+optuna = pytest.importorskip("optuna")
+
+from raystudy import optuna_history  # noqa: E402
+from raystudy.optuna_history import JournalMirror, fetch_journal, journal_storage, open_history  # noqa: E402
+
+
+def search(journal: str, trials: int, after_each=lambda: None) -> optuna.Study:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        study_name="s", storage=journal_storage(journal), sampler=optuna.samplers.TPESampler(seed=0)
+    )
+    for _ in range(trials):
+        trial = study.ask()
+        after_each()  # the searcher uploads after a suggestion...
+        study.tell(trial, trial.suggest_float("rho", 0.01, 0.5, log=True))
+        after_each()  # ...and after a completion
+    return study
+
+
+def test_every_write_mirrored_costs_the_journals_size_in_all(tmp_path):
+    local, remote = str(tmp_path / "journal.log"), str(tmp_path / "experiment" / "optuna-journal")
+    mirror = JournalMirror(local, remote, interval=0)
+    uploaded = []
+    study = search(local, 40, lambda: uploaded.append(mirror.sync()))
+    size = (tmp_path / "journal.log").stat().st_size
+    assert sum(uploaded) == size  # O(trials) bytes, where copying the whole file each time is O(trials^2)
+    copy = str(tmp_path / "copy.log")
+    assert fetch_journal(remote, copy) == size
+    again = optuna.load_study(study_name="s", storage=journal_storage(copy))
+    assert [t.params for t in again.trials] == [t.params for t in study.trials]
+    assert [t.value for t in again.trials] == [t.value for t in study.trials]
+
+
+def test_uploads_are_batched_by_time_and_forced_at_the_end(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    clock = iter(range(0, 10_000, 1))  # one second per look at the clock: about one per write
+    monkeypatch.setattr(optuna_history, "time", SimpleNamespace(monotonic=lambda: next(clock)))
+    local, remote = str(tmp_path / "journal.log"), str(tmp_path / "remote")
+    mirror = JournalMirror(local, remote, interval=10)
+    search(local, 20, mirror.sync)
+    segments = sorted(p.name for p in (tmp_path / "remote").iterdir())
+    assert 3 <= len(segments) <= 5  # 40 writes, one upload per 10 s
+    mirror.sync(force=True)
+    assert fetch_journal(remote, str(tmp_path / "copy.log")) == (tmp_path / "journal.log").stat().st_size
+
+
+def test_overlapping_segments_add_only_their_new_bytes_and_a_gap_ends_the_journal(tmp_path):
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    (remote / "000000000000000.log").write_bytes(b"abcdef")
+    (remote / "000000000000004.log").write_bytes(b"efgh")  # re-uploaded from offset 4 after a restore
+    (remote / "000000000000020.log").write_bytes(b"zz")  # a segment after a lost one
+    assert fetch_journal(str(remote), str(tmp_path / "j.log")) == 8
+    assert (tmp_path / "j.log").read_bytes() == b"abcdefgh"
+
+
+def test_open_history_reads_a_local_database_in_place_and_a_remote_journal_by_copy(tmp_path, monkeypatch):
+    assert open_history(str(tmp_path / "nothing")) is None
+    local_experiment = tmp_path / "local"
+    local_experiment.mkdir()
+    optuna.create_study(study_name="s", storage=f"sqlite:///{local_experiment / 'optuna.db'}")
+    url, what = open_history(str(local_experiment))
+    assert url == f"sqlite:///{local_experiment / 'optuna.db'}" and "live" in what
+    # A remote experiment: its journal segments, fetched to this machine's cache.
+    monkeypatch.setattr(optuna_history.storage, "is_uri", lambda location: "remote" in str(location))
+    remote = tmp_path / "remote_exp"
+    search(str(tmp_path / "j.log"), 5)
+    JournalMirror(str(tmp_path / "j.log"), str(remote / "optuna-journal")).sync(force=True)
+    history, what = open_history(str(remote), cache=tmp_path / "cache")
+    assert "copy" in what and len(optuna.load_study(study_name="s", storage=history).trials) == 5
