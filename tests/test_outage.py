@@ -1,0 +1,99 @@
+"""A 30-second outage of the object store in mid-study, through a loopback proxy in front of the
+local S3 server: refused connections during a grid study, a store that stops answering during an
+Optuna search. Every trial finishes exactly once, with no manual resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import BUCKET, RAYSTUDY, bucket_files, finished_once, raystudy
+from outage_proxy import OutageProxy
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = yaml.safe_load((ROOT / "search_spaces" / "smoke.yaml").read_text())
+OUTAGE_S = 30
+
+pytestmark = pytest.mark.slow
+
+
+def finals(s3: dict, experiment: str) -> dict[str, list[dict]]:
+    out = {}
+    for key, body in bucket_files(s3, experiment + "/", "/result.json").items():
+        rows = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+        out[key.split("/")[-2]] = [r for r in rows if r.get("final") == 1]
+    return out
+
+
+@pytest.fixture(scope="module")
+def proxied(s3, tmp_path_factory):
+    """The targets in the bucket, and a proxy in front of the S3 server that the studies go through."""
+    host, port = s3["RAYSTUDY_S3_ENDPOINT"].removeprefix("http://").split(":")
+    proxy = OutageProxy((host, int(port)))
+    env = {**s3, "RAYSTUDY_S3_ENDPOINT": proxy.endpoint, "RAYSTUDY_STORAGE_OUTAGE_S": "120"}
+    work = tmp_path_factory.mktemp("outage_targets")
+    targets = ROOT / "search_spaces" / "smoke_targets.yaml"
+    out = raystudy(env, "targets", targets, "--storage", f"s3://{BUCKET}/o", "--num-cpus", 2, cwd=work, home=work)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return proxy, env
+
+
+def run_through_outage(s3, proxy, env, space: dict, tmp_path: Path, verb: str, outage) -> subprocess.CompletedProcess:
+    """Start the study, cut the store once a trial has checkpointed, bring it back OUTAGE_S later."""
+    path = tmp_path / f"{space['name']}.yaml"
+    path.write_text(yaml.safe_dump(space))
+    driver = subprocess.Popen(
+        RAYSTUDY + [verb, str(path), "--storage", f"s3://{BUCKET}/o", "--num-cpus", "2"],
+        cwd=tmp_path,
+        env={**os.environ, **env, "HOME": str(tmp_path)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + 300
+    prefix = f"o/{space['name']}/"
+    while time.time() < deadline and not any("/checkpoint_" in k for k in bucket_files(s3, prefix)):
+        time.sleep(0.5)
+    assert sum(bool(rows) for rows in finals(s3, prefix.rstrip("/")).values()) < len(space.get("trials", [1] * 9))
+    outage()
+    time.sleep(OUTAGE_S)
+    proxy.recover()
+    output, _ = driver.communicate(timeout=900)
+    return subprocess.CompletedProcess(driver.args, driver.returncode, output, "")
+
+
+def test_a_grid_study_rides_out_refused_connections(s3, proxied, tmp_path):
+    proxy, env = proxied
+    space = dict(SMOKE, name="refused", trials=[{"mechanism": m} for m in ("ST", "SAM", "LS", "CO")])
+    space["train"] = {**SMOKE["train"], "epochs": 6}
+    out = run_through_outage(s3, proxy, env, space, tmp_path, "run", proxy.refuse)
+    assert out.returncode == 0, out.stdout[-4000:]
+    rows = finals(s3, "o/refused")
+    assert len(rows) == 4 and all(finished_once(r) for r in rows.values()), rows.keys()
+    assert "storage unreachable" in out.stdout  # the outage was met, and waited out
+
+
+def test_a_search_rides_out_a_store_that_stops_answering(s3, proxied, tmp_path):
+    proxy, env = proxied
+    space = dict(SMOKE, name="hung_search", kind="search", train={**SMOKE["train"], "epochs": 6})
+    space.pop("trials")
+    space["evaluation"] = {"n_eval": 32, "budgets": [8], "modes": ["untargeted"], "smoothness_samples": 8}
+    space["search"] = {
+        "mechanism": "SAM&JR",
+        "num_samples": 4,
+        "seed": 0,
+        "params": {
+            "rho": {"low": 0.01, "high": 0.5, "log": True},
+            "lambda_jr": {"low": 1e-6, "high": 1.0, "log": True},
+        },
+    }
+    out = run_through_outage(s3, proxy, env, space, tmp_path, "search", proxy.hang)
+    assert out.returncode == 0, out.stdout[-4000:]
+    rows = finals(s3, "o/hung_search")
+    assert len(rows) == 4 and all(finished_once(r) for r in rows.values()), rows.keys()
+    assert bucket_files(s3, "o/hung_search/optuna-journal/")  # the search's history reached the bucket
