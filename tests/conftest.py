@@ -13,6 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
+import yaml
 
 SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg"
 
@@ -139,3 +140,33 @@ def bucket_files(env: dict, prefix: str, suffix: str = "") -> dict[str, bytes]:
             except client.exceptions.NoSuchKey:
                 continue
     return out
+
+
+def finals_in_bucket(env: dict, experiment: str) -> dict[str, list[dict]]:
+    """Per trial folder of an experiment in the bucket, the results that carry the hook's metrics."""
+    import json
+
+    finals = {}
+    for key, body in bucket_files(env, experiment + "/", "/result.json").items():
+        rows = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+        finals[key.split("/")[-2]] = [r for r in rows if r.get("final") == 1]
+    return finals
+
+
+def smoke_search(name: str, epochs: int = 2, **search) -> dict:
+    """The smoke study as a small seeded SAM&JR Optuna search (4 samples unless `search` says otherwise)."""
+    smoke = yaml.safe_load((ROOT / "search_spaces" / "smoke.yaml").read_text())
+    space = dict(smoke, name=name, kind="search", train={**smoke["train"], "epochs": epochs})
+    space.pop("trials")
+    space["evaluation"] = {"n_eval": 32, "budgets": [8], "modes": ["untargeted"], "smoothness_samples": 8}
+    space["search"] = {
+        "mechanism": "SAM&JR",
+        "num_samples": 4,
+        "seed": 0,
+        "params": {
+            "rho": {"low": 0.01, "high": 0.5, "log": True},
+            "lambda_jr": {"low": 1e-6, "high": 1.0, "log": True},
+        },
+        **search,
+    }
+    return space

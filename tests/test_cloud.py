@@ -15,23 +15,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BUCKET, RAYSTUDY, bucket_files, finished_once, raystudy
+from conftest import BUCKET, RAYSTUDY, bucket_files, finals_in_bucket, finished_once, raystudy, smoke_search
 
 from raystudy.optuna_history import journal_storage
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOKE = yaml.safe_load((ROOT / "search_spaces" / "smoke.yaml").read_text())
 
 pytestmark = pytest.mark.slow
-
-
-def finals_in_bucket(env: dict, experiment: str) -> dict[str, list[dict]]:
-    """Per trial folder, the results that carry the hook's metrics (final == 1)."""
-    finals = {}
-    for key, body in bucket_files(env, experiment + "/", "/result.json").items():
-        rows = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
-        finals[key.split("/")[-2]] = [r for r in rows if r.get("final") == 1]
-    return finals
 
 
 @pytest.fixture(scope="module")
@@ -85,18 +75,7 @@ def test_grid_study_status_and_analysis_through_s3(s3, targets, tmp_path):
 def test_search_survives_losing_its_driver(s3, targets, tmp_path):
     import optuna
 
-    space = dict(SMOKE, name="s3_search", kind="search", train={**SMOKE["train"], "epochs": 4})
-    space.pop("trials")
-    space["evaluation"] = {"n_eval": 32, "budgets": [8], "modes": ["untargeted"], "smoothness_samples": 8}
-    space["search"] = {
-        "mechanism": "SAM&JR",
-        "num_samples": 4,
-        "seed": 0,
-        "params": {
-            "rho": {"low": 0.01, "high": 0.5, "log": True},
-            "lambda_jr": {"low": 1e-6, "high": 1.0, "log": True},
-        },
-    }
+    space = smoke_search("s3_search", epochs=4)
     path = tmp_path / "s3_search.yaml"
     path.write_text(yaml.safe_dump(space))
     first = tmp_path / "first"

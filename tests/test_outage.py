@@ -4,7 +4,6 @@ Optuna search. Every trial finishes exactly once, with no manual resume."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BUCKET, RAYSTUDY, bucket_files, finished_once, raystudy
+from conftest import BUCKET, RAYSTUDY, bucket_files, finals_in_bucket, finished_once, raystudy, smoke_search
 from outage_proxy import OutageProxy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,14 +19,6 @@ SMOKE = yaml.safe_load((ROOT / "search_spaces" / "smoke.yaml").read_text())
 OUTAGE_S = 30
 
 pytestmark = pytest.mark.slow
-
-
-def finals(s3: dict, experiment: str) -> dict[str, list[dict]]:
-    out = {}
-    for key, body in bucket_files(s3, experiment + "/", "/result.json").items():
-        rows = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
-        out[key.split("/")[-2]] = [r for r in rows if r.get("final") == 1]
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +50,9 @@ def run_through_outage(s3, proxy, env, space: dict, tmp_path: Path, verb: str, o
     prefix = f"o/{space['name']}/"
     while time.time() < deadline and not any("/checkpoint_" in k for k in bucket_files(s3, prefix)):
         time.sleep(0.5)
-    assert sum(bool(rows) for rows in finals(s3, prefix.rstrip("/")).values()) < len(space.get("trials", [1] * 9))
+    assert sum(bool(rows) for rows in finals_in_bucket(s3, prefix.rstrip("/")).values()) < len(
+        space.get("trials", [1] * 9)
+    )
     outage()
     time.sleep(OUTAGE_S)
     proxy.recover()
@@ -73,27 +66,16 @@ def test_a_grid_study_rides_out_refused_connections(s3, proxied, tmp_path):
     space["train"] = {**SMOKE["train"], "epochs": 6}
     out = run_through_outage(s3, proxy, env, space, tmp_path, "run", proxy.refuse)
     assert out.returncode == 0, out.stdout[-4000:]
-    rows = finals(s3, "o/refused")
+    rows = finals_in_bucket(s3, "o/refused")
     assert len(rows) == 4 and all(finished_once(r) for r in rows.values()), rows.keys()
     assert "storage unreachable" in out.stdout  # the outage was met, and waited out
 
 
 def test_a_search_rides_out_a_store_that_stops_answering(s3, proxied, tmp_path):
     proxy, env = proxied
-    space = dict(SMOKE, name="hung_search", kind="search", train={**SMOKE["train"], "epochs": 6})
-    space.pop("trials")
-    space["evaluation"] = {"n_eval": 32, "budgets": [8], "modes": ["untargeted"], "smoothness_samples": 8}
-    space["search"] = {
-        "mechanism": "SAM&JR",
-        "num_samples": 4,
-        "seed": 0,
-        "params": {
-            "rho": {"low": 0.01, "high": 0.5, "log": True},
-            "lambda_jr": {"low": 1e-6, "high": 1.0, "log": True},
-        },
-    }
+    space = smoke_search("hung_search", epochs=6)
     out = run_through_outage(s3, proxy, env, space, tmp_path, "search", proxy.hang)
     assert out.returncode == 0, out.stdout[-4000:]
-    rows = finals(s3, "o/hung_search")
+    rows = finals_in_bucket(s3, "o/hung_search")
     assert len(rows) == 4 and all(finished_once(r) for r in rows.values()), rows.keys()
     assert bucket_files(s3, "o/hung_search/optuna-journal/")  # the search's history reached the bucket

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import final_rows
+from conftest import final_rows, smoke_search
 
 from raystudy.config import parse_space
 from raystudy.errors import RaystudyError
@@ -19,7 +19,6 @@ from raystudy.record import MetricRow, objective_rows
 from raystudy.study import check_targets
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOKE = yaml.safe_load((ROOT / "search_spaces" / "smoke.yaml").read_text())
 
 
 def asr(target: str, value: float, budget: int = 8) -> MetricRow:
@@ -48,20 +47,7 @@ def run_search(space: dict, storage: Path, tmp_path: Path) -> tuple[str, list[di
 
 
 def search_space(**search) -> dict:
-    space = dict(SMOKE, name="held_out_smoke", kind="search", train={**SMOKE["train"], "epochs": 2})
-    space.pop("trials")
-    space["evaluation"] = {"n_eval": 32, "budgets": [8], "modes": ["untargeted"], "smoothness_samples": 8}
-    space["search"] = {
-        "mechanism": "SAM&JR",
-        "num_samples": 3,
-        "seed": 0,
-        "params": {
-            "rho": {"low": 0.01, "high": 0.5, "log": True},
-            "lambda_jr": {"low": 1e-6, "high": 1.0, "log": True},
-        },
-        **search,
-    }
-    return space
+    return smoke_search("held_out_smoke", **{"num_samples": 3, **search})
 
 
 @pytest.mark.parametrize(
