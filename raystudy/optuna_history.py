@@ -84,11 +84,15 @@ def local_copy_folder(experiment: str, cache: Path | None = None) -> Path:
     return folder
 
 
-def has_history(experiment: str) -> bool:
-    location = storage.normalize(experiment)
-    return bool(storage.list_files(storage.join(location, JOURNAL_DIR), ".log")) or storage.exists(
-        storage.join(location, storage.OPTUNA_DB)
-    )
+def local_journal(experiment: str, cache: Path | None = None) -> str:
+    """This machine's journal of a remote experiment's search."""
+    return str(local_copy_folder(experiment, cache) / "journal.log")
+
+
+def uploaded_bytes(remote: str) -> int:
+    """How much of the journal the experiment's segments hold."""
+    segments = [e for e in storage.list_tree(remote) if e.path.endswith(".log") and "/" not in e.path]
+    return max((int(e.path.split(".")[0]) + e.size for e in segments), default=0)
 
 
 def open_history(experiment: str, cache: Path | None = None) -> tuple[object, str] | None:
@@ -102,7 +106,7 @@ def open_history(experiment: str, cache: Path | None = None) -> tuple[object, st
     segments = storage.join(location, JOURNAL_DIR)
     folder = local_copy_folder(location, cache)
     if storage.list_files(segments, ".log"):
-        local = str(folder / "journal.log")
+        local = local_journal(location, cache)
         fetch_journal(segments, local)
         return journal_storage(local), f"a copy of {segments} taken now (run again for a newer one)"
     if storage.exists(database):

@@ -133,7 +133,7 @@ def _optuna_storage(experiment: str, url: str | None):
         return optuna.storages.RDBStorage(f"sqlite:///{os.path.join(experiment, storage.OPTUNA_DB)}"), None
     # A new experiment starts a new journal: one left here by an earlier experiment of the same URI
     # (since deleted) must not lend it its trials. A resumed search fetches the experiment's copy.
-    local = str(optuna_history.local_copy_folder(experiment) / "journal.log")
+    local = optuna_history.local_journal(experiment)
     if os.path.exists(local):
         os.remove(local)
     mirror = optuna_history.JournalMirror(local, storage.join(experiment, optuna_history.JOURNAL_DIR))
@@ -150,12 +150,11 @@ def flush_search_history(experiment: str) -> None:
     (the searcher uploads at most every SYNC_INTERVAL_S; the end of a run is one more)."""
     if not storage.is_uri(experiment):
         return
-    local = optuna_history.local_copy_folder(experiment) / "journal.log"
-    if not local.is_file():
+    local = optuna_history.local_journal(experiment)
+    if not os.path.isfile(local):
         return
     remote = storage.join(experiment, optuna_history.JOURNAL_DIR)
-    uploaded = max((int(e.path.split(".")[0]) + e.size for e in storage.list_tree(remote)), default=0)
-    optuna_history.JournalMirror(str(local), remote, uploaded=uploaded).sync(force=True)
+    optuna_history.JournalMirror(local, remote, uploaded=optuna_history.uploaded_bytes(remote)).sync(force=True)
 
 
 def _search_setup(
@@ -338,7 +337,7 @@ def _final_metric_optuna():
                 return
             if isinstance(mirror, optuna_history.JournalMirror):
                 experiment = mirror.remote.rsplit("/", 1)[0]
-                local = str(optuna_history.local_copy_folder(experiment) / "journal.log")
+                local = optuna_history.local_journal(experiment)
                 size = optuna_history.fetch_journal(mirror.remote, local)
                 self.raystudy_mirror = optuna_history.JournalMirror(local, mirror.remote, uploaded=size)
                 self._storage = optuna_history.journal_storage(local)

@@ -76,3 +76,12 @@ def test_open_history_reads_a_local_database_in_place_and_a_remote_journal_by_co
     JournalMirror(str(tmp_path / "j.log"), str(remote / "optuna-journal")).sync(force=True)
     history, what = open_history(str(remote), cache=tmp_path / "cache")
     assert "copy" in what and len(optuna.load_study(study_name="s", storage=history).trials) == 5
+
+
+def test_what_the_segments_hold_ignores_unfinished_uploads(tmp_path):
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    (remote / "000000000000000.log").write_bytes(b"abc")
+    (remote / "000000000000003.log").write_bytes(b"defg")
+    (remote / "000000000000007.log.tmp123").write_bytes(b"half")  # a write cut by a lost driver
+    assert optuna_history.uploaded_bytes(str(remote)) == 7
