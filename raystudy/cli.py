@@ -123,6 +123,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         smoothness_samples=args.smoothness_samples,
         batch_size=args.batch_size,
     )
+    config.check_installed()
     surrogate, meta = _load_checkpoint(Path(args.surrogate), device)
     target_files = _target_files(args.targets)
     loaded = {name: _load_checkpoint(path, device) for name, path in target_files.items()}
@@ -231,6 +232,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     for path in args.spaces:
         spec = load_space(path)
+        spec.evaluation.check_installed()
         n = spec.search.num_samples if spec.search else len(spec.plans)
         print(
             f"{path}: ok ({spec.kind} study {spec.name!r}, {n} trials, preset {spec.preset}, "

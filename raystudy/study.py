@@ -424,6 +424,7 @@ def run_study(
 
     from raystudy.tracking import tracking_callbacks
 
+    spec.evaluation.check_installed()
     storage.check_writable(storage_path)
     callbacks = tracking_callbacks(trackers, spec.name)  # a missing tracker package fails before anything runs
     experiment = experiment_path(spec, storage_path)

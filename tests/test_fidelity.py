@@ -804,7 +804,6 @@ def test_the_hook_hands_autoattack_its_budget_classes_seed_and_steps(monkeypatch
         return x
 
     monkeypatch.setattr(hook_module, "autoattack", fake)
-    monkeypatch.setattr("raystudy.config.evaluation.require_extra", lambda *args: None)  # fake stands in
     eval_set, config = hook_setting()
     config = dataclasses.replace(config, attacks=("autoattack",), autoattack_steps=7)
     metrics = evaluate_surrogate(tiny(4, 8, seed=1), {"t": tiny(4, 8, seed=2)}, eval_set, config)

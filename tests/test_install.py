@@ -68,9 +68,10 @@ def test_no_stale_pin_or_cap_in_the_default_or_test_install():
 def test_autoattack_without_its_extra_names_the_extra(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchattacks" else real(name))
+    config = EvalConfig(attacks=("pgd", "autoattack"))  # an experiment that used it can still be read
     with pytest.raises(RaystudyError, match=r"pip install 'raystudy\[autoattack\]'"):
-        EvalConfig(attacks=("pgd", "autoattack"))
-    EvalConfig(attacks=("pgd", "dim"))  # the paper's attacks need no extra
+        config.check_installed()
+    EvalConfig(attacks=("pgd", "dim")).check_installed()  # the paper's attacks need no extra
 
 
 def test_no_shipped_study_needs_an_optional_extra():
@@ -99,3 +100,12 @@ def test_validate_refuses_autoattack_without_its_extra_in_one_line(tmp_path):
     assert out.returncode != 0
     assert "pip install 'raystudy[autoattack]'" in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_an_experiment_that_used_autoattack_is_analysed_without_its_extra(monkeypatch):
+    from raystudy.config import parse_space
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchattacks" else real(name))
+    space = {"name": "aa", "kind": "grid", "trials": [{"mechanism": "ST"}], "evaluation": {"attacks": ["autoattack"]}}
+    assert parse_space(space, "aa.yaml").evaluation.attacks == ("autoattack",)  # reading needs no torchattacks

@@ -32,12 +32,16 @@ class EvalConfig:
     batch_size: int = 250
     autoattack_steps: int = 100  # the reference setting; fewer only for quick checks
 
+    def check_installed(self) -> None:
+        """Refuse, before anything runs, an attack whose optional package is missing (reading an
+        experiment that used it needs no package: this is not part of validation)."""
+        if "autoattack" in self.attacks:
+            require_extra("torchattacks", "autoattack", "the attack autoattack")
+
     def __post_init__(self) -> None:
         bad = [a for a in self.attacks if a not in ATTACKS]
         if bad or not self.attacks:
             raise RaystudyError(f"unknown attack(s) {', '.join(bad) or '(none)'}; known: {', '.join(ATTACKS)}")
-        if "autoattack" in self.attacks:
-            require_extra("torchattacks", "autoattack", "the attack autoattack")
         if not self.modes or any(m not in MODES for m in self.modes):
             raise RaystudyError(f"modes {self.modes!r}: each must be one of {', '.join(MODES)}")
         whole = all(isinstance(b, int) and not isinstance(b, bool) for b in self.budgets)
