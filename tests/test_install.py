@@ -107,5 +107,5 @@ def test_an_experiment_that_used_autoattack_is_analysed_without_its_extra(monkey
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchattacks" else real(name))
-    space = {"name": "aa", "kind": "grid", "trials": [{"mechanism": "ST"}], "evaluation": {"attacks": ["autoattack"]}}
+    space = {"name": "aa", "targets": "t", "trials": [{"mechanism": "ST"}], "evaluation": {"attacks": ["autoattack"]}}
     assert parse_space(space, "aa.yaml").evaluation.attacks == ("autoattack",)  # reading needs no torchattacks
