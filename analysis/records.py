@@ -11,6 +11,7 @@ folder names. Experiments written before records are migrated on read (`_migrate
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -157,8 +158,19 @@ def _read_trial(location: str, experiment: str, folder: str, present: set[str]) 
 def plan_of(spec: StudySpec, trial: TrialRecord) -> TrialPlan:
     """The trial's plan: from its record when it finished, else from the config Ray recorded."""
     if trial.record:
-        return TrialPlan.from_dict(trial.record["plan"])
+        return _plan_from_json(json.dumps(trial.record["plan"], sort_keys=True))
     return spec.plan_from_ray(trial.config)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _plan_from_json(text: str) -> TrialPlan:
+    """Plans are read for every table (thousands of trials, each validated on the way in): once each."""
+    return TrialPlan.from_dict(json.loads(text))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _plan_key(plan: TrialPlan) -> str:
+    return plan.key()
 
 
 def _migrate(spec: StudySpec, trial: TrialRecord) -> TrialRecord:
@@ -175,9 +187,9 @@ def _missing(spec: StudySpec, trials: list[TrialRecord]) -> list[TrialRecord]:
     """Grid points the study defines but no trial folder holds (a study stopped before starting them)."""
     if spec.kind == "search":
         return []
-    seen = {plan_of(spec, t).key() for t in trials}
+    seen = {_plan_key(plan_of(spec, t)) for t in trials}
     return [
         TrialRecord(spec.name, f"missing-{i}", {"plan": plan.to_dict()}, MISSING)
         for i, plan in enumerate(spec.plans)
-        if plan.key() not in seen
+        if _plan_key(plan) not in seen
     ]

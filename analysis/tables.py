@@ -228,9 +228,11 @@ def metric_gaps(experiments: Iterable[Experiment]) -> pd.DataFrame:
     metric that other finished trials of the same experiment have."""
     rows = []
     for experiment in experiments:
-        done = [t for t in experiment.trials if t.status == DONE]
-        expected = set().union(*(_shared_metrics(t) for t in done)) if done else set()
-        for trial in experiment.trials:
+        shared = {i: _shared_metrics(t) for i, t in enumerate(experiment.trials) if t.status == DONE}
+        expected = set().union(*shared.values())
+        for i, trial in enumerate(experiment.trials):
+            if trial.status == DONE and not expected - shared[i]:
+                continue  # finished with every metric: nothing to list
             setting = trial_setting(experiment, trial)
             if trial.status != DONE:
                 detail = trial.error or _no_final(trial.status)
@@ -244,7 +246,7 @@ def metric_gaps(experiments: Iterable[Experiment]) -> pd.DataFrame:
                     }
                 )
                 continue
-            absent = sorted(expected - _shared_metrics(trial))
+            absent = sorted(expected - shared[i])
             if absent:
                 detail = ", ".join(absent[:12]) + (" ..." if len(absent) > 12 else "")
                 rows.append(
