@@ -16,7 +16,7 @@ import pandas as pd
 from analysis.figures import magnitude_curves, optuna_figures
 from analysis.findings import findings, findings_table
 from analysis.records import Experiment, load_experiment
-from analysis.tables import correlation_table, headline_table, metric_gaps, tidy_trials
+from analysis.tables import accuracy_table, correlation_table, headline_table, metric_gaps, tidy_trials
 from raystudy import storage
 from raystudy.errors import RaystudyError
 
@@ -154,6 +154,7 @@ def analyze(
     report = Report()
     _overview(report, experiments, tidy)
     _headline(report, tidy, out)
+    _accuracies(report, tidy, out)
     _curves(report, tidy, out)
     _correlations(report, tidy, out)
     _findings(report, tidy, out)
@@ -207,6 +208,20 @@ def _headline(report: Report, tidy: pd.DataFrame, out: Path) -> None:
             f"than {0.2} points. Also as headline_{mode}.csv / .md / .tex."
         )
         report.table(table)  # marks styled by each renderer
+
+
+def _accuracies(report: Report, tidy: pd.DataFrame, out: Path) -> None:
+    table = accuracy_table(tidy)
+    if table.empty:
+        return
+    table.to_csv(out / "accuracy.csv", index=False)
+    report.heading("Accuracy (%)")
+    report.paragraph(
+        "Mean ± standard deviation over seeds: on the training data in the last epoch (with its augmentation "
+        "and mechanism), on the test set after it, and on the evaluation images the hook attacks. Also as "
+        "accuracy.csv."
+    )
+    report.table(table)
 
 
 def _curves(report: Report, tidy: pd.DataFrame, out: Path) -> None:

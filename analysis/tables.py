@@ -173,6 +173,33 @@ def marks_for(means: pd.DataFrame) -> pd.DataFrame:
     return marks
 
 
+ACCURACIES = {
+    "train_acc": "train (last epoch, augmented)",
+    "test_acc": "test (last epoch)",
+    "acc": "evaluation images (hook)",
+}
+
+
+def accuracy_table(tidy: pd.DataFrame) -> pd.DataFrame:
+    """Per setting (a target: its model), mean ± std over seeds of the accuracies in %: how well the
+    surrogates and targets fit their training data and generalize (one seed: its value alone)."""
+    rows = tidy[tidy.name.isin(ACCURACIES) & tidy.target.isna()].copy()
+    if rows.empty:
+        return pd.DataFrame()
+    rows["setting"] = rows.label.where(rows.kind != "targets", rows.model)
+    stats = rows.groupby(["experiment", "setting", "name"])["value"].agg(["mean", "std", "count"])
+
+    def cell(row) -> str:
+        return f"{100 * row['mean']:.1f}" + (f" ± {100 * row['std']:.1f}" if row["count"] > 1 else "")
+
+    table = stats.apply(cell, axis=1).unstack("name").reindex(columns=[c for c in ACCURACIES if c in set(rows.name)])
+    table.columns = [ACCURACIES[c] for c in table.columns]
+    seeds = rows.groupby(["experiment", "setting"])["seed"].nunique().rename("seeds")
+    table = table.join(seeds).reset_index().fillna("")
+    order = {label: i for i, label in enumerate(label_order(table.setting))}
+    return table.sort_values(["experiment", "setting"], key=lambda c: c.map(order) if c.name == "setting" else c)
+
+
 def correlation_table(tidy: pd.DataFrame, attack: str = "pgd", mode: str = "untargeted") -> pd.DataFrame:
     """Per target and budget: Pearson r of ASR with acc, FP, smoothness, similarity; OLS R^2 on
     (smoothness, similarity) and on all four. One row per (target, budget); n = trials used."""

@@ -257,3 +257,16 @@ def test_an_epoch_redone_after_a_restore_counts_once_its_last_report(tmp_path):
     result.write_text("\n".join(json.dumps(line) for line in redone) + "\n")
     trial = next(t for t in load_experiment(str(folder), cache=tmp_path / "c").trials if t.location.endswith("000"))
     assert [(h["epoch"], h["loss"]) for h in trial.history] == [(1, 1.0), (2, 0.9), (3, 0.7), (4, 0.6)]
+
+
+def test_accuracy_table_gives_each_setting_its_mean_and_spread_over_seeds(tmp_path):
+    from analysis.tables import accuracy_table
+
+    tidy = tidy_trials([load_experiment(str(write_experiment(tmp_path, VALUES)), cache=tmp_path / "c")])
+    table = accuracy_table(tidy).set_index("setting")
+    # hook_rows: acc = 0.8 + 0.01 * (round(100 * asr) % 7); ST's seeds have asr 0.40 and 0.50.
+    st = [0.8 + 0.01 * (40 % 7), 0.8 + 0.01 * (50 % 7)]
+    expected = f"{100 * np.mean(st):.1f} ± {100 * np.std(st, ddof=1):.1f}"
+    assert table.loc["ST", "evaluation images (hook)"] == expected
+    assert table.loc["ST", "test (last epoch)"] == "88.0 ± 0.0" and table.loc["ST", "seeds"] == 2
+    assert list(table.index) == ["ST", "MU τ=1", "MU τ=5", "SAM"]  # METHOD.md's order
