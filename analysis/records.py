@@ -82,17 +82,21 @@ def _read_trials(location: str, experiment: str, cache: Path | None) -> list[Tri
     folders = sorted(f for f, names in files.items() if "params.json" in names)
     kept = _TrialCache(location, cache)
 
+    def fingerprint(folder: str) -> dict:
+        return {name: [e.size, e.mtime_ns] for name, e in sorted(files[folder].items())}
+
     def read(folder: str) -> TrialRecord:
-        fingerprint = {name: [e.size, e.mtime_ns] for name, e in sorted(files[folder].items())}
-        trial = kept.get(folder, fingerprint)
-        if trial is None:
-            trial = _read_trial(location, experiment, folder, set(files[folder]))
-            if trial.status == DONE:  # a finished trial never changes; others may go on
-                kept.put(folder, fingerprint, trial)
+        trial = _read_trial(location, experiment, folder, set(files[folder]))
+        if trial.status == DONE:  # a finished trial never changes; others may go on
+            kept.put(folder, fingerprint(folder), trial)
         return trial
 
+    # Cached trials are read here (local files); only the others go to the pool of storage readers.
+    trials: dict[str, TrialRecord | None] = {f: kept.get(f, fingerprint(f)) for f in folders}
+    missing = [f for f, trial in trials.items() if trial is None]
     with ThreadPoolExecutor(READERS) as pool:
-        return list(pool.map(read, folders))
+        trials.update(zip(missing, pool.map(read, missing)))
+    return [trials[f] for f in folders]
 
 
 class _TrialCache:

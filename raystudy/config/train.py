@@ -164,7 +164,12 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested data (magnitudes as a mapping); `from_dict` reads it back."""
-        return {**dataclasses.asdict(self), "magnitudes": dict(self.magnitudes)}
+        # Every field is a plain value (magnitudes: pairs): a shallow copy, much cheaper than asdict
+        # for the thousands of plans an analysis keys.
+        return {
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+            "magnitudes": dict(self.magnitudes),
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
