@@ -47,7 +47,7 @@ def test_a_label_smoothing_step_descends_the_smoothed_target_loss(p):
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # the update is minus the gradient
     before = [q.detach().clone() for q in model.parameters()]
     parts = training_step(model, recipe, optimizer, x, y, classes)
-    assert float(parts["loss"]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(parts["loss"]) == pytest.approx(expected.item(), rel=1e-5)
     for start, after, ref in zip(before, model.parameters(), reference.parameters()):
         torch.testing.assert_close(start - after.detach(), ref.grad, rtol=1e-4, atol=1e-6)
 
