@@ -157,6 +157,29 @@ def flush_search_history(experiment: str) -> None:
     optuna_history.JournalMirror(local, remote, uploaded=optuna_history.uploaded_bytes(remote)).sync(force=True)
 
 
+def _close_search_history(spec: StudySpec, experiment: str) -> None:
+    """Once a search has run, an Optuna trial still RUNNING was asked by a driver lost before Ray
+    recorded the trial: nothing will ever report it, so it is marked failed (a history with a
+    dangling trial misleads the sampler and the dashboard). Searches on an RDB URL are left alone."""
+    import optuna
+
+    if storage.is_uri(experiment):
+        local = optuna_history.local_journal(experiment)
+        history = optuna_history.journal_storage(local) if os.path.isfile(local) else None
+    else:
+        database = os.path.join(experiment, storage.OPTUNA_DB)
+        history = f"sqlite:///{database}" if os.path.isfile(database) else None
+    if history is None:
+        return
+    try:
+        study = optuna.load_study(study_name=spec.name, storage=history)
+    except KeyError:  # the history is elsewhere (--optuna-storage)
+        return
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        print(f"optuna: trial {trial.number} was asked by a lost driver and never ran: marked failed")
+
+
 def _search_setup(
     spec: StudySpec, experiment: str, optuna_storage: str | None = None
 ) -> tuple[dict[str, Any], Any, Any]:
@@ -491,6 +514,7 @@ def resume_study(experiment: str, address: str | None = None, num_cpus: int | No
 
 def _finish(spec: StudySpec, results, experiment: str):
     if spec.kind == "search":
+        _close_search_history(spec, experiment)
         flush_search_history(experiment)
     errors = [r for r in results if r.error is not None]
     finished = [r for r in results if r.error is None and (r.metrics or {}).get(FINAL_KEY) == 1]

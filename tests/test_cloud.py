@@ -109,8 +109,11 @@ def test_search_survives_losing_its_driver(s3, targets, tmp_path):
     journal = tmp_path / "journal.log"
     journal.write_bytes(b"".join(body for _, body in sorted(segments.items())))
     study = optuna.load_study(study_name="s3_search", storage=journal_storage(str(journal)))
-    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4
+    states = [t.state for t in study.trials]
+    # Every Ray trial's outcome is in the history; one the lost driver asked Optuna for but Ray never
+    # recorded is marked failed at the end, so no trial is left running.
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 4 and optuna.trial.TrialState.RUNNING not in states
     # Every byte was uploaded once: the segments add up to the journal (O(trials) bytes in all).
     assert sum(len(body) for body in segments.values()) == journal.stat().st_size
     best = json.loads(bucket_files(s3, "p/s3_search/best_config.json")["p/s3_search/best_config.json"])
-    assert best["value"] == pytest.approx(max(t.value for t in study.trials))
+    assert best["value"] == pytest.approx(max(t.value for t in study.trials if t.value is not None))

@@ -85,3 +85,21 @@ def test_what_the_segments_hold_ignores_unfinished_uploads(tmp_path):
     (remote / "000000000000003.log").write_bytes(b"defg")
     (remote / "000000000000007.log.tmp123").write_bytes(b"half")  # a write cut by a lost driver
     assert optuna_history.uploaded_bytes(str(remote)) == 7
+
+
+def test_a_trial_a_lost_driver_asked_for_is_failed_when_the_search_ends(tmp_path):
+    from raystudy.config import parse_space
+    from raystudy.study import _close_search_history
+
+    experiment = tmp_path / "orphan"
+    experiment.mkdir()
+    study = optuna.create_study(study_name="orphan", storage=f"sqlite:///{experiment / 'optuna.db'}")
+    study.tell(study.ask(), 1.0)
+    study.ask()  # asked, then the driver was lost before Ray recorded the trial
+    space = {"name": "orphan", "kind": "search", "targets": "t", "search": {"mechanism": "SAM", "num_samples": 2}}
+    space["search"]["params"] = {"rho": {"low": 0.01, "high": 0.5}}
+    _close_search_history(parse_space(space, "orphan.yaml"), str(experiment))
+    states = [
+        t.state for t in optuna.load_study(study_name="orphan", storage=f"sqlite:///{experiment / 'optuna.db'}").trials
+    ]
+    assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]
