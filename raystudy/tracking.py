@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from raystudy.errors import RaystudyError
+from raystudy.errors import RaystudyError, require_extra
 
 TRACKERS = ("tensorboard", "mlflow", "wandb")
 _NOT_METRICS = ("config", "record")
@@ -57,10 +57,7 @@ def tracking_callbacks(trackers: tuple[str, ...], study_name: str) -> list:
 
 
 def _require(name: str) -> None:
-    import importlib.util
-
-    if importlib.util.find_spec(_PACKAGES[name]) is None:
-        raise RaystudyError(f"--log-to {name} needs the {_PACKAGES[name]} package: pip install {_PACKAGES[name]}")
+    require_extra(_PACKAGES[name], "tracking", f"--log-to {name}")
 
 
 def _callback(name: str, study_name: str):
