@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from raystudy import optuna_history, storage
+from raystudy.checkpoint import STATE_FILE
 from raystudy.config import STUDY_RECORD, StudySpec, parse_space
 from raystudy.config.study import SearchParam
 from raystudy.errors import RaystudyError
@@ -113,10 +114,49 @@ def trial_dirname(trial) -> str:
 
 def _trainable(spec: StudySpec, storage_path: str, local: bool):
     from ray import tune
+    from ray.tune.trainable import wrap_function
 
-    return tune.with_resources(
-        tune.with_parameters(run_trial, study=spec, storage_path=storage_path), _resources(spec, local)
-    )
+    trainable = wrap_function(tune.with_parameters(run_trial, study=spec, storage_path=storage_path))
+    return tune.with_resources(_restoring_from_newest_checkpoint(trainable), _resources(spec, local))
+
+
+def _restoring_from_newest_checkpoint(trainable: type) -> type:
+    """The trainable, restoring from the newest checkpoint its trial folder holds when the one Ray
+    names is gone. Ray deletes a trial's old checkpoints (num_to_keep) as soon as newer ones are
+    reported, but a killed driver's experiment snapshot can still name one of them: Ray's own
+    restore then fails the trial on every retry ("does not exist on storage anymore")."""
+    import pyarrow.fs
+
+    class NewestCheckpointTrainable(trainable):
+        def restore(self, checkpoint_path):
+            checkpoint = getattr(checkpoint_path, "checkpoint", None)
+            if checkpoint is None or _exists(checkpoint.filesystem, checkpoint.path):
+                return super().restore(checkpoint_path)
+            newest = _newest_checkpoint(checkpoint.filesystem, os.path.dirname(checkpoint.path))
+            if newest is None:
+                print(f"checkpoint {checkpoint.path} is gone and no other was kept: training from the start")
+                return None
+            print(f"checkpoint {checkpoint.path} is gone: restoring from the newest kept, {newest}")
+            replacement = type(checkpoint)(newest, filesystem=checkpoint.filesystem)
+            return super().restore(type(checkpoint_path)(checkpoint=replacement, metrics=checkpoint_path.metrics))
+
+    def _exists(filesystem, path: str) -> bool:
+        return filesystem.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+    def _newest_checkpoint(filesystem, trial_path: str) -> str | None:
+        """The checkpoint folder whose state file was written last (by time, not by name: a driver
+        restored from an old snapshot numbers its checkpoints again from there); one cut short by
+        the crash lacks its state file."""
+        found = filesystem.get_file_info(pyarrow.fs.FileSelector(trial_path, allow_not_found=True))
+        folders = [f.path for f in found if f.type == pyarrow.fs.FileType.Directory and "checkpoint_" in f.base_name]
+        states = [filesystem.get_file_info(f"{folder}/{STATE_FILE}") for folder in folders]
+        written = [
+            (state.mtime, folder) for state, folder in zip(states, folders) if state.type == pyarrow.fs.FileType.File
+        ]
+        return max(written)[1] if written else None
+
+    NewestCheckpointTrainable.__name__ = trainable.__name__
+    return NewestCheckpointTrainable
 
 
 def _optuna_storage(experiment: str, url: str | None):
