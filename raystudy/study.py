@@ -471,6 +471,19 @@ def _write_record(spec: StudySpec, raw: Any, storage_path: str, experiment: str,
     storage.write_bytes(storage.join(experiment, STUDY_RECORD), json.dumps(record, indent=1).encode())
 
 
+def _check_local_data(spec: StudySpec) -> None:
+    """On a local Ray every trial reads the data from this machine: a data folder that is not here
+    is one line now, not one failed trial each. (On a cluster the folder must exist on the workers,
+    which the driver cannot see.)"""
+    path = spec.data or os.environ.get("RAYSTUDY_DATA")
+    datasets = {spec.dataset} | {plan.train.dataset for plan in spec.plans}
+    if not path or "://" in path or datasets == {"synthetic"}:
+        return
+    if not os.path.isdir(os.path.expanduser(path)):
+        source = "RAYSTUDY_DATA" if not spec.data else "the data folder (--data or the file's data:)"
+        raise RaystudyError(f"{source} {path!r} is not a folder on this machine")
+
+
 def run_study(
     spec: StudySpec,
     raw: Any,
@@ -497,6 +510,8 @@ def run_study(
             f"or give the study another name"
         )
     targets = check_targets(spec, storage_path) if spec.kind != "targets" else []
+    if address is None:
+        _check_local_data(spec)
     _init_ray(address, num_cpus)
     _write_record(spec, raw, storage_path, experiment, targets)
     scheduler = searcher = None

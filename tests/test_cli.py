@@ -58,6 +58,18 @@ def test_bad_mechanism_and_missing_data_are_one_line_errors(tmp_path):
         "is not a folder",
     )
     one_line_error(
+        run(
+            "targets",
+            "search_spaces/cpu_targets.yaml",
+            "--data",
+            str(tmp_path / "nowhere"),
+            "--storage",
+            str(tmp_path / "results"),
+        ),
+        "is not a folder on this machine",
+    )  # a local study refuses before Ray starts, not with one failed trial per target
+    assert not (tmp_path / "results" / "cpu_targets").exists()
+    one_line_error(
         run(*TINY, "--mechanism", "SAM&JR", "--magnitude", "0.1", "--out", str(tmp_path / "c")), "takes rho, lambda_jr"
     )
     one_line_error(
