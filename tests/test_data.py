@@ -128,3 +128,15 @@ def test_batches_cover_an_epoch_once(synthetic):
     assert len(seen) == 256 and torch.equal(seen.sort().values, synthetic.train.labels.sort().values)
     x, _ = next(eval_batches(synthetic.test, 100))
     assert x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+
+
+def test_a_study_file_names_its_data_and_data_on_the_command_line_wins(tmp_path, monkeypatch):
+    import yaml
+
+    from raystudy.config import read_space
+
+    monkeypatch.chdir(tmp_path)
+    space = {"name": "s", "kind": "targets", "data": "cifar", "trials": [{"model": "tiny_cnn"}]}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(space))
+    assert read_space(tmp_path / "s.yaml")[0].data == str(tmp_path / "cifar")
+    assert read_space(tmp_path / "s.yaml", "elsewhere")[0].data == str(tmp_path / "elsewhere")

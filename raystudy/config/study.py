@@ -421,13 +421,19 @@ def parse_space(values: Any, where: str, data: str | None = None) -> StudySpec:
         targets=r.get("targets", None, str),
         search=_search(r.get("search", None), where) if kind == "search" else _no_search(r.get("search", None), where),
         max_failures=_nonnegative(r.get("max_failures", 3, int), "max_failures", where),
-        data=data or r.get("data", None, str),
+        data=_data(r, data),
         description=r.get("description", "", str),
         source=where,
     )
     entries = _trials(r.get("trials", [] if kind == "search" else ..., list), kind, where)
     r.finish()
     return _validate(spec, entries, where)
+
+
+def _data(r: _Reader, data: str | None) -> str | None:
+    """--data, else the file's `data` (read_space resolved either to an absolute path)."""
+    in_file = r.get("data", None, str)
+    return data if data is not None else in_file
 
 
 def _name(name: str, where: str) -> str:
