@@ -41,3 +41,14 @@ def bn_running_stats_frozen(model: nn.Module) -> Iterator[None]:
     finally:
         for m, momentum in zip(norms, saved):
             m.momentum = momentum
+
+
+@contextmanager
+def twice_differentiable() -> Iterator[None]:
+    """Attention through PyTorch's plain-math kernel inside the block: the fused scaled-dot-product
+    kernels (flash, memory-efficient, the CPU flash kernel) have no double backward, which input
+    Hessians and the exact IR, JR and ER gradients take through every layer (timm's ViTs)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield

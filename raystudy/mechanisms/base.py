@@ -21,7 +21,7 @@ from torch import nn
 from raystudy.errors import RaystudyError
 
 # Which magnitude grid a dataset uses: CIFAR-sized data the CIFAR-10 grid, ImageNette its own.
-GRID_FAMILY = {"cifar10": "cifar10", "synthetic": "cifar10", "imagenette": "imagenette"}
+GRID_FAMILY = {"cifar10": "cifar10", "synthetic": "cifar10", "imagenette": "imagenette", "imagenet": "imagenette"}
 
 
 class BatchTransform(Protocol):
@@ -56,13 +56,15 @@ class Penalty(Protocol):
 
     `needs_input_grad`: the input must require grad (the penalty differentiates with respect to it);
     `input_sensitive`: the penalty depends on small input perturbations or input gradients (no bf16);
-    `holds_pattern`: the penalty runs a second forward pass that must replay the first's decisions.
+    `holds_pattern`: the penalty runs a second forward pass that must replay the first's decisions;
+    `double_backward`: its parameter gradient differentiates a gradient (create_graph=True).
     """
 
     name: str
     needs_input_grad: bool
     input_sensitive: bool
     holds_pattern: bool
+    double_backward: bool
 
     def __call__(self, fwd: ForwardPass) -> torch.Tensor: ...
 

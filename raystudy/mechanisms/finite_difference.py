@@ -86,6 +86,7 @@ class InputGradientNormFD:
     needs_input_grad: bool = True
     input_sensitive: bool = True
     holds_pattern: bool = True
+    double_backward: bool = False
 
     def __call__(self, fwd: ForwardPass) -> torch.Tensor:
         batch = fwd.x.shape[0]
@@ -110,6 +111,7 @@ class InputJacobianNormFD:
     needs_input_grad: bool = False
     input_sensitive: bool = True
     holds_pattern: bool = True
+    double_backward: bool = False
 
     def __call__(self, fwd: ForwardPass) -> torch.Tensor:
         batch, dims = fwd.x.shape[0], fwd.x[0].numel()
@@ -131,6 +133,7 @@ class WeightGradientNormFD:
     needs_input_grad: bool = False
     input_sensitive: bool = False
     holds_pattern: bool = True
+    double_backward: bool = False
 
     def __call__(self, fwd: ForwardPass) -> torch.Tensor:
         named = [(n, p) for n, p in fwd.model.named_parameters() if p.requires_grad]

@@ -69,6 +69,7 @@ class InputGradientNorm:
     needs_input_grad: bool = True
     input_sensitive: bool = True
     holds_pattern: bool = False
+    double_backward: bool = True
 
     def __call__(self, fwd: ForwardPass) -> torch.Tensor:
         (grad,) = torch.autograd.grad(fwd.ce.sum(), fwd.x, create_graph=True)
@@ -99,6 +100,7 @@ class InputJacobianNorm:
     needs_input_grad: bool = True
     input_sensitive: bool = True
     holds_pattern: bool = False
+    double_backward: bool = True
 
     def __call__(self, fwd: ForwardPass) -> torch.Tensor:
         batch = fwd.x.shape[0]
@@ -114,6 +116,7 @@ class WeightGradientNorm:
     needs_input_grad: bool = False
     input_sensitive: bool = False
     holds_pattern: bool = False
+    double_backward: bool = True
 
     def __call__(self, fwd: ForwardPass) -> torch.Tensor:
         params = [p for p in fwd.model.parameters() if p.requires_grad]

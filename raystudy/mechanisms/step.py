@@ -12,7 +12,7 @@ from torch import nn
 from raystudy.mechanisms.activation_pattern import ActivationPattern
 from raystudy.mechanisms.base import ForwardPass, Recipe
 from raystudy.mechanisms.sam import SAM
-from raystudy.modes import bn_running_stats_frozen
+from raystudy.modes import bn_running_stats_frozen, twice_differentiable
 
 
 def soft_targets(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
@@ -32,7 +32,8 @@ def objective(model: nn.Module, recipe: Recipe, x: torch.Tensor, y_soft: torch.T
     if any(p.needs_input_grad for p in recipe.penalties):
         x = x.detach().requires_grad_(True)
     pattern = ActivationPattern() if any(p.holds_pattern for p in recipe.penalties) else None
-    with pattern.record() if pattern else nullcontext():
+    twice = any(p.double_backward for p in recipe.penalties)
+    with pattern.record() if pattern else nullcontext(), twice_differentiable() if twice else nullcontext():
         logits = model(x)
     ce = soft_cross_entropy(logits, y_soft)
     out = {"ce": ce.mean().detach(), "logits": logits.detach()}

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raystudy.config.evaluation import DEFAULT_ITERATIONS, DEFAULT_TOLERANCE
-from raystudy.modes import eval_mode
+from raystudy.modes import eval_mode, twice_differentiable
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,8 @@ def input_hessian_top_eigenvalue(
     be a sum of per-sample losses (summed cross-entropy by default).
     """
     x = x.detach().requires_grad_(True)
-    loss = loss_fn(model(x), y)
+    with twice_differentiable():
+        loss = loss_fn(model(x), y)
     (grad,) = torch.autograd.grad(loss, x, create_graph=True)
     v = _unit(torch.randn(x.shape, generator=generator, device="cpu").to(x.device))
     eigenvalues = torch.zeros(x.shape[0], device=x.device)
