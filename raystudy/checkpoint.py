@@ -73,7 +73,12 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Modul
     payload = safe_load(path, MODEL_FORMAT)
     meta = json.loads(payload["meta"])
     model = build_model(
-        meta["model"], meta["num_classes"], input_size=meta["input_size"], mean=meta["mean"], std=meta["std"]
+        meta["model"],
+        meta["num_classes"],
+        input_size=meta["input_size"],
+        mean=meta["mean"],
+        std=meta["std"],
+        resize_to=meta.get("resize_to"),
     )
     try:
         model.load_state_dict(payload["state_dict"])

@@ -32,7 +32,7 @@ from raystudy.errors import RaystudyError
 if TYPE_CHECKING:
     from raystudy.config.train import TrainConfig
 
-DATASETS = ("cifar10", "imagenette", "synthetic")
+DATASETS = ("cifar10", "imagenette", "imagenet", "synthetic")
 # Per-channel normalization (the first layer of every model).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -104,6 +104,8 @@ def load_dataset(
         ds = _load_cifar10(_resolve_path(data_path, required=False))
     elif name == "imagenette":
         ds = _load_imagenette(_resolve_path(data_path, required=True))
+    elif name == "imagenet":
+        ds = load_imagenet_compatible(_resolve_path(data_path, required=True, layout=IMAGENET_COMPATIBLE_LAYOUT))
     else:
         raise RaystudyError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     return subsample(ds, n_train, n_test, seed)
@@ -145,13 +147,11 @@ def balanced_subset(labels: torch.Tensor, n: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(picks))
 
 
-def _resolve_path(data_path, required: bool) -> Path | None:
+def _resolve_path(data_path, required: bool, layout: str = "an image folder with train/ and val/") -> Path | None:
     path = data_path or os.environ.get("RAYSTUDY_DATA")
     if not path:
         if required:
-            raise RaystudyError(
-                "no data path: pass --data PATH or set RAYSTUDY_DATA (an image folder with train/ and val/)"
-            )
+            raise RaystudyError(f"no data path: pass --data PATH or set RAYSTUDY_DATA ({layout})")
         return None
     path = Path(path).expanduser()
     if not path.is_dir():
@@ -328,6 +328,67 @@ def _load_imagenette(path: Path) -> Dataset:
     train, classes = read_image_folder(path / "train", size=IMAGENETTE_SIZE)
     test, _ = read_image_folder(path / "val", size=IMAGENETTE_SIZE, classes=classes)
     return Dataset("imagenette", train, test, tuple(classes), IMAGENET_MEAN, IMAGENET_STD)
+
+
+IMAGENET_CLASSES = 1000
+IMAGENET_COMPATIBLE_LAYOUT = (
+    "the ImageNet-compatible set's layout: images.csv (ImageId, TrueLabel 1-1000, ...) and images/<ImageId>.png, "
+    "as cleverhans' examples/nips17_adversarial_competition/dataset/download_images.py writes it"
+)
+
+
+def load_imagenet_compatible(path: Path) -> Dataset:
+    """The NeurIPS'17 "ImageNet-compatible" evaluation set: `images.csv` (ImageId, TrueLabel in
+    1..1000, TargetClass, ...) and `images/<ImageId>.png`, resized and centre-cropped to 224 pixels.
+    Labels are ImageNet-1k indices (TrueLabel - 1: the csv counts from the background class of
+    1001-way Inception models); `categories.csv` (CategoryId, CategoryName), when present, names
+    them. An evaluation set only: the training split is empty."""
+    import csv
+
+    table = path / "images.csv"
+    if not table.is_file() or not (path / "images").is_dir():
+        raise RaystudyError(
+            f"{str(path)!r} is not an ImageNet-compatible folder: expected {IMAGENET_COMPATIBLE_LAYOUT}"
+        )
+    with open(table, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"ImageId", "TrueLabel"} <= set(rows[0]):
+        raise RaystudyError(f"{str(table)!r} lacks the ImageId and TrueLabel columns")
+    files, labels = [], []
+    for row in rows:
+        label = int(row["TrueLabel"]) - 1
+        if not 0 <= label < IMAGENET_CLASSES:
+            raise RaystudyError(
+                f"{str(table)!r}: image {row['ImageId']} has TrueLabel {row['TrueLabel']} (expected 1-1000)"
+            )
+        files.append(path / "images" / f"{row['ImageId']}.png")
+        labels.append(label)
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise RaystudyError(f"{len(missing)} image(s) listed in images.csv are missing, e.g. {missing[0]!r}")
+
+    def decode() -> np.ndarray:
+        return torch.stack([_read_image(f, IMAGENETTE_SIZE) for f in files]).numpy()
+
+    key = hashlib.sha1("|".join(f"{f}:{f.stat().st_size}" for f in files).encode()).hexdigest()[:12]
+    images = torch.from_numpy(_cached_array(f"imagenet-compatible-{key}", decode))
+    test = Split(images, torch.tensor(labels, dtype=torch.long))
+    train = Split(images[:0], test.labels[:0])
+    return Dataset("imagenet", train, test, _imagenet_class_names(path), IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _imagenet_class_names(path: Path) -> tuple[str, ...]:
+    import csv
+
+    names = [str(i) for i in range(IMAGENET_CLASSES)]
+    categories = path / "categories.csv"
+    if categories.is_file():
+        with open(categories, newline="") as f:
+            for row in csv.DictReader(f):
+                index = int(row["CategoryId"]) - 1
+                if 0 <= index < IMAGENET_CLASSES:
+                    names[index] = row["CategoryName"]
+    return tuple(names)
 
 
 # ---------------------------------------------------------------------------------------------

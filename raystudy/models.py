@@ -20,14 +20,19 @@ from raystudy.errors import RaystudyError
 
 
 class Normalize(nn.Module):
-    """(x - mean) / std per channel; the first layer of every model."""
+    """(x - mean) / std per channel; the first layer of every model. With `size`, the images are
+    first resized (bilinear, differentiable) to the side a loaded model was trained at, so that
+    attacks stay in the dataset's pixels while each model sees its own input size."""
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+    def __init__(self, mean: Sequence[float], std: Sequence[float], size: int | None = None):
         super().__init__()
+        self.size = size
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size is not None and x.shape[-1] != self.size:
+            x = nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
         return (x - self.mean) / self.std
 
 
@@ -175,6 +180,7 @@ def build_model(
     input_size: int = 32,
     mean: Sequence[float] = CIFAR10_MEAN,
     std: Sequence[float] = CIFAR10_STD,
+    resize_to: int | None = None,
 ) -> nn.Module:
     """Build `name` for images of `input_size` pixels, normalization included.
 
@@ -187,27 +193,34 @@ def build_model(
             raise RaystudyError(f"no pretrained weights for the CIFAR variant of {name!r}")
         net = CIFAR_MODELS[name](num_classes)
     else:
-        net = _build_timm(name, num_classes, pretrained)
+        net = create_timm(name, num_classes, pretrained)
         if pretrained:  # fine-tuning keeps the normalization the weights were trained with
             mean, std = net.pretrained_cfg.get("mean", mean), net.pretrained_cfg.get("std", std)
-    return nn.Sequential(Normalize(mean, std), net)
+    return nn.Sequential(Normalize(mean, std, resize_to), net)
 
 
-def _build_timm(name: str, num_classes: int, pretrained: bool) -> nn.Module:
+def create_timm(name: str, num_classes: int | None, pretrained: bool, **kwargs) -> nn.Module:
+    """A timm model; num_classes None keeps the pretrained head's classes."""
     import timm
 
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
     try:
-        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
     except (OSError, RuntimeError, ValueError) as err:  # hub download failures surface as these
         if not pretrained:
             raise
+        local = kwargs.get("pretrained_cfg_overlay", {}).get("file")
+        if local:  # a local state dict: it exists (checked before), so it is of another architecture
+            raise RaystudyError(f"{local!r} does not fit {name!r}: {str(err)[:300]}") from err
         weights = timm.models.get_pretrained_cfg(name)
         source = getattr(weights, "hf_hub_id", None) or getattr(weights, "url", None) or "timm's default"
         reason = (str(err).strip().splitlines() or [""])[0][:200]
         raise RaystudyError(
             f"the pretrained weights of {name!r} ({source}) are not in the cache and could not be downloaded "
-            f"({type(err).__name__}: {reason}); fetch them once on a machine with network (they land in the "
-            "Hugging Face cache, HF_HOME), or set pretrained: false"
+            f"({type(err).__name__}: {reason[:120]}); fetch them once where the network reaches the hub: "
+            f"python -c \"import timm; timm.create_model('{name}', pretrained=True)\" (they land in the Hugging "
+            "Face cache, HF_HOME, to copy to every node), or give a local file (weights: FILE)"
         ) from err
 
 

@@ -25,7 +25,7 @@ from raystudy.config.study import TrialPlan
 from raystudy.errors import RaystudyError
 from raystudy.mechanisms import ORDER
 
-DATASET_TRAIN_IMAGES = {"cifar10": 50_000, "imagenette": 9_469, "synthetic": 512}
+DATASET_TRAIN_IMAGES = {"cifar10": 50_000, "imagenette": 9_469, "imagenet": 0, "synthetic": 512}
 
 # Quoted (not measured by this repository): GPU minutes per 200-epoch ResNet-18 surrogate on one
 # H100 with the published recipe. MU/CM/CO/LS cost what ST does (a batch transform or a target
@@ -220,7 +220,7 @@ def plan_costs(spec: StudySpec, costs: StepCosts) -> list[TrialCost]:
     for i, plan in enumerate(trial_plans(spec)):
         train = plan.train
         seconds, source = costs.step_seconds(train)
-        steps = trial_steps(train)
+        steps = 0 if plan.loaded else trial_steps(train)  # a loaded model trains nothing
         total = steps * seconds
         if plan.lgv is not None:
             base = _as_mechanism(train, plan.lgv.base_for(train), batch_size=plan.lgv.batch_size)
@@ -302,7 +302,7 @@ def setting_rows(trials: list[TrialCost], costs: StepCosts, per_gpu: int) -> lis
             {
                 "setting": t.label,
                 "trials": 0,
-                "epochs": train.epochs,
+                "epochs": 0 if t.plan.loaded else train.epochs,
                 "steps": t.steps,
                 "x_st": step / st,
                 "cost": t.cost_source,
@@ -367,6 +367,8 @@ def _label(plan: TrialPlan) -> str:
     from raystudy.mechanisms import mechanism_label
 
     train = plan.train
+    if plan.loaded:
+        return f"{plan.loaded.name} (loaded)"
     label, _ = mechanism_label(train.mechanism, dict(train.magnitudes), train.dataset, lgv=plan.lgv is not None)
     if plan.target_name:
         label = f"{plan.target_name} ({train.model})"

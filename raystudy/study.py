@@ -17,7 +17,7 @@ from typing import Any, Sequence
 from raystudy import optuna_history, storage
 from raystudy.checkpoint import STATE_FILE
 from raystudy.config import STUDY_RECORD, StudySpec, parse_space
-from raystudy.config.study import SearchParam
+from raystudy.config.study import SearchParam, TrialPlan
 from raystudy.errors import RaystudyError
 from raystudy.trainable import FINAL_KEY, run_trial, targets_location, trial_folder
 
@@ -666,6 +666,8 @@ def _describe(config: dict[str, Any]) -> str:
         plan = config["plan"]
         train = plan["train"]
         magnitudes = ", ".join(f"{k}={v:g}" for k, v in dict(train["magnitudes"]).items())
+        if plan.get("loaded"):  # trains nothing: its name says who it is, seeds do not apply
+            return TrialPlan.from_dict(plan).loaded.describe()
         who = plan.get("target_name") or f"{train['mechanism']} ({magnitudes or 'no magnitude'})"
         return f"{who}, seed {train['seed']}"
     trial = config.get("trial", config)

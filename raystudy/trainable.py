@@ -18,11 +18,12 @@ import torch
 from ray import tune
 
 from raystudy import lgv, storage
-from raystudy.checkpoint import MODEL_FILE, STATE_FILE, load_model
+from raystudy.checkpoint import MODEL_FILE, STATE_FILE, load_model, save_model
 from raystudy.config import EvalConfig, StudySpec, TrialPlan
 from raystudy.config.study import averaged_over_targets
 from raystudy.data import dataset_for
 from raystudy.errors import RaystudyError
+from raystudy.loaded import load_loaded_model, model_meta
 from raystudy.mechanisms import mechanism_label
 from raystudy.metrics.hook import make_eval_set, measure_surrogate, quick_transfer_asr
 from raystudy.record import flat, make_record, objective_rows, training_rows
@@ -97,26 +98,31 @@ def _run_in(work: Path, study: StudySpec, plan: TrialPlan, dataset, storage_path
             metrics["proxy/asr"] = quick_transfer_asr(model, targets, proxy, study.evaluation, budget)
         _report(metrics, state_path, storage_path)
 
-    result = train(plan.train, dataset=dataset, out_dir=work, on_epoch_end=on_epoch_end, log=print)
-    rows = training_rows(result.history[-1] if result.history else {})
+    identity = plan.identity()
+    if plan.loaded is not None:  # trains nothing: the model as published
+        surrogate, provenance = load_loaded_model(plan.loaded, dataset.num_classes, dataset.image_size)
+        print(f"loaded {plan.loaded.describe()} (weights sha256 {provenance['weights_sha256'][:12]})", flush=True)
+        save_model(work / MODEL_FILE, surrogate, model_meta(surrogate, provenance, dataset.image_size))
+        identity.update(label=plan.loaded.name, weights=provenance)
+        rows = []
+    else:
+        result = train(plan.train, dataset=dataset, out_dir=work, on_epoch_end=on_epoch_end, log=print)
+        rows = training_rows(result.history[-1] if result.history else {})
+        surrogate = result.model
+        identity["label"] = mechanism_label(
+            plan.train.mechanism, dict(plan.train.magnitudes), plan.train.dataset, plan.lgv is not None
+        )[0]
     if study.kind == "targets":
         location = storage.join(targets_location(storage_path, study.name), f"{plan.target_name}.pt")
         storage.write_bytes(location, (work / MODEL_FILE).read_bytes())
     else:
-        surrogate = result.model
         if plan.lgv is not None:  # a restarted trial redoes this short phase from the trained surrogate
             surrogate = lgv.collect(plan.train, work / MODEL_FILE, dataset, plan.lgv, work / "lgv", log=print)
         print(f"trial-end hook: {len(eval_set.labels)} images, targets {', '.join(targets)}", flush=True)
-        rows += measure_surrogate(surrogate, targets, eval_set, study.evaluation, log=print)
+        rows += measure_surrogate(surrogate.to(pick_device()), targets, eval_set, study.evaluation, log=print)
         if study.search is not None and study.search.objective_targets:
             for metric in filter(averaged_over_targets, study.search.metrics):
                 rows += objective_rows(rows, metric, study.search.objective_targets)
-    identity = {
-        **plan.identity(),
-        "label": mechanism_label(
-            plan.train.mechanism, dict(plan.train.magnitudes), plan.train.dataset, plan.lgv is not None
-        )[0],
-    }
     record = make_record(
         identity, plan.to_dict(), {"name": study.name, "kind": study.kind, "preset": study.preset}, versions(), rows
     )

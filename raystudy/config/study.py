@@ -45,10 +45,12 @@ import yaml
 
 from raystudy.config.evaluation import EvalConfig
 from raystudy.config.lgv import LGV_BASES, LgvPhase
+from raystudy.config.loaded import LoadedModel, parse_loaded
 from raystudy.config.train import PRESETS, TrainConfig, check_model_name
 from raystudy.errors import RaystudyError
 
 KINDS = ("grid", "targets", "search")
+IMAGENET_SIZED = ("imagenette", "imagenet")  # 224-pixel images: timm models
 STUDY_RECORD = "raystudy-study.json"  # written beside Ray's files in every experiment
 TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)} - {
     "dataset",
@@ -77,6 +79,7 @@ class TrialSpec:
     model: str | None = None
     lgv: LgvPhase | None = None  # after training, collect an LGV ensemble (raystudy.lgv) and attack with it
     train: tuple[tuple[str, Any], ...] = ()  # this trial's overrides of the study's training settings
+    loaded: LoadedModel | None = None  # a model loaded, not trained (raystudy.config.loaded)
 
 
 @dataclass(frozen=True)
@@ -86,30 +89,36 @@ class TrialPlan:
     train: TrainConfig
     lgv: LgvPhase | None = None  # after training, collect an LGV ensemble and attack with it
     target_name: str | None = None  # targets studies: the name the trained target is saved under
+    loaded: LoadedModel | None = None  # a model loaded, not trained: `train` only names its data
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested JSON (Ray's params.json); `from_dict` reads it back."""
-        return {
+        values = {
             "train": self.train.to_dict(),
             "lgv": None if self.lgv is None else dataclasses.asdict(self.lgv),
             "target_name": self.target_name,
         }
+        if self.loaded is not None:  # absent otherwise: plans written before loaded models keep their keys
+            values["loaded"] = self.loaded.to_dict()
+        return values
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "TrialPlan":
         lgv = values.get("lgv")
         phase = None if lgv is None else LgvPhase(**lgv)
-        return cls(TrainConfig.from_dict(values["train"]), phase, values.get("target_name"))
+        loaded = LoadedModel.from_dict(values.get("loaded"))
+        return cls(TrainConfig.from_dict(values["train"]), phase, values.get("target_name"), loaded)
 
     def identity(self) -> dict[str, Any]:
         """Who the trial is: the columns of progress tables and of the analysis."""
         return {
-            "mechanism": self.train.mechanism,
+            "mechanism": "loaded" if self.loaded else self.train.mechanism,
             "magnitudes": dict(self.train.magnitudes),
             "seed": self.train.seed,
             "model": self.train.model,
             "lgv": self.lgv is not None,
             "target_name": self.target_name,
+            **({"loaded": self.loaded.name} if self.loaded else {}),
         }
 
     def key(self) -> str:
@@ -314,6 +323,11 @@ def _plans(spec, entries: tuple[TrialSpec, ...]) -> tuple[TrialPlan, ...]:
     """Every entry x seed of a grid or targets study, resolved, in file order."""
     plans = []
     for entry in entries:
+        if entry.loaded is not None:  # trains nothing: one trial, whatever the seeds
+            loaded = entry.loaded
+            config = _train_config(spec, "ST", {}, loaded.architecture, spec.seeds[0])
+            plans.append(TrialPlan(config, None, loaded.name if spec.kind == "targets" else None, loaded))
+            continue
         for seed in spec.seeds:
             config = _train_config(spec, entry.mechanism, dict(entry.magnitudes), entry.model, seed, dict(entry.train))
             name = target_name(config, len(spec.seeds)) if spec.kind == "targets" else None
@@ -460,6 +474,10 @@ def _trials(entries: list, kind: str, where: str) -> tuple[TrialSpec, ...]:
     out: list[TrialSpec] = []
     for i, entry in enumerate(entries):
         r = _Reader(entry, f"{where}: trials[{i}]")
+        loaded = _loaded_entry(r, f"{where}: trials[{i}]")
+        if loaded is not None:
+            out.append(TrialSpec(loaded=loaded))
+            continue
         mechanism = r.get("mechanism", "ST", str)
         model = r.get("model", None, str)
         grid = r.get("magnitudes", {}, dict)
@@ -487,6 +505,21 @@ def _trials(entries: list, kind: str, where: str) -> tuple[TrialSpec, ...]:
     if len(set(out)) != len(out):
         raise RaystudyError(f"{where}: trials lists the same mechanism and magnitudes twice")
     return tuple(out)
+
+
+def _loaded_entry(r: _Reader, where: str) -> LoadedModel | None:
+    """The entry's loaded model (and nothing about training), or None when the entry is trained."""
+    try:
+        loaded = parse_loaded(r.get("model", None, str), r.get("pretrained", False, bool), r.get("weights", None, str))
+    except RaystudyError as err:
+        raise RaystudyError(f"{where}: {err}") from None
+    if loaded is None:
+        return None
+    trained_keys = sorted({"mechanism", "magnitudes", "lgv", "train"} & set(r.values))
+    if trained_keys:
+        raise RaystudyError(f"{where}: {loaded.name} is loaded, not trained: {', '.join(trained_keys)} do not apply")
+    r.finish()
+    return loaded
 
 
 def _train(values: Any, where: str) -> tuple[tuple[str, Any], ...]:
@@ -657,13 +690,22 @@ def _search_mechanisms(value: Any, where: str) -> tuple[str, tuple[str, ...]]:
 def _validate(spec: StudySpec, entries: tuple[TrialSpec, ...], where: str) -> StudySpec:
     """Resolve every trial's plan once (a bad mechanism, magnitude or setting fails before Ray
     starts), and check what spans several sections; returns the spec with its plans."""
-    input_size = 224 if spec.dataset == "imagenette" else dict(spec.train).get("image_size", 32)
+    input_size = 224 if spec.dataset in IMAGENET_SIZED else dict(spec.train).get("image_size", 32)
     try:
+        if spec.dataset == "imagenet" and (spec.kind == "search" or any(e.loaded is None for e in entries)):
+            raise RaystudyError(
+                "dataset imagenet is an evaluation set (no training split): every trial loads its model "
+                "(model: timm/<name> with pretrained: true, or weights: FILE)"
+            )
         check_model_name(spec.model, input_size)
         for entry in entries:
             if entry.model:
                 check_model_name(entry.model, input_size)
         spec = dataclasses.replace(spec, plans=_plans(spec, entries))
+        loaded = [plan.loaded.name for plan in spec.plans if plan.loaded]
+        twice = sorted({name for name in loaded if loaded.count(name) > 1})
+        if twice:
+            raise RaystudyError(f"two loaded models are both called {', '.join(twice)}: rename a weights file")
         names = [plan.target_name for plan in spec.plans if plan.target_name]
         clashes = sorted({name for name in names if names.count(name) > 1})
         if clashes:
