@@ -180,3 +180,59 @@ def test_lgv_snapshot_steps_are_spread_and_never_lost():
     assert _snapshot_steps(195, 4) == {48, 97, 146, 194}  # CIFAR-10 at batch 256: the last ends the epoch
     assert _snapshot_steps(2, 4) == {0, 1}  # fewer steps than snapshots: one per step
     assert _snapshot_steps(10, 0) == set()
+
+
+def test_accuracy_counts_every_batch_exactly():
+    """A model that predicts the first pixel's value as the class: the accuracy is known sample by sample."""
+    from raystudy.data import Split
+    from raystudy.train import evaluate_accuracy
+
+    class FirstPixel(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.one_hot((x[:, 0, 0, 0] * 255).round().long() % 10, 10).float()
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (2500,), generator=generator)
+    guess = torch.where(torch.rand(2500, generator=generator) < 0.37, labels, (labels + 1) % 10)
+    images = torch.zeros(2500, 3, 4, 4, dtype=torch.uint8)
+    images[:, 0, 0, 0] = guess.to(torch.uint8)
+    expected = int((guess == labels).sum()) / 2500
+    assert evaluate_accuracy(FirstPixel(), Split(images, labels), batch_size=1000) == pytest.approx(expected, abs=1e-12)
+
+
+def test_the_trained_model_normalizes_with_its_dataset_and_sam_trains_as_sam():
+    from raystudy.data import make_synthetic
+
+    config = tiny_config(epochs=1)
+    data = make_synthetic(128, 64, image_size=16, seed=0)
+    plain = train(config, dataset=data, log=None).model
+    normalize = plain[0]
+    assert normalize.mean.flatten().tolist() == pytest.approx(list(data.mean))
+    assert normalize.std.flatten().tolist() == pytest.approx(list(data.std))
+    sam = train(tiny_config(epochs=1, mechanism="SAM"), dataset=data, log=None).model
+    differs = [not torch.equal(a, b) for a, b in zip(plain.parameters(), sam.parameters())]
+    assert all(differs)  # same seed, batches and start: only SAM's ascent step can move them apart
+
+
+def test_pretrained_fine_tuning_starts_from_the_cached_weights(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hf
+    import timm
+    from safetensors.torch import save_file
+
+    from raystudy.data import make_synthetic
+    from raystudy.train import _build
+
+    repo = tmp_path / "hub" / "models--timm--test_resnet.r160_in1k"
+    (repo / "snapshots" / "0").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0")
+    torch.manual_seed(5)
+    published = timm.create_model("test_resnet.r160_in1k").state_dict()
+    save_file(published, repo / "snapshots" / "0" / "model.safetensors")
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
+    data = make_synthetic(20, 10, image_size=96, seed=0)
+    config = tiny_config(model="test_resnet.r160_in1k", image_size=96, pretrained=True)
+    model = _build(config, data, torch.device("cpu"))
+    assert torch.equal(model[1].conv1[0].weight, published["conv1.0.weight"])  # the stem as published
+    assert model[1].fc.out_features == 10  # a new head for the dataset's classes
