@@ -236,3 +236,33 @@ def test_pretrained_fine_tuning_starts_from_the_cached_weights(tmp_path, monkeyp
     model = _build(config, data, torch.device("cpu"))
     assert torch.equal(model[1].conv1[0].weight, published["conv1.0.weight"])  # the stem as published
     assert model[1].fc.out_features == 10  # a new head for the dataset's classes
+
+
+def test_an_epochs_record_is_the_mean_of_its_steps_and_checkpoints_follow_checkpoint_every(tmp_path, monkeypatch):
+    from raystudy import train as train_module
+
+    steps = []
+    real_step = train_module.training_step
+
+    def recorded_step(*args, **kwargs):
+        parts = real_step(*args, **kwargs)
+        steps.append({k: float(v) for k, v in parts.items()})
+        return parts
+
+    monkeypatch.setattr(train_module, "training_step", recorded_step)
+    seen = []
+    config = tiny_config(epochs=3, checkpoint_every=2, n_train=100, batch_size=32)
+
+    def on_epoch_end(record, state_path, model):
+        seen.append((record["epoch"], state_path, model))
+
+    result = train(config, out_dir=tmp_path, on_epoch_end=on_epoch_end, log=None)
+    per_epoch = len(steps) // 3
+    assert per_epoch == 100 // 32  # full batches only
+    for epoch, record in enumerate(result.history):
+        mine = steps[epoch * per_epoch : (epoch + 1) * per_epoch]
+        assert record["loss"] == pytest.approx(sum(s["loss"] for s in mine) / per_epoch, rel=1e-6)
+        assert record["train_acc"] == pytest.approx(sum(s["correct"] for s in mine) / (per_epoch * 32), rel=1e-9)
+        assert record["images_per_s"] * record["seconds"] == pytest.approx(per_epoch * 32, rel=1e-6)
+    assert [(e, p) for e, p, _ in seen] == [(1, None), (2, tmp_path / "checkpoint.pt"), (3, tmp_path / "checkpoint.pt")]
+    assert all(m is result.model for _, _, m in seen)
