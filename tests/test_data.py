@@ -140,3 +140,58 @@ def test_a_study_file_names_its_data_and_data_on_the_command_line_wins(tmp_path,
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(space))
     assert read_space(tmp_path / "s.yaml")[0].data == str(tmp_path / "cifar")
     assert read_space(tmp_path / "s.yaml", "elsewhere")[0].data == str(tmp_path / "elsewhere")
+
+
+def test_subsets_of_a_real_layout_keep_each_image_with_its_label(tmp_path):
+    """A torchvision-batches CIFAR whose pixels encode (label, index): a subset's every image must be
+    the one its label came from, train and test drawn from their own seeds, names and stats kept."""
+    folder = tmp_path / "tv" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for b, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
+        labels = [(3 * i + b) % 10 for i in range(40)]
+        data = np.zeros((40, 3072), dtype=np.uint8)
+        data[:, 0] = labels  # first pixel: the label
+        data[:, 1] = np.arange(40) + 40 * b  # second: which image
+        with open(folder / name, "wb") as handle:
+            pickle.dump({b"data": data, b"labels": labels}, handle)
+    with open(folder / "batches.meta", "wb") as handle:
+        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, handle)
+    full = load_dataset("cifar10", tmp_path / "tv")
+    part = load_dataset("cifar10", tmp_path / "tv", n_train=30, n_test=20, seed=4)
+    assert (part.name, part.classes, part.mean, part.std) == (full.name, full.classes, full.mean, full.std)
+    assert len(part.train) == 30 and len(part.test) == 20
+    for split in (part.train, part.test):
+        assert torch.equal(split.images[:, 0, 0, 0].long(), split.labels)  # image and label stay together
+        assert len(set(split.images[:, 0, 0, 1].tolist())) == len(split)  # no image twice
+        assert np.bincount(split.labels.numpy(), minlength=10).tolist() == [len(split) // 10] * 10
+    expected_train = balanced_subset(full.train.labels, 30, 4)
+    expected_test = balanced_subset(full.test.labels, 20, 5)  # the test subset's own seed
+    assert part.train.images[:, 0, 0, 1].tolist() == full.train.images[expected_train, 0, 0, 1].tolist()
+    assert part.test.images[:, 0, 0, 1].tolist() == full.test.images[expected_test, 0, 0, 1].tolist()
+    other = load_dataset("cifar10", tmp_path / "tv", n_train=30, n_test=20, seed=5)
+    assert not torch.equal(other.train.images, part.train.images)
+    assert len(load_dataset("cifar10", tmp_path / "tv", n_train=None, n_test=20).train) == 200
+
+
+def test_balanced_subset_edges():
+    labels = torch.arange(30) % 3
+    assert balanced_subset(labels, 30, seed=0).tolist() == list(range(30))  # all of it, once each
+    labels = torch.tensor([0] * 5 + [1] * 2)
+    with pytest.raises(RaystudyError, match="class 1 has 2 images, fewer than the 3"):
+        balanced_subset(labels, 6, seed=0)
+    draws = [balanced_subset(torch.arange(100) % 10, 15, seed=s) for s in range(20)]
+    extra = {tuple(np.flatnonzero(np.bincount((torch.arange(100) % 10)[d].numpy(), minlength=10) == 2)) for d in draws}
+    assert all(len(e) == 5 for e in extra) and len(extra) > 10  # which classes get the remainder is drawn
+
+
+def test_synthetic_sizes_classes_and_seed_pass_through():
+    default = load_dataset("synthetic")
+    assert (len(default.train), len(default.test), default.image_size, default.num_classes) == (512, 256, 32, 10)
+    small = load_dataset("synthetic", n_train=40, n_test=20, image_size=8, num_classes=4, seed=2)
+    assert (len(small.train), len(small.test), small.image_size, small.num_classes) == (40, 20, 8, 4)
+    assert not torch.equal(
+        small.train.images,
+        load_dataset("synthetic", n_train=40, n_test=20, image_size=8, num_classes=4, seed=3).train.images,
+    )
+    with pytest.raises(RaystudyError, match="unknown dataset 'mnist'; known: cifar10, imagenette, imagenet, synthetic"):
+        load_dataset("mnist")
