@@ -24,10 +24,10 @@ from raystudy import storage
 from raystudy.config import STUDY_RECORD, StudySpec, TrialPlan, parse_space
 from raystudy.errors import RaystudyError
 from raystudy.mechanisms import mechanism_label
-from raystudy.record import legacy_rows, make_record
+from raystudy.record import ENDPOINT_ROWS_FILE, legacy_rows, make_record
 
 DONE, FAILED, INCOMPLETE, MISSING, STOPPED = "done", "failed", "incomplete", "missing", "stopped early"
-TRIAL_FILES = ("params.json", "result.json", "error.txt")
+TRIAL_FILES = ("params.json", "result.json", "error.txt", ENDPOINT_ROWS_FILE)
 READERS = 32  # trials read at once: an object store answers each request in tens of milliseconds
 CACHE_FORMAT = 1
 
@@ -156,7 +156,11 @@ def _read_trial(location: str, experiment: str, folder: str, present: set[str]) 
     epochs = {r.get("epoch", f"row{i}"): r for i, r in enumerate(rows) if r.get("final") != 1}
     history = tuple(sorted(epochs.values(), key=lambda r: (r.get("epoch") is None, r.get("epoch") or 0)))
     final = finals[-1] if finals else {}
-    return TrialRecord(experiment, str(trial_id), config, status, final, final.get("record", {}), history, error, base)
+    record = final.get("record", {})
+    if finals and ENDPOINT_ROWS_FILE in present:  # the black-box targets' rows, written after the trial
+        extra = json.loads(storage.read_bytes(storage.join(base, ENDPOINT_ROWS_FILE)))
+        record = {**record, "metrics": list(record.get("metrics", [])) + extra}
+    return TrialRecord(experiment, str(trial_id), config, status, final, record, history, error, base)
 
 
 def plan_of(spec: StudySpec, trial: TrialRecord) -> TrialPlan:

@@ -285,6 +285,28 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return 0 if all_finished(results) else 1
 
 
+def cmd_query(args: argparse.Namespace) -> int:
+    from raystudy import storage
+    from raystudy.config import parse_space
+    from raystudy.study import load_record, query_endpoints
+
+    record = load_record(args.experiment)
+    spec = parse_space(record["study"], record["source"], record["data"])
+    if spec.kind == "targets":
+        raise RaystudyError(f"{args.experiment} is a targets study: query the studies that attack its targets")
+    query_endpoints(spec, storage.normalize(args.experiment))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from raystudy.serve import Faults, parse_burst, serve_model
+
+    burst = parse_burst(args.burst_429) if args.burst_429 else None
+    faults = Faults(burst, args.every_500, args.slow)
+    serve_model(args.model_file, args.port, args.top_k, args.labels_only, faults, args.request_log, args.host)
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from raystudy.study import study_status
 
@@ -297,8 +319,29 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from raystudy.plan import quoted_h100, read_costs, render_plan
 
     costs = read_costs(args.costs) if args.costs else quoted_h100()
-    print(render_plan(load_space(args.space), costs, args.gpus))
+    spec = load_space(args.space)
+    print(render_plan(spec, costs, args.gpus))
+    endpoints = _study_endpoints(spec, args.space, args.storage)
+    if endpoints:
+        from raystudy.plan import endpoint_queries, render_endpoint_queries
+
+        print(render_endpoint_queries(endpoint_queries(spec, endpoints)))
     return 0
+
+
+def _study_endpoints(spec, space: str, storage_path: str | None) -> list:
+    """The endpoints among the study's targets: from the targets study saved under --storage, else
+    from its study file beside this one (`<targets>.yaml`)."""
+    from raystudy.config import load_space
+    from raystudy.query import load_endpoints
+    from raystudy.trainable import targets_location
+
+    if spec.kind == "targets" or not spec.targets:
+        return []
+    if storage_path:
+        return load_endpoints(targets_location(storage_path, spec.targets))
+    beside = Path(space).with_name(f"{spec.targets}.yaml")
+    return list(load_space(beside).endpoints) if beside.is_file() else []
 
 
 def cmd_findings(args: argparse.Namespace) -> int:
@@ -467,7 +510,26 @@ def _add_study(sub) -> None:
         help="step costs from `benchmarks/throughput.py --json` (default: quoted H100 figures, not measured here)",
     )
     c.add_argument("--gpus", type=_at_least_one, default=1, help="GPUs the study runs on (default 1)")
+    c.add_argument("--storage", help="where its targets study was run (for its endpoints' queries and cost)")
     c.set_defaults(func=cmd_plan)
+    q = sub.add_parser(
+        "query", help="send a finished study's kept AEs to its black-box endpoints (answers kept: never paid twice)"
+    )
+    q.add_argument("experiment", help="<storage>/<study name>")
+    q.set_defaults(func=cmd_query)
+    v = sub.add_parser("serve", help="serve a model file over HTTP like an image-labelling service (Ray Serve)")
+    v.add_argument("model_file", help="a raystudy model file (a target's .pt, or a run's model.pt)")
+    v.add_argument("--port", type=_positive_int, default=8000)
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    v.add_argument("--top-k", type=_positive_int, default=5, help="labels per answer, by probability (default 5)")
+    v.add_argument("--labels-only", action="store_true", help="answer labels without scores")
+    v.add_argument(
+        "--burst-429", metavar="EVERY:LENGTH", help="inject faults: the first LENGTH of every EVERY requests get 429"
+    )
+    v.add_argument("--every-500", type=_positive_int, metavar="N", help="inject faults: every N-th request gets 500")
+    v.add_argument("--slow", type=float, default=0.0, metavar="S", help="inject faults: every answer waits S seconds")
+    v.add_argument("--request-log", metavar="FILE", help="append the SHA-256 of every image answered")
+    v.set_defaults(func=cmd_serve)
     s = sub.add_parser("status", help="summarize an experiment's trials: done, running, failed and why")
     s.add_argument("experiment", help="<storage>/<study name>")
     s.set_defaults(func=cmd_status)

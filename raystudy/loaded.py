@@ -65,10 +65,13 @@ def _timm_model(loaded: LoadedModel, image_size: int) -> tuple[nn.Module, dict[s
     return model, provenance
 
 
-def model_meta(model: nn.Module, provenance: dict[str, Any], image_size: int) -> dict[str, Any]:
+def model_meta(
+    model: nn.Module, provenance: dict[str, Any], image_size: int, classes: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """What `raystudy.checkpoint.load_model` needs to rebuild a loaded timm model from its saved file."""
     normalize = model[0]
     return {
+        "classes": list(classes),
         "model": provenance["architecture"],
         "num_classes": _classes(model, image_size),
         "input_size": image_size,

@@ -373,3 +373,39 @@ def _label(plan: TrialPlan) -> str:
     if plan.target_name:
         label = f"{plan.target_name} ({train.model})"
     return label + (" [FD]" if train.penalty_gradient == "finite_difference" and train.recipe().penalties else "")
+
+
+def endpoint_queries(spec: StudySpec, endpoints) -> list[dict[str, Any]]:
+    """Per endpoint: the queries the study's query phase sends at most (the clean evaluation images
+    once, shared by every trial, then each trial's AEs: attacks x modes x budgets) and their cost."""
+    ev = spec.evaluation
+    n = ev.n_eval or 10_000
+    sets = sum(len(ev.modes) - (attack == "autoattack" and "targeted" in ev.modes) for attack in ev.attacks)
+    trials = len(trial_plans(spec))
+    queries = n + trials * n * sets * len(ev.budgets)
+    out = []
+    for endpoint in endpoints:
+        price = endpoint.price_per_1000
+        out.append(
+            {
+                "endpoint": endpoint.name,
+                "queries": queries,
+                "budget": endpoint.budget,
+                "cost": None if price is None else queries / 1000 * price,
+            }
+        )
+    return out
+
+
+def render_endpoint_queries(rows: list[dict[str, Any]]) -> str:
+    lines = ["", "black-box targets (raystudy query; answers already kept in the experiment are not sent again):"]
+    for r in rows:
+        cost = "no price given (price_per_1000)" if r["cost"] is None else f"{r['cost']:.2f} at its price per 1,000"
+        budget = "no budget" if r["budget"] is None else f"budget {r['budget']}"
+        over = (
+            "  OVER BUDGET: the query phase will refuse"
+            if r["budget"] is not None and r["queries"] > r["budget"]
+            else ""
+        )
+        lines.append(f"  {r['endpoint']}: at most {r['queries']} queries ({budget}); cost {cost}{over}")
+    return "\n".join(lines)

@@ -19,6 +19,7 @@ from raystudy.checkpoint import STATE_FILE
 from raystudy.config import STUDY_RECORD, StudySpec, parse_space
 from raystudy.config.study import SearchParam, TrialPlan
 from raystudy.errors import RaystudyError
+from raystudy.query import load_endpoints, query_experiment, save_endpoints
 from raystudy.trainable import FINAL_KEY, run_trial, targets_location, trial_folder
 
 BEST_CONFIG = "best_config.json"
@@ -429,7 +430,7 @@ def _max_epochs(spec: StudySpec) -> int:
 def check_targets(spec: StudySpec, storage_path: str) -> list[str]:
     location = targets_location(storage.normalize(storage_path), spec.targets)
     names = storage.list_files(location, ".pt")
-    if not names:
+    if not names and not load_endpoints(location):
         raise RaystudyError(
             f"study {spec.name!r} attacks the targets of study {spec.targets!r}, but {location} holds none: "
             f"train them first with `raystudy targets search_spaces/{spec.targets}.yaml --storage {storage_path}`"
@@ -512,6 +513,12 @@ def run_study(
     targets = check_targets(spec, storage_path) if spec.kind != "targets" else []
     if address is None:
         _check_local_data(spec)
+    if spec.kind == "targets" and spec.endpoints:
+        save_endpoints(targets_location(storage.normalize(storage_path), spec.name), spec.endpoints)
+        print(f"{len(spec.endpoints)} endpoint target(s) saved: {', '.join(e.name for e in spec.endpoints)}")
+        if not spec.plans:
+            _write_record(spec, raw, storage_path, experiment, targets)
+            return []
     _init_ray(address, num_cpus)
     _write_record(spec, raw, storage_path, experiment, targets)
     scheduler = searcher = None
@@ -586,7 +593,20 @@ def _finish(spec: StudySpec, results, experiment: str):
         print(f"  failed: {_describe(r.config)}: {str(r.error).strip().splitlines()[-1][:300]}")
     if spec.kind == "search":
         _write_best(spec, results, experiment)
+    if spec.kind != "targets":
+        query_endpoints(spec, experiment)
     return results
+
+
+def query_endpoints(spec: StudySpec, experiment: str) -> int:
+    """The query phase (raystudy.query) for the black-box targets of the study's targets study, if any."""
+    endpoints = load_endpoints(targets_location(experiment.rsplit("/", 1)[0], spec.targets))
+    if not endpoints:
+        return 0
+    print(f"querying {len(endpoints)} endpoint(s) with the kept images of the finished trials")
+    paid = query_experiment(experiment, endpoints)
+    print(f"endpoint queries done: {paid} paid now (answers are kept in {experiment}/endpoint-cache)")
+    return paid
 
 
 def _write_best(spec: StudySpec, results, experiment: str) -> None:

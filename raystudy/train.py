@@ -89,6 +89,7 @@ def model_meta(config: TrainConfig, dataset: Dataset) -> dict[str, Any]:
         "mean": list(dataset.mean),
         "std": list(dataset.std),
         "dataset": dataset.name,
+        "classes": list(dataset.classes),
         "config": config.to_dict(),
         "versions": versions(),
     }

@@ -25,13 +25,13 @@ from raystudy.data import dataset_for
 from raystudy.errors import RaystudyError
 from raystudy.loaded import load_loaded_model, model_meta
 from raystudy.mechanisms import mechanism_label
-from raystudy.metrics.hook import make_eval_set, measure_surrogate, quick_transfer_asr
-from raystudy.record import flat, make_record, objective_rows, training_rows
+from raystudy.metrics.hook import KeptImages, make_eval_set, measure_surrogate, quick_transfer_asr
+from raystudy.query import load_endpoints, save_kept_images
+from raystudy.record import FINAL_FILE, flat, make_record, objective_rows, training_rows
 from raystudy.train import pick_device, train, versions
 
 TARGETS_DIR = "targets"  # <storage>/<targets study>/targets/<name>.pt
 FINAL_KEY = "final"  # 1 on the result that carries the hook's metrics
-FINAL_FILE = "raystudy-final.json"  # the final result, kept in the trial's folder of the experiment
 
 
 def targets_location(storage_path: str, targets_study: str) -> str:
@@ -85,10 +85,12 @@ def _run_in(work: Path, study: StudySpec, plan: TrialPlan, dataset, storage_path
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         checkpoint.to_directory(str(work))  # holds checkpoint.pt: train() resumes from it
-    targets = eval_set = None
+    targets = eval_set = kept = None
     if study.kind != "targets":
         targets = _load_targets(storage_path, study.targets, work, pick_device())
         eval_set = make_eval_set(dataset.test, dataset.num_classes, study.evaluation)
+        # Black-box targets are queried after training (raystudy.query) with the images kept here.
+        kept = KeptImages() if load_endpoints(targets_location(storage_path, study.targets)) else None
     proxy = _proxy(study, dataset)
 
     def on_epoch_end(record: dict[str, float], state_path: Path | None, model: torch.nn.Module) -> None:
@@ -102,7 +104,7 @@ def _run_in(work: Path, study: StudySpec, plan: TrialPlan, dataset, storage_path
     if plan.loaded is not None:  # trains nothing: the model as published
         surrogate, provenance = load_loaded_model(plan.loaded, dataset.num_classes, dataset.image_size)
         print(f"loaded {plan.loaded.describe()} (weights sha256 {provenance['weights_sha256'][:12]})", flush=True)
-        save_model(work / MODEL_FILE, surrogate, model_meta(surrogate, provenance, dataset.image_size))
+        save_model(work / MODEL_FILE, surrogate, model_meta(surrogate, provenance, dataset.image_size, dataset.classes))
         identity.update(label=plan.loaded.name, weights=provenance)
         rows = []
     else:
@@ -119,7 +121,9 @@ def _run_in(work: Path, study: StudySpec, plan: TrialPlan, dataset, storage_path
         if plan.lgv is not None:  # a restarted trial redoes this short phase from the trained surrogate
             surrogate = lgv.collect(plan.train, work / MODEL_FILE, dataset, plan.lgv, work / "lgv", log=print)
         print(f"trial-end hook: {len(eval_set.labels)} images, targets {', '.join(targets)}", flush=True)
-        rows += measure_surrogate(surrogate.to(pick_device()), targets, eval_set, study.evaluation, log=print)
+        rows += measure_surrogate(surrogate.to(pick_device()), targets, eval_set, study.evaluation, print, kept)
+        if kept is not None:
+            save_kept_images(final_location.rsplit("/", 1)[0], eval_set, kept, dataset.classes)
         if study.search is not None and study.search.objective_targets:
             for metric in filter(averaged_over_targets, study.search.metrics):
                 rows += objective_rows(rows, metric, study.search.objective_targets)
@@ -156,7 +160,7 @@ def _load_targets(storage_path: str, targets_study: str, work: Path, device) -> 
     """Copy the targets from the storage path (any node can reach it) and load them weights-only."""
     location = targets_location(storage_path, targets_study)
     names = storage.list_files(location, ".pt")
-    if not names:
+    if not names and not load_endpoints(location):
         raise RaystudyError(f"no targets under {location}")
     local = work / "targets"
     local.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from raystudy.config.endpoint import EndpointSpec, parse_endpoint
 from raystudy.config.evaluation import EvalConfig
 from raystudy.config.lgv import LGV_BASES, LgvPhase
 from raystudy.config.loaded import LoadedModel, parse_loaded
@@ -80,6 +81,7 @@ class TrialSpec:
     lgv: LgvPhase | None = None  # after training, collect an LGV ensemble (raystudy.lgv) and attack with it
     train: tuple[tuple[str, Any], ...] = ()  # this trial's overrides of the study's training settings
     loaded: LoadedModel | None = None  # a model loaded, not trained (raystudy.config.loaded)
+    endpoint: EndpointSpec | None = None  # targets studies: a black-box target (raystudy.config.endpoint)
 
 
 @dataclass(frozen=True)
@@ -240,6 +242,7 @@ class StudySpec:
     model: str
     seeds: tuple[int, ...]
     plans: tuple[TrialPlan, ...]  # grid and targets studies: every trial x seed, in file order
+    endpoints: tuple[EndpointSpec, ...] = ()  # targets studies: black-box targets (nothing to train)
     train: tuple[tuple[str, Any], ...] = ()
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     resources: Resources = field(default_factory=Resources)
@@ -323,6 +326,8 @@ def _plans(spec, entries: tuple[TrialSpec, ...]) -> tuple[TrialPlan, ...]:
     """Every entry x seed of a grid or targets study, resolved, in file order."""
     plans = []
     for entry in entries:
+        if entry.endpoint is not None:  # queried, not trained: StudySpec.endpoints
+            continue
         if entry.loaded is not None:  # trains nothing: one trial, whatever the seeds
             loaded = entry.loaded
             config = _train_config(spec, "ST", {}, loaded.architecture, spec.seeds[0])
@@ -474,6 +479,12 @@ def _trials(entries: list, kind: str, where: str) -> tuple[TrialSpec, ...]:
     out: list[TrialSpec] = []
     for i, entry in enumerate(entries):
         r = _Reader(entry, f"{where}: trials[{i}]")
+        if isinstance(entry, Mapping) and "endpoint" in entry:
+            if kind != "targets":
+                raise RaystudyError(f"{where}: trials[{i}]: endpoints are targets: name them in a kind: targets study")
+            out.append(TrialSpec(endpoint=parse_endpoint(r.get("endpoint"), f"{where}: trials[{i}]")))
+            r.finish()
+            continue
         loaded = _loaded_entry(r, f"{where}: trials[{i}]")
         if loaded is not None:
             out.append(TrialSpec(loaded=loaded))
@@ -692,7 +703,9 @@ def _validate(spec: StudySpec, entries: tuple[TrialSpec, ...], where: str) -> St
     starts), and check what spans several sections; returns the spec with its plans."""
     input_size = 224 if spec.dataset in IMAGENET_SIZED else dict(spec.train).get("image_size", 32)
     try:
-        if spec.dataset == "imagenet" and (spec.kind == "search" or any(e.loaded is None for e in entries)):
+        if spec.dataset == "imagenet" and (
+            spec.kind == "search" or any(e.loaded is None and e.endpoint is None for e in entries)
+        ):
             raise RaystudyError(
                 "dataset imagenet is an evaluation set (no training split): every trial loads its model "
                 "(model: timm/<name> with pretrained: true, or weights: FILE)"
@@ -701,12 +714,13 @@ def _validate(spec: StudySpec, entries: tuple[TrialSpec, ...], where: str) -> St
         for entry in entries:
             if entry.model:
                 check_model_name(entry.model, input_size)
-        spec = dataclasses.replace(spec, plans=_plans(spec, entries))
+        endpoints = tuple(e.endpoint for e in entries if e.endpoint is not None)
+        spec = dataclasses.replace(spec, plans=_plans(spec, entries), endpoints=endpoints)
         loaded = [plan.loaded.name for plan in spec.plans if plan.loaded]
         twice = sorted({name for name in loaded if loaded.count(name) > 1})
         if twice:
             raise RaystudyError(f"two loaded models are both called {', '.join(twice)}: rename a weights file")
-        names = [plan.target_name for plan in spec.plans if plan.target_name]
+        names = [plan.target_name for plan in spec.plans if plan.target_name] + [e.name for e in spec.endpoints]
         clashes = sorted({name for name in names if names.count(name) > 1})
         if clashes:
             raise RaystudyError(

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import numpy as np
@@ -92,14 +92,25 @@ def evaluate_surrogate(
     return flat(measure_surrogate(surrogate, targets, eval_data, config, log))
 
 
+@dataclass
+class KeptImages:
+    """What the hook hands to black-box targets (raystudy.query): the surrogate's clean predictions
+    and every AE it crafted, as the 8-bit images the white-box targets were shown."""
+
+    surrogate_clean: torch.Tensor | None = None
+    adversarial: dict[tuple[str, str, int], torch.Tensor] = field(default_factory=dict)  # (attack, mode, budget)
+
+
 def measure_surrogate(
     surrogate: nn.Module,
     targets: Mapping[str, nn.Module],
     eval_data: EvalSet,
     config: EvalConfig,
     log: Callable[[str], None] | None = None,
+    keep: KeptImages | None = None,
 ) -> list[MetricRow]:
-    """Every metric as a row with its dimensions; the models come back in the modes they had."""
+    """Every metric as a row with its dimensions; the models come back in the modes they had.
+    With `keep`, the clean predictions and AEs are also kept there (uint8, on the CPU)."""
     reserved = [name for name in targets if name in AGGREGATE_TARGETS]
     if reserved:
         raise RaystudyError(
@@ -108,10 +119,10 @@ def measure_surrogate(
     device = next(surrogate.parameters()).device
     data = eval_data.to(device)
     with eval_mode(surrogate), eval_mode(*targets.values(), frozen=True):
-        return _measure(surrogate, targets, data, config, log)
+        return _measure(surrogate, targets, data, config, log, keep)
 
 
-def _measure(surrogate, targets, data: EvalSet, config: EvalConfig, log) -> list[MetricRow]:
+def _measure(surrogate, targets, data: EvalSet, config: EvalConfig, log, keep: KeptImages | None) -> list[MetricRow]:
     x, y, goal = data.images.float() / 255, data.labels, data.target_classes
     rows: list[MetricRow] = []
     clock = lambda part: _timed(rows, part, log)  # noqa: E731
@@ -121,6 +132,8 @@ def _measure(surrogate, targets, data: EvalSet, config: EvalConfig, log) -> list
         clean.update({name: _predict(m, x, config.batch_size) for name, m in targets.items()})
         rows.append(MetricRow("acc", float((clean["surrogate"] == y).float().mean())))
         rows += [MetricRow("acc", float((clean[name] == y).float().mean()), target=name) for name in targets]
+        if keep is not None:
+            keep.surrogate_clean = clean["surrogate"].cpu()
     with clock("smoothness"):
         k = min(config.smoothness_samples or len(x), len(x))
         values = smoothness(
@@ -139,7 +152,9 @@ def _measure(surrogate, targets, data: EvalSet, config: EvalConfig, log) -> list
                     continue  # AutoAttack's targeted parts still aim at misclassification
                 for budget in config.budgets:
                     target_classes = goal if mode == "targeted" else None
-                    rows += _transfer(surrogate, targets, x, y, target_classes, attack, mode, budget, clean, config)
+                    rows += _transfer(
+                        surrogate, targets, x, y, target_classes, attack, mode, budget, clean, config, keep
+                    )
     return _support_once(rows)
 
 
@@ -208,10 +223,12 @@ def quick_transfer_asr(
     return next(row.value for row in rows if row.name == "asr" and row.target == "mean")
 
 
-def _transfer(surrogate, targets, x, y, goal, attack, mode, budget, clean, config) -> list[MetricRow]:
+def _transfer(surrogate, targets, x, y, goal, attack, mode, budget, clean, config, keep=None) -> list[MetricRow]:
     """AEs crafted once for this (attack, mode, budget), then shown to every target."""
     generator = torch.Generator().manual_seed(config.seed + budget)
     adversarial = _craft(surrogate, x, y, goal, attack, budget, config, generator)
+    if keep is not None:  # exact: the attacks round their AEs to 8-bit pixels
+        keep.adversarial[(attack, mode, budget)] = (adversarial * 255).round().to(torch.uint8).cpu()
     where = {"attack": attack, "mode": mode, "budget": budget}
     rows = [MetricRow("fooling", fooling_rate(y, _predict(surrogate, adversarial, config.batch_size), goal), **where)]
     counts = {

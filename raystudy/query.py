@@ -1,0 +1,241 @@
+"""Black-box targets: each surrogate's AEs sent to the study's endpoints, after training (no Ray here).
+
+A trial whose targets study names endpoints keeps, beside its final result, the images its hook
+showed the white-box targets (`adversarial/clean.npz` and one `<attack>-<mode>-<budget>.npz` per
+AE set: 8-bit PNGs, the labels, target classes and the surrogate's clean predictions). The query
+phase (`raystudy query`, also run at the end of `raystudy run` and `resume`) sends them to every
+endpoint (raystudy.endpoints: rate limit, retries, answers kept and never paid twice), maps the
+returned labels to the dataset's classes and writes ordinary metric rows (target = the endpoint's
+name) into `<trial>/raystudy-endpoint-rows.json`, which the analysis reads with the record.
+
+Success, as Mao et al. count it against labelling services: untargeted, the true class is no
+longer among the (mapped) returned labels; targeted, the target class is among them. With an
+endpoint that returns its top-1 label only, untargeted success is the top label changing away
+from the true class: the white-box definition. `asr` counts the samples the surrogate and the
+endpoint both label correctly when clean (Definition 3), `asr_all` every sample.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from raystudy import storage
+from raystudy.config.endpoint import EndpointSpec, check_label_map
+from raystudy.errors import RaystudyError
+from raystudy.record import ENDPOINT_ROWS_FILE, FINAL_FILE, MetricRow
+
+ADVERSARIAL_DIR = "adversarial"
+CLEAN_SET = "clean"
+ENDPOINT_SUFFIX = ".endpoint.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# The images a trial keeps
+
+
+def encode_pngs(images: torch.Tensor) -> dict[str, np.ndarray]:
+    """uint8 (N, 3, H, W) as concatenated PNG bytes and offsets (the packed layout of the data)."""
+    import torchvision.io
+
+    blobs = [torchvision.io.encode_png(image.contiguous()).numpy().tobytes() for image in images]
+    offsets = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
+    return {"png": np.frombuffer(b"".join(blobs), dtype=np.uint8), "offsets": offsets}
+
+
+def png_list(arrays) -> list[bytes]:
+    data, offsets = arrays["png"], arrays["offsets"]
+    return [data[offsets[i] : offsets[i + 1]].tobytes() for i in range(len(offsets) - 1)]
+
+
+def save_kept_images(trial_location: str, eval_set, kept, class_names: tuple[str, ...]) -> None:
+    """The hook's clean and adversarial images (raystudy.metrics.hook.KeptImages) into the trial's folder."""
+    folder = storage.join(trial_location, ADVERSARIAL_DIR)
+    clean = {
+        **encode_pngs(eval_set.images.cpu()),
+        "labels": eval_set.labels.cpu().numpy(),
+        "target_classes": eval_set.target_classes.cpu().numpy(),
+        "surrogate_clean": kept.surrogate_clean.numpy(),
+        "indices": np.asarray(eval_set.indices),
+        "classes": np.asarray(class_names, dtype=str),
+    }
+    _write_npz(storage.join(folder, f"{CLEAN_SET}.npz"), clean)
+    for (attack, mode, budget), images in kept.adversarial.items():
+        _write_npz(storage.join(folder, f"{attack}-{mode}-{budget}.npz"), encode_pngs(images))
+
+
+def _write_npz(location: str, arrays: dict[str, np.ndarray]) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    storage.write_bytes(location, buffer.getvalue())
+
+
+def _read_npz(location: str):
+    return np.load(io.BytesIO(storage.read_bytes(location)), allow_pickle=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Endpoints of a targets study
+
+
+def save_endpoints(targets_folder: str, endpoints: tuple[EndpointSpec, ...]) -> None:
+    for spec in endpoints:
+        storage.write_bytes(
+            storage.join(targets_folder, spec.name + ENDPOINT_SUFFIX), json.dumps(spec.to_dict()).encode()
+        )
+
+
+def load_endpoints(targets_folder: str) -> list[EndpointSpec]:
+    names = storage.list_files(targets_folder, ENDPOINT_SUFFIX)
+    return [EndpointSpec.from_dict(json.loads(storage.read_bytes(storage.join(targets_folder, n)))) for n in names]
+
+
+# ---------------------------------------------------------------------------------------------
+# The query phase
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    trial: str  # the trial's folder location
+    attack: str
+    mode: str
+    budget: int
+    pngs: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class TrialImages:
+    location: str
+    labels: np.ndarray
+    target_classes: np.ndarray
+    surrogate_clean: np.ndarray
+    classes: tuple[str, ...]  # the dataset's class names, in label order
+    clean: tuple[bytes, ...]
+    sets: tuple[ImageSet, ...]
+
+
+def kept_trials(experiment: str) -> list[TrialImages]:
+    """Finished trials that kept images, in folder order (one listing of the experiment)."""
+    folders: dict[str, set[str]] = {}
+    for entry in storage.list_tree(experiment):
+        folder, _, rest = entry.path.partition("/")
+        folders.setdefault(folder, set()).add(rest)
+    out = []
+    for folder in sorted(folders):
+        names = folders[folder]
+        if FINAL_FILE not in names or f"{ADVERSARIAL_DIR}/{CLEAN_SET}.npz" not in names:
+            continue
+        location = storage.join(experiment, folder)
+        clean = _read_npz(storage.join(location, ADVERSARIAL_DIR, f"{CLEAN_SET}.npz"))
+        sets = []
+        for name in sorted(n for n in names if n.startswith(f"{ADVERSARIAL_DIR}/") and n.endswith(".npz")):
+            stem = name.rsplit("/", 1)[1][: -len(".npz")]
+            if stem == CLEAN_SET:
+                continue
+            attack, mode, budget = stem.rsplit("-", 2)
+            pngs = tuple(png_list(_read_npz(storage.join(location, name))))
+            sets.append(ImageSet(location, attack, mode, int(budget), pngs))
+        out.append(
+            TrialImages(
+                location,
+                clean["labels"],
+                clean["target_classes"],
+                clean["surrogate_clean"],
+                tuple(str(c) for c in clean["classes"]),
+                tuple(png_list(clean)),
+                tuple(sets),
+            )
+        )
+    return out
+
+
+def class_sets(spec: EndpointSpec, labels: list[str], class_names: tuple[str, ...]) -> set[int]:
+    """The dataset classes a list of returned labels stands for: through the label map, else
+    labels that are class names or indices themselves."""
+    index = {name: i for i, name in enumerate(class_names)} | {str(i): i for i in range(len(class_names))}
+    mapping = dict(spec.label_map) if spec.label_map is not None else None
+    out: set[int] = set()
+    for label in labels:
+        for name in mapping.get(label, ()) if mapping is not None else (label,):
+            if name in index:
+                out.add(index[name])
+    return out
+
+
+def plan_queries(spec: EndpointSpec, trials: list[TrialImages], paid: set[str]) -> tuple[int, int]:
+    """(distinct images the phase shows this endpoint, how many of them are not yet answered)."""
+    from raystudy.endpoints import image_digest
+
+    digests = {image_digest(spec, png) for t in trials for png in t.clean + tuple(p for s in t.sets for p in s.pngs)}
+    return len(digests), len(digests - paid)
+
+
+def query_experiment(
+    experiment: str, endpoints: list[EndpointSpec], log: Callable[[str], None] = print, sleep=None
+) -> int:
+    """Send every kept image to every endpoint (cached answers first); write each trial's rows.
+    Refuses before any query when an endpoint's budget cannot cover what is not yet answered.
+    Returns the queries paid for now."""
+    import time
+
+    from raystudy.endpoints import AnswerCache, EndpointClient
+
+    trials = kept_trials(experiment)
+    if not trials or not endpoints:
+        return 0
+    class_names = trials[0].classes
+    clients = []
+    for spec in endpoints:
+        check_label_map(spec, class_names)
+        cache = AnswerCache(experiment, spec.name)
+        total, new = plan_queries(spec, trials, cache.present)
+        if spec.budget is not None and len(cache.present) + new > spec.budget:
+            raise RaystudyError(
+                f"endpoint {spec.name!r}: this study needs {total} queries, {new} of them not yet answered; with "
+                f"{len(cache.present)} already paid its budget of {spec.budget} would be exceeded: nothing was sent "
+                "(raise the endpoint's budget, or lower evaluation n_eval, budgets or attacks)"
+            )
+        log(f"endpoint {spec.name}: {total} images, {total - new} answered before, {new} to query")
+        clients.append(EndpointClient(spec, cache, sleep=sleep or time.sleep))
+    paid = 0
+    for trial in trials:
+        rows = []
+        for client in clients:
+            rows += _endpoint_rows(client, trial, class_names)
+            paid += client.queries
+            client.queries = 0
+        storage.write_bytes(
+            storage.join(trial.location, ENDPOINT_ROWS_FILE), json.dumps([r.to_dict() for r in rows]).encode()
+        )
+        log(f"  {trial.location.rsplit('/', 1)[-1]}: {len(rows)} endpoint rows")
+    return paid
+
+
+def _endpoint_rows(client, trial: TrialImages, class_names: tuple[str, ...]) -> list[MetricRow]:
+    spec = client.spec
+    y, goal = trial.labels, trial.target_classes
+    clean_classes = [class_sets(spec, client.labels(png), class_names) for png in trial.clean]
+    clean_correct = np.array([int(label) in c for label, c in zip(y, clean_classes)])
+    both = clean_correct & (trial.surrogate_clean == y)
+    rows = [
+        MetricRow("acc", float(clean_correct.mean()), target=spec.name),
+        MetricRow("support", float(both.sum()), target=spec.name),
+    ]
+    for image_set in trial.sets:
+        answered = [class_sets(spec, client.labels(png), class_names) for png in image_set.pngs]
+        if image_set.mode == "targeted":
+            success = np.array([int(g) in c for g, c in zip(goal, answered)])
+        else:
+            success = np.array([int(label) not in c for label, c in zip(y, answered)])
+        where = {"attack": image_set.attack, "mode": image_set.mode, "budget": image_set.budget}
+        asr = float(success[both].mean()) if both.any() else float("nan")
+        rows += [
+            MetricRow("asr", asr, target=spec.name, **where),
+            MetricRow("asr_all", float(success.mean()), target=spec.name, **where),
+        ]
+    return rows

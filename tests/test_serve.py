@@ -1,0 +1,135 @@
+"""`raystudy serve` for real (Ray Serve on 127.0.0.1) as the black-box target of a study: the query
+phase at the end of `raystudy run` gets through injected 429s and 500s, the endpoint's ASR equals
+the white-box hook's for the same model, the service killed mid-query leaves a one-line failure,
+and `raystudy resume` finishes without any image asked twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raystudy.record import ENDPOINT_ROWS_FILE
+
+pytestmark = pytest.mark.slow
+RAYSTUDY = [sys.executable, "-m", "raystudy"]
+SERVE_READY_S = 300
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_service(model: Path, port: int, log: Path, *faults: str) -> subprocess.Popen:
+    service = subprocess.Popen(
+        RAYSTUDY
+        + ["serve", str(model), "--port", str(port), "--top-k", "1", "--labels-only", "--request-log", str(log)]
+        + list(faults),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + SERVE_READY_S
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                import requests
+
+                if requests.post(f"http://127.0.0.1:{port}/", data=b"", timeout=30).status_code == 400:
+                    return service
+        except OSError:
+            pass
+        time.sleep(1)
+    stop(service)
+    raise AssertionError("raystudy serve did not answer in time")
+
+
+def stop(service: subprocess.Popen) -> None:
+    os.killpg(service.pid, signal.SIGKILL)
+    service.wait()
+
+
+def run(*args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(RAYSTUDY + [str(a) for a in args], capture_output=True, text=True, timeout=900, env=env)
+
+
+def test_a_served_target_behind_faults_killed_and_resumed(tmp_path):
+    port = free_port()
+    storage = tmp_path / "s"
+    base = {"dataset": "synthetic", "model": "tiny_cnn", "preset": "faithful", "max_failures": 0}
+    base["train"] = {"epochs": 2, "batch_size": 32, "lr": 0.05, "n_train": 512, "n_test": 128, "image_size": 16}
+    endpoint = {"name": "served", "url": f"http://127.0.0.1:{port}/", "top_k": 1, "rate": 200, "retries": 5}
+    endpoint["timeout_s"] = 5
+    targets = {
+        **base,
+        "name": "bb_targets",
+        "kind": "targets",
+        "trials": [{"model": "tiny_cnn"}, {"endpoint": endpoint}],
+    }
+    grid = {**base, "name": "bb", "targets": "bb_targets", "trials": [{"mechanism": "ST"}]}
+    grid["evaluation"] = {"n_eval": 64, "budgets": [8], "smoothness_samples": 8, "steps": 5}
+    for name, space in (("targets", targets), ("grid", grid)):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(space))
+    out = run("targets", tmp_path / "targets.yaml", "--storage", storage, "--num-cpus", 2)
+    assert out.returncode == 0 and "1 endpoint target(s) saved: served" in out.stdout, out.stderr[-2000:]
+    model = storage / "bb_targets" / "targets" / "tiny_cnn.pt"
+    log = tmp_path / "answered.log"
+    service = start_service(model, port, log, "--burst-429", "10:2", "--every-500", "13")
+    try:
+        out = run("run", tmp_path / "grid.yaml", "--storage", storage, "--num-cpus", 2)
+    finally:
+        stop(service)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    trial = next((storage / "bb").glob("trial_*"))
+    rows = {tuple(r.get(k) for k in ("name", "mode", "target")): r["value"] for r in _record(trial)["metrics"]}
+    endpoint_rows = json.loads((trial / ENDPOINT_ROWS_FILE).read_text())
+    for r in endpoint_rows:
+        if r["name"] == "asr":  # the served model is the white-box target: the same success, image by image
+            assert r["value"] == pytest.approx(rows[("asr", r["mode"], "tiny_cnn")])
+    answered = log.read_text().split()
+    assert len(answered) == len(set(answered)) == 64 * 3  # clean + untargeted + targeted, 8/255
+
+    # Killed mid-query: a second surrogate's images; the run fails in one line and keeps its answers.
+    (storage / "bb").rename(tmp_path / "first")
+    log.unlink()
+    grid["name"] = "bb2"
+    grid["evaluation"]["budgets"] = [4, 16]
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
+    service = start_service(model, port, log, "--slow", "0.05")
+    driver = subprocess.Popen(
+        RAYSTUDY + ["run", str(tmp_path / "grid.yaml"), "--storage", str(storage), "--num-cpus", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    while not log.exists() or len(log.read_text().split()) < 60:
+        assert driver.poll() is None, driver.communicate()
+        time.sleep(0.2)
+    stop(service)
+    stdout, stderr = driver.communicate(timeout=600)
+    assert driver.returncode != 0 and "Traceback" not in stderr
+    assert "endpoint 'served'" in stderr and "answers so far are kept" in stderr, stderr[-2000:]
+    before = log.read_text().split()
+    service = start_service(model, port, log)
+    try:
+        out = run("resume", storage / "bb2", "--num-cpus", 2)
+    finally:
+        stop(service)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    answered = log.read_text().split()
+    assert len(before) >= 60 and len(answered) == len(set(answered)) == 64 * 5
+
+
+def _record(trial: Path) -> dict:
+    lines = [json.loads(line) for line in (trial / "result.json").read_text().splitlines() if line.strip()]
+    return next(line["record"] for line in reversed(lines) if line.get("final") == 1)
