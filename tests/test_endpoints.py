@@ -336,3 +336,23 @@ def test_plan_counts_the_queries_and_their_cost_and_flags_a_budget_too_small():
     ]
     text = render_endpoint_queries(rows)
     assert f"paid: at most {queries} queries (budget 3000); cost 8.25" in text and "OVER BUDGET" in text
+
+
+def test_rekognition_labels_come_through_boto3_with_its_own_credentials(tmp_path, monkeypatch):
+    """AWS DetectLabels on moto's in-process Rekognition: boto3's chain supplies the credentials
+    (from the environment here), nothing of them is kept, and its labels map like any endpoint's."""
+    from moto import mock_aws
+
+    from raystudy.query import class_sets
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAREKOGNITIONTEST")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "rekognition-secret-for-test")
+    endpoint = EndpointSpec(
+        name="aws", kind="rekognition", region="us-east-1", label_map=(("Mobile Phone", ("phone",)),)
+    )
+    with mock_aws():
+        client = EndpointClient(endpoint, AnswerCache(str(tmp_path), "aws"), sleep=NO_WAIT)
+        labels = client.labels(b"\x89PNG fake")
+    assert "Mobile Phone" in labels and class_sets(endpoint, labels, ("cat", "phone")) == {1}
+    kept = "".join(p.read_text() for p in tmp_path.rglob("*.json"))
+    assert "Mobile Phone" in kept and "rekognition-secret" not in kept and "AKIAREKOGNITIONTEST" not in kept

@@ -99,6 +99,12 @@ def test_a_served_target_behind_faults_killed_and_resumed(tmp_path):
     answered = log.read_text().split()
     assert len(answered) == len(set(answered)) == 64 * 3  # clean + untargeted + targeted, 8/255
 
+    from analysis import headline_table, load_experiment, tidy_trials  # the endpoint is a column like any target
+
+    table = headline_table(tidy_trials([load_experiment(str(storage / "bb"), cache=tmp_path / "c")]), "untargeted")
+    assert {t for t, _ in table.columns} == {"tiny_cnn", "served", "mean"}
+    assert table.loc["ST", ("served", "8/255")] == table.loc["ST", ("tiny_cnn", "8/255")].replace(" [best]", "")
+
     # Killed mid-query: a second surrogate's images; the run fails in one line and keeps its answers.
     (storage / "bb").rename(tmp_path / "first")
     log.unlink()

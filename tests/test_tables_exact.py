@@ -178,3 +178,36 @@ def test_label_order_and_unfinished_reasons():
     assert _no_final("missing") == "never started"
     assert _no_final("stopped early").startswith("stopped by ASHA")
     assert _no_final("odd") == "odd"
+
+
+def test_a_trials_status_error_history_and_id_come_from_its_files(tmp_path):
+    """Each state a trial folder can be in, written by hand: done, failed (its error's last line),
+    stopped early by the scheduler (done without a final result), incomplete; a line cut by a crash
+    is skipped and the lines after it are kept; the history is in epoch order, rows without an epoch last."""
+    folder = write_experiment(tmp_path, VALUES)
+    trials = sorted(p for p in folder.glob("trial_*"))
+
+    def rewrite(trial, rows, error=None):
+        text = "\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n"
+        (trial / "result.json").write_text(text)
+        if error is not None:
+            (trial / "error.txt").write_text(error)
+
+    final = [json.loads(line) for line in (trials[0] / "result.json").read_text().splitlines()][-1]
+    epoch = lambda e, **kw: {"epoch": e, "loss": 1.0 / e, "final": 0, "trial_id": "x", **kw}  # noqa: E731
+    rewrite(trials[0], [epoch(2), '{"epoch": 3, "lo', epoch(1), {"note": "no epoch", "final": 0}, final])
+    rewrite(trials[1], [epoch(1)], error="Traceback\n  ...\nValueError: first\nRuntimeError: the last line\n")
+    rewrite(trials[2], [epoch(1), epoch(2, done=True)])
+    rewrite(trials[3], [epoch(1)])
+    (trials[4] / "result.json").write_text("")
+    got = {t.location.rsplit("/", 1)[-1]: t for t in load_experiment(str(folder), cache=tmp_path / "c").trials}
+    done, failed, stopped, incomplete, empty = (got[t.name] for t in trials[:5])
+    assert (done.status, failed.status, stopped.status, incomplete.status) == (
+        "done",
+        "failed",
+        "stopped early",
+        "incomplete",
+    )
+    assert [h.get("epoch") for h in done.history] == [1, 2, None] and done.trial_id == final["trial_id"]
+    assert failed.error == "RuntimeError: the last line" and stopped.error == "" and incomplete.trial_id == "x"
+    assert empty.status == "incomplete" and empty.trial_id == trials[4].name and empty.history == ()
