@@ -294,7 +294,13 @@ def cmd_query(args: argparse.Namespace) -> int:
     spec = parse_space(record["study"], record["source"], record["data"])
     if spec.kind == "targets":
         raise RaystudyError(f"{args.experiment} is a targets study: query the studies that attack its targets")
-    query_endpoints(spec, storage.normalize(args.experiment))
+    from raystudy.query import load_endpoints
+    from raystudy.trainable import targets_location
+
+    experiment = storage.normalize(args.experiment)
+    if not load_endpoints(targets_location(experiment.rsplit("/", 1)[0], spec.targets)):
+        raise RaystudyError(f"the targets of {args.experiment} ({spec.targets}) name no endpoint: nothing to query")
+    query_endpoints(spec, experiment)
     return 0
 
 
