@@ -9,7 +9,17 @@ import pytest
 import torch
 from conftest import SHARED_CIFAR
 
-from raystudy.data import balanced_subset, eval_batches, load_dataset, make_synthetic, random_crop_flip, train_batches
+from raystudy.data import (
+    CIFAR10_MEAN,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    balanced_subset,
+    eval_batches,
+    load_dataset,
+    make_synthetic,
+    random_crop_flip,
+    train_batches,
+)
 from raystudy.errors import RaystudyError
 
 
@@ -195,3 +205,62 @@ def test_synthetic_sizes_classes_and_seed_pass_through():
     )
     with pytest.raises(RaystudyError, match="unknown dataset 'mnist'; known: cifar10, imagenette, imagenet, synthetic"):
         load_dataset("mnist")
+
+
+def test_training_batches_are_augmented_when_asked_and_drop_the_last_partial_batch():
+    from raystudy.data import Split
+
+    torch.manual_seed(0)
+    images = torch.randint(1, 255, (100, 3, 16, 16), dtype=torch.uint8)
+    split = Split(images, torch.arange(100))
+    plain = list(train_batches(split, 32, augment_images=False))
+    assert [len(y) for _, y in plain] == [32, 32, 32]  # 100 // 32 full batches, the 4 left dropped
+    for x, y in plain:
+        assert torch.equal((x * 255).round().to(torch.uint8), images[y])
+    augmented = list(train_batches(split, 32))  # augmentation is the default
+    changed = sum(
+        not torch.equal((x[i] * 255).round().to(torch.uint8), images[y[i]]) for x, y in augmented for i in range(len(y))
+    )
+    assert changed > 48  # most of the 96 images are shifted or flipped
+
+
+def test_packed_jpeg_archives_and_image_folders_of_a_small_cifar(tmp_path):
+    """The packed-JPEG layout of ../shared/data written small by hand; an image-folder test split
+    that lacks a class keeps the training split's class numbering."""
+    import torchvision.io
+
+    for split, n in (("train", 30), ("test", 20)):
+        labels = np.arange(n) % 10
+        blobs = [
+            torchvision.io.encode_jpeg(torch.full((3, 32, 32), int(20 * c), dtype=torch.uint8), quality=95).numpy()
+            for c in labels
+        ]
+        offsets = np.cumsum([0] + [len(b) for b in blobs])
+        np.savez(tmp_path / f"{split}.npz", jpeg=np.concatenate(blobs), offsets=offsets, labels=labels,
+                 classes=np.array([f"k{i}" for i in range(10)]))  # fmt: skip
+    ds = load_dataset("cifar10", tmp_path)
+    assert (ds.name, ds.classes[:2], ds.mean) == ("cifar10", ("k0", "k1"), CIFAR10_MEAN)
+    assert len(ds.train) == 30 and len(ds.test) == 20
+    for split in (ds.train, ds.test):  # each image decodes to its own label's grey level
+        assert (split.images.float().mean(dim=(1, 2, 3)) - 20 * split.labels.float()).abs().max() < 2
+    folder = tmp_path / "folders"
+    for split, classes in (("train", ("ant", "bee", "cat")), ("test", ("ant", "cat"))):
+        for c in classes:
+            (folder / split / c).mkdir(parents=True)
+            torchvision.io.write_png(torch.zeros(3, 32, 32, dtype=torch.uint8), str(folder / split / c / "0.png"))
+    ds = load_dataset("cifar10", folder)
+    assert ds.classes == ("ant", "bee", "cat") and ds.test.labels.tolist() == [0, 2]
+
+
+def test_imagenette_keeps_train_class_numbering_and_resizes_both_splits(tmp_path):
+    import torchvision.io
+
+    for split, classes in (("train", ("n01", "n02")), ("val", ("n02",))):
+        for c in classes:
+            (tmp_path / split / c).mkdir(parents=True)
+            torchvision.io.write_jpeg(
+                torch.randint(0, 255, (3, 300, 400), dtype=torch.uint8), str(tmp_path / split / c / "a.JPEG")
+            )
+    ds = load_dataset("imagenette", tmp_path)
+    assert ds.test.images.shape == (1, 3, 224, 224) and ds.test.labels.tolist() == [1]
+    assert (ds.name, ds.mean, ds.std) == ("imagenette", IMAGENET_MEAN, IMAGENET_STD)
