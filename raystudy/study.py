@@ -448,7 +448,7 @@ def check_targets(spec: StudySpec, storage_path: str) -> list[str]:
                 f"search: objective_targets take every target of {spec.targets!r}: hold at least one out "
                 f"(the winner is tested on the held-out targets)"
             )
-    return found
+    return found + [endpoint.name for endpoint in load_endpoints(location)]  # black-box ones are queried after
 
 
 def _write_record(spec: StudySpec, raw: Any, storage_path: str, experiment: str, targets: list[str]) -> None:
