@@ -211,3 +211,21 @@ def test_a_trials_status_error_history_and_id_come_from_its_files(tmp_path):
     assert [h.get("epoch") for h in done.history] == [1, 2, None] and done.trial_id == final["trial_id"]
     assert failed.error == "RuntimeError: the last line" and stopped.error == "" and incomplete.trial_id == "x"
     assert empty.status == "incomplete" and empty.trial_id == trials[4].name and empty.history == ()
+
+
+def test_cells_count_each_seed_once_across_experiments_and_one_seed_has_no_spread(tmp_path):
+    from analysis import headline_cells
+
+    a = load_experiment(str(write_experiment(tmp_path / "a", VALUES)), cache=tmp_path / "c")
+    b = load_experiment(str(write_experiment(tmp_path / "b", VALUES)), cache=tmp_path / "c")
+    cells = headline_cells(tidy_trials([a, b]), "untargeted").set_index(["label", "target", "budget"])
+    assert (cells["n"] == 2).all()  # the same seeds in two experiments are not four samples
+    one = headline_cells(tidy_trials([a])[lambda t: t.seed == 0], "untargeted")
+    assert (one["std"] == 0).all() and (one["n"] == 1).all()
+
+
+def test_a_missing_cell_is_a_dash_and_the_rest_of_its_column_still_reads_as_numbers(tidy):
+    table = headline_table(tidy[~((tidy.label == "ST") & (tidy.target == "t1") & (tidy.name == "asr"))], "untargeted")
+    assert table.loc["ST", ("t1", "8/255")] == "–"
+    for label in ORDER[1:]:
+        assert table.loc[label, ("t1", "8/255")].startswith(expected_cell(label, "t1", "untargeted")[1])
