@@ -266,3 +266,8 @@ def test_an_epochs_record_is_the_mean_of_its_steps_and_checkpoints_follow_checkp
         assert record["images_per_s"] * record["seconds"] == pytest.approx(per_epoch * 32, rel=1e-6)
     assert [(e, p) for e, p, _ in seen] == [(1, None), (2, tmp_path / "checkpoint.pt"), (3, tmp_path / "checkpoint.pt")]
     assert all(m is result.model for _, _, m in seen)
+
+
+def test_a_constant_schedule_keeps_the_peak_after_warm_up():
+    config = tiny_config(epochs=6, warmup_epochs=2, lr=0.4, schedule="constant")
+    assert [learning_rate(config, e) for e in range(6)] == pytest.approx([0.2, 0.4, 0.4, 0.4, 0.4, 0.4])
