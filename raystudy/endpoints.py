@@ -182,7 +182,14 @@ def _rekognition_sender(spec: EndpointSpec):
     import boto3
     import botocore.exceptions
 
-    client = boto3.client("rekognition", region_name=spec.region)
+    region = spec.region or boto3.session.Session().region_name
+    if not region:
+        raise RaystudyError(f"endpoint {spec.name!r}: give its region (no AWS region is configured here)")
+    endpoint_url = os.environ.get("AWS_ENDPOINT_URL_REKOGNITION")
+    if endpoint_url is None and os.environ.get("AWS_ENDPOINT_URL") == os.environ.get("RAYSTUDY_S3_ENDPOINT"):
+        # raystudy pointed AWS clients at the study's S3 server (RAYSTUDY_S3_ENDPOINT): not Rekognition's
+        endpoint_url = f"https://rekognition.{region}.amazonaws.com"
+    client = boto3.client("rekognition", region_name=region, endpoint_url=endpoint_url)
     throttled = {"ThrottlingException", "ProvisionedThroughputExceededException", "InternalServerError"}
 
     def send(png: bytes) -> tuple[str, float | None, Any]:

@@ -345,6 +345,9 @@ def test_rekognition_labels_come_through_boto3_with_its_own_credentials(tmp_path
 
     from raystudy.query import class_sets
 
+    # A study on a local S3 server points AWS clients there (raystudy.storage): Rekognition must not follow.
+    monkeypatch.setenv("RAYSTUDY_S3_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAREKOGNITIONTEST")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "rekognition-secret-for-test")
     endpoint = EndpointSpec(
