@@ -271,3 +271,14 @@ def test_an_epochs_record_is_the_mean_of_its_steps_and_checkpoints_follow_checkp
 def test_a_constant_schedule_keeps_the_peak_after_warm_up():
     config = tiny_config(epochs=6, warmup_epochs=2, lr=0.4, schedule="constant")
     assert [learning_rate(config, e) for e in range(6)] == pytest.approx([0.2, 0.4, 0.4, 0.4, 0.4, 0.4])
+
+
+def test_the_recipe_takes_the_configs_penalty_gradient_and_the_smallest_settings_are_valid():
+    from raystudy.mechanisms.finite_difference import InputGradientNormFD
+    from raystudy.mechanisms.gradient_norms import InputGradientNorm
+
+    assert type(tiny_config(mechanism="IR").recipe().penalties[0]) is InputGradientNorm
+    fd = tiny_config(mechanism="IR", penalty_gradient="finite_difference")
+    assert type(fd.recipe().penalties[0]) is InputGradientNormFD
+    smallest = tiny_config(epochs=1, batch_size=1, warmup_epochs=0)
+    assert (smallest.epochs, smallest.batch_size) == (1, 1)
