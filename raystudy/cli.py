@@ -308,7 +308,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from raystudy.serve import Faults, parse_burst, serve_model
 
     burst = parse_burst(args.burst_429) if args.burst_429 else None
-    faults = Faults(burst, args.every_500, args.slow)
+    faults = Faults(burst, args.every_500, args.slow, args.down_after)
     serve_model(args.model_file, args.port, args.top_k, args.labels_only, faults, args.request_log, args.host)
     return 0
 
@@ -534,6 +534,7 @@ def _add_study(sub) -> None:
     )
     v.add_argument("--every-500", type=_positive_int, metavar="N", help="inject faults: every N-th request gets 500")
     v.add_argument("--slow", type=float, default=0.0, metavar="S", help="inject faults: every answer waits S seconds")
+    v.add_argument("--down-after", type=int, metavar="N", help="inject faults: 503 to everything after N answers")
     v.add_argument("--request-log", metavar="FILE", help="append the SHA-256 of every image answered")
     v.set_defaults(func=cmd_serve)
     s = sub.add_parser("status", help="summarize an experiment's trials: done, running, failed and why")

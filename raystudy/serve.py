@@ -3,8 +3,9 @@ service, a reference black-box target for the query phase (raystudy.query) and i
 
 POST a PNG (the body, or JSON {"image": <base64>}): the answer is {"labels": [{"label": ..., "score":
 ...}, ...]}, the top-k classes by probability (names from the model file, else class indices), or
-labels only. Faults can be injected for tests: bursts of 429 (with Retry-After: 0), 500s and slow
-answers, decided by the request's number, so a run is repeatable. `--request-log FILE` appends the
+labels only. Faults can be injected for tests: bursts of 429 (with Retry-After: 0), 500s, slow
+answers, decided by the request's number so a run is repeatable, and an outage (503 to everything
+after N answers: a service gone mid-evaluation, with no answer lost in flight). `--request-log FILE` appends the
 SHA-256 of every image the service answered, one per line: what a test counts.
 """
 
@@ -25,9 +26,12 @@ class Faults:
     burst_429: tuple[int, int] | None = None  # (every, length): of every `every` requests the first `length` get 429
     every_500: int | None = None  # every n-th request gets 500
     slow_s: float = 0.0  # every answer waits this long
+    down_after: int | None = None  # after this many answers, every request gets 503 (an outage)
 
-    def status(self, number: int) -> int | None:
-        """The injected status for request `number` (1-based), or None to answer it."""
+    def status(self, number: int, answered: int = 0) -> int | None:
+        """The injected status for request `number` (1-based) after `answered` answers, or None to answer it."""
+        if self.down_after is not None and answered >= self.down_after:
+            return 503
         if self.burst_429 and (number - 1) % self.burst_429[0] < self.burst_429[1]:
             return 429
         if self.every_500 and number % self.every_500 == 0:
@@ -47,13 +51,14 @@ class Labeller:
         self.top_k, self.labels_only, self.faults = top_k, labels_only, faults
         self.request_log = request_log
         self.requests = 0
+        self.answered = 0
 
     def answer(self, body: bytes, content_type: str) -> tuple[int, dict, dict]:
         """(status, JSON answer, headers)."""
         import torch
 
         self.requests += 1
-        injected = self.faults.status(self.requests)
+        injected = self.faults.status(self.requests, self.answered)
         if injected:
             return injected, {"error": "injected"}, {"Retry-After": "0"} if injected == 429 else {}
         if self.faults.slow_s:
@@ -75,6 +80,7 @@ class Labeller:
         if self.request_log:
             with open(self.request_log, "a") as f:
                 f.write(hashlib.sha256(png).hexdigest() + "\n")
+        self.answered += 1
         return 200, {"labels": labels}, {}
 
 

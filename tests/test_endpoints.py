@@ -80,6 +80,7 @@ def spec(url: str, **changes) -> EndpointSpec:
 def test_faults_follow_the_request_number_and_bursts_parse():
     faults = Faults(burst_429=(10, 3), every_500=4)
     assert [faults.status(n) for n in range(1, 13)] == [429, 429, 429, 500, None, None, None, 500, None, None, 429, 429]
+    assert [Faults(down_after=2).status(n, answered) for n, answered in ((1, 0), (2, 1), (9, 2))] == [None, None, 503]
     assert parse_burst("10:3") == (10, 3)
     with pytest.raises(RaystudyError, match="EVERY:LENGTH"):
         parse_burst("ten")
@@ -174,10 +175,11 @@ def test_endpoint_entries_are_checked_when_the_study_loads(tmp_path):
 # The query phase against the served model
 
 
-@pytest.fixture
-def white_box(tmp_path):
+@pytest.fixture(scope="module")
+def trained_white_box(tmp_path_factory):
     """A trained target saved as a model file, a surrogate's hook run against it with the images
-    kept, and the experiment folder of that one finished trial."""
+    kept, and the experiment folder of that one finished trial (built once for the module)."""
+    tmp_path = tmp_path_factory.mktemp("white_box")
     torch.manual_seed(0)
     data = make_synthetic(512, 64, num_classes=10, image_size=16, seed=0)
     target = _fit(build_model("tiny_cnn", 10, input_size=16), data, seed=1)
@@ -199,6 +201,17 @@ def white_box(tmp_path):
     trial.mkdir(parents=True)
     save_kept_images(str(trial), eval_set, kept, data.classes)
     (trial / FINAL_FILE).write_text("{}")
+    return tmp_path, rows
+
+
+@pytest.fixture
+def white_box(trained_white_box, tmp_path):
+    """The module's white-box world with an experiment of its own (answers are kept in it)."""
+    import shutil
+
+    built, rows = trained_white_box
+    shutil.copy(built / "target.pt", tmp_path / "target.pt")
+    shutil.copytree(built / "exp", tmp_path / "exp")
     return tmp_path, rows
 
 

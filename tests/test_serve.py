@@ -77,7 +77,7 @@ def test_a_served_target_behind_faults_killed_and_resumed(tmp_path):
         "trials": [{"model": "tiny_cnn"}, {"endpoint": endpoint}],
     }
     grid = {**base, "name": "bb", "targets": "bb_targets", "trials": [{"mechanism": "ST"}]}
-    grid["evaluation"] = {"n_eval": 64, "budgets": [8], "smoothness_samples": 8, "steps": 5}
+    grid["evaluation"] = {"n_eval": 32, "budgets": [8], "smoothness_samples": 8, "steps": 5}
     for name, space in (("targets", targets), ("grid", grid)):
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(space))
     out = run("targets", tmp_path / "targets.yaml", "--storage", storage, "--num-cpus", 2)
@@ -93,17 +93,22 @@ def test_a_served_target_behind_faults_killed_and_resumed(tmp_path):
     trial = next((storage / "bb").glob("trial_*"))
     rows = {tuple(r.get(k) for k in ("name", "mode", "target")): r["value"] for r in _record(trial)["metrics"]}
     endpoint_rows = json.loads((trial / ENDPOINT_ROWS_FILE).read_text())
+    support = rows[("support", None, "tiny_cnn")]
     for r in endpoint_rows:
-        if r["name"] == "asr":  # the served model is the white-box target: the same success, image by image
-            assert r["value"] == pytest.approx(rows[("asr", r["mode"], "tiny_cnn")])
+        # The served model is the white-box target: the same success, image by image, except where
+        # the replica's one-image forward pass (its own thread count, its own kernels) and the hook's
+        # batched one round a near-tie of the top two logits apart: at most one image either way.
+        if r["name"] == "asr":
+            assert abs(r["value"] - rows[("asr", r["mode"], "tiny_cnn")]) <= 1 / support + 1e-9
     answered = log.read_text().split()
-    assert len(answered) == len(set(answered)) == 64 * 3  # clean + untargeted + targeted, 8/255
+    assert len(answered) == len(set(answered)) == 32 * 3  # clean + untargeted + targeted, 8/255
 
     from analysis import headline_table, load_experiment, tidy_trials  # the endpoint is a column like any target
 
     table = headline_table(tidy_trials([load_experiment(str(storage / "bb"), cache=tmp_path / "c")]), "untargeted")
     assert {t for t, _ in table.columns} == {"tiny_cnn", "served", "mean"}
-    assert table.loc["ST", ("served", "8/255")] == table.loc["ST", ("tiny_cnn", "8/255")].replace(" [best]", "")
+    served, white = (float(table.loc["ST", (t, "8/255")].split()[0]) for t in ("served", "tiny_cnn"))
+    assert abs(served - white) <= 100 / support + 1e-6
 
     # Killed mid-query: a second surrogate's images; the run fails in one line and keeps its answers.
     (storage / "bb").rename(tmp_path / "first")
@@ -111,17 +116,17 @@ def test_a_served_target_behind_faults_killed_and_resumed(tmp_path):
     grid["name"] = "bb2"
     grid["evaluation"]["budgets"] = [4, 16]
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
-    service = start_service(model, port, log, "--slow", "0.05")
+    service = start_service(model, port, log, "--down-after", "40")
     driver = subprocess.Popen(
         RAYSTUDY + ["run", str(tmp_path / "grid.yaml"), "--storage", str(storage), "--num-cpus", "2"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    while not log.exists() or len(log.read_text().split()) < 60:
+    while not log.exists() or len(log.read_text().split()) < 40:  # then it answers 503 only
         assert driver.poll() is None, driver.communicate()
         time.sleep(0.2)
-    stop(service)
+    stop(service)  # killed while the query phase retries
     stdout, stderr = driver.communicate(timeout=600)
     assert driver.returncode != 0 and "Traceback" not in stderr
     assert "endpoint 'served'" in stderr and "answers so far are kept" in stderr, stderr[-2000:]
@@ -133,7 +138,7 @@ def test_a_served_target_behind_faults_killed_and_resumed(tmp_path):
         stop(service)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     answered = log.read_text().split()
-    assert len(before) >= 60 and len(answered) == len(set(answered)) == 64 * 5
+    assert len(before) == 40 and len(answered) == len(set(answered)) == 32 * 5
 
 
 def _record(trial: Path) -> dict:
