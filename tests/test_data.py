@@ -264,3 +264,78 @@ def test_imagenette_keeps_train_class_numbering_and_resizes_both_splits(tmp_path
     ds = load_dataset("imagenette", tmp_path)
     assert ds.test.images.shape == (1, 3, 224, 224) and ds.test.labels.tolist() == [1]
     assert (ds.name, ds.mean, ds.std) == ("imagenette", IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _coded_images(n: int, side: int) -> torch.Tensor:
+    """uint8 images whose pixels name their own row and column (1-based, so padding reads 0)."""
+    rows = torch.arange(1, side + 1, dtype=torch.uint8)[:, None].expand(side, side)
+    cols = torch.arange(1, side + 1, dtype=torch.uint8)[None, :].expand(side, side)
+    return torch.stack([rows, cols, rows * 0 + 7])[None].repeat(n, 1, 1, 1)
+
+
+def test_crops_are_every_offset_of_the_padded_image_drawn_uniformly_and_flips_half():
+    """Each output is the padded image's window at one offset in [0, 2*pad]^2, mirrored or not:
+    read back from the coded pixels, all 25 offsets appear about equally often and half are mirrored."""
+    torch.manual_seed(0)
+    n, side, pad = 5000, 8, 2
+    out = random_crop_flip(_coded_images(n, side), pad=pad).long()
+    padded = torch.nn.functional.pad(_coded_images(1, side), (pad, pad, pad, pad))[0].long()
+    offsets, mirrored = [], 0
+    for image in out[:400]:
+        matches = [
+            (dy, dx, flip)
+            for dy in range(2 * pad + 1)
+            for dx in range(2 * pad + 1)
+            for flip in (False, True)
+            if torch.equal(image, (lambda w: w.flip(2) if flip else w)(padded[:, dy : dy + side, dx : dx + side]))
+        ]
+        assert len(matches) >= 1  # every output is such a window (an all-padding column can be ambiguous)
+        offsets.append(matches[0][:2])
+        mirrored += matches[0][2]
+    assert len(set(offsets)) == (2 * pad + 1) ** 2
+    # The vertical offset from the row codes: padded row r holds code r - pad + 1 (0 above the image),
+    # so an output starting inside the image has dy = code - 1 + pad, one starting in the top padding
+    # dy = pad - (its leading padding rows). Uniform over 0..2*pad (each ~1/5).
+    row_codes = out[:, 0].amax(dim=2)  # per output row (0 where the row is padding)
+    leading_padding = (row_codes.cumsum(dim=1) == 0).sum(dim=1)
+    dy = torch.where(row_codes[:, 0] > 0, row_codes[:, 0] - 1 + pad, pad - leading_padding)
+    assert torch.equal(dy[:400], torch.tensor([dy_ for dy_, _ in offsets]))
+    counts = torch.bincount(dy, minlength=2 * pad + 1).float() / n
+    assert torch.allclose(counts, torch.full_like(counts, 1 / (2 * pad + 1)), atol=0.03)
+    # Mirrored: the column codes fall from left to right.
+    middle = out[:, 1, side // 2]
+    falls = (middle[:, 1:] - middle[:, :-1] < 0) & (middle[:, 1:] > 0) & (middle[:, :-1] > 0)
+    assert 0.45 < falls.any(dim=1).float().mean() < 0.55
+    assert 0.4 < mirrored / 400 < 0.6
+
+
+def test_random_resized_crops_sample_boxes_inside_the_image_with_the_drawn_area_and_ratio():
+    """On an image whose channels are its own x and y coordinates, bilinear resampling is exact, so
+    each output reads back its box: inside the image, area fraction ~ U(0.08, 1) where it fits,
+    log aspect ratio within log(3/4)..log(4/3), mirrored half of the time."""
+    from raystudy.data import random_resized_crop_flip
+
+    torch.manual_seed(0)
+    n, side = 4000, 64
+    coords = (torch.arange(side, dtype=torch.float32) + 0.5) / side  # pixel centres in [0, 1]
+    image = torch.stack([coords[None, :].expand(side, side), coords[:, None].expand(side, side)])
+    out = random_resized_crop_flip(image[None].repeat(n, 1, 1, 1))
+    x_first, x_last = out[:, 0, side // 2, 0], out[:, 0, side // 2, -1]
+    y_first, y_last = out[:, 1, 0, side // 2], out[:, 1, -1, side // 2]
+    # Sample points of the outermost output pixels sit half a pixel inside the box.
+    width = (x_last - x_first).abs() * side / (side - 1)
+    height = (y_last - y_first) * side / (side - 1)
+    left = torch.minimum(x_first, x_last) - width / (2 * side)
+    top = y_first - height / (2 * side)
+    assert (left >= -1e-4).all() and (left + width <= 1 + 1e-4).all()
+    assert (top >= -1e-4).all() and (top + height <= 1 + 1e-4).all()
+    fits = (width < 0.999) & (height < 0.999)
+    area, log_ratio = (width * height)[fits], (width / height).log()[fits]
+    assert area.min() >= 0.08 - 1e-3 and area.max() <= 1 + 1e-3
+    assert log_ratio.min() >= np.log(3 / 4) - 1e-3 and log_ratio.max() <= np.log(4 / 3) + 1e-3
+    assert abs(float(log_ratio.mean())) < 0.02  # uniform in log ratio: symmetric about 0
+    # Uniform area fractions: the deciles of the boxes that fit are spread over (0.08, 1).
+    assert float(area.quantile(0.1)) < 0.2 and float(area.quantile(0.5)) == pytest.approx(0.5, abs=0.08)
+    mirrored = (x_last < x_first).float().mean()
+    assert 0.46 < float(mirrored) < 0.54
+    assert (height > 0).all()  # never mirrored vertically

@@ -229,3 +229,32 @@ def test_a_missing_cell_is_a_dash_and_the_rest_of_its_column_still_reads_as_numb
     assert table.loc["ST", ("t1", "8/255")] == "–"
     for label in ORDER[1:]:
         assert table.loc[label, ("t1", "8/255")].startswith(expected_cell(label, "t1", "untargeted")[1])
+
+
+def test_pearson_and_r2_at_the_edges_of_what_they_can_tell():
+    """r needs three pairs and spread in both; R² needs more points than its predictors plus one and
+    spread in y. Just inside each edge the value is scipy's / least squares', just outside it is NaN."""
+    import statsmodels.api as sm
+
+    from analysis.tables import _pearson, _r2
+
+    def pearson(x, y):
+        return _pearson(scipy.stats, pd.Series(x, dtype=float), pd.Series(y, dtype=float))
+
+    assert np.isnan(pearson([0, 1], [0, 1]))  # two pairs: a line through any two points
+    assert pearson([0, 1, 2], [0, 1, 2.5]) == pytest.approx(scipy.stats.pearsonr([0, 1, 2], [0, 1, 2.5]).statistic)
+    assert pearson([0, 0, 1], [1, 2, 4]) == pytest.approx(scipy.stats.pearsonr([0, 0, 1], [1, 2, 4]).statistic)
+    assert pearson([1, 2, 3], [5, 5, 7]) == pytest.approx(scipy.stats.pearsonr([1, 2, 3], [5, 5, 7]).statistic)
+    assert np.isnan(pearson([1, 1, 1], [0, 1, 2])) and np.isnan(pearson([0, 1, 2], [3, 3, 3]))
+
+    def r2(y, x):
+        return _r2(sm, pd.Series(y, dtype=float), pd.DataFrame(x, dtype=float))
+
+    two = {"a": [0, 1, 2, 3], "b": [1, 0, 1, 0]}
+    y = [1, 2, 2, 4]
+    design = np.column_stack([np.ones(4), two["a"], two["b"]])
+    residual = y - design @ np.linalg.lstsq(design, y, rcond=None)[0]
+    assert r2(y, two) == pytest.approx(1 - residual @ residual / np.sum((y - np.mean(y)) ** 2))
+    assert np.isnan(r2(y[:3], {k: v[:3] for k, v in two.items()}))  # 3 points, 2 predictors + intercept
+    assert not np.isnan(r2([1, 1, 2, 2], two))  # two values of y are spread enough
+    assert np.isnan(r2([2, 2, 2, 2], two))
