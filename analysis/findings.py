@@ -280,9 +280,7 @@ def _correlation(what: str, x: pd.Series, y: pd.Series, side: str) -> Check:
 
 
 def _r2_text(data: pd.DataFrame) -> str:
-    import statsmodels.api as sm
-
-    r2 = _r2(sm, data.iloc[:, 0], data.iloc[:, 1:])
+    r2 = _r2(data.iloc[:, 0], data.iloc[:, 1:])
     return "too few trials" if math.isnan(r2) else f"R² = {r2:.2f} (n = {len(data)})"
 
 

@@ -29,7 +29,7 @@ from raystudy.record import ENDPOINT_ROWS_FILE, legacy_rows, make_record
 DONE, FAILED, INCOMPLETE, MISSING, STOPPED = "done", "failed", "incomplete", "missing", "stopped early"
 TRIAL_FILES = ("params.json", "result.json", "error.txt", ENDPOINT_ROWS_FILE)
 READERS = 32  # trials read at once: an object store answers each request in tens of milliseconds
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # one file per experiment, shared config and record kept once
 
 
 @dataclass(frozen=True)
@@ -96,36 +96,75 @@ def _read_trials(location: str, experiment: str, cache: Path | None) -> list[Tri
     missing = [f for f, trial in trials.items() if trial is None]
     with ThreadPoolExecutor(READERS) as pool:
         trials.update(zip(missing, pool.map(read, missing)))
+    kept.save()
     return [trials[f] for f in folders]
 
 
 class _TrialCache:
-    """Finished trials' records on this machine, one JSON file per trial folder."""
+    """Finished trials' records on this machine: one file per experiment, read once and written back
+    when an analysis read finished trials it did not hold (a finished trial never changes)."""
 
     def __init__(self, location: str, root: Path | None) -> None:
         if root is None:
             root = Path(os.environ.get("RAYSTUDY_CACHE", Path.home() / ".cache" / "raystudy")).expanduser() / "analysis"
-        self.folder = root / hashlib.sha1(location.encode()).hexdigest()[:16]
+        self.path = root / f"{hashlib.sha1(location.encode()).hexdigest()[:16]}.json"
+        self.kept: dict[str, dict] = {}
+        self.added: dict[str, dict] = {}  # put from the reader threads: one key each
+        try:
+            kept = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return
+        if kept.get("format") == CACHE_FORMAT:
+            self.kept = kept["trials"]
 
     def get(self, folder: str, fingerprint: dict) -> TrialRecord | None:
-        try:
-            kept = json.loads((self.folder / f"{folder}.json").read_text())
-        except (OSError, ValueError):
+        entry = self.kept.get(folder)
+        if entry is None or entry["fingerprint"] != fingerprint:
             return None
-        if kept.get("format") != CACHE_FORMAT or kept.get("fingerprint") != fingerprint:
-            return None
-        values = kept["trial"]
-        return TrialRecord(**{**values, "history": tuple(values["history"])})
+        return _expanded(entry["trial"])
 
     def put(self, folder: str, fingerprint: dict, trial: TrialRecord) -> None:
+        self.added[folder] = {"fingerprint": fingerprint, "trial": _compact(trial)}
+
+    def save(self) -> None:
+        if not self.added:
+            return
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            tmp = self.folder / f"{folder}.json.tmp{os.getpid()}"
-            payload = {"format": CACHE_FORMAT, "fingerprint": fingerprint, "trial": dataclasses.asdict(trial)}
-            tmp.write_text(json.dumps(payload))
-            tmp.replace(self.folder / f"{folder}.json")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f"{self.path.name}.tmp{os.getpid()}")
+            tmp.write_text(json.dumps({"format": CACHE_FORMAT, "trials": {**self.kept, **self.added}}))
+            tmp.replace(self.path)
         except OSError:
             pass  # a cache that cannot be written costs a re-read next time, nothing more
+
+
+# Ray copies the trial's config into every result row, and the final row holds the record: the cache
+# keeps each once and puts them back on read (a third of the bytes to parse).
+_CONFIG, _RECORD = "<the trial's config>", "<the trial's record>"
+
+
+def _compact(trial: TrialRecord) -> dict:
+    def shared(row: dict) -> dict:
+        out = {k: (_CONFIG if k == "config" and v == trial.config else v) for k, v in row.items()}
+        if "record" in out and out["record"] == trial.record:
+            out["record"] = _RECORD
+        return out
+
+    values = {f.name: getattr(trial, f.name) for f in dataclasses.fields(trial)}
+    return {**values, "final": shared(trial.final), "history": [shared(r) for r in trial.history]}
+
+
+def _expanded(values: dict) -> TrialRecord:
+    def restored(row: dict) -> dict:
+        out = dict(row)
+        if out.get("config") == _CONFIG:
+            out["config"] = values["config"]
+        if out.get("record") == _RECORD:
+            out["record"] = values["record"]
+        return out
+
+    history = tuple(restored(r) for r in values["history"])
+    return TrialRecord(**{**values, "final": restored(values["final"]), "history": history})
 
 
 def _read_trial(location: str, experiment: str, folder: str, present: set[str]) -> TrialRecord:

@@ -253,7 +253,7 @@ def _correlations(report: Report, tidy: pd.DataFrame, out: Path) -> None:
         "Per target and budget (untargeted PGD), over all finished trials: Pearson r between the ASR and "
         "the surrogate's clean accuracy, fooling probability, smoothness and gradient similarity to that "
         "target, and the R² of OLS regressions of the ASR on (smoothness, similarity) and on all four "
-        "(scipy, statsmodels). NaN where too few trials or no variation."
+        "(scipy; least squares with an intercept). NaN where too few trials or no variation."
     )
     report.table(table)
 

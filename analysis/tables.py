@@ -3,7 +3,7 @@
 Everything reads `tidy_trials(...)`: one row per finished trial x metric, built from the trials'
 records alone: the config columns from the record's identity and plan, the metric's dimensions
 (name, attack, mode, budget, statistic, target) from its row; `metric` is the row's flat key, for
-wide tables. Statistics come from scipy (Pearson r) and statsmodels (OLS R^2).
+wide tables. Statistics come from scipy (Pearson r) and numpy's least squares (OLS R^2).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pandas as pd
 
 from analysis.records import DONE, Experiment, TrialRecord, plan_of
 from raystudy.mechanisms import MECHANISMS, mechanism_label
-from raystudy.record import DIMENSIONS, MetricRow, rows_of
+from raystudy.record import DIMENSIONS, MetricRow, metric_key, rows_of
 
 CONFIG_COLUMNS = [
     "experiment",
@@ -67,16 +67,22 @@ METRIC_COLUMNS = ["metric", "name", *DIMENSIONS, "value"]
 
 def tidy_trials(experiments: Iterable[Experiment]) -> pd.DataFrame:
     """One row per finished trial x metric row of its record."""
-    rows = []
+    # Built column by column: a 10,000-trial search has over half a million rows.
+    columns: dict[str, list] = {c: [] for c in CONFIG_COLUMNS + METRIC_COLUMNS}
     for experiment in experiments:
         for trial in experiment.trials:
             if trial.status != DONE:
                 continue
             setting = trial_setting(experiment, trial)
-            for row in rows_of(trial.record):
-                dims = {d: getattr(row, d) for d in DIMENSIONS}
-                rows.append({**setting, "metric": row.key, "name": row.name, **dims, "value": float(row.value)})
-    frame = pd.DataFrame(rows, columns=CONFIG_COLUMNS + METRIC_COLUMNS)
+            rows = trial.record.get("metrics", [])  # MetricRow.to_dict()s, read as they are
+            for c in CONFIG_COLUMNS:
+                columns[c].extend([setting[c]] * len(rows))
+            for d in DIMENSIONS:
+                columns[d].extend([row.get(d) for row in rows])
+            columns["name"].extend([row["name"] for row in rows])
+            columns["value"].extend([float(row["value"]) for row in rows])
+            columns["metric"].extend([metric_key(**{k: v for k, v in row.items() if k != "value"}) for row in rows])
+    frame = pd.DataFrame(columns, columns=CONFIG_COLUMNS + METRIC_COLUMNS)
     frame["budget"] = frame["budget"].astype("Int64")
     return frame
 
@@ -204,7 +210,6 @@ def correlation_table(tidy: pd.DataFrame, attack: str = "pgd", mode: str = "unta
     """Per target and budget: Pearson r of ASR with acc, FP, smoothness, similarity; OLS R^2 on
     (smoothness, similarity) and on all four. One row per (target, budget); n = trials used."""
     import scipy.stats
-    import statsmodels.api as sm
 
     surrogates = tidy[tidy.kind != "targets"]
     table = wide(surrogates)
@@ -226,10 +231,8 @@ def correlation_table(tidy: pd.DataFrame, attack: str = "pgd", mode: str = "unta
         row = {"target": target, "budget": budget, "n": len(data)}
         for name, source in predictors.items():
             row[f"r_{name}"] = _pearson(scipy.stats, data[source], data[column])
-        row["r2_smoothness_similarity"] = _r2(
-            sm, data[column], data[[predictors["smoothness"], predictors["similarity"]]]
-        )
-        row["r2_all_four"] = _r2(sm, data[column], data[list(predictors.values())])
+        row["r2_smoothness_similarity"] = _r2(data[column], data[[predictors["smoothness"], predictors["similarity"]]])
+        row["r2_all_four"] = _r2(data[column], data[list(predictors.values())])
         rows.append(row)
     return pd.DataFrame(rows).sort_values(["target", "budget"]).reset_index(drop=True) if rows else pd.DataFrame()
 
@@ -240,14 +243,17 @@ def _pearson(stats, x: pd.Series, y: pd.Series) -> float:
     return float(stats.pearsonr(x, y).statistic)
 
 
-def _r2(sm, y: pd.Series, x: pd.DataFrame) -> float:
-    import warnings
-
+def _r2(y: pd.Series, x: pd.DataFrame) -> float:
+    """R^2 of the ordinary least-squares fit of y on x with an intercept. Collinear predictors still
+    have an R^2 (the fit's, not unique weights): lstsq takes the minimum-norm solution."""
     if len(y) <= x.shape[1] + 1 or y.nunique() < 2:
         return float("nan")
-    with warnings.catch_warnings():  # collinear predictors still have an R² (the fit's, not unique weights)
-        warnings.simplefilter("ignore")
-        return float(sm.OLS(y.to_numpy(float), sm.add_constant(x.to_numpy(float), has_constant="add")).fit().rsquared)
+    target = y.to_numpy(float)
+    design = np.column_stack([np.ones(len(target)), x.to_numpy(float)])
+    weights = np.linalg.lstsq(design, target, rcond=None)[0]
+    residual = target - design @ weights
+    centred = target - target.mean()
+    return float(1.0 - residual @ residual / (centred @ centred))
 
 
 def metric_gaps(experiments: Iterable[Experiment]) -> pd.DataFrame:

@@ -36,14 +36,19 @@ class MetricRow:
 
     @property
     def key(self) -> str:
-        parts = [self.name]
-        if self.attack is not None:
-            parts += [self.attack, self.mode, str(self.budget)]
-        parts += [p for p in (self.statistic, self.target) if p is not None]
-        return "/".join(parts)
+        return metric_key(self.name, self.attack, self.mode, self.budget, self.statistic, self.target)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None or k == "value"}
+
+
+def metric_key(name: str, attack=None, mode=None, budget=None, statistic=None, target=None) -> str:
+    """A row's flat name (`MetricRow.key`), from its fields: also for rows read as plain dicts."""
+    parts = [name]
+    if attack is not None:
+        parts += [attack, mode, str(budget)]
+    parts += [p for p in (statistic, target) if p is not None]
+    return "/".join(parts)
 
 
 def flat(rows: Iterable[MetricRow]) -> dict[str, float]:

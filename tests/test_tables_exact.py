@@ -248,13 +248,15 @@ def test_pearson_and_r2_at_the_edges_of_what_they_can_tell():
     assert np.isnan(pearson([1, 1, 1], [0, 1, 2])) and np.isnan(pearson([0, 1, 2], [3, 3, 3]))
 
     def r2(y, x):
-        return _r2(sm, pd.Series(y, dtype=float), pd.DataFrame(x, dtype=float))
+        return _r2(pd.Series(y, dtype=float), pd.DataFrame(x, dtype=float))
 
-    two = {"a": [0, 1, 2, 3], "b": [1, 0, 1, 0]}
-    y = [1, 2, 2, 4]
-    design = np.column_stack([np.ones(4), two["a"], two["b"]])
-    residual = y - design @ np.linalg.lstsq(design, y, rcond=None)[0]
-    assert r2(y, two) == pytest.approx(1 - residual @ residual / np.sum((y - np.mean(y)) ** 2))
+    two = {"a": [0, 1, 2, 3, 5], "b": [1, 0, 1, 0, 1]}
+    y = [1, 2, 2, 4, 3]
+    design = sm.add_constant(np.column_stack([two["a"], two["b"]]))
+    assert r2(y, two) == pytest.approx(sm.OLS(y, design).fit().rsquared)  # statsmodels' OLS, independently
+    collinear = {"a": two["a"], "twice_a": [2 * v for v in two["a"]]}
+    assert r2(y, collinear) == pytest.approx(sm.OLS(y, sm.add_constant(np.array(two["a"], float))).fit().rsquared)
     assert np.isnan(r2(y[:3], {k: v[:3] for k, v in two.items()}))  # 3 points, 2 predictors + intercept
-    assert not np.isnan(r2([1, 1, 2, 2], two))  # two values of y are spread enough
-    assert np.isnan(r2([2, 2, 2, 2], two))
+    assert not np.isnan(r2(y[:4], {k: v[:4] for k, v in two.items()}))  # 4 points: one to spare
+    assert not np.isnan(r2([1, 1, 2, 2, 1], two))  # two values of y are spread enough
+    assert np.isnan(r2([2, 2, 2, 2, 2], two))
