@@ -1,39 +1,63 @@
-"""Sweep: finite-difference penalty gradients against exact double backprop, over the step size.
+"""Sweep: finite-difference penalty gradients against exact double backprop, over models, points of
+training and step rules.
 
-    python benchmarks/finite_difference_sweep.py --json results/finite_difference_sweep.json
+    python benchmarks/finite_difference_sweep.py --data ../shared/data/cifar10-jpeg \
+        --json results/finite_difference_sweep.json
 
-For IR and ER: the cosine between the parameter gradient of the finite-difference form and of the
-exact form, per step size, with the first pass's activation pattern held (the default) and, to show
-why it is held, with a free second pass; on a trained tiny CNN (ReLU and max-pool), the same CNN with
-SiLU (smooth) and a ResNet-18 at a small batch, all in train mode (BatchNorm on batch statistics).
-For JR: both estimators are random, so it compares the mean over draws of their values and of a fixed
-projection of their gradients, with standard errors, and their variances.
+Models: the CIFAR ResNet-18, VGG-16 and Inception-V3 (its dropout active), BatchNorm in train mode,
+as the penalties see them in training. Points: initialisation, after one epoch, and trained (more
+epochs on the same seeded subset until it is fitted), SGD with the published momentum and weight
+decay. At each point, on one batch of training images, the cosine between the finite-difference and
+the exact parameter gradient of:
+* IR and ER against double backprop, for the scale-aware default, for the size step alone (no cap
+  where the loss is steep: a fixed step in all but name, the form that failed on Inception-V3) over a
+  range of steps, for the loss-change cap over a range, and with a free second pass (the activation
+  pattern not held) at the default;
+* JR against its exact twin (the same random input direction, J u by double backprop), on the same
+  model with BatchNorm in elementary operations (PyTorch's kernel has no third derivative), for the
+  default, for the pilot's size step alone over a range and for the logit-change target over a range.
+Every pair is computed with the same seed, so exact and finite-difference forms see the same dropout
+masks. On the trained ResNet-18 it also compares the JR estimator's mean and variance with the
+published one's (random projections on the logits).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
 import sys
+import time
 from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from raystudy.data import load_dataset
 from raystudy.mechanisms import soft_targets
 from raystudy.mechanisms.finite_difference import (
+    INPUT_LOSS_CHANGE,
     INPUT_STEP,
+    JACOBIAN_STEP,
+    LOGIT_CHANGE,
+    WEIGHT_STEP,
     InputGradientNormFD,
+    InputJacobianNormAlongInputDirection,
     InputJacobianNormFD,
     WeightGradientNormFD,
     penalty_parameter_gradient,
+    with_differentiable_batch_norm,
 )
 from raystudy.mechanisms.gradient_norms import InputGradientNorm, InputJacobianNorm, WeightGradientNorm
 from raystudy.models import build_model
 
-STEPS = (1e-5, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1)
+MODELS = ("resnet18", "vgg16", "inception_v3")
+SIZE_STEPS = {"IR": (1e-6, 1e-5, INPUT_STEP, 1e-4, 3e-4, 1e-3), "ER": (1e-7, 1e-6, WEIGHT_STEP, 1e-4, 1e-3)}
+JACOBIAN_STEPS = (1e-6, 1e-5, 3e-5, JACOBIAN_STEP, 3e-4, 1e-3)
+LOSS_CHANGES = (3e-4, 1e-3, INPUT_LOSS_CHANGE, 1e-2, 3e-2)
+LOGIT_CHANGES = (1e-4, LOGIT_CHANGE, 2e-3, 1e-2)
+PAIR_SEED = 7  # the seed of every exact / finite-difference pair
 
 
 class FreeSecondPass:
@@ -46,124 +70,180 @@ class FreeSecondPass:
         return nullcontext()
 
 
-def smooth(model: nn.Module) -> nn.Module:
-    """The same architecture with every ReLU replaced by SiLU (no kinks)."""
-    for name, child in model.named_children():
-        if isinstance(child, nn.ReLU):
-            setattr(model, name, nn.SiLU())
-        else:
-            smooth(child)
-    return model
-
-
-def trained(model: nn.Module, data, steps: int, batch: int, seed: int) -> nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(len(data.train.labels), (batch,), generator=generator)
-        x = data.train.images[idx].float().div(255)
-        loss = F.cross_entropy(model(x), data.train.labels[idx])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model
-
-
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(F.cosine_similarity(a.double(), b.double(), dim=0))
+    return round(float(F.cosine_similarity(a.double(), b.double(), dim=0)), 6)
 
 
-def gradient_cosines(model, exact, fd_class, x, y_soft, free: bool) -> dict[str, float]:
-    _, reference = penalty_parameter_gradient(model, exact, x, y_soft)
-    out = {}
-    for step in STEPS:
-        penalty = fd_class(exact.weight, step=step)
-        if free:
-            penalty = _with_free_second_pass(penalty)
-        _, grad = penalty_parameter_gradient(model, penalty, x, y_soft)
-        out[f"{step:g}"] = round(cosine(grad, reference), 5)
-    return out
+def train_epochs(model, data, epochs: int, args, generator) -> dict[str, float]:
+    """SGD epochs over the training subset (unaugmented); the last epoch's loss and accuracy."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
+    model.train()
+    n = len(data.train.labels)
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator)
+        loss_sum = correct = 0.0
+        for start in range(0, n - args.batch_size + 1, args.batch_size):
+            idx = order[start : start + args.batch_size]
+            logits = model(data.train.images[idx].float().div(255))
+            loss = F.cross_entropy(logits, data.train.labels[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * len(idx)
+            correct += float((logits.argmax(1) == data.train.labels[idx]).sum())
+        seen = n - n % args.batch_size
+    return {"train_loss": loss_sum / seen, "train_accuracy": correct / seen}
 
 
-def _with_free_second_pass(penalty):
+def points(model, data, args):
+    """(label, training state) at initialisation, after one epoch, and trained."""
+    generator = torch.Generator().manual_seed(0)
+    yield "initialisation", {}
+    state = train_epochs(model, data, 1, args, generator)
+    yield "one epoch", {"epochs": 1, **state}
+    epochs = 1
+    while epochs < args.max_epochs and state["train_accuracy"] < args.fitted_accuracy:
+        state = train_epochs(model, data, 1, args, generator)
+        epochs += 1
+    yield "trained", {"epochs": epochs, **state}
+
+
+def pair_cosine(model, exact, finite_difference, x, y_soft) -> float:
+    _, reference = penalty_parameter_gradient(model, exact, x, y_soft, seed=PAIR_SEED)
+    _, estimate = penalty_parameter_gradient(model, finite_difference, x, y_soft, seed=PAIR_SEED)
+    return cosine(estimate, reference)
+
+
+def free_second_pass(penalty):
     class Free(type(penalty)):
         def __call__(self, fwd):
             return super().__call__(type(fwd)(fwd.model, fwd.x, fwd.y_soft, fwd.logits, fwd.ce, FreeSecondPass()))
 
-    return Free(penalty.weight, step=penalty.step)
+    return Free(penalty.weight)
 
 
-def jr_comparison(model, x, y_soft, draws: int, step: float) -> dict[str, float]:
-    torch.manual_seed(0)
-    probe = None
-    rows = {"published": [], "finite_difference": []}
-    for name, penalty in (("published", InputJacobianNorm(1.0)), ("finite_difference", InputJacobianNormFD(1.0, step))):
-        for _ in range(draws):
-            value, grad = penalty_parameter_gradient(model, penalty, x, y_soft)
+def along_gradient(model, name, exact, fd_class, x, y_soft) -> dict:
+    """IR or ER: the default rule, the size step alone, the loss-change cap, a free second pass."""
+    _, reference = penalty_parameter_gradient(model, exact, x, y_soft, seed=PAIR_SEED)
+
+    def against(penalty) -> float:
+        return cosine(penalty_parameter_gradient(model, penalty, x, y_soft, seed=PAIR_SEED)[1], reference)
+
+    default = fd_class(exact.weight)
+    return {
+        "scale-aware (default)": against(default),
+        "size step alone": {
+            f"{s:g}": against(fd_class(exact.weight, step=s, loss_change=math.inf)) for s in SIZE_STEPS[name]
+        },
+        "loss-change cap": {f"{c:g}": against(fd_class(exact.weight, loss_change=c)) for c in LOSS_CHANGES},
+        "free second pass": against(free_second_pass(default)),
+    }
+
+
+def jacobian(model, x, y_soft) -> dict:
+    """JR against its exact twin, on a copy of the model whose BatchNorm has every derivative: the
+    default rule, the pilot's size step alone over a range, and the logit-change target over a range."""
+    twin_model = with_differentiable_batch_norm(copy.deepcopy(model))
+    exact = InputJacobianNormAlongInputDirection(1.0)
+
+    def against(penalty) -> float:
+        return pair_cosine(twin_model, exact, penalty, x, y_soft)
+
+    return {
+        "scale-aware (default)": against(InputJacobianNormFD(1.0)),
+        "size step alone": {
+            f"{s:g}": against(InputJacobianNormFD(1.0, step=s, logit_change=math.inf)) for s in JACOBIAN_STEPS
+        },
+        "logit-change target": {f"{c:g}": against(InputJacobianNormFD(1.0, logit_change=c)) for c in LOGIT_CHANGES},
+    }
+
+
+def jr_expectation(model, x, y_soft, draws: int) -> dict:
+    """Mean and variance over draws of the published estimator and the finite-difference one."""
+    probe, out = None, {}
+    for name, penalty in (("published", InputJacobianNorm(1.0)), ("finite_difference", InputJacobianNormFD(1.0))):
+        values, projections = [], []
+        for draw in range(draws):
+            value, grad = penalty_parameter_gradient(model, penalty, x, y_soft, seed=1000 + draw)
             if probe is None:
                 probe = torch.randn(grad.shape, generator=torch.Generator().manual_seed(1), dtype=grad.dtype)
-            rows[name].append((float(value), float(grad @ probe)))
-    out = {}
-    for name, pairs in rows.items():
-        values = torch.tensor([v for v, _ in pairs], dtype=torch.float64)
-        projections = torch.tensor([p for _, p in pairs], dtype=torch.float64)
+            values.append(float(value))
+            projections.append(float(grad @ probe))
+        v, p = torch.tensor(values, dtype=torch.float64), torch.tensor(projections, dtype=torch.float64)
         out[name] = {
-            "value_mean": float(values.mean()),
-            "value_standard_error": float(values.std() / draws**0.5),
-            "value_variance": float(values.var()),
-            "gradient_projection_mean": float(projections.mean()),
-            "gradient_projection_standard_error": float(projections.std() / draws**0.5),
+            "value_mean": float(v.mean()),
+            "value_standard_error": float(v.std() / draws**0.5),
+            "value_variance": float(v.var()),
+            "gradient_projection_mean": float(p.mean()),
+            "gradient_projection_standard_error": float(p.std() / draws**0.5),
+            "gradient_projection_variance": float(p.var()),
         }
     return out
 
 
-def cases(args):
-    data = load_dataset(args.dataset, args.data, n_train=args.n_train, n_test=64, seed=0)
-    m = data.num_classes
-    torch.manual_seed(0)
-    relu_cnn = trained(build_model("tiny_cnn", m, mean=data.mean, std=data.std), data, args.train_steps, 64, seed=0)
-    torch.manual_seed(0)
-    silu_cnn = trained(
-        smooth(build_model("tiny_cnn", m, mean=data.mean, std=data.std)), data, args.train_steps, 64, seed=0
-    )
-    torch.manual_seed(0)
-    resnet = trained(build_model("resnet18", m, mean=data.mean, std=data.std), data, args.resnet_steps, 16, seed=0)
-    generator = torch.Generator().manual_seed(2)
-    idx = torch.randperm(len(data.test.labels), generator=generator)
-    x = data.test.images[idx].float().div(255)
-    y = data.test.labels[idx]
-    yield "tiny_cnn (ReLU, max-pool), trained, batch 32", relu_cnn, x[:32], soft_targets(y[:32], m)
-    yield "tiny_cnn (SiLU), trained, batch 32", silu_cnn, x[:32], soft_targets(y[:32], m)
-    yield f"resnet18, trained {args.resnet_steps} steps, batch 8", resnet, x[:8], soft_targets(y[:8], m)
+def minimum(cases: dict, path: tuple[str, ...]) -> float:
+    values = []
+    for case in cases.values():
+        node = case
+        for key in path:
+            node = node[key]
+        values.append(node)
+    return min(values)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="cifar10", help="cifar10 (needs --data or $RAYSTUDY_DATA) or synthetic")
     parser.add_argument("--data")
-    parser.add_argument("--n-train", type=int, default=5000)
-    parser.add_argument("--train-steps", type=int, default=300)
-    parser.add_argument("--resnet-steps", type=int, default=60)
-    parser.add_argument("--jr-draws", type=int, default=200)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--n-train", type=int, default=256, help="seeded training subset the points are trained on")
+    parser.add_argument("--batch-size", type=int, default=16, help="training batch")
+    parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--max-epochs", type=int, default=40, help="epochs at most for the trained point")
+    parser.add_argument("--fitted-accuracy", type=float, default=0.95, help="training accuracy that ends training")
+    parser.add_argument("--eval-batch", type=int, default=8, help="training images the gradients are compared on")
+    parser.add_argument("--jr-draws", type=int, default=60, help="draws of the JR expectation check (0: skip)")
     parser.add_argument("--json", help="also write the figures to this JSON file (with the command)")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    report = {"command": "python " + " ".join(sys.argv), "steps": list(STEPS), "cases": {}}
-    for label, model, x, y_soft in cases(args):
-        model.train()
-        case = {}
-        for name, exact, fd in (
-            ("IR", InputGradientNorm(0.5), InputGradientNormFD),
-            ("ER", WeightGradientNorm(0.05), WeightGradientNormFD),
-        ):
-            case[f"{name} cosine, pattern held"] = gradient_cosines(model, exact, fd, x, y_soft, free=False)
-            case[f"{name} cosine, free second pass"] = gradient_cosines(model, exact, fd, x, y_soft, free=True)
-            print(label, name, "held", case[f"{name} cosine, pattern held"], flush=True)
-            print(label, name, "free", case[f"{name} cosine, free second pass"], flush=True)
-        case["JR"] = jr_comparison(model, x, y_soft, args.jr_draws, step=INPUT_STEP)
-        print(label, "JR", json.dumps(case["JR"]), flush=True)
-        report["cases"][label] = case
+    data = load_dataset(args.dataset, args.data, n_train=args.n_train, n_test=64, seed=0)
+    m = data.num_classes
+    idx = torch.randperm(args.n_train, generator=torch.Generator().manual_seed(2))[: args.eval_batch]
+    x, y_soft = data.train.images[idx].float().div(255), soft_targets(data.train.labels[idx], m)
+    report = {
+        "command": "python " + " ".join(sys.argv),
+        "settings": {**vars(args), "torch_threads": torch.get_num_threads()},
+        "cases": {},
+    }
+    for name in args.models:
+        torch.manual_seed(0)
+        model = build_model(name, m, mean=data.mean, std=data.std)
+        for point, state in points(model, data, args):
+            started = time.time()
+            model.train()
+            case = {"model": name, "point": point, **state}
+            case["IR"] = along_gradient(model, "IR", InputGradientNorm(0.5), InputGradientNormFD, x, y_soft)
+            case["ER"] = along_gradient(model, "ER", WeightGradientNorm(0.05), WeightGradientNormFD, x, y_soft)
+            case["JR"] = jacobian(model, x, y_soft)
+            if args.jr_draws and name == "resnet18" and point == "trained":
+                case["JR expectation"] = jr_expectation(model, x, y_soft, args.jr_draws)
+            label = f"{name}, {point}"
+            report["cases"][label] = case
+            print(label, json.dumps({k: v for k, v in case.items() if k != "JR expectation"}), flush=True)
+            print(f"  ({time.time() - started:.0f} s)", flush=True)
+    cases = report["cases"]
+    report["minimum cosine"] = {
+        f"{penalty}, {rule}": minimum(cases, (penalty, rule))
+        for penalty in ("IR", "ER", "JR")
+        for rule in ("scale-aware (default)",)
+    }
+    report["minimum cosine"].update(
+        {
+            f"{penalty}, size step alone {step}": minimum(cases, (penalty, "size step alone", step))
+            for penalty in ("IR", "ER", "JR")
+            for step in cases[next(iter(cases))][penalty]["size step alone"]
+        }
+    )
+    print("minimum cosine over every model and point:", json.dumps(report["minimum cosine"], indent=1))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

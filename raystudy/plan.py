@@ -37,11 +37,16 @@ _QUOTED_SECONDS.update({m: _QUOTED_SECONDS["ST"] for m in ("MU", "CM", "CO", "LS
 _QUOTED_SECONDS["SAM&IR"] = 2 * _QUOTED_SECONDS["IR"]
 _QUOTED_SECONDS["SAM&JR"] = 2 * _QUOTED_SECONDS["JR"]
 # Finite-difference penalty gradients: ~2.5 ST steps on an H100 (quoted with the exact ~10x in
-# PITFALLS.md); the SAM combinations run two of them.
+# PITFALLS.md); JR adds its pilot forward pass without a graph (about a third of an ST step); the
+# SAM combinations run two of them.
 QUOTED_FD_OVER_ST = 2.5
+JR_PILOT_OVER_ST = 1 / 3
 PENALIZED = ("IR", "JR", "ER", "SAM&IR", "SAM&JR")  # the mechanisms a penalty gradient applies to
 _QUOTED_FD_SECONDS = {
-    m: (2 if m.startswith("SAM&") else 1) * QUOTED_FD_OVER_ST * _QUOTED_SECONDS["ST"] for m in PENALIZED
+    m: (2 if m.startswith("SAM&") else 1)
+    * (QUOTED_FD_OVER_ST + (JR_PILOT_OVER_ST if m.endswith("JR") else 0.0))
+    * _QUOTED_SECONDS["ST"]
+    for m in PENALIZED
 }
 # Aggregate throughput of k ResNet-18 ST trainings sharing one H100, relative to one alone (quoted).
 QUOTED_PACKING_GAIN = {1: 1.0, 4: 2.36}
@@ -88,8 +93,11 @@ class StepCosts:
             ratio = sorted(ratios)[len(ratios) // 2]
             return self.seconds[(mechanism, "exact")] * ratio * per_image, f"{ESTIMATED} (exact x {ratio:.2f})"
         st = self.seconds.get(("ST", "exact"), self.seconds[(mechanism, "exact")])
-        fd = (2 if mechanism.startswith("SAM&") else 1) * QUOTED_FD_OVER_ST * st
-        return fd * per_image, f"{ESTIMATED} ({QUOTED_FD_OVER_ST:g} ST steps, quoted)"
+        fd = _QUOTED_FD_SECONDS[mechanism] / _QUOTED_SECONDS["ST"] * st
+        return (
+            fd * per_image,
+            f"{ESTIMATED} ({_QUOTED_FD_SECONDS[mechanism] / _QUOTED_SECONDS['ST']:.3g} ST steps, quoted)",
+        )
 
     def gain(self, train: TrainConfig, per_gpu: int) -> tuple[float, str]:
         """The packing gain of `per_gpu` trials like `train` on one GPU, and where it comes from

@@ -255,3 +255,98 @@ def test_training_with_finite_differences_runs_in_full_fp32():
     assert torch.backends.cudnn.allow_tf32 is False and math.isfinite(result.history[-1]["loss"])
     train(TrainConfig(mechanism="SAM&JR", **common), data, log=None)
     assert torch.backends.cudnn.allow_tf32 is True
+
+
+def test_scale_aware_step_is_the_size_step_capped_where_the_loss_is_steep_and_floored():
+    from raystudy.mechanisms.finite_difference import MIN_STEP_FRACTION, scale_aware_step
+
+    size, loss = torch.tensor(1e-3), torch.tensor(2.0)
+    assert float(scale_aware_step(size, loss, torch.tensor(1.0), 3e-3)) == pytest.approx(1e-3)  # flat: size step
+    # Steep (slope 100): the step moves the loss by 3e-3 of itself, 6e-5.
+    assert float(scale_aware_step(size, loss, torch.tensor(100.0), 3e-3)) == pytest.approx(3e-3 * 2.0 / 100)
+    # Steeper still: never below MIN_STEP_FRACTION of the size step.
+    assert float(scale_aware_step(size, loss, torch.tensor(1e6), 3e-3)) == pytest.approx(MIN_STEP_FRACTION * 1e-3)
+    assert float(scale_aware_step(size, loss, torch.tensor(0.0), 3e-3)) == pytest.approx(1e-3)  # no gradient
+
+
+def _linear(weight_scale: float) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, CLASSES))
+    with torch.no_grad():
+        model[1].weight.mul_(weight_scale)
+    return model
+
+
+def _steps_taken(monkeypatch, penalty, model, x, y_soft) -> list[torch.Tensor]:
+    """The input shifts of every second pass `penalty` makes (x_shifted - x)."""
+    import raystudy.mechanisms.finite_difference as fd
+
+    shifts, original = [], fd.forward_again
+
+    def spy(fwd, x=None, params=None):
+        if x is not None:
+            shifts.append((x - fwd.x.detach()).detach())
+        return original(fwd, x=x, params=params)
+
+    monkeypatch.setattr(fd, "forward_again", spy)
+    penalty_parameter_gradient(model, penalty, x, y_soft, seed=0)
+    return shifts
+
+
+@pytest.mark.parametrize("weight_scale", [1.0, 1e3])
+def test_ir_steps_its_size_step_or_where_the_loss_changes_by_its_fraction(monkeypatch, weight_scale):
+    """Linear softmax model: the step along the stacked gradient is min(step * ||x||, c * L / ||g||):
+    the size step where the loss is flat, the loss-change cap where it is steep."""
+    from raystudy.mechanisms.finite_difference import INPUT_LOSS_CHANGE, INPUT_STEP
+
+    # Images near mid-grey and logits W (x - 1/2): the loss stays near log 4 while its slope grows
+    # with W. In float64, so that the step reads back exactly from the shifted input.
+    model = _linear(weight_scale).double()
+    with torch.no_grad():
+        model[1].bias.copy_(-0.5 * model[1].weight.sum(dim=1))
+    x = 0.5 + 1e-3 * torch.rand(8, 3, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y = torch.arange(8) % CLASSES
+    y_soft = soft_targets(y, CLASSES).double()
+    xg = x.clone().requires_grad_(True)
+    loss = F.cross_entropy(model(xg), y, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, xg)
+    loss = loss.detach()
+    expected = min(INPUT_STEP * float(x.norm()), INPUT_LOSS_CHANGE * float(loss) / float(grad.norm()))
+    (shift,) = _steps_taken(monkeypatch, InputGradientNormFD(0.5), model, x, y_soft)
+    assert float(shift.norm()) == pytest.approx(expected, rel=1e-3)
+    assert F.cosine_similarity(shift.flatten(), grad.flatten(), dim=0) > 0.9999  # along the gradient
+    steep = INPUT_LOSS_CHANGE * float(loss) / float(grad.norm()) < INPUT_STEP * float(x.norm())
+    assert steep == (weight_scale > 1)  # both branches of the rule are exercised
+
+
+@pytest.mark.parametrize("weight_scale", [1e-3, 10.0, 1e3])
+def test_jr_steps_where_the_logits_change_by_their_fraction_of_the_spread(monkeypatch, weight_scale):
+    """Linear model: J u = W u exactly, so the step the pilot finds is c * spread / rms(W u) (within
+    the pilot's range)."""
+    from raystudy.mechanisms.finite_difference import (
+        JACOBIAN_MAX_STEPS,
+        JACOBIAN_STEP,
+        LOGIT_CHANGE,
+        MIN_STEP_FRACTION,
+    )
+
+    model = _linear(weight_scale)
+    with torch.no_grad():
+        model[1].bias.copy_(torch.tensor([0.0, 1.0, 2.0, 3.0]))  # a spread that does not scale with W
+    x = torch.rand(8, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    pilot, final = _steps_taken(monkeypatch, InputJacobianNormFD(1.0), model, x, soft_targets(torch.zeros(8).long(), 4))
+    h0 = JACOBIAN_STEP * float(x.norm()) / 8**0.5
+    assert float(pilot.norm()) == pytest.approx(h0 * 8**0.5, rel=1e-2)  # unit directions, one per sample
+    u = final / final.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    with torch.no_grad():
+        logits = model(x)
+        ju = model[1](u.flatten(1)) - model[1].bias
+    spread = (logits - logits.mean(dim=1, keepdim=True)).pow(2).mean().sqrt()
+    wanted = LOGIT_CHANGE * float(spread) / float(ju.pow(2).mean().sqrt())
+    expected = min(max(wanted, MIN_STEP_FRACTION * h0), JACOBIAN_MAX_STEPS * h0)
+    h = float(final.flatten(1).norm(dim=1).mean())
+    assert h == pytest.approx(expected, rel=1e-2)
+    # A flat model's step is held at the top of its range; the others change the logits by the same
+    # fraction of their spread, a hundredfold steeper W or not.
+    assert (wanted > JACOBIAN_MAX_STEPS * h0) == (weight_scale < 1)
+    assert wanted > MIN_STEP_FRACTION * h0

@@ -44,10 +44,20 @@ def test_presets_and_schedule():
     assert learning_rate(faithful, 105) == pytest.approx(0.05)
     assert learning_rate(faithful, 199) < 1e-4
     assert TrainConfig.from_preset("faithful", epochs=40).warmup_epochs == 2  # keeps the warm-up fraction
-    # fast = faithful with a fifth of the epochs: every per-step setting is the published one.
+    # fast = faithful with a fifth of the epochs and finite-difference penalty gradients: every other
+    # per-step setting is the published one, and a mechanism without a penalty differs in epochs only.
     fast = TrainConfig.from_preset("fast")
     assert fast.differences(faithful) == ["epochs", "warmup_epochs"]
-    assert (fast.epochs, fast.warmup_epochs) == (40, 2)
+    assert (fast.epochs, fast.warmup_epochs, fast.penalty_gradient) == (40, 2, "exact")
+    for mechanism in ("IR", "JR", "ER", "SAM&IR", "SAM&JR"):
+        fast_penalized = TrainConfig.from_preset("fast", mechanism=mechanism)
+        faithful_penalized = TrainConfig.from_preset("faithful", mechanism=mechanism)
+        assert fast_penalized.differences(faithful_penalized) == ["epochs", "warmup_epochs", "penalty_gradient"]
+        assert (fast_penalized.penalty_gradient, faithful_penalized.penalty_gradient) == ("finite_difference", "exact")
+        exact = TrainConfig.from_preset("fast", mechanism=mechanism, penalty_gradient="exact")
+        assert exact.penalty_gradient == "exact"
+    # Nothing is differentiated twice without a penalty: the config records exact, whatever was asked.
+    assert TrainConfig(mechanism="SAM", penalty_gradient="finite_difference").penalty_gradient == "exact"
     for preset in ("faithful", "fast"):
         imagenette = TrainConfig.from_preset(preset, dataset="imagenette", model="resnet50")
         assert (imagenette.batch_size, imagenette.lr, imagenette.weight_decay, imagenette.pretrained) == (

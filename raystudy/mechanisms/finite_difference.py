@@ -18,19 +18,30 @@ magnitude rule (gradient_norms.py); only the parameter gradient is computed diff
 
 The second pass replays the first pass's ReLU/max-pool/dropout decisions (activation_pattern.py)
 and leaves BatchNorm's running statistics alone (one update per step, as with the exact form).
-The steps were chosen from the sweep in benchmarks/finite_difference_sweep.py
-(results/finite_difference_sweep.json): with the pattern held, the cosine to double backprop's
-gradient is >= 0.9996 from 1e-4 to 1e-2 on every model swept (trained CNNs with ReLU and max-pool
-or SiLU, a ResNet-18) and >= 0.99999 at 1e-3, falling off below 1e-4 (float32 cancellation) and
-above 1e-2 (curvature). 1e-3 sits in the middle of the plateau. Without the held pattern, a ReLU
-network's cosine is 0.12-0.95 from 1e-4 to 1e-1. Training with these forms turns TF32 off
-(raystudy/train.py): its 10-bit mantissa is far coarser than the steps.
+
+The steps are scale-aware. A forward difference errs by truncation (the curvature over the step) and
+by float32 cancellation (two nearly equal passes subtracted); a fixed step that sits between the two
+on a trained network falls off on an untrained Inception-V3, whose loss is so steep at
+initialisation that a step of 1e-3 along the gradient moves it by a sixth of itself. So:
+* every step starts from the size of what it perturbs (the images' norm for IR and JR, the weights'
+  norm for ER), as the textbook forward-difference step does;
+* IR and ER, which step along the gradient, whose norm they know, cap the step where the loss is
+  steep: to first order it changes the loss by at most a small fraction of its value
+  (h * ||g|| <= INPUT_LOSS_CHANGE or WEIGHT_LOSS_CHANGE times L), never below MIN_STEP_FRACTION of
+  the size step;
+* JR, which steps along a random direction, measures how fast the logits move along it with a
+  pilot difference and steps where they change by LOGIT_CHANGE of their spread.
+The constants come from benchmarks/finite_difference_sweep.py (results/finite_difference_sweep.json):
+ResNet-18, VGG-16 and Inception-V3 (dropout) with BN in train mode, at initialisation, after one
+epoch and trained, against exact double backprop. Without the held pattern a ReLU network's cosine
+is far below 1 at every step. Training with these forms turns TF32 off (raystudy/train.py): its
+10-bit mantissa is far coarser than the steps.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from contextlib import nullcontext
+import math
 from dataclasses import dataclass
 
 import torch
@@ -49,11 +60,36 @@ from raystudy.mechanisms.step import soft_cross_entropy
 from raystudy.modes import bn_running_stats_frozen
 
 PENALTY_GRADIENTS = ("exact", "finite_difference")
-# Root-mean-square per-sample input step for IR and JR, in [0, 1] pixel units, and the weight-space
-# step for ER (the L2 norm of the whole parameter shift); see the module docstring.
-INPUT_STEP = 1e-3
-WEIGHT_STEP = 1e-3
+# Steps relative to the norm of what they perturb (module docstring): an image (per sample, so a
+# CIFAR-10 image of norm ~32 moves by ~1e-3 in L2) and the whole weight vector.
+INPUT_STEP = 3e-5
+JACOBIAN_STEP = 1e-4  # JR's pilot step
+WEIGHT_STEP = 1e-5
+# IR and ER: the step along the gradient changes the loss by at most this fraction of itself (first
+# order), and is never below MIN_STEP_FRACTION of its size step.
+INPUT_LOSS_CHANGE = 3e-3
+WEIGHT_LOSS_CHANGE = 1e-3
+MIN_STEP_FRACTION = 1e-2
+# JR: the step moves the logits by this fraction of their spread (root mean square over classes of
+# their deviation from the sample's mean logit), never below MIN_STEP_FRACTION of the pilot step and
+# never above JACOBIAN_MAX_STEPS pilot steps (where the logits move slowly, a longer step is still
+# cancellation-safe but its truncation error grows: ResNet-18 after one epoch).
+LOGIT_CHANGE = 5e-4
+JACOBIAN_MAX_STEPS = 3.0
 _TINY = 1e-12
+
+
+def scale_aware_step(size_step: torch.Tensor, loss: torch.Tensor, slope: torch.Tensor, loss_change: float):
+    """The step along a gradient of norm `slope`: `size_step`, shortened where the loss is steep so
+    that slope * step <= loss_change * loss, but never below MIN_STEP_FRACTION * size_step."""
+    steep = loss_change * loss.detach().abs() / (slope.detach() + _TINY)
+    return torch.clamp(torch.minimum(size_step, steep), min=MIN_STEP_FRACTION * size_step)
+
+
+def unit_input_directions(x: torch.Tensor) -> torch.Tensor:
+    """One random direction of unit L2 norm per sample, shaped like `x` (JR's u)."""
+    u = torch.randn_like(x)
+    return u / u.flatten(1).norm(dim=1).view(-1, *[1] * (u.dim() - 1))
 
 
 def straight_through(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
@@ -82,6 +118,7 @@ class InputGradientNormFD:
 
     weight: float
     step: float = INPUT_STEP
+    loss_change: float = INPUT_LOSS_CHANGE
     name: str = "ir"
     needs_input_grad: bool = True
     input_sensitive: bool = True
@@ -93,8 +130,9 @@ class InputGradientNormFD:
         (grad,) = torch.autograd.grad(fwd.ce.sum(), fwd.x, retain_graph=True)
         norm = grad.float().norm()
         # One unit direction over the whole batch (the published norm is of the stacked gradient);
-        # a step of step*sqrt(B) along it moves each sample by `step` in root mean square.
-        eps = self.step * batch**0.5
+        # its size step moves each sample by `step` times its own norm in root mean square.
+        size_step = self.step * fwd.x.detach().float().norm()
+        eps = scale_aware_step(size_step, fwd.ce.sum(), norm, self.loss_change)
         ahead = forward_again(fwd, x=fwd.x.detach() + eps * grad / (norm + _TINY))
         directional = (_cross_entropy_sum(ahead, fwd.y_soft) - fwd.ce.sum()) / eps
         scale = self.weight * ir_batch_factor(batch) / batch
@@ -103,10 +141,18 @@ class InputGradientNormFD:
 
 @dataclass(frozen=True)
 class InputJacobianNormFD:
-    """JR with R = 1/2 * d * ||J u||^2 / B, J u by a forward difference along a random unit u per sample."""
+    """JR with R = 1/2 * d * ||J u||^2 / B, J u by a forward difference along a random unit u per sample.
+
+    The step is set by how fast the logits move: a pilot difference (no graph) at `step` times the
+    images' size measures ||J u||, and the difference that trains is taken where the logits change
+    by `logit_change` of their spread, between a hundredth of the pilot step and JACOBIAN_MAX_STEPS
+    pilot steps. The right step moves with training and architecture by two orders of magnitude (an
+    Inception-V3 at initialisation needs 1e-5 of the images' size, a VGG-16 after one epoch 1e-3);
+    `logit_change=inf` takes the pilot's size step instead."""
 
     weight: float
-    step: float = INPUT_STEP
+    step: float = JACOBIAN_STEP
+    logit_change: float = LOGIT_CHANGE
     name: str = "jr"
     needs_input_grad: bool = False
     input_sensitive: bool = True
@@ -115,10 +161,18 @@ class InputJacobianNormFD:
 
     def __call__(self, fwd: ForwardPass) -> torch.Tensor:
         batch, dims = fwd.x.shape[0], fwd.x[0].numel()
-        u = torch.randn_like(fwd.x)
-        u = u / u.flatten(1).norm(dim=1).view(-1, *[1] * (u.dim() - 1))
-        ahead = forward_again(fwd, x=fwd.x.detach() + self.step * u)
-        jvp = (ahead.float() - fwd.logits.float()) / self.step
+        u = unit_input_directions(fwd.x)
+        x, logits = fwd.x.detach(), fwd.logits.float()
+        # One step for the whole batch: in train mode BatchNorm couples the samples, and only a common
+        # step makes the difference J u itself.
+        h = self.step * x.float().norm() / batch**0.5
+        if math.isfinite(self.logit_change):
+            with torch.no_grad():
+                pilot = (forward_again(fwd, x=x + h * u).float() - logits.detach()) / h
+            spread = (logits.detach() - logits.detach().mean(dim=1, keepdim=True)).pow(2).mean().sqrt()
+            fitted = self.logit_change * spread / (pilot.pow(2).mean().sqrt() + _TINY)
+            h = torch.clamp(fitted, min=MIN_STEP_FRACTION * h, max=JACOBIAN_MAX_STEPS * h)
+        jvp = (forward_again(fwd, x=x + h * u).float() - logits) / h
         estimate = 0.5 * dims * jvp.pow(2).sum() / batch
         return self.weight * jr_batch_factor(batch) * estimate / batch
 
@@ -129,6 +183,7 @@ class WeightGradientNormFD:
 
     weight: float
     step: float = WEIGHT_STEP
+    loss_change: float = WEIGHT_LOSS_CHANGE
     name: str = "er"
     needs_input_grad: bool = False
     input_sensitive: bool = False
@@ -139,13 +194,15 @@ class WeightGradientNormFD:
         named = [(n, p) for n, p in fwd.model.named_parameters() if p.requires_grad]
         grads = torch.autograd.grad(fwd.ce.mean(), [p for _, p in named], retain_graph=True)
         norm = torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads]))
-        shift = self.step / (norm + _TINY)
+        size = torch.linalg.vector_norm(torch.stack([p.detach().float().norm() for _, p in named]))
+        r = scale_aware_step(self.step * size, fwd.ce.mean(), norm, self.loss_change)
+        shift = r / (norm + _TINY)
         # theta + const: differentiable in theta, so backprop gives grad L at the shifted weights.
         shifted = {n: p + shift.to(p.dtype) * g for (n, p), g in zip(named, grads)}
         ahead = forward_again(fwd, params=shifted)
         ce_ahead = _cross_entropy_sum(ahead, fwd.y_soft) / fwd.x.shape[0]
         value = 0.5 * self.weight * norm.pow(2)
-        return straight_through(value, self.weight * norm.detach() / self.step * (ce_ahead - fwd.ce.mean()))
+        return straight_through(value, self.weight * norm.detach() / r * (ce_ahead - fwd.ce.mean()))
 
 
 _FINITE_DIFFERENCE_FORM = {
@@ -166,13 +223,20 @@ def with_penalty_gradient(recipe: Recipe, penalty_gradient: str) -> Recipe:
     return dataclasses.replace(recipe, penalties=tuple(finite_difference_form(p) for p in recipe.penalties))
 
 
-def penalty_parameter_gradient(model: torch.nn.Module, penalty: Penalty, x: torch.Tensor, y_soft: torch.Tensor):
+def penalty_parameter_gradient(
+    model: torch.nn.Module, penalty: Penalty, x: torch.Tensor, y_soft: torch.Tensor, seed: int | None = None
+):
     """(value, flat parameter gradient) of `penalty` alone at (x, y_soft), in the model's current
-    mode, leaving BatchNorm's running statistics as they were: for comparing the two forms."""
+    mode, leaving BatchNorm's running statistics as they were: for comparing the two forms.
+
+    The pass is recorded for every penalty, so that two calls with the same `seed` draw the same
+    dropout masks (and JR the same directions) whichever form they compute."""
     buffers = [b.detach().clone() for b in model.buffers()]
-    pattern = ActivationPattern() if penalty.holds_pattern else None
+    pattern = ActivationPattern()
     x = x.detach().requires_grad_(penalty.needs_input_grad)
-    with pattern.record() if pattern else nullcontext():
+    if seed is not None:
+        torch.manual_seed(seed)
+    with pattern.record():
         logits = model(x)
     term = penalty(ForwardPass(model, x, y_soft, logits, soft_cross_entropy(logits, y_soft), pattern))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -182,3 +246,56 @@ def penalty_parameter_gradient(model: torch.nn.Module, penalty: Penalty, x: torc
             b.copy_(saved)
     flat = torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads)])
     return term.detach(), flat
+
+
+@dataclass(frozen=True)
+class InputJacobianNormAlongInputDirection:
+    """JR's finite-difference estimator with J u by double backprop instead of a difference quotient:
+    its exact twin, drawing the same direction u, for checking the step (not a training option).
+
+    J u is the derivative of (J^T w) . u in w; its parameter gradient differentiates three times,
+    which PyTorch's batch_norm refuses: use it on `with_differentiable_batch_norm(model)`."""
+
+    weight: float
+    name: str = "jr"
+    needs_input_grad: bool = True
+    input_sensitive: bool = True
+    holds_pattern: bool = False
+    double_backward: bool = True
+
+    def __call__(self, fwd: ForwardPass) -> torch.Tensor:
+        batch, dims = fwd.x.shape[0], fwd.x[0].numel()
+        u = unit_input_directions(fwd.x)
+        w = torch.zeros_like(fwd.logits, requires_grad=True)
+        (jtw,) = torch.autograd.grad(fwd.logits, fwd.x, grad_outputs=w, create_graph=True)
+        (ju,) = torch.autograd.grad(jtw, w, grad_outputs=u, create_graph=True)
+        estimate = 0.5 * dims * ju.float().pow(2).sum() / batch
+        return self.weight * jr_batch_factor(batch) * estimate / batch
+
+
+class _DifferentiableBatchNorm2d(torch.nn.Module):
+    """Train-mode BatchNorm2d in elementary operations (any order of derivative), sharing the
+    original's affine parameters; it leaves the running statistics alone."""
+
+    def __init__(self, bn: torch.nn.BatchNorm2d):
+        super().__init__()
+        self.bn = bn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return self.bn(x)
+        mean = x.mean(dim=(0, 2, 3), keepdim=True)
+        var = (x - mean).pow(2).mean(dim=(0, 2, 3), keepdim=True)
+        scale = self.bn.weight.view(1, -1, 1, 1) / torch.sqrt(var + self.bn.eps)
+        return (x - mean) * scale + self.bn.bias.view(1, -1, 1, 1)
+
+
+def with_differentiable_batch_norm(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with every BatchNorm2d computed in elementary operations, in place (same parameters,
+    same function in train mode), so that JR's exact twin can differentiate it three times."""
+    for name, child in model.named_children():
+        if isinstance(child, torch.nn.BatchNorm2d):
+            setattr(model, name, _DifferentiableBatchNorm2d(child))
+        else:
+            with_differentiable_batch_norm(child)
+    return model
