@@ -230,6 +230,7 @@ def main() -> None:
             report["cases"][label] = case
             print(label, json.dumps({k: v for k, v in case.items() if k != "JR expectation"}), flush=True)
             print(f"  ({time.time() - started:.0f} s)", flush=True)
+            write(report, args.json)  # after every case: a run stopped early keeps what it measured
     cases = report["cases"]
     report["minimum cosine"] = {
         f"{penalty}, {rule}": minimum(cases, (penalty, rule))
@@ -244,10 +245,15 @@ def main() -> None:
         }
     )
     print("minimum cosine over every model and point:", json.dumps(report["minimum cosine"], indent=1))
+    write(report, args.json)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
         print(f"wrote {args.json}")
+
+
+def write(report: dict, path: str | None) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2)
 
 
 if __name__ == "__main__":
