@@ -30,12 +30,14 @@ import math
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from raystudy.data import load_dataset
 from raystudy.mechanisms import soft_targets
+from raystudy.mechanisms.base import ForwardPass
 from raystudy.mechanisms.finite_difference import (
     INPUT_LOSS_CHANGE,
     INPUT_STEP,
@@ -43,13 +45,12 @@ from raystudy.mechanisms.finite_difference import (
     LOGIT_CHANGE,
     WEIGHT_STEP,
     InputGradientNormFD,
-    InputJacobianNormAlongInputDirection,
     InputJacobianNormFD,
     WeightGradientNormFD,
     penalty_parameter_gradient,
-    with_differentiable_batch_norm,
+    unit_input_directions,
 )
-from raystudy.mechanisms.gradient_norms import InputGradientNorm, InputJacobianNorm, WeightGradientNorm
+from raystudy.mechanisms.gradient_norms import InputGradientNorm, InputJacobianNorm, WeightGradientNorm, jr_batch_factor
 from raystudy.models import build_model
 
 MODELS = ("resnet18", "vgg16", "inception_v3")
@@ -58,6 +59,60 @@ JACOBIAN_STEPS = (1e-6, 1e-5, 3e-5, JACOBIAN_STEP, 3e-4, 1e-3)
 LOSS_CHANGES = (3e-4, 1e-3, INPUT_LOSS_CHANGE, 1e-2, 3e-2)
 LOGIT_CHANGES = (1e-4, LOGIT_CHANGE, 2e-3, 1e-2)
 PAIR_SEED = 7  # the seed of every exact / finite-difference pair
+
+
+# JR's exact twin: only this sweep needs it.
+@dataclass(frozen=True)
+class InputJacobianNormAlongInputDirection:
+    """JR's finite-difference estimator with J u by double backprop instead of a difference quotient:
+    its exact twin, drawing the same direction u, for checking the step (not a training option).
+
+    J u is the derivative of (J^T w) . u in w; its parameter gradient differentiates three times,
+    which PyTorch's batch_norm refuses: use it on `with_differentiable_batch_norm(model)`."""
+
+    weight: float
+    name: str = "jr"
+    needs_input_grad: bool = True
+    input_sensitive: bool = True
+    holds_pattern: bool = False
+    double_backward: bool = True
+
+    def __call__(self, fwd: ForwardPass) -> torch.Tensor:
+        batch, dims = fwd.x.shape[0], fwd.x[0].numel()
+        u = unit_input_directions(fwd.x)
+        w = torch.zeros_like(fwd.logits, requires_grad=True)
+        (jtw,) = torch.autograd.grad(fwd.logits, fwd.x, grad_outputs=w, create_graph=True)
+        (ju,) = torch.autograd.grad(jtw, w, grad_outputs=u, create_graph=True)
+        estimate = 0.5 * dims * ju.float().pow(2).sum() / batch
+        return self.weight * jr_batch_factor(batch) * estimate / batch
+
+
+class _DifferentiableBatchNorm2d(torch.nn.Module):
+    """Train-mode BatchNorm2d in elementary operations (any order of derivative), sharing the
+    original's affine parameters; it leaves the running statistics alone."""
+
+    def __init__(self, bn: torch.nn.BatchNorm2d):
+        super().__init__()
+        self.bn = bn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return self.bn(x)
+        mean = x.mean(dim=(0, 2, 3), keepdim=True)
+        var = (x - mean).pow(2).mean(dim=(0, 2, 3), keepdim=True)
+        scale = self.bn.weight.view(1, -1, 1, 1) / torch.sqrt(var + self.bn.eps)
+        return (x - mean) * scale + self.bn.bias.view(1, -1, 1, 1)
+
+
+def with_differentiable_batch_norm(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with every BatchNorm2d computed in elementary operations, in place (same parameters,
+    same function in train mode), so that JR's exact twin can differentiate it three times."""
+    for name, child in model.named_children():
+        if isinstance(child, torch.nn.BatchNorm2d):
+            setattr(model, name, _DifferentiableBatchNorm2d(child))
+        else:
+            with_differentiable_batch_norm(child)
+    return model
 
 
 class FreeSecondPass:
