@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-import scipy.stats
+import scipy.special
 
-from analysis.tables import _r2, wide
+from analysis.tables import _pearson, _r2, wide
 from raystudy.mechanisms import get_mechanism
 from raystudy.record import AGGREGATE_TARGETS, MetricRow
 
@@ -126,11 +126,9 @@ class _Data:
 
     def __init__(self, surrogates: pd.DataFrame) -> None:
         self.frame = surrogates
+        distinct = surrogates[["mechanism", "magnitudes", "lgv"]].drop_duplicates()
         self.settings = sorted(
-            {
-                Setting(m, g, bool(lgv))
-                for m, g, lgv in zip(surrogates.mechanism, surrogates.magnitudes, surrogates.lgv)
-            },
+            {Setting(m, g, bool(lgv)) for m, g, lgv in distinct.itertuples(index=False)},
             key=lambda s: (s.lgv, s.mechanism, _magnitude(s)),
         )
         self.dataset = surrogates.dataset.iloc[0] if len(surrogates) else "cifar10"
@@ -191,7 +189,7 @@ def _paired_verdict(differences: np.ndarray, side: str, scale: float) -> tuple[s
     if n < 2:
         return NOT_ENOUGH, f"{n} paired value(s)"
     mean = differences.mean()
-    half = scipy.stats.t.ppf(0.975, n - 1) * differences.std(ddof=1) / math.sqrt(n)
+    half = scipy.special.stdtrit(n - 1, 0.975) * differences.std(ddof=1) / math.sqrt(n)
     low, high = mean - half, mean + half
     unit = " pts" if scale == 100 else ""
     text = f"Δ = {scale * mean:+.3g}{unit}, 95% CI [{scale * low:+.3g}, {scale * high:+.3g}], n = {n} pairs"
@@ -269,7 +267,7 @@ def _correlation(what: str, x: pd.Series, y: pd.Series, side: str) -> Check:
     n = len(x)
     if n < 4 or x.nunique() < 2 or y.nunique() < 2:
         return Check(what, NOT_ENOUGH, f"{n} trials")
-    r = float(scipy.stats.pearsonr(x, y).statistic)
+    r = _pearson(x, y)
     half = 1.96 / math.sqrt(n - 3)
     z = math.atanh(max(min(r, 0.999999), -0.999999))
     low, high = math.tanh(z - half), math.tanh(z + half)

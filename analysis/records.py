@@ -11,7 +11,6 @@ folder names. Experiments written before records are migrated on read (`_migrate
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import os
@@ -43,6 +42,7 @@ class TrialRecord:
     history: tuple[dict[str, Any], ...] = ()
     error: str = ""
     location: str = ""  # the trial's folder (where its checkpoints are), "" if it never ran
+    plan: TrialPlan | None = field(default=None, compare=False)  # set on load: see plan_of
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,7 @@ def load_experiment(path: str, cache: Path | None = None) -> Experiment:
         raise RaystudyError(f"{path}: unreadable {STUDY_RECORD} ({err})") from None
     trials = _read_trials(location, spec.name, cache)
     trials = [_migrate(spec, t) if t.final and not t.record else t for t in trials]
+    trials = [dataclasses.replace(t, plan=plan_of(spec, t)) for t in trials]  # read once, used by every table
     trials += _missing(spec, trials)
     return Experiment(location, spec.name, spec, record, tuple(trials))
 
@@ -150,7 +151,7 @@ def _compact(trial: TrialRecord) -> dict:
             out["record"] = _RECORD
         return out
 
-    values = {f.name: getattr(trial, f.name) for f in dataclasses.fields(trial)}
+    values = {f.name: getattr(trial, f.name) for f in dataclasses.fields(trial) if f.name != "plan"}
     return {**values, "final": shared(trial.final), "history": [shared(r) for r in trial.history]}
 
 
@@ -204,20 +205,11 @@ def _read_trial(location: str, experiment: str, folder: str, present: set[str]) 
 
 def plan_of(spec: StudySpec, trial: TrialRecord) -> TrialPlan:
     """The trial's plan: from its record when it finished, else from the config Ray recorded."""
+    if trial.plan is not None:
+        return trial.plan
     if trial.record:
-        return _plan_from_json(json.dumps(trial.record["plan"], sort_keys=True))
+        return TrialPlan.from_dict(trial.record["plan"])
     return spec.plan_from_ray(trial.config)
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def _plan_from_json(text: str) -> TrialPlan:
-    """Plans are read for every table (thousands of trials, each validated on the way in): once each."""
-    return TrialPlan.from_dict(json.loads(text))
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def _plan_key(plan: TrialPlan) -> str:
-    return plan.key()
 
 
 def _migrate(spec: StudySpec, trial: TrialRecord) -> TrialRecord:
@@ -234,9 +226,9 @@ def _missing(spec: StudySpec, trials: list[TrialRecord]) -> list[TrialRecord]:
     """Grid points the study defines but no trial folder holds (a study stopped before starting them)."""
     if spec.kind == "search":
         return []
-    seen = {_plan_key(plan_of(spec, t)) for t in trials}
+    seen = {plan_of(spec, t).key() for t in trials}
     return [
-        TrialRecord(spec.name, f"missing-{i}", {"plan": plan.to_dict()}, MISSING)
+        TrialRecord(spec.name, f"missing-{i}", {"plan": plan.to_dict()}, MISSING, plan=plan)
         for i, plan in enumerate(spec.plans)
-        if _plan_key(plan) not in seen
+        if plan.key() not in seen
     ]

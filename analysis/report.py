@@ -149,8 +149,7 @@ def analyze(
         counts = Counter(t.status for t in experiments[-1].trials)
         say(f"read {path}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     tidy = tidy_trials(experiments)
-    tidy.to_parquet(out / "trials.parquet", index=False)
-    tidy.to_csv(out / "trials.csv", index=False)
+    _write_tidy(tidy, out)
     report = Report()
     _overview(report, experiments, tidy)
     _headline(report, tidy, out)
@@ -160,11 +159,24 @@ def analyze(
     _findings(report, tidy, out)
     _similarity_matrix(report, experiments, out, similarity, matrix_images, say)
     _optuna(report, experiments, tidy, out)
-    _gaps(report, experiments, out)
+    _gaps(report, experiments, tidy, out)
     (out / "report.md").write_text(report.markdown(out))
     (out / "report.html").write_text(report.html())
     say(f"wrote {out / 'report.md'} and report.html ({len(tidy)} metric rows)")
     return out / "report.md"
+
+
+def _write_tidy(tidy: pd.DataFrame, out: Path) -> None:
+    """trials.parquet and trials.csv, both from one Arrow table: Arrow's CSV writer is several times
+    faster than pandas' on the half a million rows of a 10,000-trial study (NaN, missing and
+    booleans are written so that pandas.read_csv reads them back as NaN, NaN and booleans)."""
+    import pyarrow as pa
+    import pyarrow.csv
+    import pyarrow.parquet
+
+    table = pa.Table.from_pandas(tidy, preserve_index=False)
+    pyarrow.parquet.write_table(table, out / "trials.parquet")
+    pyarrow.csv.write_csv(table, out / "trials.csv", pyarrow.csv.WriteOptions(quoting_style="needed"))
 
 
 def _overview(report: Report, experiments: list[Experiment], tidy: pd.DataFrame) -> None:
@@ -253,7 +265,7 @@ def _correlations(report: Report, tidy: pd.DataFrame, out: Path) -> None:
         "Per target and budget (untargeted PGD), over all finished trials: Pearson r between the ASR and "
         "the surrogate's clean accuracy, fooling probability, smoothness and gradient similarity to that "
         "target, and the R² of OLS regressions of the ASR on (smoothness, similarity) and on all four "
-        "(scipy; least squares with an intercept). NaN where too few trials or no variation."
+        "(least squares with an intercept). NaN where too few trials or no variation."
     )
     report.table(table)
 
@@ -395,8 +407,8 @@ def _pareto_table(experiment: Experiment) -> pd.DataFrame | None:
     return pd.DataFrame(rows)
 
 
-def _gaps(report: Report, experiments: list[Experiment], out: Path) -> None:
-    gaps = metric_gaps(experiments)
+def _gaps(report: Report, experiments: list[Experiment], tidy: pd.DataFrame, out: Path) -> None:
+    gaps = metric_gaps(experiments, tidy)
     gaps.to_csv(out / "gaps.csv", index=False)
     report.heading("Failed, unfinished or missing trials and metrics")
     if gaps.empty:

@@ -3,7 +3,8 @@
 Everything reads `tidy_trials(...)`: one row per finished trial x metric, built from the trials'
 records alone: the config columns from the record's identity and plan, the metric's dimensions
 (name, attack, mode, budget, statistic, target) from its row; `metric` is the row's flat key, for
-wide tables. Statistics come from scipy (Pearson r) and numpy's least squares (OLS R^2).
+wide tables. Statistics come from numpy: Pearson r and least squares (OLS R^2), held against scipy
+and statsmodels in the tests (scipy.stats alone takes a second to import).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pandas as pd
 
 from analysis.records import DONE, Experiment, TrialRecord, plan_of
 from raystudy.mechanisms import MECHANISMS, mechanism_label
-from raystudy.record import DIMENSIONS, MetricRow, metric_key, rows_of
+from raystudy.record import DIMENSIONS, MetricRow, metric_key
 
 CONFIG_COLUMNS = [
     "experiment",
@@ -67,8 +68,10 @@ METRIC_COLUMNS = ["metric", "name", *DIMENSIONS, "value"]
 
 def tidy_trials(experiments: Iterable[Experiment]) -> pd.DataFrame:
     """One row per finished trial x metric row of its record."""
-    # Built column by column: a 10,000-trial search has over half a million rows.
+    # Built column by column: a 10,000-trial search has over half a million rows. A row's flat key
+    # is computed once per distinct (name, dimensions): a study's trials share a few dozen.
     columns: dict[str, list] = {c: [] for c in CONFIG_COLUMNS + METRIC_COLUMNS}
+    keys: dict[tuple, str] = {}
     for experiment in experiments:
         for trial in experiment.trials:
             if trial.status != DONE:
@@ -77,11 +80,15 @@ def tidy_trials(experiments: Iterable[Experiment]) -> pd.DataFrame:
             rows = trial.record.get("metrics", [])  # MetricRow.to_dict()s, read as they are
             for c in CONFIG_COLUMNS:
                 columns[c].extend([setting[c]] * len(rows))
-            for d in DIMENSIONS:
-                columns[d].extend([row.get(d) for row in rows])
-            columns["name"].extend([row["name"] for row in rows])
+            fields = [(row["name"], *(row.get(d) for d in DIMENSIONS)) for row in rows]
+            for fields_of_row in fields:
+                if fields_of_row not in keys:
+                    keys[fields_of_row] = metric_key(*fields_of_row)
+            columns["metric"].extend([keys[f] for f in fields])
+            columns["name"].extend([f[0] for f in fields])
+            for i, d in enumerate(DIMENSIONS, start=1):
+                columns[d].extend([f[i] for f in fields])
             columns["value"].extend([float(row["value"]) for row in rows])
-            columns["metric"].extend([metric_key(**{k: v for k, v in row.items() if k != "value"}) for row in rows])
     frame = pd.DataFrame(columns, columns=CONFIG_COLUMNS + METRIC_COLUMNS)
     frame["budget"] = frame["budget"].astype("Int64")
     return frame
@@ -209,8 +216,6 @@ def accuracy_table(tidy: pd.DataFrame) -> pd.DataFrame:
 def correlation_table(tidy: pd.DataFrame, attack: str = "pgd", mode: str = "untargeted") -> pd.DataFrame:
     """Per target and budget: Pearson r of ASR with acc, FP, smoothness, similarity; OLS R^2 on
     (smoothness, similarity) and on all four. One row per (target, budget); n = trials used."""
-    import scipy.stats
-
     surrogates = tidy[tidy.kind != "targets"]
     table = wide(surrogates)
     asr = surrogates[(surrogates.name == "asr") & (surrogates.attack == attack) & (surrogates["mode"] == mode)]
@@ -230,17 +235,21 @@ def correlation_table(tidy: pd.DataFrame, attack: str = "pgd", mode: str = "unta
         data = table[[column, *predictors.values()]].dropna()
         row = {"target": target, "budget": budget, "n": len(data)}
         for name, source in predictors.items():
-            row[f"r_{name}"] = _pearson(scipy.stats, data[source], data[column])
+            row[f"r_{name}"] = _pearson(data[source], data[column])
         row["r2_smoothness_similarity"] = _r2(data[column], data[[predictors["smoothness"], predictors["similarity"]]])
         row["r2_all_four"] = _r2(data[column], data[list(predictors.values())])
         rows.append(row)
     return pd.DataFrame(rows).sort_values(["target", "budget"]).reset_index(drop=True) if rows else pd.DataFrame()
 
 
-def _pearson(stats, x: pd.Series, y: pd.Series) -> float:
+def _pearson(x: pd.Series, y: pd.Series) -> float:
+    """Pearson's r; NaN with fewer than 3 values or no spread in x or y."""
     if len(x) < 3 or x.nunique() < 2 or y.nunique() < 2:
         return float("nan")
-    return float(stats.pearsonr(x, y).statistic)
+    xc, yc = x.to_numpy(float), y.to_numpy(float)
+    xc, yc = xc - xc.mean(), yc - yc.mean()
+    xc, yc = xc / np.linalg.norm(xc), yc / np.linalg.norm(yc)  # scaled first, as scipy does: no overflow
+    return float(np.clip(xc @ yc, -1.0, 1.0))
 
 
 def _r2(y: pd.Series, x: pd.DataFrame) -> float:
@@ -256,41 +265,32 @@ def _r2(y: pd.Series, x: pd.DataFrame) -> float:
     return float(1.0 - residual @ residual / (centred @ centred))
 
 
-def metric_gaps(experiments: Iterable[Experiment]) -> pd.DataFrame:
+def metric_gaps(experiments: Iterable[Experiment], tidy: pd.DataFrame | None = None) -> pd.DataFrame:
     """Trials that did not finish (failed, incomplete, missing) and finished trials lacking a
-    metric that other finished trials of the same experiment have."""
+    metric that other finished trials of the same experiment have. `tidy`: the experiments'
+    tidy_trials table, if already built."""
+    experiments = list(experiments)
+    expected, held = _shared_metrics(tidy_trials(experiments) if tidy is None else tidy)
     rows = []
     for experiment in experiments:
-        shared = {i: _shared_metrics(t) for i, t in enumerate(experiment.trials) if t.status == DONE}
-        expected = set().union(*shared.values())
-        for i, trial in enumerate(experiment.trials):
-            if trial.status == DONE and not expected - shared[i]:
-                continue  # finished with every metric: nothing to list
+        for trial in experiment.trials:
+            if trial.status == DONE:
+                absent = sorted(expected.get(experiment.name, set()) - held(experiment.name, trial.trial_id))
+                if not absent:
+                    continue  # finished with every metric: nothing to list
+                status, detail = "missing metrics", ", ".join(absent[:12]) + (" ..." if len(absent) > 12 else "")
+            else:
+                status, detail = trial.status, trial.error or _no_final(trial.status)
             setting = trial_setting(experiment, trial)
-            if trial.status != DONE:
-                detail = trial.error or _no_final(trial.status)
-                rows.append(
-                    {
-                        "experiment": experiment.name,
-                        "label": setting["label"],
-                        "seed": setting["seed"],
-                        "status": trial.status,
-                        "detail": detail,
-                    }
-                )
-                continue
-            absent = sorted(expected - shared[i])
-            if absent:
-                detail = ", ".join(absent[:12]) + (" ..." if len(absent) > 12 else "")
-                rows.append(
-                    {
-                        "experiment": experiment.name,
-                        "label": setting["label"],
-                        "seed": setting["seed"],
-                        "status": "missing metrics",
-                        "detail": detail,
-                    }
-                )
+            rows.append(
+                {
+                    "experiment": experiment.name,
+                    "label": setting["label"],
+                    "seed": setting["seed"],
+                    "status": status,
+                    "detail": detail,
+                }
+            )
     return pd.DataFrame(rows, columns=["experiment", "label", "seed", "status", "detail"])
 
 
@@ -298,16 +298,27 @@ def metric_gaps(experiments: Iterable[Experiment]) -> pd.DataFrame:
 SHARED_TRAINING_METRICS = {"acc", "test_acc", "train_acc", "loss"}
 
 
-def _shared_metrics(trial: TrialRecord) -> set[str]:
-    """Keys of the finite metrics every finished trial should have: the hook's (with a dimension,
-    not timings) and the shared training summary."""
-    return {
-        row.key
-        for row in rows_of(trial.record)
-        if not (isinstance(row.value, float) and np.isnan(row.value))
-        and row.name != "seconds"
-        and (any(getattr(row, d) is not None for d in DIMENSIONS) or row.name in SHARED_TRAINING_METRICS)
-    }
+def _shared_metrics(tidy: pd.DataFrame):
+    """The keys of the finite metrics every finished trial should have (the hook's, with a
+    dimension, not timings, and the shared training summary): per experiment, those any of its
+    trials has, and a function (experiment, trial_id) -> those the trial has."""
+    has_dimension = tidy[list(DIMENSIONS)].notna().any(axis=1)
+    kept = tidy[
+        tidy.value.notna() & (tidy.name != "seconds") & (has_dimension | tidy.name.isin(SHARED_TRAINING_METRICS))
+    ].drop_duplicates(["experiment", "trial_id", "metric"])
+    expected = {e: set(metrics) for e, metrics in kept.groupby("experiment")["metric"]}
+    counts = kept.groupby(["experiment", "trial_id"]).size().to_dict()
+    # Only a trial with fewer metrics than its experiment's has its own set looked up (few, if any).
+    short = {key for key, n in counts.items() if n < len(expected[key[0]])}
+    lacking = kept[pd.MultiIndex.from_frame(kept[["experiment", "trial_id"]]).isin(list(short))]
+    partial = {key: set(metrics) for key, metrics in lacking.groupby(["experiment", "trial_id"])["metric"]}
+
+    def held(experiment: str, trial_id: str) -> set[str]:
+        if (experiment, trial_id) not in counts:
+            return set()
+        return partial.get((experiment, trial_id), expected[experiment])
+
+    return expected, held
 
 
 def _no_final(status: str) -> str:

@@ -58,8 +58,8 @@ def _resolve(location: str) -> tuple[pafs.FileSystem, str]:
     shared (making one resolves the bucket's region: a request each time); it is thread-safe."""
     configure_s3_endpoint()
     try:
-        if not is_uri(location):
-            return pafs.LocalFileSystem(), normalize(location)
+        if not is_uri(location):  # absolute is enough to open it: resolving links costs a stat per part
+            return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(location))
         scheme, _, rest = location.partition("://")
         if scheme in ("s3", "gs", "gcs"):
             bucket = rest.split("/", 1)[0]

@@ -142,17 +142,19 @@ class TrainConfig:
             self.penalty_gradient,
             f"must be one of {', '.join(PENALTY_GRADIENTS)}",
         )
-        if not get_mechanism(self.mechanism).build(dict(self.magnitudes), grid_family(self.dataset)).penalties:
+        # Built once here (an analysis validates thousands of plans); recipe() builds it for training.
+        recipe = spec.build(dict(self.magnitudes), grid_family(self.dataset))
+        if not recipe.penalties:
             # Nothing is differentiated twice: the record says so, whatever the preset's default.
             object.__setattr__(self, "penalty_gradient", "exact")
         _check(
-            self.precision == "fp32" or self.penalty_gradient == "exact" or not self.recipe().penalties,
+            self.precision == "fp32" or self.penalty_gradient == "exact" or not recipe.penalties,
             "precision",
             self.precision,
             "would drown the finite differences of penalty_gradient=finite_difference in rounding: use fp32",
         )
         _check(
-            self.precision == "fp32" or not self.recipe().input_sensitive,
+            self.precision == "fp32" or not recipe.input_sensitive,
             "precision",
             self.precision,
             f"would round away {self.mechanism}'s small input perturbations or input gradients: use fp32",
