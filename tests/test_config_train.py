@@ -168,3 +168,25 @@ def test_the_recipe_follows_mechanism_magnitudes_dataset_and_sam_bn():
     assert TrainConfig(mechanism="SAM").recipe().sam_bn_second_pass is True
     jr = TrainConfig(mechanism="SAM&JR", magnitudes={"rho": 0.2, "lambda_jr": 0.01}).recipe()
     assert jr.sam_rho == 0.2 and [p.weight for p in jr.penalties] == [0.01]
+
+
+def test_the_penalty_gradient_is_the_one_asked_and_exact_where_there_is_no_penalty():
+    from raystudy.mechanisms.finite_difference import finite_difference_form
+    from raystudy.mechanisms.gradient_norms import InputGradientNorm
+
+    exact = TrainConfig(mechanism="IR").recipe().penalties[0]
+    differenced = TrainConfig(mechanism="IR", penalty_gradient="finite_difference").recipe().penalties[0]
+    assert type(exact) is InputGradientNorm
+    assert type(differenced) is type(finite_difference_form(exact)) and type(differenced) is not InputGradientNorm
+    for mechanism in ("ST", "MU", "LS", "AT", "SAM"):  # nothing differentiated twice: the record says exact
+        config = TrainConfig(mechanism=mechanism, penalty_gradient="finite_difference")
+        assert config.penalty_gradient == "exact" and config.to_dict()["penalty_gradient"] == "exact"
+    assert TrainConfig.from_preset("fast", mechanism="ST").penalty_gradient == "exact"
+    assert TrainConfig.from_preset("fast", mechanism="JR").penalty_gradient == "finite_difference"
+
+
+def test_an_unknown_key_lists_every_known_one():
+    with pytest.raises(RaystudyError) as error:
+        TrainConfig.from_dict({"lrate": 0.1})
+    known = ", ".join(sorted(TrainConfig.__dataclass_fields__))
+    assert str(error.value) == f"unknown training setting(s): lrate; known: {known}"
