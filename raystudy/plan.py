@@ -26,6 +26,9 @@ from raystudy.errors import RaystudyError
 from raystudy.mechanisms import ORDER
 
 DATASET_TRAIN_IMAGES = {"cifar10": 50_000, "imagenette": 9_469, "imagenet": 0, "synthetic": 512}
+DATASET_TEST_IMAGES = {"cifar10": 10_000, "imagenette": 3_925, "imagenet": 0, "synthetic": 256}
+# A forward pass costs about a third of a training step (forward and backward) per image.
+FORWARD_OVER_STEP = 1 / 3
 
 # Quoted (not measured by this repository): GPU minutes per 200-epoch ResNet-18 surrogate on one
 # H100 with the published recipe. MU/CM/CO/LS cost what ST does (a batch transform or a target
@@ -206,6 +209,14 @@ def trial_steps(train: TrainConfig) -> int:
     return train.epochs * max(1, images // train.batch_size)
 
 
+def test_pass_seconds(train: TrainConfig, st_step: float) -> float:
+    """Every epoch ends with the test accuracy: a forward pass over the test split. Measured step
+    costs time steps alone, so it is added to them (the quoted per-surrogate minutes include it);
+    it dominates where a small training subset meets a large test split."""
+    images = train.n_test or DATASET_TEST_IMAGES[train.dataset]
+    return train.epochs * images * FORWARD_OVER_STEP * st_step / train.batch_size
+
+
 def hook_seconds(spec: StudySpec, costs: StepCosts, st_step: float, batch_size: int) -> float:
     """The trial-end hook: scaled from measured parts, else estimated from ST's step cost (each
     attack iteration, power iteration and gradient about one ST step's cost per image)."""
@@ -239,6 +250,8 @@ def plan_costs(spec: StudySpec, costs: StepCosts) -> list[TrialCost]:
                 * lgv_seconds
             )
         st_step, _ = costs.step_seconds(_as_mechanism(train, "ST"))
+        if costs.measured and not plan.loaded:
+            total += test_pass_seconds(train, st_step)
         hook = hook_seconds(spec, costs, st_step, train.batch_size)
         samples = spec.search.num_samples if spec.search else 0
         if spec.search and i < samples:

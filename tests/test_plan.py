@@ -99,16 +99,25 @@ def test_measured_costs_scale_per_image_and_use_the_finite_difference_rows(tmp_p
     path.write_text(yaml.safe_dump(raw))
     st, ir = plan_costs(load_space(path), costs)
     steps = 40 * (50_000 // 128)
-    assert st.train_seconds == pytest.approx(steps * 0.01 * 128 / 256)  # measured at batch 256
-    assert ir.train_seconds == pytest.approx(steps * 0.02 * 128 / 256) and ir.cost_source == "measured"
+    # Each of the 40 epochs ends with a forward pass over the 10,000 test images: a third of ST's step per image.
+    test_pass = 40 * 10_000 / 3 * (0.01 * 128 / 256) / 128
+    assert st.train_seconds == pytest.approx(steps * 0.01 * 128 / 256 + test_pass)  # measured at batch 256
+    assert ir.train_seconds == pytest.approx(steps * 0.02 * 128 / 256 + test_pass) and ir.cost_source == "measured"
     assert st.cost_source == "measured"  # ST has no penalty: its one step, whatever penalty_gradient says
     # The hook: 1000 evaluation images (twice the benchmark's), the same 6 attack runs.
     assert st.hook_seconds == pytest.approx(2 * (1.0 + 10.0 + 2.0 + 30.0))
     # Costs without finite-difference rows: estimated at the quoted 2.5 ST steps, and said so.
     exact_only = read_costs(benchmark_json(tmp_path, with_fd=False))
     _, ir_estimated = plan_costs(load_space(path), exact_only)
-    assert ir_estimated.train_seconds == pytest.approx(steps * 2.5 * 0.01 * 128 / 256)
+    assert ir_estimated.train_seconds == pytest.approx(steps * 2.5 * 0.01 * 128 / 256 + test_pass)
     assert ir_estimated.cost_source.startswith("estimated")
+    # A smaller test split costs less per epoch; the quoted per-surrogate minutes include the pass.
+    raw["train"] = {"penalty_gradient": "finite_difference", "n_test": 1000}
+    path.write_text(yaml.safe_dump(raw))
+    st_small, _ = plan_costs(load_space(path), costs)
+    assert st.train_seconds - st_small.train_seconds == pytest.approx(test_pass * 9 / 10)
+    quoted = plan_costs(load_space(path), quoted_h100())[0]
+    assert quoted.train_seconds == pytest.approx(steps * quoted_h100().seconds[("ST", "exact")])
 
 
 def twin(tmp_path: Path, name: str, penalty_gradient: str) -> Path:
@@ -139,7 +148,8 @@ def test_measured_fd_ratio_estimates_a_missing_fd_step_and_rows_fold_seeds(tmp_p
     spec = load_space(path)
     trials = plan_costs(spec, costs)
     sam_jr = [t for t in trials if t.plan.train.mechanism == "SAM&JR"]
-    assert sam_jr[0].train_seconds == pytest.approx(40 * (50_000 // 128) * 0.08 * 0.5 * 128 / 256)
+    test_pass = 40 * 10_000 / 3 * (0.01 * 128 / 256) / 128  # each epoch's test accuracy, at ST's step
+    assert sam_jr[0].train_seconds == pytest.approx(40 * (50_000 // 128) * 0.08 * 0.5 * 128 / 256 + test_pass)
     assert "estimated (exact x 0.50)" == sam_jr[0].cost_source
     text = render_plan(spec, costs, gpus=1)
     rows = [line for line in text.splitlines() if line.startswith(("ST ", "SAM&JR"))]
