@@ -68,7 +68,7 @@ def load_experiment(path: str, cache: Path | None = None) -> Experiment:
         raise RaystudyError(f"{path}: unreadable {STUDY_RECORD} ({err})") from None
     trials = _read_trials(location, spec.name, cache)
     trials = [_migrate(spec, t) if t.final and not t.record else t for t in trials]
-    trials = [dataclasses.replace(t, plan=plan_of(spec, t)) for t in trials]  # read once, used by every table
+    trials = [_with_plan(spec, t) for t in trials]
     trials += _missing(spec, trials)
     return Experiment(location, spec.name, spec, record, tuple(trials))
 
@@ -210,6 +210,15 @@ def plan_of(spec: StudySpec, trial: TrialRecord) -> TrialPlan:
     if trial.record:
         return TrialPlan.from_dict(trial.record["plan"])
     return spec.plan_from_ray(trial.config)
+
+
+def _with_plan(spec: StudySpec, trial: TrialRecord) -> TrialRecord:
+    """The trial with its plan read once (every table asks for it). One that cannot be read is left
+    to plan_of, which raises where a table needs that plan, as it did before plans were kept."""
+    try:
+        return dataclasses.replace(trial, plan=plan_of(spec, trial))
+    except (RaystudyError, KeyError, TypeError, ValueError):
+        return trial
 
 
 def _migrate(spec: StudySpec, trial: TrialRecord) -> TrialRecord:
