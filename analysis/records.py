@@ -235,9 +235,9 @@ def _missing(spec: StudySpec, trials: list[TrialRecord]) -> list[TrialRecord]:
     """Grid points the study defines but no trial folder holds (a study stopped before starting them)."""
     if spec.kind == "search":
         return []
-    seen = {plan_of(spec, t).key() for t in trials}
+    seen = {plan_of(spec, t) for t in trials}  # plans compare as their keys do: without where the data lives
     return [
         TrialRecord(spec.name, f"missing-{i}", {"plan": plan.to_dict()}, MISSING, plan=plan)
         for i, plan in enumerate(spec.plans)
-        if plan.key() not in seen
+        if plan not in seen
     ]

@@ -205,7 +205,8 @@ def accuracy_table(tidy: pd.DataFrame) -> pd.DataFrame:
     def cell(row) -> str:
         return f"{100 * row['mean']:.1f}" + (f" ± {100 * row['std']:.1f}" if row["count"] > 1 else "")
 
-    table = stats.apply(cell, axis=1).unstack("name").reindex(columns=[c for c in ACCURACIES if c in set(rows.name)])
+    present = set(rows.name.unique())
+    table = stats.apply(cell, axis=1).unstack("name").reindex(columns=[c for c in ACCURACIES if c in present])
     table.columns = [ACCURACIES[c] for c in table.columns]
     seeds = rows.groupby(["experiment", "setting"])["seed"].nunique().rename("seeds")
     table = table.join(seeds).reset_index().fillna("")
@@ -219,7 +220,8 @@ def correlation_table(tidy: pd.DataFrame, attack: str = "pgd", mode: str = "unta
     surrogates = tidy[tidy.kind != "targets"]
     table = wide(surrogates)
     asr = surrogates[(surrogates.name == "asr") & (surrogates.attack == attack) & (surrogates["mode"] == mode)]
-    pairs = sorted({(t, int(b)) for t, b in zip(asr.target, asr.budget) if t != "mean"})
+    distinct = asr[["target", "budget"]].drop_duplicates()  # not a set over every row: thousands of trials
+    pairs = sorted({(t, int(b)) for t, b in distinct.itertuples(index=False) if t != "mean"})
     rows = []
     for target, budget in pairs:
         where = {"attack": attack, "mode": mode, "budget": budget}
@@ -306,7 +308,7 @@ def _shared_metrics(tidy: pd.DataFrame):
     kept = tidy[
         tidy.value.notna() & (tidy.name != "seconds") & (has_dimension | tidy.name.isin(SHARED_TRAINING_METRICS))
     ].drop_duplicates(["experiment", "trial_id", "metric"])
-    expected = {e: set(metrics) for e, metrics in kept.groupby("experiment")["metric"]}
+    expected = {e: set(metrics.unique()) for e, metrics in kept.groupby("experiment")["metric"]}
     counts = kept.groupby(["experiment", "trial_id"]).size().to_dict()
     # Only a trial with fewer metrics than its experiment's has its own set looked up (few, if any).
     short = {key for key, n in counts.items() if n < len(expected[key[0]])}
