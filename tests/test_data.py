@@ -339,3 +339,31 @@ def test_random_resized_crops_sample_boxes_inside_the_image_with_the_drawn_area_
     mirrored = (x_last < x_first).float().mean()
     assert 0.46 < float(mirrored) < 0.54
     assert (height > 0).all()  # never mirrored vertically
+    # Placed anywhere they fit, across and down, not only at the centre.
+    small = (width < 0.7) & (height < 0.7)
+    assert float((left + width / 2)[small].std()) > 0.05 and float((top + height / 2)[small].std()) > 0.05
+    # The border padding clamps what the edges read, so the box's own scale is read in its interior:
+    # output pixels side/4 and 3 side/4 sample half the box apart. A box wider or taller than the
+    # image (sqrt(area x ratio) up to 1.15) is shrunk to it, and some are.
+    box_width = 2 * (out[:, 0, side // 2, 3 * side // 4] - out[:, 0, side // 2, side // 4]).abs()
+    box_height = 2 * (out[:, 1, 3 * side // 4, side // 2] - out[:, 1, side // 4, side // 2])
+    assert box_width.max() <= 1 + 1e-4 and box_height.max() <= 1 + 1e-4
+    assert box_width.max() > 1 - 1e-4 and box_height.max() > 1 - 1e-4
+
+
+def test_augment_pads_cifar_sized_images_by_an_eighth_and_resizes_larger_ones():
+    """Images up to CIFAR_MAX_INPUT wide are cropped from a zero padding of side/8 pixels (at least
+    1), read from their width; wider ones take a random resized crop (border-padded: never a zero).
+    On white images the padding shows as whole zero rows, as many as the largest vertical offset."""
+    from raystudy.config.train import CIFAR_MAX_INPUT
+    from raystudy.data import augment
+
+    torch.manual_seed(0)
+    for h, w, pad in [(32, 32, 4), (8, 8, 1), (8, 32, 4), (CIFAR_MAX_INPUT, CIFAR_MAX_INPUT, CIFAR_MAX_INPUT // 8)]:
+        out = augment(torch.full((512, 3, h, w), 255, dtype=torch.uint8))
+        assert out.dtype == torch.float32 and out.shape == (512, 3, h, w) and float(out.max()) == 1.0
+        zero_rows = (out.amax(dim=(1, 3)) == 0).sum(dim=1)
+        assert int(zero_rows.max()) == pad, (h, w)
+    for h, w in [(CIFAR_MAX_INPUT + 8, CIFAR_MAX_INPUT + 8), (16, 96)]:
+        out = augment(torch.full((64, 3, h, w), 255, dtype=torch.uint8))
+        assert out.shape == (64, 3, h, w) and torch.allclose(out, torch.ones_like(out), rtol=0, atol=1e-5), (h, w)
