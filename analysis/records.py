@@ -23,12 +23,12 @@ from raystudy import storage
 from raystudy.config import STUDY_RECORD, StudySpec, TrialPlan, parse_space
 from raystudy.errors import RaystudyError
 from raystudy.mechanisms import mechanism_label
-from raystudy.record import ENDPOINT_ROWS_FILE, legacy_rows, make_record
+from raystudy.record import ADVERSARIAL_DIR, ENDPOINT_ROWS_FILE, legacy_rows, make_record
 
 DONE, FAILED, INCOMPLETE, MISSING, STOPPED = "done", "failed", "incomplete", "missing", "stopped early"
 TRIAL_FILES = ("params.json", "result.json", "error.txt", ENDPOINT_ROWS_FILE)
 READERS = 32  # trials read at once: an object store answers each request in tens of milliseconds
-CACHE_FORMAT = 2  # one file per experiment, shared config and record kept once
+CACHE_FORMAT = 3  # one file per experiment, shared config and record kept once, settled trials marked
 
 
 @dataclass(frozen=True)
@@ -55,88 +55,138 @@ class Experiment:
 
 
 def load_experiment(path: str, cache: Path | None = None) -> Experiment:
-    """Read an experiment. Trials are read concurrently from one listing of the experiment, and a
-    finished trial's record is kept in `cache` (default: $RAYSTUDY_CACHE/analysis), keyed by the
-    sizes and times of its files, so a second analysis reads only what is new or changed."""
+    """Read an experiment. Trials are read concurrently, and a finished trial's record is kept in
+    `cache` (default: $RAYSTUDY_CACHE/analysis), so a second analysis lists the experiment's
+    folders and reads only the trials that are new or may still change."""
     location = storage.normalize(path)
-    if not storage.exists(storage.join(location, STUDY_RECORD)):
+    study_file = storage.file_entry(storage.join(location, STUDY_RECORD))
+    if study_file is None:
         raise RaystudyError(f"{path} is not a raystudy experiment (no {STUDY_RECORD}; pass <storage>/<study name>)")
     try:
         record = json.loads(storage.read_bytes(storage.join(location, STUDY_RECORD)))
         spec = parse_space(record["study"], record.get("source", path), record.get("data"))
     except (ValueError, KeyError) as err:
         raise RaystudyError(f"{path}: unreadable {STUDY_RECORD} ({err})") from None
-    trials = _read_trials(location, spec.name, cache)
+    trials = _read_trials(location, spec.name, _TrialCache(location, cache, study_file))
     trials = [_migrate(spec, t) if t.final and not t.record else t for t in trials]
     trials = [_with_plan(spec, t) for t in trials]
     trials += _missing(spec, trials)
     return Experiment(location, spec.name, spec, record, tuple(trials))
 
 
-def _read_trials(location: str, experiment: str, cache: Path | None) -> list[TrialRecord]:
-    """Every trial folder (one holding params.json), in folder order."""
-    files: dict[str, dict[str, storage.FileEntry]] = {}
-    for entry in storage.list_tree(location):
-        folder, _, name = entry.path.partition("/")
-        if name in TRIAL_FILES:
-            files.setdefault(folder, {})[name] = entry
-    folders = sorted(f for f, names in files.items() if "params.json" in names)
-    kept = _TrialCache(location, cache)
+def _read_trials(location: str, experiment: str, kept: "_TrialCache") -> list[TrialRecord]:
+    """Every trial folder (one holding params.json), in folder order. Settled trials (see
+    _TrialCache) come from the cache after one listing of the experiment's folders; the others'
+    files are listed (each folder, or the whole experiment when most are unsettled) and read."""
+    folders = storage.list_dirs(location)
+    trials: dict[str, TrialRecord | None] = {f: kept.settled(f) for f in folders}
+    unsettled = [f for f, trial in trials.items() if trial is None]
+    files = _trial_files(location, unsettled)
+    for folder in unsettled:
+        if "params.json" not in files.get(folder, {}):
+            del trials[folder]  # not a trial's folder (or one Ray has only begun to write)
 
     def fingerprint(folder: str) -> dict:
-        return {name: [e.size, e.mtime_ns] for name, e in sorted(files[folder].items())}
+        return {name: [e.size, e.mtime_ns] for name, e in sorted(files[folder].items()) if name in TRIAL_FILES}
 
     def read(folder: str) -> TrialRecord:
         trial = _read_trial(location, experiment, folder, set(files[folder]))
         if trial.status == DONE:  # a finished trial never changes; others may go on
-            kept.put(folder, fingerprint(folder), trial)
+            # ... except for its endpoint rows, which the query phase may (re)write after it ended.
+            kept.put(folder, fingerprint(folder), trial, settled=ADVERSARIAL_DIR not in files[folder])
         return trial
 
     # Cached trials are read here (local files); only the others go to the pool of storage readers.
-    trials: dict[str, TrialRecord | None] = {f: kept.get(f, fingerprint(f)) for f in folders}
-    missing = [f for f, trial in trials.items() if trial is None]
+    to_read = [f for f, trial in trials.items() if trial is None]
+    for folder in to_read:
+        trials[folder] = kept.get(folder, fingerprint(folder))
+    to_read = [f for f in to_read if trials[f] is None]
     with ThreadPoolExecutor(READERS) as pool:
-        trials.update(zip(missing, pool.map(read, missing)))
+        trials.update(zip(to_read, pool.map(read, to_read)))
     kept.save()
-    return [trials[f] for f in folders]
+    return [trials[f] for f in sorted(trials)]
+
+
+def _trial_files(location: str, folders: list[str]) -> dict[str, dict[str, storage.FileEntry]]:
+    """The trial files (and whether images were kept for endpoints) of these folders: each folder
+    listed on its own, concurrently, when they are few; else one recursive listing of the whole
+    experiment (an object store pages it 1,000 objects a request, checkpoints included)."""
+    if len(folders) <= READERS:
+        with ThreadPoolExecutor(READERS) as pool:
+            listings = pool.map(lambda f: [(f, e) for e in storage.list_tree(storage.join(location, f))], folders)
+            entries = [(f, e.path, e) for listing in listings for f, e in listing]
+    else:
+        wanted = set(folders)
+        entries = [(*e.path.partition("/")[::2], e) for e in storage.list_tree(location)]
+        entries = [(f, name, e) for f, name, e in entries if f in wanted]
+    files: dict[str, dict[str, storage.FileEntry]] = {}
+    for folder, name, entry in entries:
+        if name in TRIAL_FILES:
+            files.setdefault(folder, {})[name] = entry
+        elif name.startswith(f"{ADVERSARIAL_DIR}/"):
+            files.setdefault(folder, {})[ADVERSARIAL_DIR] = entry
+    return files
 
 
 class _TrialCache:
     """Finished trials' records on this machine: one file per experiment, read once and written back
-    when an analysis read finished trials it did not hold (a finished trial never changes)."""
+    when an analysis read finished trials it did not hold.
 
-    def __init__(self, location: str, root: Path | None) -> None:
+    A finished trial is settled: its final result is kept in the experiment and a restarted trial
+    reports it again unchanged (raystudy.trainable), so its files are not even listed again, unless
+    it kept images for black-box endpoints (the query phase may write its endpoint rows later) or
+    the experiment was made anew (its study record changed). Other cached trials are taken when
+    their files' sizes and times are unchanged."""
+
+    def __init__(self, location: str, root: Path | None, study_file: storage.FileEntry) -> None:
         if root is None:
             root = Path(os.environ.get("RAYSTUDY_CACHE", Path.home() / ".cache" / "raystudy")).expanduser() / "analysis"
         self.path = root / f"{hashlib.sha1(location.encode()).hexdigest()[:16]}.json"
+        self.study = [study_file.size, study_file.mtime_ns]
         self.kept: dict[str, dict] = {}
-        self.added: dict[str, dict] = {}  # put from the reader threads: one key each
+        self.valid: dict[str, dict] = {}  # entries found valid now (the reader threads put one key each)
+        self.same_experiment = False
         try:
             kept = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return
         if kept.get("format") == CACHE_FORMAT:
             self.kept = kept["trials"]
+            self.same_experiment = kept.get("study") == self.study
+
+    def settled(self, folder: str) -> TrialRecord | None:
+        entry = self.kept.get(folder)
+        if entry is None or not entry["settled"] or not self.same_experiment:
+            return None
+        self.valid[folder] = entry
+        return _expanded(entry["trial"])
 
     def get(self, folder: str, fingerprint: dict) -> TrialRecord | None:
         entry = self.kept.get(folder)
         if entry is None or entry["fingerprint"] != fingerprint:
             return None
+        self.valid[folder] = entry
         return _expanded(entry["trial"])
 
-    def put(self, folder: str, fingerprint: dict, trial: TrialRecord) -> None:
-        self.added[folder] = {"fingerprint": fingerprint, "trial": _compact(trial)}
+    def put(self, folder: str, fingerprint: dict, trial: TrialRecord, settled: bool) -> None:
+        self.valid[folder] = {"fingerprint": fingerprint, "trial": _compact(trial), "settled": settled}
 
     def save(self) -> None:
-        if not self.added:
+        """Keep what this analysis found valid, nothing else: an entry for a folder that is gone, or
+        one of an experiment made anew, must not answer for a later trial of the same name."""
+        if self.valid.keys() == self.kept.keys() and self.same_experiment and not self.added_any:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_name(f"{self.path.name}.tmp{os.getpid()}")
-            tmp.write_text(json.dumps({"format": CACHE_FORMAT, "trials": {**self.kept, **self.added}}))
+            tmp.write_text(json.dumps({"format": CACHE_FORMAT, "study": self.study, "trials": self.valid}))
             tmp.replace(self.path)
         except OSError:
             pass  # a cache that cannot be written costs a re-read next time, nothing more
+
+    @property
+    def added_any(self) -> bool:
+        return any(entry is not self.kept.get(folder) for folder, entry in self.valid.items())
 
 
 # Ray copies the trial's config into every result row, and the final row holds the record: the cache

@@ -28,9 +28,8 @@ import torch
 from raystudy import storage
 from raystudy.config.endpoint import EndpointSpec, check_label_map
 from raystudy.errors import RaystudyError
-from raystudy.record import ENDPOINT_ROWS_FILE, FINAL_FILE, MetricRow
+from raystudy.record import ADVERSARIAL_DIR, ENDPOINT_ROWS_FILE, FINAL_FILE, MetricRow
 
-ADVERSARIAL_DIR = "adversarial"
 CLEAN_SET = "clean"
 ENDPOINT_SUFFIX = ".endpoint.json"
 

@@ -21,6 +21,7 @@ from typing import Any, Iterable, Mapping
 RECORD_FORMAT = "raystudy-trial/1"
 FINAL_FILE = "raystudy-final.json"  # a trial's final result, kept in its folder of the experiment
 ENDPOINT_ROWS_FILE = "raystudy-endpoint-rows.json"  # its black-box targets' rows (raystudy.query), beside it
+ADVERSARIAL_DIR = "adversarial"  # the images its hook kept for the endpoints (raystudy.query), beside it
 DIMENSIONS = ("attack", "mode", "budget", "statistic", "target")
 
 

@@ -217,22 +217,51 @@ def counting_reads(monkeypatch) -> dict[str, int]:
     return counts
 
 
-def test_a_second_analysis_reads_only_trials_that_are_new_or_changed(tmp_path, monkeypatch):
+def test_a_second_analysis_lists_the_folders_and_reads_only_trials_that_may_change(tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    from analysis import records
+    from raystudy.record import ENDPOINT_ROWS_FILE
+
     folder = write_experiment(tmp_path, VALUES, fail=[("MU τ=5", 1)])
+    (folder / "trial_001" / "adversarial").mkdir()  # images kept for an endpoint: rows may come later
+    (folder / "trial_001" / "adversarial" / "clean.npz").write_bytes(b"x")
     counts = counting_reads(monkeypatch)
     cache = tmp_path / "cache"
+    monkeypatch.setattr(records, "READERS", 4)  # 8 folders: more than the readers, one listing of them all
     first = load_experiment(str(folder), cache=cache)
     assert counts == {"read": 8 * 2 + 1, "list": 1}  # params + result per trial, the failed one's error
+    monkeypatch.setattr(records, "READERS", 32)
     counts.update(read=0, list=0)
     second = load_experiment(str(folder), cache=cache)
     assert second.trials == first.trials
-    assert counts == {"read": 2 + 1, "list": 1}  # only the failed trial (it may be resumed) is read again
-    # A finished trial whose result.json changed (restarted after finishing) is read again.
-    result = next(folder.glob("trial_000/result.json"))
+    # Listed again: the failed trial (it may be resumed) and the one whose endpoint rows may come;
+    # read again: the failed one only (the other's files are unchanged).
+    assert counts == {"read": 2 + 1, "list": 2}
+
+    # A settled trial is not listed again (a restarted finished trial writes the same final again).
+    result = folder / "trial_000" / "result.json"
     result.write_text(result.read_text() + result.read_text().splitlines()[-1] + "\n")
-    counts.update(read=0)
-    load_experiment(str(folder), cache=cache)
-    assert counts["read"] == 2 + 3
+    # New trials are read; endpoint rows written after the trial ended are read with its record.
+    shutil.copytree(folder / "trial_002", folder / "trial_100")
+    rows = [MetricRow("asr", 0.5, attack="pgd", mode="untargeted", budget=8, target="served").to_dict()]
+    (folder / "trial_001" / ENDPOINT_ROWS_FILE).write_text(json.dumps(rows))
+    counts.update(read=0, list=0)
+    third = {t.location.rsplit("/", 1)[-1]: t for t in load_experiment(str(folder), cache=cache).trials}
+    assert counts == {"read": 2 + 3 + 2, "list": 3}  # trial_100, the failed one, trial_001 (with its rows)
+    assert any(r.get("target") == "served" for r in third["trial_001"].record["metrics"])
+    assert third["trial_100"].record == third["trial_002"].record
+
+    # The experiment made anew in the same place (its study record rewritten): every folder is
+    # listed, and only what changed is read.
+    study = folder / STUDY_RECORD
+    study.write_text(study.read_text() + " ")
+    os.utime(study, ns=(study.stat().st_mtime_ns + 10**9,) * 2)
+    counts.update(read=0, list=0)
+    fourth = load_experiment(str(folder), cache=cache)
+    assert counts == {"read": 2 + 3, "list": 9}  # trial_000's longer result.json, the failed one
+    assert [t.record for t in fourth.trials] == [t.record for t in third.values()]
 
 
 def test_trials_are_read_in_folder_order_whatever_finishes_first(tmp_path, monkeypatch):

@@ -3,7 +3,11 @@ once, in one line, on errors that waiting cannot mend."""
 
 from __future__ import annotations
 
+import io
+import os
+
 import pytest
+from conftest import BUCKET
 
 from raystudy import storage
 from raystudy.errors import RaystudyError
@@ -69,6 +73,7 @@ def test_every_remote_operation_goes_through_the_retries(monkeypatch, no_sleep):
             return fail
 
     monkeypatch.setattr(storage, "_resolve", lambda location: (Down(), "b/p"))
+    monkeypatch.setattr(storage, "_object_reader", lambda location: None)  # pyarrow's reads: Down
     monkeypatch.setattr(storage, "OUTAGE_SECONDS", 0.0)
     for operation in (
         lambda: storage.read_bytes("s3://b/p"),
@@ -80,3 +85,59 @@ def test_every_remote_operation_goes_through_the_retries(monkeypatch, no_sleep):
     ):
         with pytest.raises(RaystudyError, match="Couldn't connect"):
             operation()
+
+
+def test_a_one_get_reader_fails_like_pyarrow_does(monkeypatch, no_sleep):
+    """boto3's errors become the OSErrors the retries judge: an outage is retried, a missing object
+    and a refusal fail at once, each in one line."""
+    pytest.importorskip("botocore")
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    class Store:
+        class exceptions:
+            NoSuchKey = type("NoSuchKey", (Exception,), {})
+
+        def __init__(self, errors):
+            self.errors, self.calls = list(errors), 0
+
+        def get_object(self, Bucket, Key):
+            self.calls += 1
+            if self.errors:
+                raise self.errors.pop(0)
+            return {"Body": io.BytesIO(f"{Bucket}:{Key}".encode())}
+
+    refused = EndpointConnectionError(endpoint_url="http://store:9000/b/p")
+    monkeypatch.setattr(storage, "_resolve", lambda location: (None, "b/p/x"))
+    store = Store([refused] * 3)
+    monkeypatch.setattr(storage, "_s3_client", lambda settings: store)
+    assert storage.read_bytes("s3://b/p/x") == b"b:p/x" and store.calls == 4 and len(no_sleep) == 3
+    for error, message in (
+        (Store.exceptions.NoSuchKey(), "no such object: s3://b/p/x"),
+        (ClientError({"Error": {"Code": "AccessDenied"}}, "GetObject"), "AccessDenied"),
+    ):
+        store = Store([error])
+        monkeypatch.setattr(storage, "_s3_client", lambda settings: store)
+        with pytest.raises(RaystudyError, match=f"cannot read 's3://b/p/x': .*{message}"):
+            storage.read_bytes("s3://b/p/x")
+        assert store.calls == 1
+    assert storage.is_transient(OSError(str(ClientError({"Error": {"Code": "503"}}, "GetObject"))))
+
+
+def test_s3_objects_are_read_with_one_request_each(s3, monkeypatch):
+    """pyarrow sends a HEAD before each GET; with boto3 installed a read is one GetObject, and both
+    clients read the same bytes."""
+    pytest.importorskip("boto3")
+    for key, value in s3.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3["RAYSTUDY_S3_ENDPOINT"])
+    location = f"s3://{BUCKET}/one-request/result.json"
+    payload = b'{"final": 1}\n' * 1000
+    storage.write_bytes(location, payload)
+    sent = []
+    client = storage._s3_client(tuple(os.environ.get(k) for k in storage._FILESYSTEM_SETTINGS))
+    client.meta.events.register("before-send.s3", lambda request, **kw: sent.append(request.method))
+    assert storage.read_bytes(location) == payload and sent == ["GET"]
+    with pytest.raises(RaystudyError, match="cannot read .*no such object"):
+        storage.read_bytes(location + ".absent")
+    monkeypatch.setattr(storage, "_object_reader", lambda location: None)
+    assert storage.read_bytes(location) == payload

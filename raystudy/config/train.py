@@ -7,6 +7,7 @@ check raises a RaystudyError naming the bad key. Below this module nothing takes
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -119,9 +120,8 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        spec = get_mechanism(self.mechanism)
-        resolved = spec.resolve(dict(self.magnitudes), self.dataset)
-        object.__setattr__(self, "magnitudes", tuple(sorted(resolved.items())))
+        resolved, has_penalties, input_sensitive = _mechanism_facts(self.mechanism, self.magnitudes, self.dataset)
+        object.__setattr__(self, "magnitudes", resolved)
         _check(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
         _check(self.lr > 0, "lr", self.lr, "must be > 0")
@@ -142,19 +142,17 @@ class TrainConfig:
             self.penalty_gradient,
             f"must be one of {', '.join(PENALTY_GRADIENTS)}",
         )
-        # Built once here (an analysis validates thousands of plans); recipe() builds it for training.
-        recipe = spec.build(dict(self.magnitudes), grid_family(self.dataset))
-        if not recipe.penalties:
+        if not has_penalties:
             # Nothing is differentiated twice: the record says so, whatever the preset's default.
             object.__setattr__(self, "penalty_gradient", "exact")
         _check(
-            self.precision == "fp32" or self.penalty_gradient == "exact" or not recipe.penalties,
+            self.precision == "fp32" or self.penalty_gradient == "exact" or not has_penalties,
             "precision",
             self.precision,
             "would drown the finite differences of penalty_gradient=finite_difference in rounding: use fp32",
         )
         _check(
-            self.precision == "fp32" or not recipe.input_sensitive,
+            self.precision == "fp32" or not input_sensitive,
             "precision",
             self.precision,
             f"would round away {self.mechanism}'s small input perturbations or input gradients: use fp32",
@@ -216,6 +214,24 @@ class TrainConfig:
         return [
             f.name for f in dataclasses.fields(self) if f.compare and getattr(self, f.name) != getattr(other, f.name)
         ]
+
+
+def _mechanism_facts(mechanism: str, magnitudes: Any, dataset: str) -> tuple[tuple, bool, bool]:
+    """(resolved magnitudes as sorted pairs, the recipe has penalties, the recipe is input-sensitive),
+    checked; the same few settings recur across the thousands of plans an analysis validates."""
+    key = tuple(sorted(dict(magnitudes).items()))
+    try:
+        return _mechanism_facts_of(mechanism, key, dataset)
+    except TypeError:  # an unhashable value (a list in the YAML): the uncached path names it
+        return _mechanism_facts_of.__wrapped__(mechanism, key, dataset)
+
+
+@functools.lru_cache(maxsize=4096)
+def _mechanism_facts_of(mechanism: str, magnitudes: tuple, dataset: str) -> tuple[tuple, bool, bool]:
+    spec = get_mechanism(mechanism)
+    resolved = spec.resolve(dict(magnitudes), dataset)
+    recipe = spec.build(resolved, grid_family(dataset))
+    return tuple(sorted(resolved.items())), bool(recipe.penalties), recipe.input_sensitive
 
 
 def check_model_name(name: str, input_size: int) -> None:
