@@ -59,26 +59,28 @@ def load_experiment(path: str, cache: Path | None = None) -> Experiment:
     `cache` (default: $RAYSTUDY_CACHE/analysis), so a second analysis lists the experiment's
     folders and reads only the trials that are new or may still change."""
     location = storage.normalize(path)
-    study_file = storage.file_entry(storage.join(location, STUDY_RECORD))
-    if study_file is None:
-        raise RaystudyError(f"{path} is not a raystudy experiment (no {STUDY_RECORD}; pass <storage>/<study name>)")
-    try:
-        record = json.loads(storage.read_bytes(storage.join(location, STUDY_RECORD)))
-        spec = parse_space(record["study"], record.get("source", path), record.get("data"))
-    except (ValueError, KeyError) as err:
-        raise RaystudyError(f"{path}: unreadable {STUDY_RECORD} ({err})") from None
-    trials = _read_trials(location, spec.name, _TrialCache(location, cache, study_file))
+    with ThreadPoolExecutor(1) as pool:
+        folders = pool.submit(storage.list_dirs, location)  # on an object store, while the cache is parsed
+        study_file = storage.file_entry(storage.join(location, STUDY_RECORD))
+        if study_file is None:
+            raise RaystudyError(f"{path} is not a raystudy experiment (no {STUDY_RECORD}; pass <storage>/<study name>)")
+        try:
+            record = json.loads(storage.read_bytes(storage.join(location, STUDY_RECORD)))
+            spec = parse_space(record["study"], record.get("source", path), record.get("data"))
+        except (ValueError, KeyError) as err:
+            raise RaystudyError(f"{path}: unreadable {STUDY_RECORD} ({err})") from None
+        kept = _TrialCache(location, cache, study_file)
+        trials = _read_trials(location, spec.name, kept, folders.result())
     trials = [_migrate(spec, t) if t.final and not t.record else t for t in trials]
     trials = [_with_plan(spec, t) for t in trials]
     trials += _missing(spec, trials)
     return Experiment(location, spec.name, spec, record, tuple(trials))
 
 
-def _read_trials(location: str, experiment: str, kept: "_TrialCache") -> list[TrialRecord]:
-    """Every trial folder (one holding params.json), in folder order. Settled trials (see
-    _TrialCache) come from the cache after one listing of the experiment's folders; the others'
-    files are listed (each folder, or the whole experiment when most are unsettled) and read."""
-    folders = storage.list_dirs(location)
+def _read_trials(location: str, experiment: str, kept: "_TrialCache", folders: list[str]) -> list[TrialRecord]:
+    """Every trial folder (one holding params.json) of the experiment's `folders`, in folder order.
+    Settled trials (see _TrialCache) come from the cache; the others' files are listed (each
+    folder, or the whole experiment when most are unsettled) and read."""
     trials: dict[str, TrialRecord | None] = {f: kept.settled(f) for f in folders}
     unsettled = [f for f, trial in trials.items() if trial is None]
     files = _trial_files(location, unsettled)

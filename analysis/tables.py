@@ -15,6 +15,7 @@ from typing import Iterable
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from analysis.records import DONE, Experiment, TrialRecord, plan_of
 from raystudy.mechanisms import MECHANISMS, mechanism_label
@@ -64,6 +65,7 @@ def trial_setting(experiment: Experiment, trial: TrialRecord) -> dict:
 
 
 METRIC_COLUMNS = ["metric", "name", *DIMENSIONS, "value"]
+ROW_FIELDS = ("name", *DIMENSIONS)  # what names a metric row (its key)
 
 
 def tidy_trials(experiments: Iterable[Experiment]) -> pd.DataFrame:
@@ -80,7 +82,7 @@ def tidy_trials(experiments: Iterable[Experiment]) -> pd.DataFrame:
             rows = trial.record.get("metrics", [])  # MetricRow.to_dict()s, read as they are
             for c in CONFIG_COLUMNS:
                 columns[c].extend([setting[c]] * len(rows))
-            fields = [(row["name"], *(row.get(d) for d in DIMENSIONS)) for row in rows]
+            fields = [tuple(map(row.get, ROW_FIELDS)) for row in rows]
             for fields_of_row in fields:
                 if fields_of_row not in keys:
                     keys[fields_of_row] = metric_key(*fields_of_row)
@@ -89,7 +91,8 @@ def tidy_trials(experiments: Iterable[Experiment]) -> pd.DataFrame:
             for i, d in enumerate(DIMENSIONS, start=1):
                 columns[d].extend([f[i] for f in fields])
             columns["value"].extend([float(row["value"]) for row in rows])
-    frame = pd.DataFrame(columns, columns=CONFIG_COLUMNS + METRIC_COLUMNS)
+    # Through Arrow: its conversion of half a million strings is faster than pandas' own.
+    frame = pa.table({c: columns[c] for c in CONFIG_COLUMNS + METRIC_COLUMNS}).to_pandas()
     frame["budget"] = frame["budget"].astype("Int64")
     return frame
 
