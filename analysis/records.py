@@ -70,19 +70,27 @@ def load_experiment(path: str, cache: Path | None = None) -> Experiment:
         except (ValueError, KeyError) as err:
             raise RaystudyError(f"{path}: unreadable {STUDY_RECORD} ({err})") from None
         kept = _TrialCache(location, cache, study_file)
-        trials = _read_trials(location, spec.name, kept, folders.result())
+        # Written since studies record their endpoints: none, so no trial's files can change after it ended.
+        no_endpoints = record.get("endpoints") == []
+        trials = _read_trials(location, spec.name, kept, folders.result(), no_endpoints)
     trials = [_migrate(spec, t) if t.final and not t.record else t for t in trials]
     trials = [_with_plan(spec, t) for t in trials]
     trials += _missing(spec, trials)
     return Experiment(location, spec.name, spec, record, tuple(trials))
 
 
-def _read_trials(location: str, experiment: str, kept: "_TrialCache", folders: list[str]) -> list[TrialRecord]:
+def _read_trials(
+    location: str, experiment: str, kept: "_TrialCache", folders: list[str], no_endpoints: bool = False
+) -> list[TrialRecord]:
     """Every trial folder (one holding params.json) of the experiment's `folders`, in folder order.
     Settled trials (see _TrialCache) come from the cache; the others' files are listed (each
-    folder, or the whole experiment when most are unsettled) and read."""
+    folder, or the whole experiment when most are unsettled) and read. In a study without
+    endpoints, finished trials are first read without listing them (see _read_finished)."""
     trials: dict[str, TrialRecord | None] = {f: kept.settled(f) for f in folders}
     unsettled = [f for f, trial in trials.items() if trial is None]
+    if no_endpoints and len(unsettled) > READERS:
+        trials.update(_read_finished(location, experiment, kept, unsettled))
+        unsettled = [f for f, trial in trials.items() if trial is None]
     files = _trial_files(location, unsettled)
     for folder in unsettled:
         if "params.json" not in files.get(folder, {}):
@@ -107,6 +115,26 @@ def _read_trials(location: str, experiment: str, kept: "_TrialCache", folders: l
         trials.update(zip(to_read, pool.map(read, to_read)))
     kept.save()
     return [trials[f] for f in sorted(trials)]
+
+
+def _read_finished(location: str, experiment: str, kept: "_TrialCache", folders: list[str]) -> dict:
+    """The finished trials among `folders`, from their result.json alone, read 32 at a time (one
+    request each, no listing: a recursive listing pages 1,000 objects a request, checkpoints
+    included). Only for a study without endpoints: nothing is written into a finished trial's
+    folder after its final result, so it is settled at once. Other folders map to None."""
+
+    def read(folder: str) -> TrialRecord | None:
+        result = storage.read_bytes(storage.join(location, folder, "result.json"), missing_ok=True)
+        if result is None:
+            return None  # not a trial, or one that has not reported yet: listed
+        trial = _read_trial(location, experiment, folder, {"params.json", "result.json"}, result)
+        if trial.status != DONE:
+            return None  # its error.txt, if any, is found by listing it
+        kept.put(folder, {}, trial, settled=True)  # no fingerprint: settled, and re-checked if made anew
+        return trial
+
+    with ThreadPoolExecutor(READERS) as pool:
+        return dict(zip(folders, pool.map(read, folders)))
 
 
 def _trial_files(location: str, folders: list[str]) -> dict[str, dict[str, storage.FileEntry]]:
@@ -220,11 +248,16 @@ def _expanded(values: dict) -> TrialRecord:
     return TrialRecord(**{**values, "final": restored(values["final"]), "history": history})
 
 
-def _read_trial(location: str, experiment: str, folder: str, present: set[str]) -> TrialRecord:
+def _read_trial(
+    location: str, experiment: str, folder: str, present: set[str], result: bytes | None = None
+) -> TrialRecord:
+    """The trial in `folder`, whose files are `present`; `result`: its result.json, if already read."""
     base = storage.join(location, folder)
     rows = []
-    if "result.json" in present:
-        for line in storage.read_bytes(storage.join(base, "result.json")).decode().splitlines():
+    if result is None and "result.json" in present:
+        result = storage.read_bytes(storage.join(base, "result.json"))
+    if result is not None:
+        for line in result.decode().splitlines():
             if line.strip():
                 try:
                     rows.append(json.loads(line))

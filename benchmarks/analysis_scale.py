@@ -73,7 +73,8 @@ def trial_files(plan, i: int) -> dict[str, bytes]:
 def experiment_objects(n: int) -> dict[str, bytes]:
     raw = study(n)
     spec = parse_space(raw, "scale.yaml")
-    objects = {STUDY_RECORD: json.dumps({"study": raw, "source": "scale.yaml", "data": None}).encode()}
+    record = {"study": raw, "source": "scale.yaml", "data": None, "endpoints": []}  # as `raystudy run` writes it
+    objects = {STUDY_RECORD: json.dumps(record).encode()}
     for i, plan in enumerate(spec.plans):
         for name, body in trial_files(plan, i).items():
             objects[f"trial_{i:05d}/{name}"] = body

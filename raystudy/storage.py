@@ -143,15 +143,21 @@ def write_bytes(location: str, data: bytes, outage_seconds: float | None = None)
     _retrying("write", location, write, outage_seconds)
 
 
-def read_bytes(location: str) -> bytes:
+def read_bytes(location: str, missing_ok: bool = False) -> bytes | None:
+    """The file's bytes; with `missing_ok`, None if there is no such file."""
     fs, path = _resolve(location)
     get_object = _object_reader(location)
 
-    def read() -> bytes:
-        if get_object is not None:
-            return get_object(path)
-        with fs.open_input_stream(path) as handle:
-            return handle.read()
+    def read() -> bytes | None:
+        try:
+            if get_object is not None:
+                return get_object(path)
+            with fs.open_input_stream(path) as handle:
+                return handle.read()
+        except FileNotFoundError:
+            if missing_ok:
+                return None
+            raise
 
     return _retrying("read", location, read)
 

@@ -463,6 +463,11 @@ def _write_record(spec: StudySpec, raw: Any, storage_path: str, experiment: str,
         "targets": targets,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    # The black-box targets whose images every trial keeps (none: the analysis need not look for them).
+    record["endpoints"] = []
+    if spec.kind != "targets":
+        endpoints = load_endpoints(targets_location(storage.normalize(storage_path), spec.targets))
+        record["endpoints"] = [e.name for e in endpoints]
     if spec.kind != "targets":  # the evaluation images every trial uses, recorded once
         plan = spec.plans[0] if spec.kind != "search" else spec.search_corner()
         dataset = dataset_for(plan.train)

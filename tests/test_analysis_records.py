@@ -203,10 +203,10 @@ def counting_reads(monkeypatch) -> dict[str, int]:
     counts = {"read": 0, "list": 0}
     read, listing = storage.read_bytes, storage.list_tree
 
-    def counted_read(location):
+    def counted_read(location, **options):
         if location.endswith(("result.json", "params.json", "error.txt")):
             counts["read"] += 1
-        return read(location)
+        return read(location, **options)
 
     def counted_list(location):
         counts["list"] += 1
@@ -262,6 +262,27 @@ def test_a_second_analysis_lists_the_folders_and_reads_only_trials_that_may_chan
     fourth = load_experiment(str(folder), cache=cache)
     assert counts == {"read": 2 + 3, "list": 9}  # trial_000's longer result.json, the failed one
     assert [t.record for t in fourth.trials] == [t.record for t in third.values()]
+
+
+def test_finished_trials_of_a_study_without_endpoints_are_read_without_listing_them(tmp_path, monkeypatch):
+    from analysis import records
+
+    folder = write_experiment(tmp_path, VALUES, fail=[("MU τ=5", 1)])
+    listed = load_experiment(str(folder), cache=tmp_path / "listed").trials
+    study = folder / STUDY_RECORD
+    study.write_text(json.dumps({**json.loads(study.read_text()), "endpoints": []}))  # as `raystudy run` writes it
+    (folder / "not_a_trial").mkdir()
+    monkeypatch.setattr(records, "READERS", 4)  # 9 folders: more than the readers
+    counts = counting_reads(monkeypatch)
+    trials = load_experiment(str(folder), cache=tmp_path / "direct").trials
+    assert trials == listed
+    # Each folder's result.json and each trial's params.json (these hand-made rows carry no config;
+    # Ray's do), then a listing of each folder that holds no finished trial (the failed trial, read
+    # again with its error.txt, and the folder without a result.json).
+    assert counts == {"read": 9 + 8 + 3, "list": 2}
+    counts.update(read=0, list=0)
+    assert load_experiment(str(folder), cache=tmp_path / "direct").trials == listed
+    assert counts == {"read": 3, "list": 2}  # settled: all but the failed trial and the other folder
 
 
 def test_trials_are_read_in_folder_order_whatever_finishes_first(tmp_path, monkeypatch):

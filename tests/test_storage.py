@@ -139,5 +139,7 @@ def test_s3_objects_are_read_with_one_request_each(s3, monkeypatch):
     assert storage.read_bytes(location) == payload and sent == ["GET"]
     with pytest.raises(RaystudyError, match="cannot read .*no such object"):
         storage.read_bytes(location + ".absent")
+    assert storage.read_bytes(location + ".absent", missing_ok=True) is None
     monkeypatch.setattr(storage, "_object_reader", lambda location: None)
     assert storage.read_bytes(location) == payload
+    assert storage.read_bytes(location + ".absent", missing_ok=True) is None
