@@ -175,6 +175,7 @@ class _TrialCache:
         self.study = [study_file.size, study_file.mtime_ns]
         self.kept: dict[str, dict] = {}
         self.valid: dict[str, dict] = {}  # entries found valid now (the reader threads put one key each)
+        self.new_entries = False
         self.same_experiment = False
         try:
             kept = json.loads(self.path.read_text())
@@ -200,11 +201,12 @@ class _TrialCache:
 
     def put(self, folder: str, fingerprint: dict, trial: TrialRecord, settled: bool) -> None:
         self.valid[folder] = {"fingerprint": fingerprint, "trial": _compact(trial), "settled": settled}
+        self.new_entries = True
 
     def save(self) -> None:
         """Keep what this analysis found valid, nothing else: an entry for a folder that is gone, or
         one of an experiment made anew, must not answer for a later trial of the same name."""
-        if self.valid.keys() == self.kept.keys() and self.same_experiment and not self.added_any:
+        if self.valid.keys() == self.kept.keys() and self.same_experiment and not self.new_entries:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -213,10 +215,6 @@ class _TrialCache:
             tmp.replace(self.path)
         except OSError:
             pass  # a cache that cannot be written costs a re-read next time, nothing more
-
-    @property
-    def added_any(self) -> bool:
-        return any(entry is not self.kept.get(folder) for folder, entry in self.valid.items())
 
 
 # Ray copies the trial's config into every result row, and the final row holds the record: the cache

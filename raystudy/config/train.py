@@ -219,11 +219,7 @@ class TrainConfig:
 def _mechanism_facts(mechanism: str, magnitudes: Any, dataset: str) -> tuple[tuple, bool, bool]:
     """(resolved magnitudes as sorted pairs, the recipe has penalties, the recipe is input-sensitive),
     checked; the same few settings recur across the thousands of plans an analysis validates."""
-    key = tuple(sorted(dict(magnitudes).items()))
-    try:
-        return _mechanism_facts_of(mechanism, key, dataset)
-    except TypeError:  # an unhashable value (a list in the YAML): the uncached path names it
-        return _mechanism_facts_of.__wrapped__(mechanism, key, dataset)
+    return _mechanism_facts_of(mechanism, tuple(sorted(dict(magnitudes).items())), dataset)
 
 
 @functools.lru_cache(maxsize=4096)
