@@ -7,12 +7,16 @@ any node. No Ray here.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import pyarrow.fs as pafs
 
@@ -36,8 +40,29 @@ def is_uri(location: str) -> bool:
 
 
 def normalize(storage: str) -> str:
-    """Absolute local path (Ray needs one), or the URI unchanged."""
-    return storage if is_uri(storage) else str(Path(storage).expanduser().resolve())
+    """Absolute local path (Ray needs one), or the URI unchanged (one without credentials in it)."""
+    if is_uri(storage):
+        refuse_credentials_in(storage)
+        return storage
+    return str(Path(storage).expanduser().resolve())
+
+
+# Query parameters of a pyarrow filesystem URI that carry a credential (access_key, secret_key,
+# session_token, ...): the storage path is kept in the study record, in Ray's state and in messages.
+_SECRET_PARAMETER = re.compile(r"key|secret|token|password|passwd|credential|signature|sig$", re.IGNORECASE)
+
+
+def refuse_credentials_in(uri: str) -> None:
+    """A storage URI with a user name, password or secret query parameter is one line, the secret unshown."""
+    parts = urlsplit(uri)
+    secret = [name for name, _ in parse_qsl(parts.query, keep_blank_values=True) if _SECRET_PARAMETER.search(name)]
+    if parts.username is not None or parts.password is not None or secret:
+        shown = f"{parts.scheme}://{parts.hostname or ''}{parts.path}"
+        what = "a user name or password" if not secret else f"the credential parameter(s) {', '.join(secret)}"
+        raise RaystudyError(
+            f"storage {shown!r} (...) holds {what}: it would be kept in the study record and printed; give "
+            "credentials through the environment (AWS_* variables, a profile or an instance role) instead"
+        )
 
 
 def join(*parts: str) -> str:
@@ -195,6 +220,20 @@ def _s3_client(settings: tuple):
 
     config = botocore.config.Config(max_pool_connections=64, retries={"mode": "standard"})
     return boto3.session.Session().client("s3", config=config)
+
+
+def read_json(location: str, limit: int = 64 << 20, missing_ok: bool = False) -> Any:
+    """A JSON file from storage, as untrusted input: too large, not UTF-8, malformed or nested too
+    deep for the parser is one line naming the file (never a traceback or a MemoryError)."""
+    data = read_bytes(location, missing_ok=missing_ok)
+    if data is None:
+        return None
+    if len(data) > limit:
+        raise RaystudyError(f"{location}: {len(data)} bytes, more than such a file holds ({limit}): not read")
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
+        raise RaystudyError(f"{location}: not valid JSON ({type(err).__name__}: {str(err)[:120]})") from None
 
 
 def exists(location: str) -> bool:
