@@ -23,7 +23,7 @@ from raystudy import storage
 from raystudy.config import STUDY_RECORD, StudySpec, TrialPlan, parse_space
 from raystudy.errors import RaystudyError
 from raystudy.mechanisms import mechanism_label
-from raystudy.record import ADVERSARIAL_DIR, ENDPOINT_ROWS_FILE, legacy_rows, make_record
+from raystudy.record import ADVERSARIAL_DIR, ENDPOINT_ROWS_FILE, checked_study_record, legacy_rows, make_record
 
 DONE, FAILED, INCOMPLETE, MISSING, STOPPED = "done", "failed", "incomplete", "missing", "stopped early"
 TRIAL_FILES = ("params.json", "result.json", "error.txt", ENDPOINT_ROWS_FILE)
@@ -64,11 +64,9 @@ def load_experiment(path: str, cache: Path | None = None) -> Experiment:
         study_file = storage.file_entry(storage.join(location, STUDY_RECORD))
         if study_file is None:
             raise RaystudyError(f"{path} is not a raystudy experiment (no {STUDY_RECORD}; pass <storage>/<study name>)")
-        try:
-            record = json.loads(storage.read_bytes(storage.join(location, STUDY_RECORD)))
-            spec = parse_space(record["study"], record.get("source", path), record.get("data"))
-        except (ValueError, KeyError) as err:
-            raise RaystudyError(f"{path}: unreadable {STUDY_RECORD} ({err})") from None
+        where = storage.join(location, STUDY_RECORD)
+        record = checked_study_record(storage.read_json(where), where)
+        spec = parse_space(record["study"], record["source"], record.get("data"))
         kept = _TrialCache(location, cache, study_file)
         # Written since studies record their endpoints: none, so no trial's files can change after it ended.
         no_endpoints = record.get("endpoints") == []
@@ -258,15 +256,17 @@ def _read_trial(
         for line in result.decode().splitlines():
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
-                except ValueError:
-                    continue  # a line cut by a crash mid-write
+                    row = json.loads(line)
+                except (ValueError, RecursionError):
+                    continue  # a line cut by a crash mid-write (or not Ray's)
+                if isinstance(row, dict):
+                    rows.append(row)
     finals = [r for r in rows if r.get("final") == 1]
     # Ray writes the trial's config into every result row: params.json only for a trial without one
     # (one request less per trial on an object store).
     config = next((r["config"] for r in reversed(rows) if isinstance(r.get("config"), dict)), None)
     if config is None:
-        config = json.loads(storage.read_bytes(storage.join(base, "params.json")))
+        config = storage.read_json(storage.join(base, "params.json"))
     error = ""
     if "error.txt" in present:
         lines = storage.read_bytes(storage.join(base, "error.txt")).decode(errors="replace").strip().splitlines()
@@ -281,7 +281,9 @@ def _read_trial(
     final = finals[-1] if finals else {}
     record = final.get("record", {})
     if finals and ENDPOINT_ROWS_FILE in present:  # the black-box targets' rows, written after the trial
-        extra = json.loads(storage.read_bytes(storage.join(base, ENDPOINT_ROWS_FILE)))
+        extra = storage.read_json(storage.join(base, ENDPOINT_ROWS_FILE))
+        if not isinstance(extra, list) or not all(isinstance(row, dict) for row in extra):
+            raise RaystudyError(f"{storage.join(base, ENDPOINT_ROWS_FILE)}: not a list of metric rows")
         record = {**record, "metrics": list(record.get("metrics", [])) + extra}
     return TrialRecord(experiment, str(trial_id), config, status, final, record, history, error, base)
 

@@ -37,9 +37,9 @@ def run_then_confirm(spec: StudySpec, raw: Any, storage_path: str, address=None,
     return then_confirm(spec, raw, results, storage_path, experiment, address=address, num_cpus=num_cpus)
 
 
-def resume_then_confirm(experiment: str, address=None, num_cpus=None):
+def resume_then_confirm(experiment: str, address=None, num_cpus=None, targets_file=None):
     """Finish an interrupted study, then (a search with `confirm`) its confirmation."""
-    results = resume_study(experiment, address, num_cpus)
+    results = resume_study(experiment, address, num_cpus, targets_file)
     record = load_record(experiment)
     spec = parse_space(record["study"], record["source"], record["data"])
     location = storage.normalize(experiment)
@@ -117,7 +117,8 @@ def run_confirm(spec: StudySpec, raw: dict[str, Any], results, storage_path: str
         confirmed = run_study(grid, grid_raw, storage_path, ray.get("address"), None, ray.get("num_cpus"))
     summary = summarize(spec, plans, confirmed)
     location = storage.join(search_experiment, BEST_CONFIG)
-    best = json.loads(storage.read_bytes(location)) if storage.exists(location) else {}
+    best = storage.read_json(location, missing_ok=True)
+    best = best if isinstance(best, dict) else {}
     best["confirmed"] = {"experiment": experiment, "seeds": list(spec.search.confirm.seeds), "rows": summary}
     storage.write_bytes(location, json.dumps(best, indent=1).encode())
     print(render(summary))

@@ -61,7 +61,7 @@ class JournalMirror:
 def fetch_journal(remote: str, local: str) -> int:
     """Rebuild a journal file from its segments (in offset order; a segment that overlaps what is
     already there adds only its new part; a gap ends it, as the journal's lines must stay in order)."""
-    names = storage.list_files(remote, ".log")
+    names = [name for name in storage.list_files(remote, ".log") if name[: -len(".log")].isdigit()]  # <offset>.log
     with ThreadPoolExecutor(16) as pool:  # one request per segment: read them at once
         segments = list(pool.map(lambda name: storage.read_bytes(storage.join(remote, name)), names))
     data = bytearray()

@@ -49,6 +49,14 @@ def encode_pngs(images: torch.Tensor) -> dict[str, np.ndarray]:
 
 def png_list(arrays) -> list[bytes]:
     data, offsets = arrays["png"], arrays["offsets"]
+    if (
+        offsets.ndim != 1
+        or len(offsets) == 0
+        or offsets[0] != 0
+        or (np.diff(offsets) < 0).any()
+        or offsets[-1] != len(data)
+    ):
+        raise RaystudyError("a kept image set's offsets do not index its PNG bytes")
     return [data[offsets[i] : offsets[i + 1]].tobytes() for i in range(len(offsets) - 1)]
 
 
@@ -75,7 +83,10 @@ def _write_npz(location: str, arrays: dict[str, np.ndarray]) -> None:
 
 
 def _read_npz(location: str):
-    return np.load(io.BytesIO(storage.read_bytes(location)), allow_pickle=False)
+    try:
+        return np.load(io.BytesIO(storage.read_bytes(location)), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:  # pickled object arrays are refused with a ValueError
+        raise RaystudyError(f"{location}: not a kept image set ({type(err).__name__})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,8 +101,37 @@ def save_endpoints(targets_folder: str, endpoints: tuple[EndpointSpec, ...]) -> 
 
 
 def load_endpoints(targets_folder: str) -> list[EndpointSpec]:
-    names = storage.list_files(targets_folder, ENDPOINT_SUFFIX)
-    return [EndpointSpec.from_dict(json.loads(storage.read_bytes(storage.join(targets_folder, n)))) for n in names]
+    """The endpoint specs saved in a targets folder, each checked as a study file's endpoint is:
+    the bucket is writable by every node of a cluster, so what it holds is not trusted."""
+    specs = []
+    for file_name in storage.list_files(targets_folder, ENDPOINT_SUFFIX):
+        where = storage.join(targets_folder, file_name)
+        spec = EndpointSpec.from_dict(storage.read_json(where, limit=1 << 20), where)
+        if spec.name + ENDPOINT_SUFFIX != file_name:
+            raise RaystudyError(f"{where}: holds endpoint {spec.name!r}, not the one its file name says")
+        specs.append(spec)
+    return specs
+
+
+def confirmed_endpoints(stored: list[EndpointSpec], local: tuple[EndpointSpec, ...], source: str) -> list[EndpointSpec]:
+    """The endpoints the query phase may use: those of the targets study file the user runs
+    (`source`), each one as stored with the study. Where, how and with which token images are sent
+    comes from the user's own file, never from the bucket alone: a planted or changed endpoint is
+    refused before anything is sent."""
+    mine = {spec.name: spec for spec in local}
+    for spec in stored:
+        if spec.name not in mine:
+            raise RaystudyError(
+                f"endpoint {spec.name!r} is stored with the targets but not named in {source}: nothing was sent "
+                "(query only endpoints your own targets study file names)"
+            )
+        changed = [k for k, v in spec.to_dict().items() if mine[spec.name].to_dict()[k] != v]
+        if changed:
+            raise RaystudyError(
+                f"endpoint {spec.name!r} stored with the targets differs from {source} in {', '.join(changed)}: "
+                "nothing was sent (the stored copy was changed, or the file was edited after `raystudy targets`)"
+            )
+    return [mine[spec.name] for spec in stored]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,9 +176,9 @@ def kept_trials(experiment: str) -> list[TrialImages]:
             stem = name.rsplit("/", 1)[1][: -len(".npz")]
             if stem == CLEAN_SET:
                 continue
-            attack, mode, budget = stem.rsplit("-", 2)
+            attack, mode, budget = _image_set_name(storage.join(location, name), stem)
             pngs = tuple(png_list(_read_npz(storage.join(location, name))))
-            sets.append(ImageSet(location, attack, mode, int(budget), pngs))
+            sets.append(ImageSet(location, attack, mode, budget, pngs))
         out.append(
             TrialImages(
                 location,
@@ -151,6 +191,14 @@ def kept_trials(experiment: str) -> list[TrialImages]:
             )
         )
     return out
+
+
+def _image_set_name(location: str, stem: str) -> tuple[str, str, int]:
+    """(attack, mode, budget) of a kept AE set's file name, `<attack>-<mode>-<budget>.npz`."""
+    parts = stem.rsplit("-", 2)
+    if len(parts) != 3 or parts[1] not in ("untargeted", "targeted") or not parts[2].isdigit():
+        raise RaystudyError(f"{location}: not a kept AE set (<attack>-<untargeted|targeted>-<budget>.npz)")
+    return parts[0], parts[1], int(parts[2])
 
 
 def class_sets(spec: EndpointSpec, labels: list[str], class_names: tuple[str, ...]) -> set[int]:

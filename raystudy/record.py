@@ -18,6 +18,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Mapping
 
+from raystudy.errors import RaystudyError
+
 RECORD_FORMAT = "raystudy-trial/1"
 FINAL_FILE = "raystudy-final.json"  # a trial's final result, kept in its folder of the experiment
 ENDPOINT_ROWS_FILE = "raystudy-endpoint-rows.json"  # its black-box targets' rows (raystudy.query), beside it
@@ -156,3 +158,14 @@ def _row_from_key(key: str, value: float) -> MetricRow:
 
 def is_finite(row: MetricRow) -> bool:
     return not (isinstance(row.value, float) and math.isnan(row.value))
+
+
+def checked_study_record(record: Any, location: str) -> dict[str, Any]:
+    """A study record (`raystudy-study.json`) read back from storage: the shape checked here, the
+    study it holds by parse_space as any study file is."""
+    if not isinstance(record, dict) or not isinstance(record.get("study"), dict):
+        raise RaystudyError(f"{location}: not a study record (a JSON object holding the study it ran)")
+    for key in ("source", "data", "storage"):
+        if record.get(key) is not None and not isinstance(record[key], str):
+            raise RaystudyError(f"{location}: its {key} must be a path")
+    return {**record, "source": record.get("source") or location}

@@ -10,16 +10,18 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 from raystudy import optuna_history, storage
 from raystudy.checkpoint import STATE_FILE
-from raystudy.config import STUDY_RECORD, StudySpec, parse_space
+from raystudy.config import STUDY_RECORD, StudySpec, load_space, parse_space
 from raystudy.config.study import SearchParam, TrialPlan
 from raystudy.errors import RaystudyError
-from raystudy.query import load_endpoints, query_experiment, save_endpoints
+from raystudy.local_ray import init_local_ray
+from raystudy.query import confirmed_endpoints, load_endpoints, query_experiment, save_endpoints
+from raystudy.record import checked_study_record
 from raystudy.trainable import FINAL_KEY, run_trial, targets_location, trial_folder
 
 BEST_CONFIG = "best_config.json"
@@ -56,7 +58,7 @@ def _init_ray(address: str | None, num_cpus: int | None) -> None:
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
+        init_local_ray(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
 
 
 def worker_runtime_env(environment: dict[str, str]) -> dict | None:
@@ -499,9 +501,11 @@ def run_study(
     num_cpus: int | None = None,
     optuna_storage: str | None = None,
     trackers: tuple[str, ...] = (),
+    targets_file: str | None = None,
 ):
     """Start a new experiment; refuses one that exists (resume it instead). `trackers`: any of
-    tensorboard, mlflow, wandb (raystudy.tracking)."""
+    tensorboard, mlflow, wandb (raystudy.tracking); `targets_file`: the targets study file that
+    confirms the stored endpoints (query_endpoints)."""
     from ray import tune
 
     from raystudy.tracking import tracking_callbacks
@@ -553,33 +557,57 @@ def run_study(
             verbose=1,
         ),
     )
-    return _finish(spec, tuner.fit(), experiment)
+    return _finish(spec, tuner.fit(), experiment, targets_file)
 
 
 def load_record(experiment: str) -> dict[str, Any]:
     location = storage.join(storage.normalize(experiment), STUDY_RECORD)
     if not storage.exists(location):
         raise RaystudyError(f"{experiment} is not a raystudy experiment (no {STUDY_RECORD})")
-    return json.loads(storage.read_bytes(location))
+    return checked_study_record(storage.read_json(location), location)
 
 
-def resume_study(experiment: str, address: str | None = None, num_cpus: int | None = None):
+def resume_study(
+    experiment: str, address: str | None = None, num_cpus: int | None = None, targets_file: str | None = None
+):
     """Finish an interrupted experiment: unfinished and errored trials go on, finished ones stay."""
     from ray import tune
 
     record = load_record(experiment)
     spec = parse_space(record["study"], record["source"], record["data"])
+    check_record_matches(spec, storage.normalize(experiment))
     _init_ray(address, num_cpus)
     tuner = tune.Tuner.restore(
         storage.normalize(experiment),
-        trainable=_trainable(spec, record["storage"], local=address is None),
+        trainable=_trainable(spec, storage.normalize(experiment).rsplit("/", 1)[0], local=address is None),
         resume_unfinished=True,
         resume_errored=True,
     )
-    return _finish(spec, tuner.fit(), storage.normalize(experiment))
+    return _finish(spec, tuner.fit(), storage.normalize(experiment), targets_file)
 
 
-def _finish(spec: StudySpec, results, experiment: str):
+def check_record_matches(spec: StudySpec, experiment: str) -> None:
+    """Before Ray's pickled state is restored: the record names this experiment, and every trial
+    Ray started is one of the study's (a record swapped or edited in the bucket is refused)."""
+    from analysis.records import MISSING, load_experiment, plan_of
+
+    if spec.name != experiment.rstrip("/").rsplit("/", 1)[-1]:
+        raise RaystudyError(f"{experiment}: its record is of study {spec.name!r}, not of this experiment: not resumed")
+    for trial in load_experiment(experiment, cache=None).trials:
+        if trial.status == MISSING:
+            continue
+        try:
+            plan = plan_of(spec, trial)
+        except (RaystudyError, KeyError, TypeError, ValueError, AttributeError):
+            plan = None
+        if plan is None or (spec.kind != "search" and plan not in spec.plans):
+            raise RaystudyError(
+                f"{experiment}: trial {trial.trial_id} ran a setting its study record does not hold: the record "
+                "does not match the experiment (changed since it started?): not resumed"
+            )
+
+
+def _finish(spec: StudySpec, results, experiment: str, targets_file: str | None = None):
     if spec.kind == "search":
         _close_search_history(spec, experiment)
         flush_search_history(experiment)
@@ -599,19 +627,48 @@ def _finish(spec: StudySpec, results, experiment: str):
     if spec.kind == "search":
         _write_best(spec, results, experiment)
     if spec.kind != "targets":
-        query_endpoints(spec, experiment)
+        query_endpoints(spec, experiment, targets_file)
     return results
 
 
-def query_endpoints(spec: StudySpec, experiment: str) -> int:
-    """The query phase (raystudy.query) for the black-box targets of the study's targets study, if any."""
-    endpoints = load_endpoints(targets_location(experiment.rsplit("/", 1)[0], spec.targets))
-    if not endpoints:
+def query_endpoints(spec: StudySpec, experiment: str, targets_file: str | None = None) -> int:
+    """The query phase (raystudy.query) for the black-box targets of the study's targets study, if any:
+    the endpoints stored with the targets, confirmed by the targets study file on this machine."""
+    storage_root = experiment.rsplit("/", 1)[0]
+    stored = load_endpoints(targets_location(storage_root, spec.targets))
+    if not stored:
         return 0
-    print(f"querying {len(endpoints)} endpoint(s) with the kept images of the finished trials")
+    source, local = users_endpoints(spec, storage_root, targets_file)
+    endpoints = confirmed_endpoints(stored, local, source)
+    print(f"querying {len(endpoints)} endpoint(s) named in {source} with the kept images of the finished trials")
     paid = query_experiment(experiment, endpoints)
     print(f"endpoint queries done: {paid} paid now (answers are kept in {experiment}/endpoint-cache)")
     return paid
+
+
+def users_endpoints(spec: StudySpec, storage_root: str, targets_file: str | None) -> tuple[str, tuple]:
+    """(file, endpoints) of the targets study file on this machine: --targets-file, else the file
+    `<targets>.yaml` beside the study file, else the file `raystudy targets` was run with (where its
+    record says). Only a local file is read: the bucket may say where to look, never what to send."""
+    candidates = [targets_file] if targets_file else [str(Path(spec.source).with_name(f"{spec.targets}.yaml"))]
+    if not targets_file:
+        try:
+            record = storage.read_json(storage.join(storage_root, spec.targets, STUDY_RECORD), missing_ok=True)
+        except RaystudyError:
+            record = None
+        source = record.get("source") if isinstance(record, dict) else None
+        candidates += [source] if isinstance(source, str) and "://" not in source else []
+    for candidate in candidates:
+        if Path(candidate).is_file():
+            targets = load_space(candidate)
+            if targets.kind != "targets" or targets.name != spec.targets:
+                raise RaystudyError(f"{candidate} is not the targets study {spec.targets!r} (kind: targets)")
+            return candidate, targets.endpoints
+    raise RaystudyError(
+        f"the targets of {spec.name!r} name endpoints, and the query phase sends images and tokens only to "
+        f"endpoints a targets study file on this machine names: give it with --targets-file "
+        f"(looked for {', '.join(map(repr, candidates))}); nothing was sent"
+    )
 
 
 def _write_best(spec: StudySpec, results, experiment: str) -> None:
@@ -697,22 +754,3 @@ def _describe(config: dict[str, Any]) -> str:
         return f"{who}, seed {train['seed']}"
     trial = config.get("trial", config)
     return ", ".join(f"{k}={v}" for k, v in trial.items())
-
-
-def study_status(experiment: str) -> str:
-    """One line per state and one per failed trial, read from Ray's experiment state (no cluster needed)."""
-    from ray.tune import ExperimentAnalysis
-
-    load_record(experiment)
-    analysis = ExperimentAnalysis(storage.normalize(experiment))
-    trials = analysis.trials
-    counts = Counter(t.status for t in trials)
-    lines = [f"{experiment}: {len(trials)} trials: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))]
-    for t in trials:
-        if t.status == "ERROR":
-            error = (t.get_error() or "").strip().splitlines()
-            lines.append(f"  failed: {_describe(t.config)}: {(error[-1] if error else 'no error message')[:300]}")
-        elif t.status == "RUNNING" or t.status == "PENDING":
-            epoch = (t.last_result or {}).get("epoch")
-            lines.append(f"  {t.status.lower()}: {_describe(t.config)}" + (f" (epoch {epoch})" if epoch else ""))
-    return "\n".join(lines)

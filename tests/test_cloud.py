@@ -64,7 +64,7 @@ def test_grid_study_status_and_analysis_through_s3(s3, targets, tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     status = raystudy(s3, "status", f"{targets}/smoke", cwd=elsewhere, home=elsewhere / "h")
-    assert status.returncode == 0 and "5 trials: 5 terminated" in status.stdout, status.stderr[-2000:]
+    assert status.returncode == 0 and "5 trials: 5 done" in status.stdout, status.stderr[-2000:]
     report = raystudy(
         s3, "analyze", f"{targets}/smoke", "--out", elsewhere / "report", cwd=elsewhere, home=elsewhere / "h"
     )

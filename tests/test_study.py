@@ -145,7 +145,7 @@ def test_smoke_study_reports_the_hook_metrics_for_every_trial(storage):
     record = json.loads((storage / "smoke" / "raystudy-study.json").read_text())
     assert len(record["eval_indices"]) == 64 and record["targets"] == ["tiny_cnn_s1", "tiny_cnn_s2"]
     status = raystudy("status", storage / "smoke")
-    assert status.returncode == 0 and "5 trials: 5 terminated" in status.stdout
+    assert status.returncode == 0 and "5 trials: 5 done" in status.stdout
     again = raystudy("run", ROOT / "search_spaces" / "smoke.yaml", "--storage", storage)
     assert again.returncode == 2 and "raystudy resume" in again.stderr
 
@@ -280,7 +280,7 @@ def test_a_diverging_trial_fails_with_its_reason_and_the_others_complete(storage
     finals = final_results(storage / "diverge_smoke")
     assert sorted(len(rows) for rows in finals.values()) == [0, 1]
     status = raystudy("status", storage / "diverge_smoke")
-    assert "1 error" in status.stdout and "training diverged" in status.stdout
+    assert "1 done, 1 failed" in status.stdout and "training diverged" in status.stdout
 
 
 def test_lgv_trial_attacks_with_its_ensemble(storage, tmp_path):

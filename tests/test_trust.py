@@ -1,0 +1,288 @@
+"""What is read from storage is not trusted: planted endpoint specs, pickles and batches, and
+secrets in storage URIs are one line each, and nothing is sent, run or kept (README: Trust)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from raystudy.config import parse_space
+from raystudy.config.endpoint import EndpointSpec, parse_endpoint, token_transport_ok
+from raystudy.errors import RaystudyError
+from raystudy.query import ENDPOINT_SUFFIX, load_endpoints, save_endpoints
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class CountingServer:
+    """A loopback HTTP service that answers every POST with one label and counts what it got."""
+
+    def __init__(self):
+        self.requests: list[dict] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                outer.requests.append(dict(self.headers))
+                body = json.dumps({"labels": [{"label": "cat"}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/ok"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+@pytest.fixture
+def server():
+    s = CountingServer()
+    yield s
+    s.close()
+
+
+def raystudy(*args, cwd=ROOT, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "raystudy.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env
+    )
+
+
+def one_error_line(out) -> str:
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("raystudy: error:"), out.stderr[-2000:]
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Endpoint specs: the same checks from a study file and from storage
+
+
+PLANTED = {"url": "http://127.0.0.1:9/ok", "auth_env": "AWS_SECRET_ACCESS_KEY", "name": "../../../../escaped"}
+
+
+@pytest.mark.parametrize(
+    "values, why",
+    [
+        (PLANTED, "name must be one plain name"),
+        ({"name": "..", "url": "https://x.example/"}, "name must be one plain name"),
+        ({"name": "a/b", "url": "https://x.example/"}, "name must be one plain name"),
+        ({"name": "api", "url": "https://x.example/", "auth_env": "AWS_SECRET_ACCESS_KEY"}, "RAYSTUDY_TOKEN_"),
+        ({"name": "api", "url": "https://x.example/", "auth_env": "RAYSTUDY_DATA"}, "RAYSTUDY_TOKEN_"),
+        ({"name": "api", "url": "http://x.example/", "auth_env": "RAYSTUDY_TOKEN_API"}, "only over https://"),
+        ({"name": "api", "url": "https://u:p@x.example/"}, "user name or password"),
+        ({"name": "api", "url": "https://x.example/", "rate": "fast"}, "rate='fast' must be a finite number"),
+        ({"name": 5, "url": "https://x.example/"}, "name=5 must be a string"),
+        ({"name": "api", "url": "https://x.example/", "rate": float("nan")}, "must be a finite number"),
+        ({"name": "api", "url": "https://x.example/", "retries": True}, "must be a whole number"),
+        ({"name": "api", "url": "https://x.example/", "timeout_s": 1e9}, "timeout_s in (0, 3600]"),
+        ({"name": "api", "url": "https://x.example/", "label_map": {"x": [{"y": 1}]}}, "class names or indices"),
+        ({"name": "api\x00", "url": "https://x.example/"}, "must be a string"),
+        (["not", "a", "mapping"], "must be a mapping"),
+    ],
+)
+def test_a_bad_endpoint_is_one_line_from_a_study_file_and_from_storage(values, why):
+    with pytest.raises(RaystudyError, match=None) as from_storage:
+        EndpointSpec.from_dict(values, "stored.endpoint.json")
+    assert why in str(from_storage.value) and "\n" not in str(from_storage.value)
+    if isinstance(values, dict) and not isinstance(values.get("label_map"), dict):
+        with pytest.raises(RaystudyError) as from_file:
+            parse_endpoint(values, "targets.yaml")
+        assert why in str(from_file.value)
+
+
+def test_a_token_goes_over_https_or_to_this_machine_only():
+    assert token_transport_ok("https://labels.example.com/v1")
+    assert token_transport_ok("http://127.0.0.1:8000/") and token_transport_ok("http://localhost/")
+    assert token_transport_ok("http://[::1]:8000/")
+    assert not token_transport_ok("http://labels.example.com/") and not token_transport_ok("http://127.0.0.1.nip.io/")
+    ok = parse_endpoint({"name": "api", "url": "https://x.example/", "auth_env": "RAYSTUDY_TOKEN_API"}, "t.yaml")
+    assert EndpointSpec.from_dict(ok.to_dict()) == ok  # what is saved reads back the same
+
+
+def planted_targets(storage: Path, files: dict[str, bytes]) -> Path:
+    folder = storage / "t" / "targets"
+    folder.mkdir(parents=True)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "name, data, why",
+    [
+        ("escaped.endpoint.json", json.dumps(PLANTED).encode(), "name must be one plain name"),
+        ("api.endpoint.json", b"{" * 100_000, "not valid JSON"),
+        ("api.endpoint.json", b"\xff\xfe", "not valid JSON"),
+        ("api.endpoint.json", json.dumps({"name": "other", "url": "https://x.example/"}).encode(), "file name says"),
+        ("api.endpoint.json", b" " * (2 << 20), "more than such a file holds"),
+    ],
+)
+def test_a_planted_endpoint_file_is_one_line_and_nothing_is_sent(tmp_path, server, name, data, why):
+    storage = tmp_path / "s"
+    planted_targets(storage, {name: data.replace(b"http://127.0.0.1:9/ok", server.url.encode())})
+    with pytest.raises(RaystudyError, match=why):
+        load_endpoints(str(storage / "t" / "targets"))
+    grid = storage / "g"
+    grid.mkdir()
+    study = {"name": "g", "dataset": "synthetic", "model": "tiny_cnn", "targets": "t", "trials": [{"mechanism": "ST"}]}
+    (grid / "raystudy-study.json").write_text(json.dumps({"study": study, "source": "g.yaml", "data": None}))
+    line = one_error_line(raystudy("query", grid))
+    assert why in line and server.requests == []
+    assert not (tmp_path / "escaped").exists() and not list(tmp_path.rglob("endpoint-cache"))
+
+
+def stored_and_local(tmp_path: Path, stored_url: str, local_url: str) -> tuple[str, Path]:
+    """A targets study saved with one endpoint, and the user's targets file naming it."""
+    storage = tmp_path / "s"
+    endpoint = {"name": "api", "url": local_url, "auth_env": "RAYSTUDY_TOKEN_API"}
+    targets = {"name": "t", "kind": "targets", "dataset": "synthetic", "trials": [{"endpoint": endpoint}]}
+    local = tmp_path / "t.yaml"
+    local.write_text(yaml.safe_dump(targets))
+    save_endpoints(str(storage / "t" / "targets"), (parse_endpoint({**endpoint, "url": stored_url}, "stored"),))
+    return str(storage), local
+
+
+def test_a_stored_endpoint_changed_from_the_users_file_is_refused_before_anything_is_sent(tmp_path, server):
+    from raystudy.study import query_endpoints
+
+    storage, local = stored_and_local(tmp_path, stored_url=server.url, local_url="https://labels.example.com/")
+    study = {"name": "g", "dataset": "synthetic", "model": "tiny_cnn", "targets": "t", "trials": [{"mechanism": "ST"}]}
+    spec = parse_space(study, str(tmp_path / "g.yaml"))
+    with pytest.raises(RaystudyError, match="differs from .*t.yaml in url: nothing was sent"):
+        query_endpoints(spec, f"{storage}/g", targets_file=str(local))
+    local.rename(tmp_path / "elsewhere.yaml")  # no file of the user's: the bucket alone sends nothing
+    with pytest.raises(RaystudyError, match="give it with --targets-file"):
+        query_endpoints(spec, f"{storage}/g")
+    assert server.requests == []
+
+
+def test_the_users_own_endpoint_is_the_one_queried(tmp_path, server, monkeypatch):
+    from raystudy.study import query_endpoints
+
+    storage, local = stored_and_local(tmp_path, stored_url=server.url, local_url=server.url)
+    spec = parse_space({"name": "g", "dataset": "synthetic", "targets": "t", "trials": [{"mechanism": "ST"}]}, "g.yaml")
+    monkeypatch.setenv("RAYSTUDY_TOKEN_API", "t0ken")
+    assert query_endpoints(spec, f"{storage}/g", targets_file=str(local)) == 0  # confirmed (no images kept)
+    planted = Path(storage) / "t" / "targets" / f"extra{ENDPOINT_SUFFIX}"
+    planted.write_text(json.dumps({"name": "extra", "url": server.url}))
+    with pytest.raises(RaystudyError, match="'extra' is stored with the targets but not named in"):
+        query_endpoints(spec, f"{storage}/g", targets_file=str(local))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pickles from an experiment folder or a data folder are not run
+
+
+class Payload:
+    """Unpickling this creates the marker file: proof that a pickle was loaded."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_status_reads_records_and_no_pickle_of_the_experiment(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_analysis_records import VALUES, write_experiment
+
+    folder = write_experiment(tmp_path, VALUES, fail=[("SAM", 1)], skip=[("MU τ=5", 1)])
+    marker = tmp_path / "payload-ran"
+    payload = pickle.dumps(Payload(marker))
+    (folder / "tuner.pkl").write_bytes(payload)
+    (folder / "trial_000" / "error.pkl").write_bytes(payload)
+    state = {"trial_data": [[payload.hex(), payload.hex()]], "runner_data": {"_pickled": payload.hex()}}
+    (folder / "experiment_state-2026-12-04_00-00-00.json").write_text(json.dumps(state))
+    check = (
+        "import sys; from raystudy.cli import main; rc = main(['status', sys.argv[1]]); "
+        "print('ray imported' if 'ray' in sys.modules else 'no ray'); sys.exit(rc)"
+    )
+    out = subprocess.run([sys.executable, "-c", check, str(folder)], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "8 trials: 6 done, 1 failed, 1 missing" in out.stdout
+    assert "failed: SAM (rho=0.1), seed 1: raystudy.train.TrainingDiverged: training diverged" in out.stdout
+    assert "no ray" in out.stdout and not marker.exists()
+
+
+def cifar_batches(folder: Path, extra: dict | None = None) -> None:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, n in [(f"data_batch_{i}", 20) for i in range(1, 6)] + [("test_batch", 10)]:
+        entry = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": [i % 10 for i in range(n)]}
+        (folder / name).write_bytes(pickle.dumps({**entry, **(extra or {})}, protocol=2))
+    meta = {b"label_names": [f"class{i}".encode() for i in range(10)]}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+
+
+def test_cifar_batches_are_read_with_arrays_only_and_a_planted_one_is_refused(tmp_path):
+    from raystudy.data import _read_cifar_batches
+
+    cifar_batches(tmp_path / "good")
+    train, test, classes = _read_cifar_batches(tmp_path / "good")
+    assert train.images.shape == (100, 3, 32, 32) and len(test.labels) == 10 and classes[3] == "class3"
+    marker = tmp_path / "payload-ran"
+    cifar_batches(tmp_path / "planted", extra={b"x": Payload(marker)})
+    with pytest.raises(RaystudyError, match="open is not allowed in a CIFAR-10 batch"):
+        _read_cifar_batches(tmp_path / "planted")
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Secrets in storage URIs, LaTeX from records
+
+
+@pytest.mark.parametrize("uri", ["s3://AKIAEXAMPLE:s3cr3t@bucket/p", "s3://bucket/p?access_key=A&secret_key=s3cr3t"])
+def test_a_storage_uri_holding_credentials_is_one_line_that_does_not_show_them(uri, tmp_path):
+    line = one_error_line(raystudy("run", ROOT / "search_spaces" / "smoke.yaml", "--storage", uri, cwd=tmp_path))
+    assert "give credentials through the environment" in line and "s3cr3t" not in line
+
+
+def test_latex_output_escapes_what_comes_from_records():
+    import pandas as pd
+
+    from analysis.report import render_headline
+
+    columns = pd.MultiIndex.from_tuples([("evil_api}\\input{x", "8/255"), ("mean", "8/255")])
+    table = pd.DataFrame([["12.0 ± 1.0 [best]", "3 & 4"]], index=["SAM&JR"], columns=columns)
+    tex = render_headline(table, "latex").to_latex(escape=False)
+    assert "SAM\\&JR" in tex and "evil\\_api\\}\\textbackslash{}input\\{x" in tex and "3 \\& 4" in tex
+    assert "\\textbf{12.0 $\\pm$ 1.0}" in tex and "\\input{x}" not in tex
+
+
+def test_resume_refuses_a_record_that_does_not_match_its_experiment(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_analysis_records import STUDY, VALUES, write_experiment
+
+    from raystudy.study import check_record_matches, resume_study
+
+    folder = write_experiment(tmp_path, VALUES, skip=[("MU τ=5", 1)])
+    spec = parse_space(STUDY, "hand.yaml")
+    check_record_matches(spec, str(folder))  # as written: it matches
+    record = json.loads((folder / "raystudy-study.json").read_text())
+    record["study"] = {**STUDY, "trials": [{"mechanism": "ST"}, {"mechanism": "SAM"}]}  # MU trials not in it
+    (folder / "raystudy-study.json").write_text(json.dumps(record))
+    with pytest.raises(RaystudyError, match="does not match the experiment"):
+        resume_study(str(folder))
+    record["study"] = STUDY
+    (folder / "raystudy-study.json").write_text(json.dumps(record))
+    moved = folder.rename(tmp_path / "other")
+    with pytest.raises(RaystudyError, match="its record is of study 'hand', not of this experiment"):
+        resume_study(str(moved))
