@@ -218,24 +218,22 @@ def _load_cifar10(path: Path | None) -> Dataset:
 
 
 def _download_cifar10():
-    """torchvision's download into the cache, for users with internet."""
-    import torchvision
+    """torchvision's download (the archive's MD5 checked) into the cache, for users with internet;
+    the batches are then read like any other (read_cifar_pickle, not torchvision's pickle.load)."""
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import download_and_extract_archive
 
     root = cache_dir() / "torchvision"
     try:
         with _file_lock("cifar10-download"):
-            train = torchvision.datasets.CIFAR10(root, train=True, download=True)
-            test = torchvision.datasets.CIFAR10(root, train=False, download=True)
+            if not (root / CIFAR10.base_folder / "batches.meta").is_file():
+                download_and_extract_archive(CIFAR10.url, str(root), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
     except (OSError, RuntimeError) as err:  # URLError is an OSError
         raise RaystudyError(
             f"CIFAR-10 is not on this machine and could not be downloaded ({err}); pass --data PATH or set "
             "RAYSTUDY_DATA to a folder holding cifar-10-batches-py/, train.npz + test.npz, or train/ + test/"
         ) from err
-
-    def as_split(d) -> Split:
-        return Split(_nhwc_to_tensor(d.data), torch.tensor(d.targets, dtype=torch.long))
-
-    return as_split(train), as_split(test), train.classes
+    return _read_cifar_batches(root / CIFAR10.base_folder)
 
 
 def _read_cifar_batches(folder: Path):
@@ -244,15 +242,54 @@ def _read_cifar_batches(folder: Path):
         for name in names:
             if not (folder / name).is_file():
                 raise RaystudyError(f"{str(folder / name)!r} is missing from the CIFAR-10 batches")
-            with open(folder / name, "rb") as handle:
-                entry = pickle.load(handle, encoding="bytes")  # torchvision's own format
-            images.append(entry[b"data"].reshape(-1, 3, 32, 32))
-            labels.extend(entry[b"labels"])
+            entry = read_cifar_pickle(folder / name)
+            try:
+                images.append(np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                labels.extend(int(label) for label in entry[b"labels"])
+            except (KeyError, TypeError, ValueError):
+                raise RaystudyError(f"{str(folder / name)!r} is not a CIFAR-10 batch (data, labels)") from None
+        if len(labels) != sum(len(i) for i in images) or not all(0 <= label < 10 for label in labels):
+            raise RaystudyError(f"{str(folder)!r}: the CIFAR-10 batches' labels do not match their images")
         return Split(torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.long))
 
-    with open(folder / "batches.meta", "rb") as handle:
-        classes = [c.decode() for c in pickle.load(handle, encoding="bytes")[b"label_names"]]
+    meta = read_cifar_pickle(folder / "batches.meta")
+    try:
+        classes = [c.decode() for c in meta[b"label_names"]]
+    except (KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        raise RaystudyError(f"{str(folder / 'batches.meta')!r} holds no CIFAR-10 label_names") from None
     return read([f"data_batch_{i}" for i in range(1, 6)]), read(["test_batch"]), classes
+
+
+# What a CIFAR python batch may be built from: numpy arrays in plain containers. pickle.load would
+# call whatever a planted file names (a data folder, or the path a resumed experiment's record gives).
+CIFAR_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),  # bytes as Python 3 pickles them at protocol 2
+}
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in CIFAR_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR-10 batch")
+        return super().find_class(module, name)
+
+
+def read_cifar_pickle(path: Path):
+    """A CIFAR-10 python batch (the dataset's own pickle format), numpy arrays and containers only."""
+    if not path.is_file():
+        raise RaystudyError(f"{str(path)!r} is missing from the CIFAR-10 batches")
+    try:
+        with open(path, "rb") as handle:
+            entry = _ArraysOnlyUnpickler(handle, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
+        raise RaystudyError(f"{str(path)!r} is not a CIFAR-10 batch ({str(err)[:200]})") from None
+    if not isinstance(entry, dict):
+        raise RaystudyError(f"{str(path)!r} is not a CIFAR-10 batch (not a mapping)")
+    return entry
 
 
 def read_packed_jpeg(path: Path) -> Split:
@@ -276,10 +313,6 @@ def read_packed_jpeg(path: Path) -> Split:
 def _npz_classes(path: Path) -> list[str]:
     with np.load(path, allow_pickle=False) as archive:
         return [str(c) for c in archive["classes"]]
-
-
-def _nhwc_to_tensor(array: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(0, 3, 1, 2)))
 
 
 # ---------------------------------------------------------------------------------------------
