@@ -112,13 +112,25 @@ def _styled(text: str, bold: str, second: str, down: str) -> str:
     return core + (down if below else "")
 
 
+LATEX_SPECIALS = {c: "\\" + c for c in "&%$#_{}"} | {
+    "\\": r"\textbackslash{}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
+
+
+def latex_escape(text):
+    """Text as LaTeX prints it (a mechanism's or target's name may hold &, _, \\ or {...})."""
+    return "".join(LATEX_SPECIALS.get(c, c) for c in text) if isinstance(text, str) else text
+
+
 def render_headline(table: pd.DataFrame, kind: str) -> pd.DataFrame:
     if kind == "markdown":
         return table.map(lambda t: _styled(t, "**{}**", "_{}_", " ↓") if isinstance(t, str) else t)
-    if kind == "latex":
-        return table.map(
+    if kind == "latex":  # labels and cells come from records: escaped before the table's own markup
+        return table.rename(index=latex_escape, columns=latex_escape).map(
             lambda t: (
-                _styled(t, "\\textbf{{{}}}", "\\underline{{{}}}", "$\\downarrow$").replace("±", "$\\pm$")
+                _styled(latex_escape(t), "\\textbf{{{}}}", "\\underline{{{}}}", "$\\downarrow$").replace("±", "$\\pm$")
                 if isinstance(t, str)
                 else t
             )
