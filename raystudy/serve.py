@@ -7,18 +7,35 @@ labels only. Faults can be injected for tests: bursts of 429 (with Retry-After: 
 answers, decided by the request's number so a run is repeatable, and an outage (503 to everything
 after N answers: a service gone mid-evaluation, with no answer lost in flight). `--request-log FILE` appends the
 SHA-256 of every image the service answered, one per line: what a test counts.
+
+Images come from anyone who can reach the port, so each request is checked before it costs memory or
+reaches a decoder, and anything malformed gets a 400 (413: too large) with a one-line JSON {"error": ...}:
+- the body is capped by `max_body_bytes(input_size)`, derived from the model's input size: the largest
+  honest PNG of size x size 8-bit RGB pixels stored uncompressed, with its chunks, in base64 inside JSON
+  (~90 KB for 16 px, ~290 KB for 224 px). A Content-Length over it is refused before the body is read; a
+  body without one (chunked) is read as a stream and given up as soon as it passes the cap;
+- the PNG's chunks are checked before decoding (`check_png`): not a PNG, a chunk's CRC wrong, not exactly
+  the model's size, not 8-bit RGB, or not exactly that many pixels' worth of image data;
+- then Pillow decodes it, reporting corrupt data as an exception. torchvision's decode_png is never given
+  these bytes: libpng under it crashes the process on a PNG whose image data stops short.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
+import struct
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from raystudy.errors import RaystudyError
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_COLOUR_TYPES = {0: "greyscale", 2: "RGB", 3: "palette", 4: "greyscale+alpha", 6: "RGBA"}
 
 
 @dataclass(frozen=True)
@@ -39,6 +56,23 @@ class Faults:
         return None
 
 
+class BadRequest(Exception):
+    """A request refused for what the client sent: `status` (400 or 413) and a one-line reason."""
+
+    def __init__(self, reason: str, status: int = 400):
+        super().__init__(reason)
+        self.status = status
+
+
+def max_body_bytes(size: int) -> int:
+    """The largest body an honest client sends for one size x size image (module docstring)."""
+    raw = size * (1 + 3 * size)  # 8-bit RGB rows, each after its filter byte
+    # zlib's stored blocks add 5 bytes per 64 KiB, IDAT chunks 12 bytes each (8 KiB apiece from libpng):
+    # 1/64 covers both; 64 KiB more for the signature, IHDR, IEND and ancillary chunks (text, ICC profile).
+    png = raw + raw // 64 + 64 * 1024
+    return png * 4 // 3 + 1024  # base64 makes 4 bytes of 3; 1 KiB for the JSON object around it
+
+
 class Labeller:
     """The service's logic, without Ray Serve (tested directly): image bytes in, labels out."""
 
@@ -47,6 +81,7 @@ class Labeller:
 
         self.model, meta = load_model(Path(model_file))
         self.size = meta["input_size"]
+        self.max_body = max_body_bytes(self.size)
         self.classes = [str(c) for c in meta.get("classes") or range(meta["num_classes"])]
         self.top_k, self.labels_only, self.faults = top_k, labels_only, faults
         self.request_log = request_log
@@ -64,12 +99,13 @@ class Labeller:
         if self.faults.slow_s:
             time.sleep(self.faults.slow_s)
         try:
-            png = base64.b64decode(json.loads(body)["image"]) if "json" in content_type else body
-            image = _decode(png)
-        except (ValueError, KeyError, RuntimeError) as err:
-            return 400, {"error": f"not a PNG image ({type(err).__name__})"}, {}
-        if tuple(image.shape[-2:]) != (self.size, self.size):
-            return 400, {"error": f"images are {self.size}x{self.size} pixels"}, {}
+            if len(body) > self.max_body:
+                raise too_large(self.max_body)
+            png = png_from_json(body) if "json" in content_type.lower() else body
+            check_png(png, self.size)
+            image = decode_rgb_png(png, self.size)
+        except BadRequest as refused:
+            return refused.status, {"error": str(refused)}, {}
         with torch.no_grad():
             probabilities = self.model(image[None].float() / 255).softmax(1)[0]
         top = probabilities.topk(min(self.top_k, len(self.classes)))
@@ -84,11 +120,110 @@ class Labeller:
         return 200, {"labels": labels}, {}
 
 
-def _decode(png: bytes):
-    import torch
-    import torchvision.io
+def too_large(cap: int) -> BadRequest:
+    return BadRequest(f"the body is over {cap} bytes, more than one image of this model's size", 413)
 
-    return torchvision.io.decode_png(torch.frombuffer(bytearray(png), dtype=torch.uint8))
+
+async def read_body(request, cap: int) -> bytes:
+    """A starlette request's body, at most `cap` bytes: a declared Content-Length over it is refused
+    before anything is read, and a body without one (chunked) is given up as soon as it passes it."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            length = int(declared)
+        except ValueError:
+            raise BadRequest("Content-Length is not a number") from None
+        if length > cap:
+            raise too_large(cap)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > cap:
+            raise too_large(cap)
+    return bytes(body)
+
+
+def png_from_json(body: bytes) -> bytes:
+    """The PNG bytes of a JSON body {"image": <base64>}."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, or nested past the parser's depth
+        raise BadRequest("the body is not JSON (the Content-Type says it is)") from None
+    if not isinstance(payload, dict):
+        raise BadRequest(f'the JSON body is a {type(payload).__name__}, not an object {{"image": <base64 PNG>}}')
+    image = payload.get("image")
+    if not isinstance(image, str):
+        raise BadRequest(f'"image" is {"missing" if image is None else type(image).__name__}, not a base64 string')
+    try:
+        return base64.b64decode(image, validate=True)
+    except ValueError:  # binascii.Error, or characters outside ASCII
+        raise BadRequest('"image" is not valid base64') from None
+
+
+def check_png(png: bytes, size: int) -> None:
+    """Refuse what is not a size x size 8-bit RGB PNG holding exactly that many pixels' worth of image
+    data, before any decoder sees it: the dimensions are read from the IHDR chunk before anything is
+    inflated (a decompression bomb is refused by its header), and image data that stops short (libpng's
+    "Not enough image data", which crashes torchvision, and which Pillow fills with zeros) by its length."""
+    if not png.startswith(PNG_SIGNATURE):
+        raise BadRequest("not a PNG image (no PNG signature)")
+    chunks = png_chunks(png)
+    kind, ihdr = next(chunks)
+    if kind != b"IHDR" or len(ihdr) != 13:
+        raise BadRequest("not a PNG image (no IHDR chunk after the signature)")
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", ihdr)
+    if (width, height) != (size, size):
+        raise BadRequest(f"images are {size}x{size} pixels, not {width}x{height}")
+    if (depth, colour) != (8, 2):
+        raise BadRequest(f"images are 8-bit RGB, not {depth}-bit {PNG_COLOUR_TYPES.get(colour, f'type {colour}')}")
+    if interlace:  # Adam7 stores the pixels in 7 passes: another length, and no honest client here sends it
+        raise BadRequest("interlaced PNGs are not accepted")
+    image_data = b"".join(data for kind, data in chunks if kind == b"IDAT")
+    expected = size * (1 + 3 * size)  # each row: its filter byte, then RGB
+    inflater = zlib.decompressobj()
+    try:
+        rows = inflater.decompress(image_data, expected + 1)  # never more than one byte too many
+    except zlib.error:
+        raise BadRequest("not a PNG image (its image data is not a zlib stream)") from None
+    if len(rows) != expected or not inflater.eof:
+        raise BadRequest(f"the image data is not {size}x{size} RGB pixels (too short, too long, or cut)")
+
+
+def png_chunks(png: bytes):
+    """(type, data) of each chunk after the signature up to IEND, each one's length and CRC checked."""
+    offset = len(PNG_SIGNATURE)
+    while True:
+        length, kind = struct.unpack(">I4s", png[offset : offset + 8].ljust(8, b"\0"))
+        end = offset + 12 + length  # length and type, data, CRC
+        if end > len(png):
+            raise BadRequest("not a PNG image (it ends inside a chunk, or before IEND)")
+        if not kind.isalpha():
+            raise BadRequest("not a PNG image (a chunk type is not 4 letters)")
+        if zlib.crc32(png[offset + 4 : end - 4]) != int.from_bytes(png[end - 4 : end], "big"):
+            raise BadRequest(f"not a PNG image (the CRC of its {kind.decode()} chunk is wrong)")
+        yield kind, png[offset + 8 : end - 4]
+        if kind == b"IEND":
+            return
+        offset = end
+
+
+def decode_rgb_png(png: bytes, size: int):
+    """uint8 (3, size, size) pixels of a PNG that passed `check_png`. Pillow raises on
+    truncated or corrupt data (ImageFile.LOAD_TRUNCATED_IMAGES stays False), where libpng under
+    torchvision's decode_png brings the whole process down."""
+    import torch
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(png), formats=["PNG"]) as image:
+            image.load()
+            if image.mode != "RGB" or image.size != (size, size):  # Pillow read the header as we did
+                raise ValueError(f"decoded as {image.mode} {image.size}")
+            pixels = image.tobytes()
+    except Exception as err:  # OSError, SyntaxError, zlib.error, ...: whatever Pillow raises is the image's fault
+        reason = (str(err).splitlines() or [""])[0][:120]
+        raise BadRequest(f"not a decodable PNG image ({type(err).__name__}: {reason})") from None
+    return torch.frombuffer(bytearray(pixels), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1).contiguous()
 
 
 def serve_model(
@@ -100,9 +235,12 @@ def serve_model(
     request_log: str | None = None,
     host: str = "127.0.0.1",
 ) -> None:
-    """Deploy on a local Ray and answer until interrupted."""
-    import ray
+    """Deploy on a local Ray (on loopback, raystudy.local_ray) and answer until interrupted."""
+    from raystudy.local_ray import init_local_ray, use_loopback
 
+    if not 1 <= port <= 65535:  # refused before Ray starts, not by the HTTP proxy after
+        raise RaystudyError(f"--port {port}: a TCP port is from 1 to 65535")
+    use_loopback()  # before ray is imported, which reads it
     try:
         from ray import serve
     except ImportError as err:  # ray[tune] ships ray.serve without its dependencies
@@ -120,12 +258,14 @@ def serve_model(
             self.labeller = Labeller(model_file, top_k, labels_only, faults, request_log)
 
         async def __call__(self, request: Request) -> JSONResponse:
-            status, answer, headers = self.labeller.answer(
-                await request.body(), request.headers.get("content-type", "")
-            )
+            try:
+                body = await read_body(request, self.labeller.max_body)
+            except BadRequest as refused:  # before the request gets a number: no honest client sends it
+                return JSONResponse({"error": str(refused)}, status_code=refused.status)
+            status, answer, headers = self.labeller.answer(body, request.headers.get("content-type", ""))
             return JSONResponse(answer, status_code=status, headers=headers)
 
-    ray.init(include_dashboard=False, log_to_driver=False)
+    init_local_ray(include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": host, "port": port})
     serve.run(Service.bind(), route_prefix="/", name="raystudy-serve")
     print(f"serving {model_file} on http://{host}:{port}/ (POST a PNG); Ctrl-C stops", flush=True)
