@@ -98,7 +98,7 @@ def save_train_state(path: Path, config: TrainConfig, model, optimizer, epoch: i
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "rng_cuda": _device_rng(model),
         },
         path,
     )
@@ -116,6 +116,13 @@ def restore_train_state(state_path: Path, config: TrainConfig, model, optimizer,
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng_cpu"].cpu())
-    if device.type == "cuda" and state["rng_cuda"]:
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["rng_cuda"]])
+    if device.type == "cuda" and state["rng_cuda"]:  # the trial's own device (older files: all devices, first)
+        torch.cuda.set_rng_state(state["rng_cuda"][0].cpu(), device)
     return int(state["epoch"]), json.loads(state["history"])
+
+
+def _device_rng(model: nn.Module) -> list[torch.Tensor]:
+    """The CUDA generator state of the model's device only: asking for every visible device's
+    would create a context on each, and a resume on fewer devices could not restore them."""
+    device = next(model.parameters()).device
+    return [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []

@@ -43,6 +43,7 @@ from raystudy.mechanisms import training_step
 from raystudy.mechanisms.sam import SAM
 from raystudy.models import build_model
 from raystudy.modes import eval_mode
+from raystudy.precision import device_versions, phase_precision, tf32, tf32_allowed
 
 
 class TrainingDiverged(RaystudyError):
@@ -91,12 +92,14 @@ def model_meta(config: TrainConfig, dataset: Dataset) -> dict[str, Any]:
         "dataset": dataset.name,
         "classes": list(dataset.classes),
         "config": config.to_dict(),
-        "versions": versions(),
+        "versions": versions(config=config),
     }
 
 
-def versions() -> dict[str, str]:
-    return {"raystudy": __version__, "torch": torch.__version__, "python": platform.python_version()}
+def versions(device: torch.device | None = None, config: TrainConfig | None = None) -> dict[str, str]:
+    """The software and accelerator a result came from and, with its config, the precision of each phase."""
+    out = {"raystudy": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    return {**out, **device_versions(device), **(phase_precision(config.recipe(), config.precision) if config else {})}
 
 
 def evaluate_accuracy(model: nn.Module, split, batch_size: int = 1000, autocast=None) -> float:
@@ -158,9 +161,11 @@ def train(
     dataset = dataset.to(dev)
     model = _build(config, dataset, dev)
     recipe = config.recipe()
-    # Finite differences need full fp32 arithmetic: TF32 (cuDNN's default for convolutions on
-    # Ampere and later GPUs) keeps 10 mantissa bits, coarser than the steps they take (1e-3).
-    torch.backends.cudnn.allow_tf32 = not recipe.takes_finite_differences
+    with tf32(tf32_allowed(recipe)):  # raystudy.precision: per phase, restored after
+        return _train(config, dataset, model, recipe, dev, out, on_epoch_end, log)
+
+
+def _train(config, dataset, model, recipe, dev, out, on_epoch_end, log) -> TrainResult:
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
@@ -188,7 +193,7 @@ def train(
     if out is not None:
         save_model(out / MODEL_FILE, model, model_meta(config, dataset))
         (out / METRICS_FILE).write_text(
-            json.dumps({"config": config.to_dict(), "versions": versions(), "epochs": history}, indent=1)
+            json.dumps({"config": config.to_dict(), "versions": versions(dev, config), "epochs": history}, indent=1)
         )
     return TrainResult(model, history, snapshots)
 
@@ -208,7 +213,7 @@ def _run_epoch(config, dataset, model, recipe, optimizer, sam, autocast, epoch, 
         if step in snapshot_after and out is not None:
             snapshots.append(_save_snapshot(out, model, config, dataset, len(snapshots)))
     if dataset.train.labels.is_cuda:
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(dataset.train.labels.device)
     seconds = time.perf_counter() - started
     record = {
         "epoch": epoch + 1,

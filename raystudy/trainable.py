@@ -26,9 +26,10 @@ from raystudy.errors import RaystudyError
 from raystudy.loaded import load_loaded_model, model_meta
 from raystudy.mechanisms import mechanism_label
 from raystudy.metrics.hook import KeptImages, make_eval_set, measure_surrogate, quick_transfer_asr
+from raystudy.precision import device_for_share, memory_fraction
 from raystudy.query import load_endpoints, save_kept_images
 from raystudy.record import FINAL_FILE, flat, make_record, objective_rows, training_rows
-from raystudy.train import pick_device, train, versions
+from raystudy.train import train, versions
 
 TARGETS_DIR = "targets"  # <storage>/<targets study>/targets/<name>.pt
 FINAL_KEY = "final"  # 1 on the result that carries the hook's metrics
@@ -51,11 +52,11 @@ def progress_columns(plan: TrialPlan) -> dict[str, Any]:
 
 def run_trial(config: dict[str, Any], study: StudySpec, storage_path: str) -> None:
     plan = study.plan_from_ray(config)
-    _share_device(study)
+    device = _share_device(study)
     dataset = dataset_for(plan.train)
     work = Path(tempfile.mkdtemp(prefix="raystudy-trial-"))
     try:
-        _run_in(work, study, plan, dataset, storage_path)
+        _run_in(work, study, plan, dataset, storage_path, device)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -70,7 +71,7 @@ def _final_location(study: StudySpec, storage_path: str) -> str:
     return storage.join(storage_path, study.name, trial_folder(tune.get_context().get_trial_id()), FINAL_FILE)
 
 
-def _run_in(work: Path, study: StudySpec, plan: TrialPlan, dataset, storage_path: str) -> None:
+def _run_in(work: Path, study: StudySpec, plan: TrialPlan, dataset, storage_path: str, device: torch.device) -> None:
     """Train (resuming from Ray's checkpoint), report every epoch, then the trial-end metrics and record.
 
     The final result is kept in the experiment before it is reported: a trial that Ray restarts
@@ -87,7 +88,7 @@ def _run_in(work: Path, study: StudySpec, plan: TrialPlan, dataset, storage_path
         checkpoint.to_directory(str(work))  # holds checkpoint.pt: train() resumes from it
     targets = eval_set = kept = None
     if study.kind != "targets":
-        targets = _load_targets(storage_path, study.targets, work, pick_device())
+        targets = _load_targets(storage_path, study.targets, work, device)
         eval_set = make_eval_set(dataset.test, dataset.num_classes, study.evaluation)
         # Black-box targets are queried after training (raystudy.query) with the images kept here.
         kept = KeptImages() if load_endpoints(targets_location(storage_path, study.targets)) else None
@@ -108,7 +109,7 @@ def _run_in(work: Path, study: StudySpec, plan: TrialPlan, dataset, storage_path
         identity.update(label=plan.loaded.name, weights=provenance)
         rows = []
     else:
-        result = train(plan.train, dataset=dataset, out_dir=work, on_epoch_end=on_epoch_end, log=print)
+        result = train(plan.train, dataset=dataset, out_dir=work, on_epoch_end=on_epoch_end, device=device, log=print)
         rows = training_rows(result.history[-1] if result.history else {})
         surrogate = result.model
         identity["label"] = mechanism_label(
@@ -119,16 +120,22 @@ def _run_in(work: Path, study: StudySpec, plan: TrialPlan, dataset, storage_path
         storage.write_bytes(location, (work / MODEL_FILE).read_bytes())
     else:
         if plan.lgv is not None:  # a restarted trial redoes this short phase from the trained surrogate
-            surrogate = lgv.collect(plan.train, work / MODEL_FILE, dataset, plan.lgv, work / "lgv", log=print)
+            surrogate = lgv.collect(
+                plan.train, work / MODEL_FILE, dataset, plan.lgv, work / "lgv", device=device, log=print
+            )
         print(f"trial-end hook: {len(eval_set.labels)} images, targets {', '.join(targets)}", flush=True)
-        rows += measure_surrogate(surrogate.to(pick_device()), targets, eval_set, study.evaluation, print, kept)
+        rows += measure_surrogate(surrogate.to(device), targets, eval_set, study.evaluation, print, kept)
         if kept is not None:
             save_kept_images(final_location.rsplit("/", 1)[0], eval_set, kept, dataset.classes)
         if study.search is not None and study.search.objective_targets:
             for metric in filter(averaged_over_targets, study.search.metrics):
                 rows += objective_rows(rows, metric, study.search.objective_targets)
     record = make_record(
-        identity, plan.to_dict(), {"name": study.name, "kind": study.kind, "preset": study.preset}, versions(), rows
+        identity,
+        plan.to_dict(),
+        {"name": study.name, "kind": study.kind, "preset": study.preset},
+        versions(device, plan.train if plan.loaded is None else None),
+        rows,
     )
     final = {**columns, **flat(rows), FINAL_KEY: 1, "record": record}
     if plan.target_name:
@@ -149,11 +156,15 @@ def _report(metrics: dict[str, Any], state_path: Path | None, storage_path: str)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
-def _share_device(study: StudySpec) -> None:
-    """Stay within this trial's share: CPU threads, and GPU memory when the GPU is shared."""
+def _share_device(study: StudySpec) -> torch.device:
+    """The trial's device, from its resources (raystudy.precision), and a stay within its share:
+    CPU threads, and GPU memory less the CUDA context's room when the GPU is shared."""
     torch.set_num_threads(max(1, int(study.resources.cpu)))
-    if torch.cuda.is_available() and 0 < study.resources.gpu < 1:
-        torch.cuda.set_per_process_memory_fraction(study.resources.gpu)
+    device = device_for_share(study.resources.gpu)
+    if device.type == "cuda" and study.resources.gpu < 1:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(memory_fraction(study.resources.gpu, total), device)
+    return device
 
 
 def _load_targets(storage_path: str, targets_study: str, work: Path, device) -> dict[str, torch.nn.Module]:

@@ -40,6 +40,7 @@ from raystudy.metrics.similarity import gradient_cosine, input_gradients
 from raystudy.metrics.smoothness import smoothness
 from raystudy.models import Ensemble
 from raystudy.modes import eval_mode
+from raystudy.precision import tf32
 from raystudy.record import AGGREGATE_TARGETS, MetricRow, flat
 
 
@@ -118,14 +119,15 @@ def measure_surrogate(
         )
     device = next(surrogate.parameters()).device
     data = eval_data.to(device)
-    with eval_mode(surrogate), eval_mode(*targets.values(), frozen=True):
+    # fp32 throughout (raystudy.precision): smoothness and similarity are input gradients
+    with eval_mode(surrogate), eval_mode(*targets.values(), frozen=True), tf32(False):
         return _measure(surrogate, targets, data, config, log, keep)
 
 
 def _measure(surrogate, targets, data: EvalSet, config: EvalConfig, log, keep: KeptImages | None) -> list[MetricRow]:
     x, y, goal = data.images.float() / 255, data.labels, data.target_classes
     rows: list[MetricRow] = []
-    clock = lambda part: _timed(rows, part, log)  # noqa: E731
+    clock = lambda part: _timed(rows, part, log, x.device)  # noqa: E731
 
     with clock("accuracy"):
         clean = {"surrogate": _predict(surrogate, x, config.batch_size)}
@@ -250,12 +252,12 @@ def _transfer(surrogate, targets, x, y, goal, attack, mode, budget, clean, confi
 
 
 @contextmanager
-def _timed(rows: list[MetricRow], part: str, log):
+def _timed(rows: list[MetricRow], part: str, log, device: torch.device):
     """Wall time of one part as a `seconds/<part>` row, logged when it ends."""
     start = time.perf_counter()
     yield
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    if device.type == "cuda":  # only the trial's own device (no context made on another)
+        torch.cuda.synchronize(device)
     rows.append(MetricRow("seconds", time.perf_counter() - start, statistic=part))
     if log is not None:
         log(f"  {part}: {rows[-1].value:.1f}s")

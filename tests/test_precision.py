@@ -1,0 +1,102 @@
+"""The device comes from the trial's resources and TF32 is set per phase, restored, and recorded
+(raystudy.precision). CUDA's presence is faked: these hold on any machine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from raystudy.config import EvalConfig, TrainConfig
+from raystudy.errors import RaystudyError
+from raystudy.precision import CUDA_CONTEXT_BYTES, device_for_share, memory_fraction, tf32, tf32_flags
+
+
+@pytest.fixture
+def flags_restored():
+    before = tf32_flags()
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before["matmul"], before["cudnn"]
+
+
+def test_gpu_0_is_the_cpu_even_where_cuda_is_visible(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert device_for_share(0) == torch.device("cpu")
+    assert device_for_share(0.25) == torch.device("cuda", 0)
+
+
+def test_a_gpu_share_without_cuda_is_one_line_not_a_cpu_run(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RaystudyError, match="gpu=0.25 but torch sees no CUDA device") as err:
+        device_for_share(0.25)
+    assert "\n" not in str(err.value)
+    with pytest.raises(RaystudyError, match="a trial uses one device"):
+        device_for_share(2)
+
+
+def test_a_shared_gpus_cap_leaves_room_for_the_cuda_context():
+    card = 24 * CUDA_CONTEXT_BYTES
+    assert memory_fraction(0.25, card) == pytest.approx(0.25 - 1 / 24)
+    assert memory_fraction(0.25, 4 * CUDA_CONTEXT_BYTES) == 0.05  # a floor, never zero or negative
+
+
+def tiny(mechanism: str, **overrides) -> TrainConfig:
+    values = dict(dataset="synthetic", model="tiny_cnn", epochs=1, batch_size=32, n_train=64, n_test=32)
+    return TrainConfig.from_preset("faithful", mechanism=mechanism, image_size=16, seed=0, **values, **overrides)
+
+
+@pytest.mark.parametrize("mechanism, expected", [("ST", True), ("SAM", True), ("AT", False), ("JR", False)])
+def test_training_sets_tf32_for_its_mechanism_and_leaves_the_flags_as_it_found_them(
+    mechanism, expected, flags_restored
+):
+    from raystudy.train import train
+
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = True, False  # an odd state
+    seen = []
+    train(tiny(mechanism), on_epoch_end=lambda record, path, model: seen.append(tf32_flags()), device="cpu", log=None)
+    assert seen == [{"matmul": expected, "cudnn": expected}]
+    assert tf32_flags() == {"matmul": True, "cudnn": False}
+
+
+def test_a_phase_restores_the_flags_even_when_it_fails(flags_restored):
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    with pytest.raises(ValueError), tf32(False):
+        assert tf32_flags() == {"matmul": False, "cudnn": False}
+        raise ValueError("a phase failed")
+    assert tf32_flags() == {"matmul": True, "cudnn": True}
+
+
+class FlagRecorder(nn.Module):
+    """A tiny classifier that notes the TF32 flags in force at every forward pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(3 * 8 * 8, 4)
+        self.flags = []
+
+    def forward(self, x):
+        self.flags.append(tf32_flags())
+        return self.layer(x.flatten(1))
+
+
+def test_the_hook_measures_in_fp32_whatever_the_training_left(flags_restored):
+    from raystudy.data import make_synthetic
+    from raystudy.metrics.hook import make_eval_set, measure_surrogate
+
+    data = make_synthetic(16, 16, image_size=8, seed=0, num_classes=4)
+    config = EvalConfig(n_eval=8, budgets=(8,), attacks=("pgd",), steps=2, smoothness_samples=2, batch_size=8)
+    surrogate, target = FlagRecorder(), FlagRecorder()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    measure_surrogate(surrogate, {"t": target}, make_eval_set(data.test, 4, config), config)
+    assert surrogate.flags and target.flags
+    assert all(f == {"matmul": False, "cudnn": False} for f in surrogate.flags + target.flags)
+    assert tf32_flags() == {"matmul": True, "cudnn": True}
+
+
+def test_the_record_names_the_accelerator_and_each_phases_precision():
+    from raystudy.train import versions
+
+    record = versions(torch.device("cpu"), tiny("AT"))
+    assert {"cuda", "cudnn", "torch"} <= set(record) and "gpu" not in record
+    assert (record["tf32_train"], record["tf32_hook"], record["autocast"]) == ("False", "False", "fp32")
+    assert versions(torch.device("cpu"), tiny("ST"))["tf32_train"] == "True"
