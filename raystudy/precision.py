@@ -15,6 +15,7 @@ Each phase sets the flags and restores them after (`tf32`).
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 
 import torch
@@ -24,13 +25,19 @@ from raystudy.errors import RaystudyError
 # A CUDA context (~0.5-1 GiB) sits outside torch's per-process memory fraction: a trial's cap
 # leaves this much of its share for it, so four 0.25 trials fit one card with their contexts.
 CUDA_CONTEXT_BYTES = 1 << 30
+FORCED_DEVICE = "RAYSTUDY_DEVICE"
 
 
 def device_for_share(gpu: float) -> torch.device:
-    """The device of a trial with `gpu` GPUs (its resources): the CPU for 0, else cuda:0."""
+    """The device of a trial with `gpu` GPUs (its resources): the CPU for 0, else cuda:0.
+    RAYSTUDY_DEVICE=cpu runs every trial on the CPU whatever its share (a cluster's GPU scheduling
+    tried out with fake GPU resources, as tests/test_autoscaling.py does)."""
     if gpu > 1:
         raise RaystudyError(f"resources: gpu={gpu:g}: a trial uses one device; give at most 1")
-    if gpu == 0:
+    forced = os.environ.get(FORCED_DEVICE, "")
+    if forced not in ("", "cpu"):
+        raise RaystudyError(f"{FORCED_DEVICE}={forced!r}: the only device it can force is cpu")
+    if gpu == 0 or forced == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise RaystudyError(

@@ -116,7 +116,7 @@ def node_of_running_trial(experiment: Path, epochs: int) -> str | None:
     return None
 
 
-def test_trials_scale_workers_up_from_zero_survive_a_lost_worker_and_scale_down(smoke_storage, tmp_path):
+def test_trials_scale_workers_up_from_zero_survive_a_lost_worker_and_scale_down(smoke_storage, tmp_path, monkeypatch):
     import ray
 
     space = dict(
@@ -132,8 +132,14 @@ def test_trials_scale_workers_up_from_zero_survive_a_lost_worker_and_scale_down(
     cluster = fake_multinode_cluster(
         {"gpu_worker": {"resources": {"CPU": 2, "GPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2}}
     )
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    # The fake GPUs schedule the trials; they train on the CPU (raystudy.precision).
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "RAYSTUDY_DEVICE": "cpu",
+    }
     os.environ["PATH"] = env["PATH"]  # `ray start` / `ray stop` from this environment
+    monkeypatch.setenv("RAYSTUDY_DEVICE", "cpu")  # the fake nodes started below inherit it
     cluster.start()
     try:
         ray.init(address="auto", log_to_driver=False)

@@ -25,6 +25,15 @@ def test_gpu_0_is_the_cpu_even_where_cuda_is_visible(monkeypatch):
     assert device_for_share(0.25) == torch.device("cuda", 0)
 
 
+def test_raystudy_device_cpu_forces_the_cpu_for_fake_gpu_clusters(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("RAYSTUDY_DEVICE", "cpu")
+    assert device_for_share(0.5) == torch.device("cpu")
+    monkeypatch.setenv("RAYSTUDY_DEVICE", "tpu")
+    with pytest.raises(RaystudyError, match="the only device it can force is cpu"):
+        device_for_share(0.5)
+
+
 def test_a_gpu_share_without_cuda_is_one_line_not_a_cpu_run(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RaystudyError, match="gpu=0.25 but torch sees no CUDA device") as err:
