@@ -270,6 +270,7 @@ def _study_command(kind: str):
             max_concurrent=args.max_concurrent,
             optuna_storage=getattr(args, "optuna_storage", None),
             trackers=parse_trackers(args.log_to),
+            targets_file=getattr(args, "targets_file", None),
         )
         return 0 if all_finished(results) else 1
 
@@ -281,7 +282,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from raystudy.confirm import resume_then_confirm
     from raystudy.study import all_finished
 
-    results = resume_then_confirm(args.experiment, args.address, args.num_cpus)
+    results = resume_then_confirm(args.experiment, args.address, args.num_cpus, args.targets_file)
     return 0 if all_finished(results) else 1
 
 
@@ -300,7 +301,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     experiment = storage.normalize(args.experiment)
     if not load_endpoints(targets_location(experiment.rsplit("/", 1)[0], spec.targets)):
         raise RaystudyError(f"the targets of {args.experiment} ({spec.targets}) name no endpoint: nothing to query")
-    query_endpoints(spec, experiment)
+    query_endpoints(spec, experiment, args.targets_file)
     return 0
 
 
@@ -314,7 +315,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from raystudy.study import study_status
+    from analysis.status import study_status
 
     print(study_status(args.experiment))
     return 0
@@ -398,8 +399,55 @@ def _at_least_one(text: str) -> int:
     return value
 
 
+MAX_COUNT = 10**9  # of requests or answers: the faults `raystudy serve` injects
+
+
+def _number_flag(limits) -> Any:
+    """An argparse type: a whole or finite number within `limits` (a raystudy.config.train.Range), so
+    that a flag out of range ends in usage and one error line before any work starts."""
+    from raystudy.config.train import show
+
+    def parse(text: str) -> int | float:
+        try:
+            value = int(text) if limits.whole else float(text)
+        except ValueError:  # also an int of more digits than Python reads
+            raise argparse.ArgumentTypeError(f"{show(text)} is not {limits}") from None
+        if not limits.holds(value):  # NaN and infinity included
+            raise argparse.ArgumentTypeError(f"{show(value)} must be {limits}")
+        return value
+
+    return parse
+
+
+def _text_flag(flag: str, max_length: int) -> Any:
+    """An argparse type: text without control characters, at most `max_length` long."""
+    from raystudy.config.train import check_text
+
+    def parse(text: str) -> str:
+        try:
+            return check_text(flag, text, max_length)
+        except RaystudyError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return parse
+
+
+def _burst_flag(text: str) -> str:
+    """--burst-429 EVERY:LENGTH, checked at parse time (cmd_serve reads it with parse_burst)."""
+    from raystudy.serve import parse_burst
+
+    try:
+        every, _ = parse_burst(text)
+    except RaystudyError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if every > MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"--burst-429 {text!r}: EVERY must be at most {MAX_COUNT}")
+    return text
+
+
 def _add_train(sub) -> None:
     from raystudy.config import PRESETS
+    from raystudy.config.lgv import LIMITS as LGV_LIMITS
 
     p = sub.add_parser(
         "train",
@@ -410,7 +458,11 @@ def _add_train(sub) -> None:
     _add_config_flags(p)
     p.add_argument("--magnitude", help="e.g. 0.5, or rho=0.1,lambda_jr=1e-4 (default: the mechanism's default)")
     p.add_argument("--lgv-base", default="ST", help="with --mechanism LGV: its update, ST, SAM or SAM&JR (default ST)")
-    p.add_argument("--lgv-models-per-epoch", type=_positive_int, help="with --mechanism LGV: snapshots per epoch (4)")
+    p.add_argument(
+        "--lgv-models-per-epoch",
+        type=_number_flag(LGV_LIMITS["models_per_epoch"]),
+        help="with --mechanism LGV: snapshots per epoch (4)",
+    )
     p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda if available)")
     p.add_argument("--out", required=True, help="output folder: checkpoint.pt, model.pt, metrics.json")
     p.set_defaults(func=cmd_train)
@@ -420,21 +472,25 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field, from the field's type, default and metadata: the config is
     the single list of training settings. Unset flags leave the preset's (or the field's) value."""
     from raystudy.config import FAITHFUL, TrainConfig
+    from raystudy.config.train import LIMITS, MAX_NAME, MAX_TEXT, PATH_SETTINGS
 
     from_preset = set(FAITHFUL["cifar10"])
     for f in dataclasses.fields(TrainConfig):
         if "help" not in f.metadata:
             continue  # magnitudes: --magnitude
         kind = str(f.type).split(" | ")[0]
+        flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
         default = "the preset's" if f.name in from_preset else f"{f.default}"
         options: dict[str, Any] = {"dest": f.name, "default": None, "help": f"{f.metadata['help']} (default {default})"}
         if kind == "bool":
             options["action"] = argparse.BooleanOptionalAction
+        elif kind in ("int", "float"):  # within the setting's LIMITS, as in a study file
+            options["type"] = _number_flag(LIMITS[f.name])
         else:
-            options["type"] = {"int": _positive_int, "float": float}.get(kind, str)
+            options["type"] = _text_flag(flag, MAX_TEXT if f.name in PATH_SETTINGS else MAX_NAME)
         if f.metadata["choices"]:
             options["choices"] = f.metadata["choices"]
-        p.add_argument(f.metadata["flag"] or "--" + f.name.replace("_", "-"), **options)
+        p.add_argument(flag, **options)
 
 
 def _add_evaluate(sub) -> None:
@@ -466,6 +522,12 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     p.add_argument("--out", help="write every metric as JSON here")
     p.set_defaults(func=cmd_evaluate)
+
+
+TARGETS_FILE_HELP = (
+    "the targets study file naming the endpoints the query phase may use (default: <targets>.yaml beside "
+    "the study file, else the file `raystudy targets` ran): the stored endpoints must match it"
+)
 
 
 def _add_ray_options(p: argparse.ArgumentParser) -> None:
@@ -503,10 +565,13 @@ def _add_study(sub) -> None:
                 help="an Optuna RDB URL (e.g. postgresql://...) for the search's history "
                 "(default: sqlite kept with the experiment)",
             )
+        if kind != "targets":
+            p.add_argument("--targets-file", help=TARGETS_FILE_HELP)
         _add_ray_options(p)
         p.set_defaults(func=_study_command(kind))
     r = sub.add_parser("resume", help="finish an interrupted study without re-running finished trials")
     r.add_argument("experiment", help="<storage>/<study name>")
+    r.add_argument("--targets-file", help=TARGETS_FILE_HELP)
     _add_ray_options(r)
     r.set_defaults(func=cmd_resume)
     c = sub.add_parser("plan", help="what a study will cost (GPU-hours, wall time) before it runs")
@@ -522,24 +587,56 @@ def _add_study(sub) -> None:
         "query", help="send a finished study's kept AEs to its black-box endpoints (answers kept: never paid twice)"
     )
     q.add_argument("experiment", help="<storage>/<study name>")
+    q.add_argument("--targets-file", help=TARGETS_FILE_HELP)
     q.set_defaults(func=cmd_query)
     v = sub.add_parser("serve", help="serve a model file over HTTP like an image-labelling service (Ray Serve)")
     v.add_argument("model_file", help="a raystudy model file (a target's .pt, or a run's model.pt)")
-    v.add_argument("--port", type=_positive_int, default=8000)
-    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    v.add_argument("--top-k", type=_positive_int, default=5, help="labels per answer, by probability (default 5)")
-    v.add_argument("--labels-only", action="store_true", help="answer labels without scores")
-    v.add_argument(
-        "--burst-429", metavar="EVERY:LENGTH", help="inject faults: the first LENGTH of every EVERY requests get 429"
-    )
-    v.add_argument("--every-500", type=_positive_int, metavar="N", help="inject faults: every N-th request gets 500")
-    v.add_argument("--slow", type=float, default=0.0, metavar="S", help="inject faults: every answer waits S seconds")
-    v.add_argument("--down-after", type=int, metavar="N", help="inject faults: 503 to everything after N answers")
+    _add_serve_flags(v)
     v.add_argument("--request-log", metavar="FILE", help="append the SHA-256 of every image answered")
     v.set_defaults(func=cmd_serve)
     s = sub.add_parser("status", help="summarize an experiment's trials: done, running, failed and why")
     s.add_argument("experiment", help="<storage>/<study name>")
     s.set_defaults(func=cmd_status)
+
+
+def _add_serve_flags(v: argparse.ArgumentParser) -> None:
+    """`raystudy serve`'s flags; every number within its range at parse time, before Ray starts."""
+    from raystudy.config.train import Range
+
+    v.add_argument("--port", type=_number_flag(Range(1, 65_535)), default=8000, help="TCP port (1-65535)")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    v.add_argument(
+        "--top-k",
+        type=_number_flag(Range(1, 1_000)),
+        default=5,
+        help="labels per answer, by probability (default 5)",
+    )
+    v.add_argument("--labels-only", action="store_true", help="answer labels without scores")
+    v.add_argument(
+        "--burst-429",
+        type=_burst_flag,
+        metavar="EVERY:LENGTH",
+        help="inject faults: the first LENGTH of every EVERY requests get 429",
+    )
+    v.add_argument(
+        "--every-500",
+        type=_number_flag(Range(0, MAX_COUNT)),
+        metavar="N",
+        help="inject faults: every N-th request gets 500 (0: none)",
+    )
+    v.add_argument(
+        "--slow",
+        type=_number_flag(Range(0, 3_600, whole=False)),
+        default=0.0,
+        metavar="S",
+        help="inject faults: every answer waits S seconds (at most 3600)",
+    )
+    v.add_argument(
+        "--down-after",
+        type=_number_flag(Range(0, MAX_COUNT)),
+        metavar="N",
+        help="inject faults: 503 to everything after N answers",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

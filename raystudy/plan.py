@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 from raystudy.config import StudySpec, TrainConfig
 from raystudy.config.study import TrialPlan
+from raystudy.config.train import show
 from raystudy.errors import RaystudyError
 from raystudy.mechanisms import ORDER
 
@@ -54,6 +55,7 @@ _QUOTED_FD_SECONDS = {
 # Aggregate throughput of k ResNet-18 ST trainings sharing one H100, relative to one alone (quoted).
 QUOTED_PACKING_GAIN = {1: 1.0, 4: 2.36}
 MEASURED, QUOTED, ESTIMATED = "measured", "quoted", "estimated"
+MAX_GPUS = 100_000
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,7 @@ def read_costs(path: str | Path) -> StepCosts:
         runs = (
             len(evaluation.get("budgets", ())) * len(evaluation.get("modes", ())) * len(evaluation.get("attacks", ()))
         )
-        return StepCosts(
+        costs = StepCosts(
             source=f"{path} ({data.get('device', '?')}, measured)",
             measured=True,
             model=data["model"],
@@ -156,16 +158,35 @@ def read_costs(path: str | Path) -> StepCosts:
             seconds=seconds,
             packing_gain=_gains(data.get("packing_gain")),
             packing_provenance=MEASURED if data.get("packing_gain") else QUOTED,
-            hook_seconds=hook["seconds"] if hook else None,
+            hook_seconds={part: float(s) for part, s in hook["seconds"].items()} if hook else None,
             hook_n_eval=int(hook["n_eval"]) if hook else 0,
             hook_attack_runs=runs,
         )
+        _check_costs(costs)
+        return costs
     except FileNotFoundError:
         raise RaystudyError(f"--costs {path}: no such file") from None
+    except OSError as error:  # a folder, no permission
+        raise RaystudyError(f"--costs {path}: cannot be read ({error.strerror or error})") from None
     except (ValueError, KeyError, TypeError, IndexError) as error:
         raise RaystudyError(
             f"--costs {path}: not a benchmarks/throughput.py JSON ({type(error).__name__}: {error})"
         ) from None
+
+
+def _check_costs(costs: StepCosts) -> None:
+    """Numbers a plan can divide by and add up (a ValueError, reported by read_costs as its file's)."""
+    seconds = [*costs.seconds.values(), *(costs.hook_seconds or {}).values()]
+    gains = [(k, g) for mechanism in costs.packing_gain.values() for k, g in mechanism.items()]
+    if (
+        costs.batch_size < 1
+        or (costs.hook_seconds is not None and costs.hook_n_eval < 1)
+        or not all(math.isfinite(s) and s >= 0 for s in seconds)
+        or not all(k >= 1 and math.isfinite(g) and g > 0 for k, g in gains)
+    ):
+        raise ValueError(
+            "batch_size and the hook's n_eval must be >= 1, seconds finite and >= 0, packing gains finite and > 0"
+        )
 
 
 def _gains(values: Any) -> dict[str, dict[int, float]]:
@@ -339,6 +360,8 @@ def setting_rows(trials: list[TrialCost], costs: StepCosts, per_gpu: int) -> lis
 
 
 def render_plan(spec: StudySpec, costs: StepCosts, gpus: int) -> str:
+    if not 1 <= gpus <= MAX_GPUS:  # --gpus: a count a float can divide by
+        raise RaystudyError(f"--gpus {show(gpus)}: give 1 to {MAX_GPUS} GPUs")
     trials = plan_costs(spec, costs)
     wall, per_gpu, gain = wall_seconds(trials, spec, costs, gpus)
     unit = "GPU" if spec.resources.gpu > 0 else "device"

@@ -294,7 +294,9 @@ def test_trials_are_read_in_folder_order_whatever_finishes_first(tmp_path, monke
     folder = write_experiment(tmp_path, VALUES)
     read = storage.read_bytes
     monkeypatch.setattr(
-        storage, "read_bytes", lambda location, **options: (time.sleep(random.random() / 50), read(location, **options))[1]
+        storage,
+        "read_bytes",
+        lambda location, **options: (time.sleep(random.random() / 50), read(location, **options))[1],
     )
     trials = load_experiment(str(folder), cache=tmp_path / "cache").trials
     assert [t.location.rsplit("/", 1)[-1] for t in trials] == sorted(t.location.rsplit("/", 1)[-1] for t in trials)

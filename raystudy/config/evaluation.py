@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from raystudy.config.train import MAX_SEED, Range, check_flag, check_text, show
 from raystudy.errors import RaystudyError, require_extra
 
 ATTACKS = ("pgd", "mi", "di", "dim", "autoattack")
@@ -13,6 +14,19 @@ PIXEL = 1 / 255
 # Power iteration for smoothness: iterations, and the relative change at which a sample has converged.
 DEFAULT_ITERATIONS = 20
 DEFAULT_TOLERANCE = 1e-3
+MAX_IMAGES = 100_000  # evaluation images (ImageNet's validation split has 50,000)
+# What a study file may give each numeric setting (None, where a field allows it, is checked apart).
+LIMITS: dict[str, Range] = {
+    "n_eval": Range(1, MAX_IMAGES),
+    "seed": Range(0, MAX_SEED),
+    "steps": Range(1, 10_000),
+    "step_size": Range(0, 1, whole=False, open_low=True),  # in [0, 1] pixel units (2/255 by default)
+    "smoothness_samples": Range(1, MAX_IMAGES),
+    "power_iterations": Range(1, 10_000),
+    "power_tolerance": Range(0, 1, whole=False),
+    "batch_size": Range(1, 65_536),
+    "autoattack_steps": Range(1, 10_000),
+}
 
 
 @dataclass(frozen=True)
@@ -39,6 +53,7 @@ class EvalConfig:
             require_extra("torchattacks", "autoattack", "the attack autoattack")
 
     def __post_init__(self) -> None:
+        self._check_types()
         bad = [a for a in self.attacks if a not in ATTACKS]
         if bad or not self.attacks:
             raise RaystudyError(f"unknown attack(s) {', '.join(bad) or '(none)'}; known: {', '.join(ATTACKS)}")
@@ -54,3 +69,23 @@ class EvalConfig:
                 raise RaystudyError(f"{key}={getattr(self, key)} must be >= 1")
         if self.steps < 1 or self.batch_size < 1 or self.power_iterations < 1:
             raise RaystudyError("steps, batch_size and power_iterations must be >= 1")
+        for key, limits in LIMITS.items():  # then every bound (the messages above name the common mistakes)
+            if getattr(self, key) is not None:
+                limits.check(key, getattr(self, key))
+        for key in ("budgets", "attacks", "modes"):
+            if len(set(getattr(self, key))) != len(getattr(self, key)):
+                raise RaystudyError(f"{key}={show(list(getattr(self, key)))} lists a value twice")
+
+    def _check_types(self) -> None:
+        """Every field of its type, before any comparison meets a wrong one."""
+        for key, limits in LIMITS.items():
+            if getattr(self, key) is not None or key not in ("n_eval", "smoothness_samples"):
+                limits.check_kind(key, getattr(self, key))
+        for key in ("budgets", "attacks", "modes"):
+            if not isinstance(getattr(self, key), (tuple, list)):
+                raise RaystudyError(f"{key}={show(getattr(self, key))} must be a list")
+        for key in ("attacks", "modes"):
+            for value in getattr(self, key):
+                check_text(key, value)
+        check_text("target_classes", self.target_classes)
+        check_flag("random_start", self.random_start)

@@ -6,12 +6,19 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
+from raystudy.config.train import Range, check_text, show
 from raystudy.errors import RaystudyError
 
 if TYPE_CHECKING:
     from raystudy.config.train import TrainConfig
 
 LGV_BASES = ("ST", "SAM", "SAM&JR")  # METHOD.md: the fine-tuning may use SGD, SAM or SAM&JR
+LIMITS: dict[str, Range] = {
+    "epochs": Range(1, 1_000),
+    "lr": Range(0, 1_000, whole=False, open_low=True),
+    "models_per_epoch": Range(1, 100),  # models saved per epoch: the ensemble has epochs x this many
+    "batch_size": Range(1, 65_536),
+}
 
 
 @dataclass(frozen=True)
@@ -25,13 +32,10 @@ class LgvPhase:
     batch_size: int = 256
 
     def __post_init__(self) -> None:
-        if self.base is not None and self.base not in LGV_BASES:
-            raise RaystudyError(f"lgv: base={self.base!r}; LGV fine-tunes with {', '.join(LGV_BASES)}")
-        for key in ("epochs", "models_per_epoch", "batch_size"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise RaystudyError(f"lgv: {key}={getattr(self, key)!r} must be a whole number >= 1")
-        if not self.lr > 0:
-            raise RaystudyError(f"lgv: lr={self.lr!r} must be > 0")
+        if self.base is not None and check_text("lgv: base", self.base) not in LGV_BASES:
+            raise RaystudyError(f"lgv: base={show(self.base)}; LGV fine-tunes with {', '.join(LGV_BASES)}")
+        for key, limits in LIMITS.items():
+            limits.check(f"lgv: {key}", getattr(self, key))
 
     @classmethod
     def parse(cls, value: Any) -> "LgvPhase | None":
@@ -41,12 +45,10 @@ class LgvPhase:
         if value is True:
             return cls()
         if not isinstance(value, Mapping):
-            raise RaystudyError(f"lgv must be true, false or a mapping of {', '.join(cls.fields())}, not {value!r}")
-        unknown = sorted(set(value) - set(cls.fields()))
+            raise RaystudyError(f"lgv must be true, false or a mapping of {', '.join(cls.fields())}, not {show(value)}")
+        unknown = sorted((show(k) for k in value if k not in cls.fields()))
         if unknown:
-            raise RaystudyError(
-                f"lgv: unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(cls.fields())}"
-            )
+            raise RaystudyError(f"lgv: unknown key(s) {', '.join(unknown)}; known: {', '.join(cls.fields())}")
         try:
             return cls(**value)
         except TypeError as err:

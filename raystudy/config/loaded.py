@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from raystudy.config.train import check_name, show
 from raystudy.errors import RaystudyError
 
 TIMM_PREFIX = "timm/"
@@ -75,10 +76,18 @@ def parse_loaded(model: str | None, pretrained: bool, weights: str | None) -> Lo
             raise RaystudyError(
                 f"weights={weights!r}: without model: timm/<name> this must be a raystudy model file (.pt)"
             )
-        weights = str(Path(weights).expanduser().resolve())
+        check_name(f"weights={show(weights)}: the model's name", Path(weights).stem)
+        weights = _absolute(weights)
     if timm_name is not None:
         _check_timm_name(timm_name)
     return LoadedModel(timm_name, pretrained, weights)
+
+
+def _absolute(path: str) -> str:
+    try:
+        return str(Path(path).expanduser().resolve())
+    except (OSError, RuntimeError, ValueError) as err:  # ~nobody/w.pt, a NUL byte, a loop of links
+        raise RaystudyError(f"weights={show(path)} is not a usable path ({err})") from None
 
 
 def _check_timm_name(name: str) -> None:

@@ -29,7 +29,12 @@ A study file names what to train and how to measure it:
       metric: asr/pgd/untargeted/8/mean
       mode: max
 
-Every error names the file and the key.
+Every error names the file and the key, on one line. What a file may hold (module constants):
+at most MAX_FILE_BYTES of UTF-8 YAML, MAX_YAML_NODES nodes once aliases are expanded, nested at
+most MAX_YAML_DEPTH deep; at most MAX_TRIALS trials (grid entries x magnitude values x seeds, or a
+search's samples and confirmation runs) and MAX_SEEDS seeds; names that become folders (`name`,
+`targets`, target names) are single path components; each number within the bounds its error
+message states (raystudy.config.train.LIMITS and the other LIMITS).
 """
 
 from __future__ import annotations
@@ -37,9 +42,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import yaml
 
@@ -47,7 +53,22 @@ from raystudy.config.endpoint import EndpointSpec, parse_endpoint
 from raystudy.config.evaluation import EvalConfig
 from raystudy.config.lgv import LGV_BASES, LgvPhase
 from raystudy.config.loaded import LoadedModel, parse_loaded
-from raystudy.config.train import PRESETS, TrainConfig, check_model_name
+from raystudy.config.train import (
+    FINITE,
+    MAX_NAME,
+    MAX_SEED,
+    MAX_TEXT,
+    PRESETS,
+    Range,
+    TrainConfig,
+    check_flag,
+    check_model_name,
+    check_name,
+    check_setting,
+    check_text,
+    show,
+)
+from raystudy.config.train import LIMITS as TRAIN_LIMITS
 from raystudy.errors import RaystudyError
 
 KINDS = ("grid", "targets", "search")
@@ -62,6 +83,15 @@ TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)} - {
     "data_path",
 }
 SEARCHABLE_TRAIN_KEYS = ("epochs", "lr")
+# What a study file may hold (the module docstring): generous for real studies (the shipped ones
+# have at most 63 trials, 3 seeds and 64 samples), small enough for `raystudy plan` to cost at once.
+MAX_FILE_BYTES = 1_000_000
+MAX_YAML_NODES = 100_000  # after aliases: 450 bytes of nested aliases otherwise make 9**8 items
+MAX_YAML_DEPTH = 32
+MAX_TRIALS = 10_000
+MAX_SEEDS = 100
+MAX_ITEMS = 1_000  # values of one magnitude's grid, choices of a search parameter, objective targets
+MAX_FEW = 100  # search parameters, custom resources, mechanisms, metrics, confirmation baselines
 
 
 @dataclass(frozen=True)
@@ -225,6 +255,12 @@ class SearchSpec:
         return over[0].rsplit("/", 1)[0] + "/held_out" if self.objective_targets and over else None
 
 
+def _sampled(key: str, value: Any) -> Any:
+    """A searched training setting as TrainConfig takes it: Tune samples epochs from a uniform range,
+    and a trial trains a whole number of them."""
+    return round(value) if key == "epochs" and isinstance(value, float) and math.isfinite(value) else value
+
+
 def averaged_over_targets(metric: str) -> bool:
     return metric.startswith(("asr/", "asr_all/")) and metric.endswith("/mean")
 
@@ -256,7 +292,7 @@ class StudySpec:
     def plan_for_sample(self, values: Mapping[str, Any]) -> TrialPlan:
         """A search sample (magnitudes, and searchable training settings) as a trial plan."""
         search = self.search
-        overrides = {k: v for k, v in values.items() if k in SEARCHABLE_TRAIN_KEYS}
+        overrides = {k: _sampled(k, v) for k, v in values.items() if k in SEARCHABLE_TRAIN_KEYS}
         if search.conditional:  # {"mechanism": "MU", "MU.p": 0.3, ...}: the chosen mechanism's magnitudes
             mechanism = values["mechanism"]
             prefix = f"{mechanism}."
@@ -354,12 +390,14 @@ def _legacy_plan(spec, trial: Mapping[str, Any]) -> TrialPlan:
 
 
 class _Reader:
-    """Reads one mapping, remembering which keys were used, so leftovers are reported as unknown."""
+    """Reads one mapping (text keys only), remembering which keys were used, so leftovers are
+    reported as unknown. `get` returns a value as given (of `kind`, where named); the typed readers
+    (`integer`, `number`, `text`, `name`, `flag`, `texts`, `items`, `mapping`) check it, naming the
+    file, the key and what is allowed, and return the default for an absent key (or for null where
+    the default is None)."""
 
     def __init__(self, values: Any, where: str):
-        if not isinstance(values, Mapping):
-            raise RaystudyError(f"{where}: expected a mapping of keys, found {type(values).__name__}")
-        self.values, self.where, self.used = dict(values), where, set()
+        self.values, self.where, self.used = _mapping(values, where), where, set()
 
     def get(self, key: str, default: Any = ..., kind: type | tuple[type, ...] | None = None) -> Any:
         self.used.add(key)
@@ -374,14 +412,50 @@ class _Reader:
             and (not isinstance(value, kind) or isinstance(value, bool) and bool not in _tuple(kind))
         ):
             names = "/".join(k.__name__ for k in _tuple(kind))
-            raise RaystudyError(f"{self.where}: {key}={value!r} must be {names}")
+            raise RaystudyError(f"{self.where}: {key}={show(value)} must be {names}")
         return value
+
+    def checked(self, key: str, default: Any, check: Callable[[str, Any], Any]) -> Any:
+        """The value of `key` as `check(key, value)` returns it; its error prefixed with where it is."""
+        value = self.get(key, default)
+        if key not in self.values or (value is None and default is None):
+            return value
+        try:
+            return check(key, value)
+        except RaystudyError as err:
+            raise RaystudyError(f"{self.where}: {err}") from None
+
+    def integer(self, key: str, default: Any, low: int, high: int) -> int:
+        return self.checked(key, default, Range(low, high).check)
+
+    def number(self, key: str, default: Any, low: float, high: float, open_low: bool = False) -> float:
+        return self.checked(key, default, Range(low, high, whole=False, open_low=open_low).check)
+
+    def text(self, key: str, default: Any, max_length: int = MAX_NAME, lines: bool = False) -> str:
+        return self.checked(key, default, lambda k, v: check_text(k, v, max_length, lines))
+
+    def name(self, key: str, default: Any) -> str:
+        return self.checked(key, default, _folder_name)
+
+    def flag(self, key: str, default: Any) -> bool:
+        return self.checked(key, default, check_flag)
+
+    def texts(self, key: str, default: Any) -> tuple[str, ...]:
+        """One text, or a list of 1 to MAX_FEW texts, as a tuple."""
+        return self.checked(key, default, lambda k, v: _items(k, [v] if isinstance(v, str) else v, 1, MAX_FEW))
+
+    def items(self, key: str, default: Any, max_items: int, check: Callable = check_text) -> tuple:
+        """A list of at most `max_items` values, each as `check(key, value)` returns it."""
+        return self.checked(key, default, lambda k, v: _items(k, v, 0, max_items, check))
+
+    def mapping(self, key: str, default: Any, max_items: int = MAX_FEW) -> dict[str, Any]:
+        return self.checked(key, default, lambda k, v: _mapping(v, k, max_items))
 
     def finish(self) -> None:
         unknown = sorted(set(self.values) - self.used)
         if unknown:
             raise RaystudyError(
-                f"{self.where}: unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(self.used))}"
+                f"{self.where}: unknown key(s) {', '.join(map(show, unknown))}; known: {', '.join(sorted(self.used))}"
             )
 
 
@@ -389,7 +463,39 @@ def _tuple(kind) -> tuple:
     return kind if isinstance(kind, tuple) else (kind,)
 
 
-NUMBER = (int, float)
+def _mapping(values: Any, where: str, max_items: int | None = None) -> dict[str, Any]:
+    """`values` as a dict whose keys are plain text (YAML also makes numbers, booleans and null keys)."""
+    if not isinstance(values, Mapping):
+        raise RaystudyError(f"{where}: expected a mapping of keys, found {type(values).__name__}")
+    if max_items is not None and len(values) > max_items:
+        raise RaystudyError(f"{where}: {len(values)} keys; at most {max_items}")
+    for key in values:
+        if not isinstance(key, str):
+            raise RaystudyError(f"{where}: the key {show(key)} is a {type(key).__name__}: keys are text (quote it)")
+        check_text(f"{where}: key", key)
+    return dict(values)
+
+
+def _items(key: str, values: Any, min_items: int, max_items: int, check: Callable = check_text) -> tuple:
+    if not isinstance(values, list) or not min_items <= len(values) <= max_items:
+        raise RaystudyError(f"{key}={show(values)} must be a list of {min_items} to {max_items} values")
+    return tuple(check(key, value) for value in values)
+
+
+def _folder_name(key: str, value: Any) -> str:
+    """A study's name (its experiment's folder), or the name of the targets study: one plain folder
+    name, without spaces, not hidden."""
+    name = check_name(key, value)
+    if " " in name or name.startswith("."):
+        raise RaystudyError(f"{key}={show(name)} must be a plain folder name (no slashes or spaces, no leading .)")
+    return name
+
+
+def _scalar(key: str, value: Any) -> Any:
+    """A search choice: text, true/false or a finite number (what Optuna's categorical takes)."""
+    if isinstance(value, bool):
+        return value
+    return check_text(key, value) if isinstance(value, str) else FINITE.check(key, value)
 
 
 def load_space(path: str | Path, data: str | None = None) -> StudySpec:
@@ -402,126 +508,235 @@ def read_space(path: str | Path, data: str | None = None) -> tuple[StudySpec, An
     path = Path(path)
     if not path.is_file():
         raise RaystudyError(f"search space {str(path)!r} does not exist")
+    values = _read_yaml(path)
+    if data is None and isinstance(values, dict) and values.get("data") is not None:
+        data = values["data"]
+    if data is not None:
+        data = _absolute(check_path("data", data, str(path)))
+    return parse_space(values, str(path), data), values
+
+
+def _read_yaml(path: Path) -> Any:
+    """The file's one YAML document: at most MAX_FILE_BYTES of UTF-8, read by _StudyLoader."""
     try:
-        values = yaml.safe_load(path.read_text())
+        with path.open("rb") as file:
+            raw = file.read(MAX_FILE_BYTES + 1)
+    except OSError as err:
+        raise RaystudyError(f"{path}: cannot be read ({err.strerror or err})") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise RaystudyError(f"{path}: over {MAX_FILE_BYTES} bytes: not a study file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RaystudyError(f"{path}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start})") from None
+    try:
+        return yaml.load(text, Loader=_StudyLoader)
     except yaml.YAMLError as err:
         raise RaystudyError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    if data is None and isinstance(values, dict) and isinstance(values.get("data"), str):
-        data = values["data"]
-    return parse_space(values, str(path), _absolute(data)), values
+    except RecursionError:
+        raise RaystudyError(f"{path}: nested too deeply (at most {MAX_YAML_DEPTH} levels)") from None
+    except (ValueError, TypeError, OverflowError) as err:  # a value YAML's constructors cannot make
+        raise RaystudyError(f"{path}: not valid YAML ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    except RaystudyError as err:
+        raise RaystudyError(f"{path}: {err}") from None
+
+
+class _StudyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that measures the composed document before constructing any value: at most
+    MAX_YAML_NODES nodes counting each alias as the nodes it repeats, nested at most MAX_YAML_DEPTH
+    deep, no alias inside the node it names (a "billion laughs" is refused in microseconds)."""
+
+    depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        self.depth += 1  # refused as it nests, before PyYAML's recursion runs deep
+        try:
+            if self.depth > MAX_YAML_DEPTH + 1:
+                raise RaystudyError(f"nested more than {MAX_YAML_DEPTH} levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _measure(node, 0, {}, set())
+        return super().construct_document(node)
+
+
+def _measure(node: yaml.Node, depth: int, seen: dict[int, tuple[int, int]], open_: set[int]) -> tuple[int, int]:
+    """(nodes, height) of `node` with its aliases expanded; each distinct node is measured once."""
+    if id(node) in seen:
+        size, height = seen[id(node)]
+    else:
+        if id(node) in open_:
+            raise RaystudyError("an alias refers to a node that contains it")
+        if depth > MAX_YAML_DEPTH:
+            raise RaystudyError(f"nested more than {MAX_YAML_DEPTH} levels deep")
+        open_.add(id(node))
+        children = _children(node)
+        measured = [_measure(child, depth + 1, seen, open_) for child in children]
+        size = 1 + sum(s for s, _ in measured)
+        height = 1 + max((h for _, h in measured), default=0)
+        open_.discard(id(node))
+        seen[id(node)] = size, height
+    if size > MAX_YAML_NODES:
+        raise RaystudyError(f"over {MAX_YAML_NODES} YAML nodes once its aliases are expanded")
+    if depth + height > MAX_YAML_DEPTH + 1:
+        raise RaystudyError(f"nested more than {MAX_YAML_DEPTH} levels deep")
+    return size, height
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
+def check_path(key: str, value: Any, where: str) -> str:
+    """A local path or a URI given as text (no control characters, at most MAX_TEXT long)."""
+    try:
+        return check_text(key, value, MAX_TEXT)
+    except RaystudyError as err:
+        raise RaystudyError(f"{where}: {err}") from None
 
 
 def _absolute(data: str | None) -> str | None:
     """A local data path as an absolute one: trials run in their own folders, maybe on other nodes."""
     if data is None or "://" in data:
         return data
-    return str(Path(data).expanduser().resolve())
+    try:
+        return str(Path(data).expanduser().resolve())
+    except (OSError, RuntimeError, ValueError) as err:  # ~nobody/data, a loop of links
+        raise RaystudyError(f"data={show(data)} is not a usable path ({err})") from None
 
 
 def parse_space(values: Any, where: str, data: str | None = None) -> StudySpec:
     r = _Reader(values, where)
-    kind = r.get("kind", "grid", str)
+    kind = r.text("kind", "grid")
     if kind not in KINDS:
         raise RaystudyError(f"{where}: kind={kind!r}; known: {', '.join(KINDS)}")
-    preset = r.get("preset", "fast", str)
+    preset = r.text("preset", "fast")
     if preset not in PRESETS:
         raise RaystudyError(f"{where}: preset={preset!r}; known: {', '.join(PRESETS)}")
     spec = StudySpec(
-        name=_name(r.get("name", kind=str), where),
+        name=r.name("name", ...),
         kind=kind,
         preset=preset,
-        dataset=r.get("dataset", "cifar10", str),
-        model=r.get("model", "resnet18", str),
+        dataset=_dataset(r.text("dataset", "cifar10"), where),
+        model=r.text("model", "resnet18"),
         seeds=_seeds(r.get("seeds", [0]), where),
         plans=(),  # expanded from the entries below, once the spec is complete
         train=_train(r.get("train", {}), where),
         evaluation=_evaluation(r.get("evaluation", {}), where),
         resources=_resources(r.get("resources", {}), where),
-        targets=r.get("targets", None, str),
+        targets=r.name("targets", None),
         search=_search(r.get("search", None), where) if kind == "search" else _no_search(r.get("search", None), where),
-        max_failures=_nonnegative(r.get("max_failures", 3, int), "max_failures", where),
+        max_failures=r.integer("max_failures", 3, 0, 100),
         data=_data(r, data),
-        description=r.get("description", "", str),
+        description=r.text("description", None, MAX_TEXT, lines=True) or "",  # null: none
         source=where,
     )
-    entries = _trials(r.get("trials", [] if kind == "search" else ..., list), kind, where)
+    entries = _trials(r.get("trials", [] if kind == "search" else ..., list), kind, where, len(spec.seeds))
     r.finish()
     return _validate(spec, entries, where)
 
 
 def _data(r: _Reader, data: str | None) -> str | None:
     """--data, else the file's `data` (read_space resolved either to an absolute path)."""
-    in_file = r.get("data", None, str)
+    in_file = r.checked("data", None, lambda k, v: check_text(k, v, MAX_TEXT))
     return data if data is not None else in_file
 
 
-def _name(name: str, where: str) -> str:
-    if not name or any(c in name for c in "/\\ ") or name.startswith("."):
-        raise RaystudyError(f"{where}: name={name!r} must be a plain folder name (no slashes or spaces)")
+def _dataset(name: str, where: str) -> str:
+    from raystudy.mechanisms.base import grid_family
+
+    try:
+        grid_family(name)
+    except RaystudyError as err:
+        raise RaystudyError(f"{where}: dataset: {err}") from None
     return name
 
 
 def _seeds(seeds: Any, where: str) -> tuple[int, ...]:
-    if (
-        not isinstance(seeds, list)
-        or not seeds
-        or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds)
-    ):
-        raise RaystudyError(f"{where}: seeds={seeds!r} must be a non-empty list of whole numbers >= 0")
+    seed = Range(0, MAX_SEED)
+    if not isinstance(seeds, list) or not 1 <= len(seeds) <= MAX_SEEDS or not all(seed.is_kind(s) for s in seeds):
+        raise RaystudyError(f"{where}: seeds={show(seeds)} must be a list of 1 to {MAX_SEEDS} whole numbers >= 0")
+    for s in seeds:
+        seed.check(f"{where}: seeds: seed", s)
     if len(set(seeds)) != len(seeds):
-        raise RaystudyError(f"{where}: seeds={seeds!r} repeats a seed")
+        raise RaystudyError(f"{where}: seeds={show(seeds)} repeats a seed")
     return tuple(seeds)
 
 
-def _trials(entries: list, kind: str, where: str) -> tuple[TrialSpec, ...]:
+def _trials(entries: Any, kind: str, where: str, n_seeds: int) -> tuple[TrialSpec, ...]:
+    if not isinstance(entries, list):
+        raise RaystudyError(f"{where}: trials={show(entries)} must be a list of trial entries")
     if kind != "search" and not entries:
         raise RaystudyError(f"{where}: trials is empty")
     out: list[TrialSpec] = []
     for i, entry in enumerate(entries):
-        r = _Reader(entry, f"{where}: trials[{i}]")
-        if isinstance(entry, Mapping) and "endpoint" in entry:
+        at = f"{where}: trials[{i}]"
+        r = _Reader(entry, at)
+        if "endpoint" in r.values:
             if kind != "targets":
-                raise RaystudyError(f"{where}: trials[{i}]: endpoints are targets: name them in a kind: targets study")
-            out.append(TrialSpec(endpoint=parse_endpoint(r.get("endpoint"), f"{where}: trials[{i}]")))
+                raise RaystudyError(f"{at}: endpoints are targets: name them in a kind: targets study")
+            out.append(TrialSpec(endpoint=parse_endpoint(r.get("endpoint"), at)))
             r.finish()
             continue
-        loaded = _loaded_entry(r, f"{where}: trials[{i}]")
+        loaded = _loaded_entry(r, at)
         if loaded is not None:
             out.append(TrialSpec(loaded=loaded))
             continue
-        mechanism = r.get("mechanism", "ST", str)
-        model = r.get("model", None, str)
-        grid = r.get("magnitudes", {}, dict)
-        try:
-            lgv = LgvPhase.parse(r.get("lgv", False))
-        except RaystudyError as err:
-            raise RaystudyError(f"{where}: trials[{i}]: {err}") from None
-        train = _train(r.get("train", {}), f"{where}: trials[{i}]")
-        r.finish()
-        if kind == "targets" and (model is None or lgv):
-            raise RaystudyError(f"{where}: trials[{i}]: a targets study names each target's model (and no lgv)")
-        if lgv and (lgv.base or mechanism) not in LGV_BASES:
-            raise RaystudyError(f"{where}: trials[{i}]: LGV fine-tunes with {', '.join(LGV_BASES)}, not {mechanism}")
-        names = list(grid)
-        value_lists = []
-        for name in names:
-            values = grid[name] if isinstance(grid[name], list) else [grid[name]]
-            if not values or any(not isinstance(v, NUMBER) or isinstance(v, bool) for v in values):
-                raise RaystudyError(
-                    f"{where}: trials[{i}]: magnitude {name}={grid[name]!r} must be a number or a list of numbers"
-                )
-            value_lists.append(values)
-        for combo in itertools.product(*value_lists):
-            out.append(TrialSpec(mechanism, tuple(zip(names, map(float, combo))), model, lgv, train))
+        out.extend(_trained_entries(r, kind, at))
+        if len(out) * n_seeds > MAX_TRIALS:
+            raise RaystudyError(f"{where}: trials: over {MAX_TRIALS} trials (entries x magnitude values x seeds)")
     if len(set(out)) != len(out):
         raise RaystudyError(f"{where}: trials lists the same mechanism and magnitudes twice")
     return tuple(out)
 
 
+def _trained_entries(r: _Reader, kind: str, at: str) -> list[TrialSpec]:
+    """A trained entry: one TrialSpec per point of its magnitude grid."""
+    mechanism = r.text("mechanism", "ST")
+    model = r.text("model", None)
+    grid = r.mapping("magnitudes", {})
+    try:
+        lgv = LgvPhase.parse(r.get("lgv", False))
+    except RaystudyError as err:
+        raise RaystudyError(f"{at}: {err}") from None
+    train = _train(r.get("train", {}), at)
+    r.finish()
+    if kind == "targets" and (model is None or lgv):
+        raise RaystudyError(f"{at}: a targets study names each target's model (and no lgv)")
+    if lgv and (lgv.base or mechanism) not in LGV_BASES:
+        raise RaystudyError(f"{at}: LGV fine-tunes with {', '.join(LGV_BASES)}, not {mechanism}")
+    value_lists = [_magnitude_values(name, given, at) for name, given in grid.items()]
+    if math.prod(len(values) for values in value_lists) > MAX_TRIALS:
+        raise RaystudyError(f"{at}: magnitudes: over {MAX_TRIALS} combinations")
+    return [
+        TrialSpec(mechanism, tuple(zip(grid, map(float, combo))), model, lgv, train)
+        for combo in itertools.product(*value_lists)
+    ]
+
+
+def _magnitude_values(name: str, given: Any, at: str) -> list:
+    values = given if isinstance(given, list) else [given]
+    if not 1 <= len(values) <= MAX_ITEMS or not all(FINITE.is_kind(v) and FINITE.holds(v) for v in values):
+        raise RaystudyError(
+            f"{at}: magnitude {name}={show(given)} must be a number or a list of numbers "
+            f"(finite; 1 to {MAX_ITEMS} of them)"
+        )
+    return values
+
+
 def _loaded_entry(r: _Reader, where: str) -> LoadedModel | None:
     """The entry's loaded model (and nothing about training), or None when the entry is trained."""
+    model = r.text("model", None)
+    pretrained = r.flag("pretrained", False)
+    weights = r.checked("weights", None, lambda k, v: check_text(k, v, MAX_TEXT))
     try:
-        loaded = parse_loaded(r.get("model", None, str), r.get("pretrained", False, bool), r.get("weights", None, str))
+        loaded = parse_loaded(model, pretrained, weights)
     except RaystudyError as err:
         raise RaystudyError(f"{where}: {err}") from None
     if loaded is None:
@@ -536,52 +751,49 @@ def _loaded_entry(r: _Reader, where: str) -> LoadedModel | None:
 def _train(values: Any, where: str) -> tuple[tuple[str, Any], ...]:
     if not isinstance(values, Mapping):
         raise RaystudyError(f"{where}: train must be a mapping of training settings")
+    values = _mapping(values, f"{where}: train")
     unknown = sorted(set(values) - TRAIN_KEYS)
     if unknown:
         raise RaystudyError(
-            f"{where}: train: unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(TRAIN_KEYS))}"
+            f"{where}: train: unknown key(s) {', '.join(map(show, unknown))}; known: {', '.join(sorted(TRAIN_KEYS))}"
         )
+    try:
+        for key, value in values.items():
+            check_setting(key, value)
+    except RaystudyError as err:
+        raise RaystudyError(f"{where}: train: {err}") from None
     return tuple(sorted(values.items()))
 
 
 def _evaluation(values: Any, where: str) -> EvalConfig:
     if not isinstance(values, Mapping):
         raise RaystudyError(f"{where}: evaluation must be a mapping of evaluation settings")
+    values = _mapping(values, f"{where}: evaluation")
     known = {f.name for f in dataclasses.fields(EvalConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise RaystudyError(
-            f"{where}: evaluation: unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}"
+            f"{where}: evaluation: unknown key(s) {', '.join(map(show, unknown))}; known: {', '.join(sorted(known))}"
         )
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     try:
         return EvalConfig(**kwargs)
     except RaystudyError as err:
         raise RaystudyError(f"{where}: evaluation: {err}") from None
-    except TypeError as err:
-        raise RaystudyError(f"{where}: evaluation: {err}") from None
 
 
 def _resources(values: Any, where: str) -> Resources:
     r = _Reader(values, f"{where}: resources")
-    cpu = r.get("cpu", 1, NUMBER)
-    gpu = r.get("gpu", 0, NUMBER)
-    custom = r.get("custom", {}, dict)
+    cpu = r.number("cpu", 1, 0, 1_024, open_low=True)
+    gpu = r.number("gpu", 0, 0, 8)
+    custom = r.mapping("custom", {})
     r.finish()
-    if cpu <= 0:
-        raise RaystudyError(f"{where}: resources: cpu={cpu} must be > 0")
-    if not 0 <= gpu <= 8 or (gpu > 1 and gpu != int(gpu)):
-        raise RaystudyError(f"{where}: resources: gpu={gpu} must be a fraction in [0, 1] or a whole number of GPUs")
-    for name, amount in custom.items():
-        if not isinstance(amount, NUMBER) or amount <= 0:
-            raise RaystudyError(f"{where}: resources: custom {name}={amount!r} must be a number > 0")
-    return Resources(float(cpu), float(gpu), tuple(sorted((str(k), float(v)) for k, v in custom.items())))
-
-
-def _nonnegative(value: int, key: str, where: str) -> int:
-    if value < 0:
-        raise RaystudyError(f"{where}: {key}={value} must be >= 0")
-    return value
+    if gpu > 1:  # a trial trains and measures on one device (raystudy.precision)
+        raise RaystudyError(f"{where}: resources: gpu={gpu:g} must be a fraction in [0, 1]: a trial uses one GPU")
+    amount = Range(0, 10**9, whole=False, open_low=True)
+    for name, value in custom.items():
+        amount.check(f"{where}: resources: custom {show(name)}", value)
+    return Resources(float(cpu), float(gpu), tuple(sorted((k, float(v)) for k, v in custom.items())))
 
 
 def _no_search(values: Any, where: str) -> None:
@@ -594,41 +806,54 @@ def _search(values: Any, where: str) -> SearchSpec:
     if values is None:
         raise RaystudyError(f"{where}: a kind: search study needs a 'search' section")
     r = _Reader(values, f"{where}: search")
-    params = []
-    for name, spec in r.get("params", {}, dict).items():
-        p = _Reader(spec, f"{where}: search: params: {name}")
-        param = SearchParam(
-            name,
-            p.get("low", None, NUMBER),
-            p.get("high", None, NUMBER),
-            p.get("log", False, bool),
-            tuple(p.get("choices", [], list)),
-        )
-        p.finish()
-        if not param.choices and (param.low is None or param.high is None or not param.low < param.high):
-            raise RaystudyError(f"{where}: search: params: {name}: give low < high, or choices")
-        if param.log and not param.choices and param.low <= 0:
-            raise RaystudyError(f"{where}: search: params: {name}: a log-uniform range needs low > 0")
-        params.append(param)
+    given = r.mapping("params", {})
+    params = tuple(_param(name, spec, f"{where}: search: params: {name}") for name, spec in given.items())
     mechanism, mechanisms = _search_mechanisms(r.get("mechanism", kind=(str, list)), where)
     search = SearchSpec(
         mechanism=mechanism,
         mechanisms=mechanisms,
-        num_samples=r.get("num_samples", kind=int),
-        params=tuple(params),
-        metrics=_as_tuple(r.get("metric", SearchSpec.metrics[0], (str, list))),
-        modes=_as_tuple(r.get("mode", "max", (str, list))),
-        seed=r.get("seed", 0, int),
-        proxy_every=r.get("proxy_every", 0, int),
-        proxy_n_eval=r.get("proxy_n_eval", 100, int),
-        proxy_budget=r.get("proxy_budget", 8, int),
-        grace_period=r.get("grace_period", 1, int),
-        objective_targets=tuple(str(t) for t in r.get("objective_targets", [], list)),
+        num_samples=r.integer("num_samples", ..., 1, MAX_TRIALS),
+        params=params,
+        metrics=r.texts("metric", SearchSpec.metrics),
+        modes=r.texts("mode", SearchSpec.modes),
+        seed=r.integer("seed", 0, 0, MAX_SEED),
+        proxy_every=r.integer("proxy_every", 0, 0, 10_000),
+        proxy_n_eval=r.integer("proxy_n_eval", 100, 1, 100_000),
+        proxy_budget=r.integer("proxy_budget", 8, 1, 255),
+        grace_period=r.integer("grace_period", 1, 1, 10_000),
+        objective_targets=r.items("objective_targets", (), MAX_ITEMS, check_name),
         confirm=_confirm(r.get("confirm", None, dict), where),
     )
     r.finish()
+    _check_search(search, where)
+    return search
+
+
+def _param(name: str, values: Any, where: str) -> SearchParam:
+    p = _Reader(values, where)
+    param = SearchParam(
+        name,
+        p.number("low", None, -math.inf, math.inf),
+        p.number("high", None, -math.inf, math.inf),
+        p.flag("log", False),
+        p.items("choices", (), MAX_ITEMS, _scalar),
+    )
+    p.finish()
+    if not param.choices and (param.low is None or param.high is None or not param.low < param.high):
+        raise RaystudyError(f"{where}: give low < high, or choices")
+    if param.log and not param.choices and param.low <= 0:
+        raise RaystudyError(f"{where}: a log-uniform range needs low > 0")
+    if name in SEARCHABLE_TRAIN_KEYS:  # a training setting: each bound or choice one it may take
+        limits = TRAIN_LIMITS[name]
+        for key, value in [("low", param.low), ("high", param.high)] + [("choices", c) for c in param.choices]:
+            if value is not None:
+                limits.check(f"{where}: {key}", value)
+    return param
+
+
+def _check_search(search: SearchSpec, where: str) -> None:
     if any(mode not in ("max", "min") for mode in search.modes):
-        raise RaystudyError(f"{where}: search: mode={list(search.modes)!r}: each must be max or min")
+        raise RaystudyError(f"{where}: search: mode={show(list(search.modes))}: each must be max or min")
     if len(search.modes) != len(search.metrics):
         raise RaystudyError(
             f"{where}: search: {len(search.metrics)} metric(s) but {len(search.modes)} mode(s): "
@@ -636,15 +861,16 @@ def _search(values: Any, where: str) -> SearchSpec:
         )
     if len(set(search.metrics)) != len(search.metrics):
         raise RaystudyError(f"{where}: search: metric lists a metric twice")
-    if search.num_samples < 1:
-        raise RaystudyError(f"{where}: search: num_samples must be >= 1")
-    if not params and not search.conditional:
+    if not search.params and not search.conditional:
         raise RaystudyError(f"{where}: search: params is empty")
-    if search.confirm is not None and search.confirm.top_k > search.num_samples:
+    confirm = search.confirm
+    if confirm is not None and confirm.top_k > search.num_samples:
+        raise RaystudyError(f"{where}: search: confirm: top_k={confirm.top_k} exceeds num_samples={search.num_samples}")
+    runs = 0 if confirm is None else (confirm.top_k + len(confirm.baselines)) * len(confirm.seeds)
+    if search.num_samples + runs > MAX_TRIALS:
         raise RaystudyError(
-            f"{where}: search: confirm: top_k={search.confirm.top_k} exceeds num_samples={search.num_samples}"
+            f"{where}: search: num_samples={search.num_samples} and {runs} confirmation runs exceed {MAX_TRIALS} trials"
         )
-    return search
 
 
 def _confirm(values: Mapping[str, Any] | None, where: str) -> ConfirmSpec | None:
@@ -653,21 +879,18 @@ def _confirm(values: Mapping[str, Any] | None, where: str) -> ConfirmSpec | None
     if values is None:
         return None
     r = _Reader(values, f"{where}: search: confirm")
+    top_k = r.get("top_k", ConfirmSpec.top_k)
+    if Range(1, MAX_TRIALS).is_kind(top_k) and top_k < 1:
+        raise RaystudyError(f"{where}: search: confirm: top_k must be >= 1, not {top_k}")
     confirm = ConfirmSpec(
-        top_k=r.get("top_k", ConfirmSpec.top_k, int),
-        seeds=tuple(r.get("seeds", list(ConfirmSpec.seeds), list)),
-        baselines=tuple(str(b) for b in r.get("baselines", list(ConfirmSpec.baselines), list)),
+        top_k=r.integer("top_k", ConfirmSpec.top_k, 1, MAX_TRIALS),
+        seeds=r.items("seeds", ConfirmSpec.seeds, MAX_SEEDS, Range(0, MAX_SEED).check),
+        baselines=r.items("baselines", ConfirmSpec.baselines, MAX_FEW),
     )
     r.finish()
-    if confirm.top_k < 1:
-        raise RaystudyError(f"{where}: search: confirm: top_k must be >= 1")
-    if (
-        not confirm.seeds
-        or len(set(confirm.seeds)) != len(confirm.seeds)
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in confirm.seeds)
-    ):
+    if not confirm.seeds or len(set(confirm.seeds)) != len(confirm.seeds):
         raise RaystudyError(
-            f"{where}: search: confirm: seeds must be distinct whole numbers >= 0, got {list(confirm.seeds)}"
+            f"{where}: search: confirm: seeds must be distinct whole numbers >= 0, got {show(list(confirm.seeds))}"
         )
     for name in confirm.baselines:
         try:
@@ -677,23 +900,19 @@ def _confirm(values: Mapping[str, Any] | None, where: str) -> ConfirmSpec | None
     return confirm
 
 
-def _as_tuple(value: Any) -> tuple[str, ...]:
-    return tuple(str(v) for v in value) if isinstance(value, list) else (str(value),)
-
-
 def _search_mechanisms(value: Any, where: str) -> tuple[str, tuple[str, ...]]:
     """('SAM&JR', ()) for one mechanism; ('any', every registered name) or ('MU|LS', ('MU', 'LS'))."""
     from raystudy.mechanisms import MECHANISMS, get_mechanism
 
     if value == "any":
         return "any", tuple(MECHANISMS)
-    names = [value] if isinstance(value, str) else [str(v) for v in value]
     try:
+        names = list(_items("mechanism", [value] if isinstance(value, str) else value, 1, MAX_FEW))
         for name in names:
             get_mechanism(name)
     except RaystudyError as err:
         raise RaystudyError(f"{where}: search: mechanism: {err} (or any, or a list)") from None
-    if len(set(names)) != len(names) or not names:
+    if len(set(names)) != len(names):
         raise RaystudyError(f"{where}: search: mechanism: list each mechanism once")
     return ("|".join(names), tuple(names)) if len(names) > 1 else (names[0], ())
 

@@ -9,6 +9,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
+import numbers
+import reprlib
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -16,6 +20,112 @@ from raystudy.errors import RaystudyError
 from raystudy.mechanisms import get_mechanism
 from raystudy.mechanisms.base import grid_family
 from raystudy.mechanisms.finite_difference import PENALTY_GRADIENTS, with_penalty_gradient
+
+# --- Checks of single values, shared by the configuration layer (study files, flags, records) ------
+# Each raises a one-line RaystudyError naming the key and saying what is allowed; `show` keeps a bad
+# value's text short (and on one line) whatever was given.
+
+MAX_SEED = 2**32 - 1  # numpy's generators take 32-bit seeds
+MAX_NAME = 128  # characters of a name: a study, a target, a model, a mechanism, a metric
+MAX_TEXT = 10_000  # characters of free text (a description) or of a path
+# Characters never allowed in text: control characters (NUL, escape, newline outside free text),
+# lone surrogates and the Unicode line and paragraph separators (they would split an error line).
+_FORBIDDEN_CATEGORIES = ("Cc", "Cs", "Zl", "Zp")
+
+_SHOW = reprlib.Repr()
+_SHOW.maxstring = _SHOW.maxother = _SHOW.maxlong = 60
+_SHOW.maxlist = _SHOW.maxtuple = _SHOW.maxdict = _SHOW.maxset = 6
+_SHOW.maxlevel = 3
+
+
+def show(value: Any) -> str:
+    """A bad value as a message shows it: repr, at most ~60 characters of any part, one line."""
+    try:
+        return _SHOW.repr(value)
+    except ValueError:  # an int of more digits than Python converts to text
+        return f"<a {type(value).__name__} too long to show>"
+
+
+@dataclass(frozen=True)
+class Range:
+    """Whole numbers (`whole`) or finite numbers from `low` to `high`; an open end excludes its bound.
+    bool is not a number here, and NaN or infinity never is one."""
+
+    low: float
+    high: float
+    whole: bool = True
+    open_low: bool = False
+    open_high: bool = False
+
+    def __str__(self) -> str:
+        kind = "a whole number" if self.whole else "a finite number"
+        if math.isinf(self.low) and math.isinf(self.high):
+            return kind
+        left, right = "(" if self.open_low else "[", ")" if self.open_high else "]"
+        return f"{kind} in {left}{_number_text(self.low)}, {_number_text(self.high)}{right}"
+
+    def is_kind(self, value: Any) -> bool:
+        kind = numbers.Integral if self.whole else numbers.Real
+        return isinstance(value, kind) and not isinstance(value, bool)
+
+    def holds(self, value: Any) -> bool:
+        try:
+            if not self.whole and not math.isfinite(value):
+                return False
+        except OverflowError:  # an int beyond any float
+            return False
+        above = value > self.low if self.open_low else value >= self.low
+        below = value < self.high if self.open_high else value <= self.high
+        return above and below
+
+    def check_kind(self, key: str, value: Any) -> Any:
+        if not self.is_kind(value):
+            raise RaystudyError(f"{key}={show(value)} has the wrong type ({type(value).__name__}): must be {self}")
+        return value
+
+    def check(self, key: str, value: Any) -> Any:
+        """`value`, if it is such a number; else a RaystudyError naming the key and what is allowed."""
+        if not self.holds(self.check_kind(key, value)):
+            raise RaystudyError(f"{key}={show(value)} must be {self}")
+        return value
+
+
+FINITE = Range(-math.inf, math.inf, whole=False)  # any finite number
+
+
+def _number_text(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+def check_text(key: str, value: Any, max_length: int = MAX_NAME, lines: bool = False) -> str:
+    """A string of at most `max_length` characters, without control characters (tabs and newlines
+    allowed only where `lines`)."""
+    if not isinstance(value, str):
+        raise RaystudyError(f"{key}={show(value)} has the wrong type ({type(value).__name__}): must be text")
+    if len(value) > max_length:
+        raise RaystudyError(f"{key}={show(value)} is {len(value)} characters long; at most {max_length}")
+    if value.isprintable():  # no control or separator character at all: the common case, fast
+        return value
+    allowed = "\t\n" if lines else ""
+    bad = next((c for c in value if c not in allowed and unicodedata.category(c) in _FORBIDDEN_CATEGORIES), None)
+    if bad is not None:
+        raise RaystudyError(f"{key}={show(value)} holds the control character {bad!r}: give plain text")
+    return value
+
+
+def check_name(key: str, value: Any) -> str:
+    """A name that becomes one folder or file name: plain text, not empty, '.' or '..', no '/' or '\\'."""
+    name = check_text(key, value)
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise RaystudyError(f"{key}={show(name)} must be a plain name (one folder name: no / or \\, not . or ..)")
+    return name
+
+
+def check_flag(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise RaystudyError(f"{key}={show(value)} has the wrong type ({type(value).__name__}): must be true or false")
+    return value
+
 
 # Images at most this many pixels wide are CIFAR-sized: the CIFAR model variants (3x3 stem, no early
 # down-sampling) and pad-and-crop augmentation (raystudy.data) apply to them.
@@ -66,6 +176,26 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         for family, values in FAITHFUL.items()
     },
 }
+
+
+# What a study file or a flag may give each numeric setting: generous for real studies, small
+# enough for a plan to hold (epochs x steps, batches, models saved) and for a seed to reach numpy.
+LIMITS: dict[str, Range] = {
+    "epochs": Range(1, 10_000),
+    "batch_size": Range(1, 65_536),
+    "lr": Range(0, 1e12, whole=False, open_low=True),  # 1e12: the tests make training diverge on purpose
+    "momentum": Range(0, 1, whole=False, open_high=True),
+    "weight_decay": Range(0, 10, whole=False),
+    "warmup_epochs": Range(0, 10_000),
+    "seed": Range(0, MAX_SEED),
+    "data_seed": Range(0, MAX_SEED),
+    "checkpoint_every": Range(1, 10_000),
+    "n_train": Range(1, 10_000_000),
+    "n_test": Range(1, 10_000_000),
+    "image_size": Range(8, 1_024),  # the side of generated images: up to what a timm model takes
+    "snapshots_per_epoch": Range(0, 100),
+}
+PATH_SETTINGS = ("init_checkpoint", "data_path")  # text up to MAX_TEXT characters; other text up to MAX_NAME
 
 
 def _setting(default: Any, help: str, flag: str | None = None, choices: tuple[str, ...] = ()) -> Any:
@@ -120,6 +250,10 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # types first, so that no comparison below meets a wrong one
+            if f.name != "magnitudes":
+                check_setting(f.name, getattr(self, f.name), ranges=False)
+        _check_magnitudes(self.magnitudes)
         resolved, has_penalties, input_sensitive = _mechanism_facts(self.mechanism, self.magnitudes, self.dataset)
         object.__setattr__(self, "magnitudes", resolved)
         _check(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
@@ -164,6 +298,9 @@ class TrainConfig:
         for key in ("n_train", "n_test"):
             value = getattr(self, key)
             _check(value is None or value >= 1, key, value, "must be >= 1")
+        for key, limits in LIMITS.items():  # then the upper bounds (the lower ones were checked above)
+            if getattr(self, key) is not None:
+                limits.check(key, getattr(self, key))
 
     def recipe(self):
         """The step's parts; the magnitudes were resolved and checked when this config was made."""
@@ -194,7 +331,7 @@ class TrainConfig:
         if unknown:
             raise RaystudyError(f"unknown training setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         if "magnitudes" in values:
-            values["magnitudes"] = tuple((str(k), float(v)) for k, v in dict(values["magnitudes"]).items())
+            values["magnitudes"] = tuple((k, v) for k, v in _check_magnitudes(values["magnitudes"]).items())
         return cls(**values)
 
     @classmethod
@@ -202,8 +339,9 @@ class TrainConfig:
         """The preset's recipe for the dataset's family, then `overrides` (None values ignored)."""
         if preset not in PRESETS:
             raise RaystudyError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
-        base = dict(PRESETS[preset][grid_family(overrides.get("dataset") or "cifar10")])
+        base = dict(PRESETS[preset][grid_family(check_setting("dataset", overrides.get("dataset") or "cifar10"))])
         if overrides.get("epochs") is not None and overrides.get("warmup_epochs") is None:
+            check_setting("epochs", overrides["epochs"])
             # A shorter run keeps the preset's warm-up fraction (10/200 faithful, 2/40 fast).
             base["warmup_epochs"] = base["warmup_epochs"] * overrides["epochs"] // base["epochs"]
         base.update({k: v for k, v in overrides.items() if v is not None})
@@ -214,6 +352,33 @@ class TrainConfig:
         return [
             f.name for f in dataclasses.fields(self) if f.compare and getattr(self, f.name) != getattr(other, f.name)
         ]
+
+
+_FIELD_TYPES = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}  # "int | None", "str", ...
+
+
+def check_setting(key: str, value: Any, ranges: bool = True) -> Any:
+    """A training setting (any TrainConfig field but magnitudes) of the field's type and, with `ranges`,
+    within its LIMITS (a study file's `train:` values; `raystudy train`'s flags use LIMITS too)."""
+    kind, _, optional = _FIELD_TYPES[key].partition(" | ")
+    if value is None and optional:
+        return value
+    if kind in ("int", "float"):
+        return LIMITS[key].check(key, value) if ranges else LIMITS[key].check_kind(key, value)
+    if kind == "bool":
+        return check_flag(key, value)
+    return check_text(key, value, MAX_TEXT if key in PATH_SETTINGS else MAX_NAME)
+
+
+def _check_magnitudes(magnitudes: Any) -> dict[str, float]:
+    """Magnitudes as {name: float}: names are text, values finite numbers (the mechanism checks ranges)."""
+    try:
+        values = dict(magnitudes)
+    except (TypeError, ValueError):
+        raise RaystudyError(f"magnitudes={show(magnitudes)} must map magnitude names to numbers") from None
+    for name, value in values.items():
+        FINITE.check(f"magnitude {check_text('magnitude', name)}", value)
+    return {name: float(value) for name, value in values.items()}
 
 
 def _mechanism_facts(mechanism: str, magnitudes: Any, dataset: str) -> tuple[tuple, bool, bool]:
