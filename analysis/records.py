@@ -71,7 +71,7 @@ def load_experiment(path: str, cache: Path | None = None) -> Experiment:
         # Written since studies record their endpoints: none, so no trial's files can change after it ended.
         no_endpoints = record.get("endpoints") == []
         trials = _read_trials(location, spec.name, kept, folders.result(), no_endpoints)
-    trials = [_migrate(spec, t) if t.final and not t.record else t for t in trials]
+    trials = [_migrated(spec, t) if t.final and not t.record else t for t in trials]
     trials = [_with_plan(spec, t) for t in trials]
     trials += _missing(spec, trials)
     return Experiment(location, spec.name, spec, record, tuple(trials))
@@ -247,13 +247,25 @@ def _expanded(values: dict) -> TrialRecord:
 def _read_trial(
     location: str, experiment: str, folder: str, present: set[str], result: bytes | None = None
 ) -> TrialRecord:
-    """The trial in `folder`, whose files are `present`; `result`: its result.json, if already read."""
+    """The trial in `folder`, whose files are `present`; `result`: its result.json, if already read.
+    Files that are not what Ray and raystudy write (storage is not trusted) make a failed trial
+    that says so, not a traceback of the whole analysis."""
+    try:
+        return _parse_trial(location, experiment, folder, present, result)
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, RaystudyError) as err:
+        if isinstance(err, RaystudyError) and str(err).startswith("cannot "):
+            raise  # the store is unreachable: not the trial's fault
+        why = f"its files cannot be read as a trial's ({type(err).__name__}: {str(err)[:160]})"
+        return TrialRecord(experiment, folder, {}, FAILED, error=why, location=storage.join(location, folder))
+
+
+def _parse_trial(location: str, experiment: str, folder: str, present: set[str], result: bytes | None) -> TrialRecord:
     base = storage.join(location, folder)
     rows = []
     if result is None and "result.json" in present:
         result = storage.read_bytes(storage.join(base, "result.json"))
     if result is not None:
-        for line in result.decode().splitlines():
+        for line in result.decode(errors="replace").splitlines():
             if line.strip():
                 try:
                     row = json.loads(line)
@@ -276,16 +288,24 @@ def _read_trial(
     trial_id = (rows[-1].get("trial_id") if rows else None) or folder
     # A restored trial may report an epoch again (Ray logs a result before it registers that epoch's
     # checkpoint): the history keeps each epoch once, its last report.
-    epochs = {r.get("epoch", f"row{i}"): r for i, r in enumerate(rows) if r.get("final") != 1}
-    history = tuple(sorted(epochs.values(), key=lambda r: (r.get("epoch") is None, r.get("epoch") or 0)))
+    epochs = {_epoch(r, i): r for i, r in enumerate(rows) if r.get("final") != 1}
+    history = tuple(sorted(epochs.values(), key=lambda r: (not isinstance(r.get("epoch"), int), _epoch(r, 0))))
     final = finals[-1] if finals else {}
     record = final.get("record", {})
+    if not isinstance(record, dict) or not isinstance(record.get("metrics", []), list):
+        raise ValueError("its final result's record is not a record (a mapping with a list of metric rows)")
     if finals and ENDPOINT_ROWS_FILE in present:  # the black-box targets' rows, written after the trial
         extra = storage.read_json(storage.join(base, ENDPOINT_ROWS_FILE))
         if not isinstance(extra, list) or not all(isinstance(row, dict) for row in extra):
             raise RaystudyError(f"{storage.join(base, ENDPOINT_ROWS_FILE)}: not a list of metric rows")
         record = {**record, "metrics": list(record.get("metrics", [])) + extra}
     return TrialRecord(experiment, str(trial_id), config, status, final, record, history, error, base)
+
+
+def _epoch(row: dict, index: int):
+    """A result row's epoch (a whole number), else its position: what the history is keyed by."""
+    epoch = row.get("epoch")
+    return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else f"row{index}"
 
 
 def plan_of(spec: StudySpec, trial: TrialRecord) -> TrialPlan:
@@ -302,7 +322,15 @@ def _with_plan(spec: StudySpec, trial: TrialRecord) -> TrialRecord:
     to plan_of, which raises where a table needs that plan, as it did before plans were kept."""
     try:
         return dataclasses.replace(trial, plan=plan_of(spec, trial))
-    except (RaystudyError, KeyError, TypeError, ValueError):
+    except (RaystudyError, KeyError, TypeError, ValueError, AttributeError):
+        return trial
+
+
+def _migrated(spec: StudySpec, trial: TrialRecord) -> TrialRecord:
+    """_migrate, or the trial as it is where its config is not one this study can read."""
+    try:
+        return _migrate(spec, trial)
+    except (RaystudyError, KeyError, TypeError, ValueError, AttributeError):
         return trial
 
 
@@ -320,7 +348,7 @@ def _missing(spec: StudySpec, trials: list[TrialRecord]) -> list[TrialRecord]:
     """Grid points the study defines but no trial folder holds (a study stopped before starting them)."""
     if spec.kind == "search":
         return []
-    seen = {plan_of(spec, t) for t in trials}  # plans compare as their keys do: without where the data lives
+    seen = {t.plan for t in trials if t.plan is not None}  # plans compare as their keys do: not where the data is
     return [
         TrialRecord(spec.name, f"missing-{i}", {"plan": plan.to_dict()}, MISSING, plan=plan)
         for i, plan in enumerate(spec.plans)

@@ -21,7 +21,9 @@ def study_status(experiment: str) -> str:
     lines = [f"{experiment}: {len(loaded.trials)} trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))]
     for trial in loaded.trials:
         if trial.status == FAILED:
-            lines.append(f"  failed: {describe(loaded.spec, trial)}: {(trial.error or 'no error message')[:300]}")
+            lines.append(
+                f"  failed: {describe(loaded.spec, trial)}: {printable(trial.error or 'no error message')[:300]}"
+            )
         elif trial.status in (INCOMPLETE, MISSING):
             epoch = trial.history[-1].get("epoch") if trial.history else None
             suffix = f" (epoch {epoch})" if epoch is not None else ""
@@ -29,12 +31,18 @@ def study_status(experiment: str) -> str:
     return "\n".join(lines)
 
 
+def printable(text: str) -> str:
+    """Text from storage as a terminal shows it harmlessly: control characters (escape sequences
+    that could rewrite the screen) as their escapes."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def describe(spec: StudySpec, trial: TrialRecord) -> str:
     """The trial's setting in words: its target's name, its loaded model, or mechanism and seed."""
     try:
         plan = plan_of(spec, trial)
-    except (RaystudyError, KeyError, TypeError, ValueError):
-        return f"trial {trial.trial_id} (its plan cannot be read)"
+    except (RaystudyError, KeyError, TypeError, ValueError, AttributeError):
+        return f"trial {printable(trial.trial_id)} (its plan cannot be read)"
     if plan.loaded is not None:
         return plan.loaded.describe()
     magnitudes = ", ".join(f"{k}={v:g}" for k, v in dict(plan.train.magnitudes).items())

@@ -34,16 +34,18 @@ def run_then_confirm(spec: StudySpec, raw: Any, storage_path: str, address=None,
     trackers); a search with `confirm` goes on with its confirmation, whose results join its own."""
     results = run_study(spec, raw, storage_path, address, num_cpus=num_cpus, **options)
     experiment = experiment_path(spec, storage_path)
-    return then_confirm(spec, raw, results, storage_path, experiment, address=address, num_cpus=num_cpus)
+    ray = {"address": address, "num_cpus": num_cpus, "targets_file": options.get("targets_file")}
+    return then_confirm(spec, raw, results, storage_path, experiment, **ray)
 
 
 def resume_then_confirm(experiment: str, address=None, num_cpus=None, targets_file=None):
     """Finish an interrupted study, then (a search with `confirm`) its confirmation."""
     results = resume_study(experiment, address, num_cpus, targets_file)
     record = load_record(experiment)
-    spec = parse_space(record["study"], record["source"], record["data"])
+    spec = parse_space(record["study"], record["source"], record.get("data"))
     location = storage.normalize(experiment)
-    return then_confirm(spec, record["study"], results, record["storage"], location, address=address, num_cpus=num_cpus)
+    ray = {"address": address, "num_cpus": num_cpus, "targets_file": targets_file}
+    return then_confirm(spec, record["study"], results, location.rsplit("/", 1)[0], location, **ray)
 
 
 def then_confirm(spec: StudySpec, raw: Any, results, storage_path: str, experiment: str, **ray) -> list:
@@ -110,11 +112,19 @@ def run_confirm(spec: StudySpec, raw: dict[str, Any], results, storage_path: str
     experiment = confirm_experiment(search_experiment)
     print(f"confirm: retraining the top {len(plans)} with seeds {list(spec.search.confirm.seeds)} in {experiment}")
     if storage.exists(storage.join(experiment, STUDY_RECORD)):
-        confirmed = resume_study(experiment, ray.get("address"), ray.get("num_cpus"))
+        confirmed = resume_study(experiment, ray.get("address"), ray.get("num_cpus"), ray.get("targets_file"))
     else:
         grid_raw = confirm_raw(spec, raw, plans)
         grid = parse_space(grid_raw, f"{spec.source} (confirm)", spec.data)
-        confirmed = run_study(grid, grid_raw, storage_path, ray.get("address"), None, ray.get("num_cpus"))
+        confirmed = run_study(
+            grid,
+            grid_raw,
+            storage_path,
+            ray.get("address"),
+            None,
+            ray.get("num_cpus"),
+            targets_file=ray.get("targets_file"),
+        )
     summary = summarize(spec, plans, confirmed)
     location = storage.join(search_experiment, BEST_CONFIG)
     best = storage.read_json(location, missing_ok=True)

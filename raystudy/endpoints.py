@@ -216,6 +216,7 @@ def _excerpt(answer: Any) -> str:
 
 def _http_sender(spec: EndpointSpec):
     session = requests.Session()
+    session.auth = _no_other_credentials  # else requests adds ~/.netrc's login to any host, http:// too
     adapter = _DeadlineAdapter()
     session.mount("http://", adapter)
     session.mount("https://", adapter)
@@ -244,16 +245,25 @@ def _http_sender(spec: EndpointSpec):
                 response = session.post(spec.url, **payload, timeout=spec.timeout_s, stream=True, allow_redirects=False)
             except (requests.ConnectionError, requests.Timeout) as err:
                 return "retry", None, watchdog.late() or f"{spec.url} unreachable ({type(err).__name__})"
+            except requests.RequestException as err:  # an invalid URL or header: asking again will not help
+                return "fatal", None, f"{spec.url}: {type(err).__name__}: {str(err)[:160]}"
             with response:  # closed on every way out: a refused answer is not read any further
                 return _judge(spec, response, watchdog)
 
     return send
 
 
+def _no_other_credentials(request):
+    return request  # the only credential sent is the endpoint's own token (its Authorization header)
+
+
 def _judge(spec: EndpointSpec, response: requests.Response, watchdog: _Watchdog) -> tuple[str, float | None, Any]:
     status = response.status_code
     if 300 <= status < 400:
-        target = urlsplit(urljoin(spec.url, response.headers.get("Location", ""))).hostname
+        try:
+            target = urlsplit(urljoin(spec.url, response.headers.get("Location", ""))).hostname
+        except ValueError:  # a Location that is not a URL
+            target = "an address that is not a URL"
         return "fatal", None, f"redirected to {target!r} (HTTP {status}): redirects are refused"
     if status in RETRY_STATUSES:
         return "retry", _retry_after(response.headers.get("Retry-After")), f"HTTP {status}"

@@ -61,7 +61,7 @@ class JournalMirror:
 def fetch_journal(remote: str, local: str) -> int:
     """Rebuild a journal file from its segments (in offset order; a segment that overlaps what is
     already there adds only its new part; a gap ends it, as the journal's lines must stay in order)."""
-    names = [name for name in storage.list_files(remote, ".log") if name[: -len(".log")].isdigit()]  # <offset>.log
+    names = [name for name in storage.list_files(remote, ".log") if _is_segment(name)]
     with ThreadPoolExecutor(16) as pool:  # one request per segment: read them at once
         segments = list(pool.map(lambda name: storage.read_bytes(storage.join(remote, name)), names))
     data = bytearray()
@@ -89,9 +89,15 @@ def local_journal(experiment: str, cache: Path | None = None) -> str:
     return str(local_copy_folder(experiment, cache) / "journal.log")
 
 
+def _is_segment(name: str) -> bool:
+    """`<offset>.log` (what the experiment's folder may also hold is not a segment of its journal)."""
+    stem = name[: -len(".log")]
+    return name.endswith(".log") and stem.isascii() and stem.isdigit()
+
+
 def uploaded_bytes(remote: str) -> int:
     """How much of the journal the experiment's segments hold."""
-    segments = [e for e in storage.list_tree(remote) if e.path.endswith(".log") and "/" not in e.path]
+    segments = [e for e in storage.list_tree(remote) if _is_segment(e.path)]
     return max((int(e.path.split(".")[0]) + e.size for e in segments), default=0)
 
 

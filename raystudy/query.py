@@ -82,11 +82,23 @@ def _write_npz(location: str, arrays: dict[str, np.ndarray]) -> None:
     storage.write_bytes(location, buffer.getvalue())
 
 
-def _read_npz(location: str):
+KEPT_SET_KEYS = {"png": np.uint8, "offsets": np.int64}
+CLEAN_SET_KEYS = {**KEPT_SET_KEYS, "labels": np.int64, "target_classes": np.int64, "surrogate_clean": np.int64}
+
+
+def _read_npz(location: str, keys: dict) -> dict[str, np.ndarray]:
+    """A kept image set from storage (untrusted): every array named in `keys`, read now, one
+    dimension each, of that kind (numbers as integers; classes as text); no pickles."""
     try:
-        return np.load(io.BytesIO(storage.read_bytes(location)), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:  # pickled object arrays are refused with a ValueError
+        with np.load(io.BytesIO(storage.read_bytes(location)), allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in [*keys, "classes"] if key in keys or key in archive.files}
+    except Exception as err:  # a zip, an npy or a pickle refused: whatever numpy raises, the file is at fault
         raise RaystudyError(f"{location}: not a kept image set ({type(err).__name__})") from None
+    for key, array in arrays.items():
+        kind = "U" if key == "classes" else "iu"
+        if array.ndim != 1 or array.dtype.kind not in kind:
+            raise RaystudyError(f"{location}: its {key} is not a list of {'names' if kind == 'U' else 'integers'}")
+    return {key: a if key == "classes" else a.astype(keys[key]) for key, a in arrays.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,19 +125,28 @@ def load_endpoints(targets_folder: str) -> list[EndpointSpec]:
     return specs
 
 
+CONFIRMED_KEYS = (
+    "kind", "url", "request", "image_field", "labels_path", "label_key", "label_map", "auth_env", "region",
+    "min_confidence",
+)  # fmt: skip
+
+
 def confirmed_endpoints(stored: list[EndpointSpec], local: tuple[EndpointSpec, ...], source: str) -> list[EndpointSpec]:
     """The endpoints the query phase may use: those of the targets study file the user runs
     (`source`), each one as stored with the study. Where, how and with which token images are sent
     comes from the user's own file, never from the bucket alone: a planted or changed endpoint is
     refused before anything is sent."""
     mine = {spec.name: spec for spec in local}
+    # What decides where images (and a token) go and what the answers mean must match; the rate,
+    # budget, retries, timeout and price are the user's to change between runs (theirs are used).
     for spec in stored:
         if spec.name not in mine:
             raise RaystudyError(
                 f"endpoint {spec.name!r} is stored with the targets but not named in {source}: nothing was sent "
                 "(query only endpoints your own targets study file names)"
             )
-        changed = [k for k, v in spec.to_dict().items() if mine[spec.name].to_dict()[k] != v]
+        theirs = mine[spec.name].to_dict()
+        changed = [k for k, v in spec.to_dict().items() if k in CONFIRMED_KEYS and theirs[k] != v]
         if changed:
             raise RaystudyError(
                 f"endpoint {spec.name!r} stored with the targets differs from {source} in {', '.join(changed)}: "
@@ -170,15 +191,20 @@ def kept_trials(experiment: str) -> list[TrialImages]:
         if FINAL_FILE not in names or f"{ADVERSARIAL_DIR}/{CLEAN_SET}.npz" not in names:
             continue
         location = storage.join(experiment, folder)
-        clean = _read_npz(storage.join(location, ADVERSARIAL_DIR, f"{CLEAN_SET}.npz"))
+        clean = _read_npz(storage.join(location, ADVERSARIAL_DIR, f"{CLEAN_SET}.npz"), CLEAN_SET_KEYS)
         sets = []
         for name in sorted(n for n in names if n.startswith(f"{ADVERSARIAL_DIR}/") and n.endswith(".npz")):
             stem = name.rsplit("/", 1)[1][: -len(".npz")]
             if stem == CLEAN_SET:
                 continue
             attack, mode, budget = _image_set_name(storage.join(location, name), stem)
-            pngs = tuple(png_list(_read_npz(storage.join(location, name))))
+            pngs = tuple(png_list(_read_npz(storage.join(location, name), KEPT_SET_KEYS)))
+            if len(pngs) != len(clean["labels"]):
+                raise RaystudyError(f"{storage.join(location, name)}: not one image per evaluation image")
             sets.append(ImageSet(location, attack, mode, budget, pngs))
+        lengths = {len(clean[k]) for k in ("labels", "target_classes", "surrogate_clean")} | {len(clean["offsets"]) - 1}
+        if len(lengths) != 1 or "classes" not in clean:
+            raise RaystudyError(f"{location}: its kept clean images, labels and classes do not match")
         out.append(
             TrialImages(
                 location,
@@ -196,7 +222,7 @@ def kept_trials(experiment: str) -> list[TrialImages]:
 def _image_set_name(location: str, stem: str) -> tuple[str, str, int]:
     """(attack, mode, budget) of a kept AE set's file name, `<attack>-<mode>-<budget>.npz`."""
     parts = stem.rsplit("-", 2)
-    if len(parts) != 3 or parts[1] not in ("untargeted", "targeted") or not parts[2].isdigit():
+    if len(parts) != 3 or parts[1] not in ("untargeted", "targeted") or not (parts[2].isascii() and parts[2].isdigit()):
         raise RaystudyError(f"{location}: not a kept AE set (<attack>-<untargeted|targeted>-<budget>.npz)")
     return parts[0], parts[1], int(parts[2])
 

@@ -168,4 +168,4 @@ def checked_study_record(record: Any, location: str) -> dict[str, Any]:
     for key in ("source", "data", "storage"):
         if record.get(key) is not None and not isinstance(record[key], str):
             raise RaystudyError(f"{location}: its {key} must be a path")
-    return {**record, "source": record.get("source") or location}
+    return {**record, "source": record.get("source") or location, "data": record.get("data")}

@@ -6,6 +6,7 @@ any node. No Ray here.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -43,7 +44,7 @@ def normalize(storage: str) -> str:
     """Absolute local path (Ray needs one), or the URI unchanged (one without credentials in it)."""
     if is_uri(storage):
         refuse_credentials_in(storage)
-        return storage
+        return storage if storage.endswith("://") else storage.rstrip("/")  # .../exp/ is .../exp
     return str(Path(storage).expanduser().resolve())
 
 
@@ -52,16 +53,22 @@ def normalize(storage: str) -> str:
 _SECRET_PARAMETER = re.compile(r"key|secret|token|password|passwd|credential|signature|sig$", re.IGNORECASE)
 
 
-def refuse_credentials_in(uri: str) -> None:
-    """A storage URI with a user name, password or secret query parameter is one line, the secret unshown."""
+def refuse_credentials_in(
+    uri: str, what: str = "storage", instead: str = "AWS_* variables, a profile or an instance role"
+) -> None:
+    """A URI with a password or secret query parameter (or a URL holding one as a value) is one
+    line, the secret unshown: such URIs are kept in the study record, Ray's state, and messages."""
     parts = urlsplit(uri)
-    secret = [name for name, _ in parse_qsl(parts.query, keep_blank_values=True) if _SECRET_PARAMETER.search(name)]
-    if parts.username is not None or parts.password is not None or secret:
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    secret = [name for name, _ in query if _SECRET_PARAMETER.search(name)]
+    secret += [name for name, value in query if "@" in value and urlsplit(value).password is not None]
+    user_info = parts.password is not None or (what == "storage" and parts.username is not None)
+    if user_info or secret:
         shown = f"{parts.scheme}://{parts.hostname or ''}{parts.path}"
-        what = "a user name or password" if not secret else f"the credential parameter(s) {', '.join(secret)}"
+        held = "a user name or password" if user_info else f"a credential in {', '.join(secret)}"
         raise RaystudyError(
-            f"storage {shown!r} (...) holds {what}: it would be kept in the study record and printed; give "
-            "credentials through the environment (AWS_* variables, a profile or an instance role) instead"
+            f"{what} {shown!r} (...) holds {held}: it would be kept with the experiment and printed; give "
+            f"credentials through the environment ({instead}) instead"
         )
 
 
@@ -168,17 +175,19 @@ def write_bytes(location: str, data: bytes, outage_seconds: float | None = None)
     _retrying("write", location, write, outage_seconds)
 
 
-def read_bytes(location: str, missing_ok: bool = False) -> bytes | None:
-    """The file's bytes; with `missing_ok`, None if there is no such file."""
+def read_bytes(location: str, missing_ok: bool = False, max_bytes: int | None = None) -> bytes | None:
+    """The file's bytes; with `missing_ok`, None if there is no such file; with `max_bytes`, at most
+    one byte more than that (a caller refusing larger files never holds a huge one whole)."""
     fs, path = _resolve(location)
     get_object = _object_reader(location)
+    amount = None if max_bytes is None else max_bytes + 1
 
     def read() -> bytes | None:
         try:
             if get_object is not None:
-                return get_object(path)
+                return get_object(path, amount)
             with fs.open_input_stream(path) as handle:
-                return handle.read()
+                return handle.read(amount) if amount is not None else handle.read()
         except FileNotFoundError:
             if missing_ok:
                 return None
@@ -199,10 +208,12 @@ def _object_reader(location: str):
         return None
     client = _s3_client(tuple(os.environ.get(k) for k in _FILESYSTEM_SETTINGS))
 
-    def get_object(path: str) -> bytes:
+    def get_object(path: str, amount: int | None = None) -> bytes:
         bucket, _, key = path.partition("/")
         try:
-            return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            body = client.get_object(Bucket=bucket, Key=key)["Body"]
+            with contextlib.closing(body):
+                return body.read(amount)
         except client.exceptions.NoSuchKey:
             raise FileNotFoundError(f"no such object: s3://{path}") from None
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as err:
@@ -225,11 +236,11 @@ def _s3_client(settings: tuple):
 def read_json(location: str, limit: int = 64 << 20, missing_ok: bool = False) -> Any:
     """A JSON file from storage, as untrusted input: too large, not UTF-8, malformed or nested too
     deep for the parser is one line naming the file (never a traceback or a MemoryError)."""
-    data = read_bytes(location, missing_ok=missing_ok)
+    data = read_bytes(location, missing_ok=missing_ok, max_bytes=limit)
     if data is None:
         return None
     if len(data) > limit:
-        raise RaystudyError(f"{location}: {len(data)} bytes, more than such a file holds ({limit}): not read")
+        raise RaystudyError(f"{location}: more than {limit} bytes, more than such a file holds: not read")
     try:
         return json.loads(data)
     except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError

@@ -7,6 +7,7 @@ path, the evaluation images and targeted classes) from which `resume` rebuilds e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -120,8 +121,18 @@ def _trainable(spec: StudySpec, storage_path: str, local: bool):
     from ray import tune
     from ray.tune.trainable import wrap_function
 
+    resources = _resources(spec, local)
+    spec = with_gpu_share(spec, resources["gpu"])
     trainable = wrap_function(tune.with_parameters(run_trial, study=spec, storage_path=storage_path))
-    return tune.with_resources(_restoring_from_newest_checkpoint(trainable), _resources(spec, local))
+    return tune.with_resources(_restoring_from_newest_checkpoint(trainable), resources)
+
+
+def with_gpu_share(spec: StudySpec, gpu: float) -> StudySpec:
+    """The study as its trials see it: with the GPU share they were given (0 where a local Ray has
+    no GPU), from which each picks its device (raystudy.precision)."""
+    if gpu == spec.resources.gpu:
+        return spec
+    return dataclasses.replace(spec, resources=dataclasses.replace(spec.resources, gpu=float(gpu)))
 
 
 def _restoring_from_newest_checkpoint(trainable: type) -> type:
@@ -170,7 +181,8 @@ def _optuna_storage(experiment: str, url: str | None):
     that the search's history lives with the experiment and a new driver machine can resume it."""
     import optuna
 
-    if url:
+    if url:  # Ray pickles the searcher, this URL with it, into the experiment: no password in it
+        storage.refuse_credentials_in(url, "--optuna-storage", "PGPASSWORD or ~/.pgpass, MYSQL_PWD, ...")
         return optuna.storages.RDBStorage(url), None
     if not storage.is_uri(experiment):
         os.makedirs(experiment, exist_ok=True)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -109,3 +111,15 @@ def test_the_record_names_the_accelerator_and_each_phases_precision():
     assert {"cuda", "cudnn", "torch"} <= set(record) and "gpu" not in record
     assert (record["tf32_train"], record["tf32_hook"], record["autocast"]) == ("False", "False", "fp32")
     assert versions(torch.device("cpu"), tiny("ST"))["tf32_train"] == "True"
+
+
+def test_a_local_study_without_a_gpu_gives_its_trials_the_cpu(monkeypatch):
+    from raystudy.config import load_space
+    from raystudy.precision import device_for_share
+    from raystudy.study import with_gpu_share
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    spec = load_space(Path(__file__).resolve().parents[1] / "search_spaces" / "table.yaml")
+    assert spec.resources.gpu > 0
+    assert device_for_share(with_gpu_share(spec, 0).resources.gpu) == torch.device("cpu")
+    assert with_gpu_share(spec, spec.resources.gpu) is spec

@@ -286,3 +286,87 @@ def test_resume_refuses_a_record_that_does_not_match_its_experiment(tmp_path):
     moved = folder.rename(tmp_path / "other")
     with pytest.raises(RaystudyError, match="its record is of study 'hand', not of this experiment"):
         resume_study(str(moved))
+
+
+def test_the_users_rate_and_budget_may_change_but_not_where_images_go(tmp_path, server):
+    from raystudy.query import confirmed_endpoints
+
+    stored = parse_endpoint({"name": "api", "url": server.url, "budget": 100, "rate": 5}, "stored")
+    raised = parse_endpoint({"name": "api", "url": server.url, "budget": 5000, "rate": 2}, "t.yaml")
+    assert confirmed_endpoints([stored], (raised,), "t.yaml") == [raised]  # the user's own settings
+    moved = parse_endpoint({"name": "api", "url": server.url + "/elsewhere"}, "t.yaml")
+    with pytest.raises(RaystudyError, match="differs from t.yaml in url"):
+        confirmed_endpoints([stored], (moved,), "t.yaml")
+
+
+def test_planted_kept_images_are_one_line(tmp_path):
+    from raystudy.query import kept_trials
+
+    trial = tmp_path / "exp" / "trial_0"
+    (trial / "adversarial").mkdir(parents=True)
+    from raystudy.record import FINAL_FILE
+
+    (trial / FINAL_FILE).write_text("{}")
+    (trial / "adversarial" / "clean.npz").write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(RaystudyError, match="not a kept image set"):
+        kept_trials(str(tmp_path / "exp"))
+    arrays = {"png": np.zeros(4, np.uint8), "offsets": np.array([0, 4]), "labels": np.array([1, 2])}
+    arrays |= {"target_classes": np.array([2, 3]), "surrogate_clean": np.array([1, 2]), "classes": np.array(["a"])}
+    np.savez(trial / "adversarial" / "clean.npz", **arrays)  # two labels, one image
+    with pytest.raises(RaystudyError, match="do not match"):
+        kept_trials(str(tmp_path / "exp"))
+    np.savez(trial / "adversarial" / "clean.npz", **(arrays | {"labels": np.array([{"x": 1}], dtype=object)}))
+    with pytest.raises(RaystudyError, match="not a kept image set"):
+        kept_trials(str(tmp_path / "exp"))
+
+
+def test_a_planted_journal_segment_name_is_not_a_segment(tmp_path):
+    from raystudy.optuna_history import fetch_journal, uploaded_bytes
+
+    (tmp_path / "000000000000000.log").write_bytes(b"line\n")
+    (tmp_path / "x.log").write_bytes(b"planted\n")
+    (tmp_path / "²².log").write_bytes(b"planted\n")
+    assert uploaded_bytes(str(tmp_path)) == 5
+    assert fetch_journal(str(tmp_path), str(tmp_path / "copy" / "journal.log")) == 5
+
+
+def test_unreadable_trial_files_are_a_failed_trial_not_a_traceback(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_analysis_records import VALUES, write_experiment
+
+    from analysis.records import load_experiment
+
+    folder = write_experiment(tmp_path, VALUES)
+    (folder / "trial_000" / "result.json").write_bytes(b'{"epoch": [1], "config": {"plan": 5}}\n\xff\xfe\n')
+    (folder / "trial_001" / "error.txt").write_text("boom\x1b]0;owned\x07")
+    trials = {t.location.rsplit("/", 1)[-1]: t for t in load_experiment(str(folder), cache=tmp_path / "c").trials}
+    assert trials["trial_000"].status == "incomplete" and trials["trial_000"].plan is None  # read, not a traceback
+    (folder / "trial_002" / "result.json").write_text('{"final": 1, "record": 5}\n')
+    trials = {t.location.rsplit("/", 1)[-1]: t for t in load_experiment(str(folder), cache=tmp_path / "d").trials}
+    assert trials["trial_002"].status == "failed" and "cannot be read as a trial's" in trials["trial_002"].error
+    out = subprocess.run([sys.executable, "-m", "raystudy.cli", "status", str(folder)], capture_output=True, text=True)
+    assert out.returncode == 0 and "\x1b" not in out.stdout, out.stderr[-2000:]
+
+
+def test_an_optuna_storage_url_with_a_password_is_refused(tmp_path):
+    from raystudy.study import _optuna_storage
+
+    with pytest.raises(RaystudyError, match="--optuna-storage .* holds a user name or password") as err:
+        _optuna_storage(str(tmp_path / "exp"), "postgresql://user:s3cr3t@db.example/optuna")
+    assert "s3cr3t" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "values, why",
+    [
+        ({"name": "a", "url": "http://[x/"}, "is not a URL"),
+        ({"name": "a", "url": "https://h:99999/"}, "is not a URL"),
+        ({"name": "a", "url": "https://"}, "names no host"),
+        ({"name": "a", "kind": "rekognition", "region": "evil.com/x"}, "not an AWS region"),
+        ({"name": "a", "url": "https://x.example/", "label_map": "/dev/zero"}, "cannot be read"),
+        ({"name": "a", "url": "https://x.example/", "label_map": "~nobody-raystudy/l.json"}, "cannot be read"),
+    ],
+)
+def test_a_bad_url_region_or_label_map_is_one_line(values, why):
+    with pytest.raises(RaystudyError, match=why):
+        parse_endpoint(values, "targets.yaml")

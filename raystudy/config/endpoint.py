@@ -128,6 +128,7 @@ TOKEN_VARIABLE_PREFIX = "RAYSTUDY_TOKEN_"
 TOKEN_VARIABLE_PATTERN = re.compile(TOKEN_VARIABLE_PREFIX + r"[A-Z0-9_]{1,64}")
 RESERVED_NAMES = ("mean", "objective", "held_out")
 MAX_RETRIES, MAX_TIMEOUT_S, MAX_RATE = 100, 3600.0, 10_000.0
+MAX_LABEL_MAP_BYTES = 16 << 20
 
 
 def _validated(values: Any, where: str) -> EndpointSpec:
@@ -180,8 +181,10 @@ def _check(spec: EndpointSpec, where: str) -> None:
         fail(f"kind={spec.kind!r}; known: {', '.join(ENDPOINT_KINDS)}")
     if spec.kind == "http" and not (spec.url or "").startswith(("http://", "https://")):
         fail(f"url={spec.url!r} must be an http:// or https:// address")
-    if spec.url and (urlsplit(spec.url).username or urlsplit(spec.url).password):
-        fail("url holds a user name or password: give the token's variable as auth_env instead")
+    if spec.url:
+        _check_url(spec.url, fail)
+    if spec.region is not None and not re.fullmatch(r"[a-z]{2}(-[a-z]+)+-\d{1,2}", spec.region):
+        fail(f"region={_short(spec.region)} is not an AWS region name (such as us-east-1)")
     if spec.request not in REQUEST_FORMATS:
         fail(f"request={spec.request!r}; known: {', '.join(REQUEST_FORMATS)}")
     if not 0 < spec.rate <= MAX_RATE:
@@ -194,6 +197,18 @@ def _check(spec: EndpointSpec, where: str) -> None:
         fail(f"retries must be in [0, {MAX_RETRIES}] and timeout_s in (0, {MAX_TIMEOUT_S:g}]")
     if spec.auth_env is not None:
         _check_token_variable(spec, fail)
+
+
+def _check_url(url: str, fail: Callable[[str], None]) -> None:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises on a port out of range)
+    except ValueError as err:
+        fail(f"url={_short(url)} is not a URL ({err})")
+    if not parts.hostname or any(c.isspace() for c in url):
+        fail(f"url={_short(url)} names no host")
+    if parts.username or parts.password:
+        fail("url holds a user name or password: give the token's variable as auth_env instead")
 
 
 def _check_token_variable(spec: EndpointSpec, fail: Callable[[str], None]) -> None:
@@ -216,11 +231,15 @@ def _read_label_map(path: Any, where: str) -> tuple[tuple[str, tuple[str, ...]],
     travel to the nodes); the classes are checked against the dataset when the study loads it."""
     if not isinstance(path, str):
         raise RaystudyError(f"{where}: endpoint: label_map={_short(path)} must be the path of a JSON file")
-    file = Path(path).expanduser()
     try:
+        file = Path(path).expanduser()
+        if not file.is_file() or file.stat().st_size > MAX_LABEL_MAP_BYTES:
+            raise OSError("not a file of at most 16 MiB")
         mapping = json.loads(file.read_bytes())
-    except OSError:
-        raise RaystudyError(f"{where}: endpoint: label_map {path!r} cannot be read") from None
+    except (OSError, RuntimeError):  # RuntimeError: ~user that does not exist
+        raise RaystudyError(
+            f"{where}: endpoint: label_map {path!r} cannot be read (a JSON file of at most 16 MiB)"
+        ) from None
     except (ValueError, RecursionError) as err:
         raise RaystudyError(f"{where}: endpoint: label_map {path!r} is not JSON ({type(err).__name__})") from None
     return _label_map_entries(mapping, f"{where}: endpoint: label_map {path!r}")
