@@ -93,12 +93,13 @@ def test_missing_data_gives_one_clear_error(tmp_path, monkeypatch):
     with pytest.raises(RaystudyError, match="pass --data PATH"):
         load_dataset("imagenette")
 
-    import torchvision
+    import torchvision.datasets.utils
 
     def offline(*args, **kwargs):
         raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
 
-    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive", offline)
+    monkeypatch.setenv("RAYSTUDY_CACHE", str(tmp_path / "empty-cache"))  # nothing downloaded before
     with pytest.raises(RaystudyError, match="could not be downloaded.*--data PATH"):
         load_dataset("cifar10")  # no path, no RAYSTUDY_DATA: the download route
 

@@ -244,17 +244,22 @@ def test_finite_difference_objective_reports_loss_parts():
 
 
 def test_training_with_finite_differences_runs_in_full_fp32():
-    """TF32 (cuDNN's default for convolutions) would drown a 1e-3 step: the loop turns it off for
-    finite differences and leaves PyTorch's default for exact gradients."""
+    """TF32 (cuDNN's default for convolutions) would drown a 1e-3 step: the loop turns it off while
+    it trains (raystudy.precision), for finite differences and for input gradients alike (JR), and
+    restores the flags after."""
     from raystudy.data import make_synthetic
+    from raystudy.precision import tf32_flags
     from raystudy.train import train
 
     data = make_synthetic(128, 32, num_classes=CLASSES, image_size=SIZE, seed=0)
     common = dict(dataset="synthetic", model="tiny_cnn", epochs=1, batch_size=32, warmup_epochs=0, image_size=SIZE)
-    result = train(TrainConfig(mechanism="SAM&JR", penalty_gradient="finite_difference", **common), data, log=None)
-    assert torch.backends.cudnn.allow_tf32 is False and math.isfinite(result.history[-1]["loss"])
-    train(TrainConfig(mechanism="SAM&JR", **common), data, log=None)
-    assert torch.backends.cudnn.allow_tf32 is True
+    before, seen = tf32_flags(), []
+    note = lambda record, path, model: seen.append(tf32_flags())  # noqa: E731
+    config = TrainConfig(mechanism="SAM&JR", penalty_gradient="finite_difference", **common)
+    result = train(config, data, on_epoch_end=note, log=None)
+    assert seen == [{"matmul": False, "cudnn": False}] and math.isfinite(result.history[-1]["loss"])
+    train(TrainConfig(mechanism="SAM", **common), data, on_epoch_end=note, log=None)
+    assert seen[-1] == {"matmul": True, "cudnn": True} and tf32_flags() == before
 
 
 def test_scale_aware_step_is_the_size_step_capped_where_the_loss_is_steep_and_floored():
