@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -242,10 +241,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _local_ray_on_loopback(args: argparse.Namespace) -> None:
-    """A local study needs no remote nodes: Ray's single-machine mode (its default on macOS and
-    Windows) binds to 127.0.0.1 instead of the network address. Read when ray is imported."""
+    """A local study needs no remote nodes: its Ray on 127.0.0.1 (raystudy.local_ray), set before
+    anything imports ray."""
     if not args.address:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        from raystudy.local_ray import use_loopback
+
+        use_loopback()
 
 
 def _study_command(kind: str):
