@@ -87,7 +87,10 @@ def optuna_figures(experiment, tidy: pd.DataFrame, out: Path) -> list[tuple[str,
     history = open_history(experiment.path, cache=out / "optuna_copy")
     study = None
     if history is not None:
-        study = optuna.load_study(study_name=spec.name, storage=history[0])
+        try:
+            study = optuna.load_study(study_name=spec.name, storage=history[0])
+        except Exception as err:  # the history is read from storage: whatever Optuna raises, it is at fault
+            print(f"{history[1]}: not a readable Optuna history ({type(err).__name__}); history from the trials")
     if study is not None and len(study.trials) >= 1:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         with warnings.catch_warnings():  # optuna marks its matplotlib plots experimental

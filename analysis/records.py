@@ -23,7 +23,14 @@ from raystudy import storage
 from raystudy.config import STUDY_RECORD, StudySpec, TrialPlan, parse_space
 from raystudy.errors import RaystudyError
 from raystudy.mechanisms import mechanism_label
-from raystudy.record import ADVERSARIAL_DIR, ENDPOINT_ROWS_FILE, checked_study_record, legacy_rows, make_record
+from raystudy.record import (
+    ADVERSARIAL_DIR,
+    ENDPOINT_ROWS_FILE,
+    checked_metric_rows,
+    checked_study_record,
+    legacy_rows,
+    make_record,
+)
 
 DONE, FAILED, INCOMPLETE, MISSING, STOPPED = "done", "failed", "incomplete", "missing", "stopped early"
 TRIAL_FILES = ("params.json", "result.json", "error.txt", ENDPOINT_ROWS_FILE)
@@ -292,14 +299,17 @@ def _parse_trial(location: str, experiment: str, folder: str, present: set[str],
     history = tuple(sorted(epochs.values(), key=lambda r: (not isinstance(r.get("epoch"), int), _epoch(r, 0))))
     final = finals[-1] if finals else {}
     record = final.get("record", {})
-    if not isinstance(record, dict) or not isinstance(record.get("metrics", []), list):
-        raise ValueError("its final result's record is not a record (a mapping with a list of metric rows)")
+    if not isinstance(record, dict) or not all(isinstance(record.get(k, {}), dict) for k in _RECORD_MAPPINGS):
+        raise ValueError("its final result's record is not a record (a mapping of mappings and metric rows)")
+    checked_metric_rows(record.get("metrics", []), storage.join(base, "result.json"))
     if finals and ENDPOINT_ROWS_FILE in present:  # the black-box targets' rows, written after the trial
-        extra = storage.read_json(storage.join(base, ENDPOINT_ROWS_FILE))
-        if not isinstance(extra, list) or not all(isinstance(row, dict) for row in extra):
-            raise RaystudyError(f"{storage.join(base, ENDPOINT_ROWS_FILE)}: not a list of metric rows")
+        where = storage.join(base, ENDPOINT_ROWS_FILE)
+        extra = checked_metric_rows(storage.read_json(where), where)
         record = {**record, "metrics": list(record.get("metrics", [])) + extra}
     return TrialRecord(experiment, str(trial_id), config, status, final, record, history, error, base)
+
+
+_RECORD_MAPPINGS = ("identity", "plan", "study", "versions")  # a trial record's parts that are mappings
 
 
 def _epoch(row: dict, index: int):

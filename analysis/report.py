@@ -19,6 +19,7 @@ from analysis.records import Experiment, load_experiment
 from analysis.tables import accuracy_table, correlation_table, headline_table, metric_gaps, tidy_trials
 from raystudy import storage
 from raystudy.errors import RaystudyError
+from raystudy.record import checked_best_config
 
 MODES = ("untargeted", "targeted")
 
@@ -83,7 +84,12 @@ def _html_table(frame: pd.DataFrame) -> str:
     shown = frame.map(lambda v: _styled(html.escape(v), "<b>{}</b>", "<u>{}</u>", " ↓") if isinstance(v, str) else v)
     if keep_index:
         shown.index = [html.escape(str(i)) for i in shown.index]
-        shown.index.name = frame.index.name
+        shown.index.name = None if frame.index.name is None else html.escape(str(frame.index.name))
+    # Column labels hold target and endpoint names from records: escaped as the cells are.
+    if isinstance(shown.columns, pd.MultiIndex):
+        shown.columns = pd.MultiIndex.from_tuples([tuple(html.escape(str(p)) for p in c) for c in shown.columns])
+    else:
+        shown.columns = [html.escape(str(c)) for c in shown.columns]
     return shown.to_html(na_rep="–", border=0, index=keep_index, escape=False, float_format=lambda v: f"{v:.3g}")
 
 
@@ -361,7 +367,8 @@ def _optuna(report: Report, experiments: list[Experiment], tidy: pd.DataFrame, o
 
 def _best_config(experiment: Experiment) -> dict | None:
     location = storage.join(storage.normalize(experiment.path), "best_config.json")
-    return json.loads(storage.read_bytes(location)) if storage.exists(location) else None
+    best = storage.read_json(location, limit=16 << 20, missing_ok=True)
+    return None if best is None else checked_best_config(best, location)
 
 
 def _selection_statement(experiment: Experiment) -> str:

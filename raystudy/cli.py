@@ -347,7 +347,9 @@ def _study_endpoints(spec, space: str, storage_path: str | None) -> list:
     if spec.kind == "targets" or not spec.targets:
         return []
     if storage_path:
-        return load_endpoints(targets_location(storage_path, spec.targets))
+        from raystudy import storage
+
+        return load_endpoints(targets_location(storage.normalize(storage_path), spec.targets))
     beside = Path(space).with_name(f"{spec.targets}.yaml")
     return list(load_space(beside).endpoints) if beside.is_file() else []
 
@@ -398,6 +400,35 @@ def _at_least_one(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
     return value
+
+
+def _device_flag(text: str) -> str:
+    """cpu, cuda or cuda:N (N a device index); whether that device exists is checked where it is used."""
+    index = text[len("cuda:") :] if text.startswith("cuda:") else ""
+    if text in ("cpu", "cuda") or (index.isascii() and index.isdigit() and int(index) < 1024):
+        return text
+    raise argparse.ArgumentTypeError(f"{text[:40]!r} is not cpu, cuda or cuda:N")
+
+
+def _host_flag(text: str) -> str:
+    """An IP address or a host name: checked before Ray starts."""
+    import ipaddress
+    import re
+
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        if re.fullmatch(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9-]{1,63})*", text):
+            return text
+    raise argparse.ArgumentTypeError(f"{text[:40]!r} is not an IP address or a host name")
+
+
+def _log_file_flag(text: str) -> str:
+    """A file the server can append to: its folder must exist (checked before Ray starts)."""
+    path = Path(text)
+    if "\0" in text or not text or path.is_dir() or not path.absolute().parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text[:80]!r} is not a file in an existing folder")
+    return text
 
 
 MAX_COUNT = 10**9  # of requests or answers: the faults `raystudy serve` injects
@@ -464,7 +495,7 @@ def _add_train(sub) -> None:
         type=_number_flag(LGV_LIMITS["models_per_epoch"]),
         help="with --mechanism LGV: snapshots per epoch (4)",
     )
-    p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda if available)")
+    p.add_argument("--device", type=_device_flag, help="cuda, cuda:1 or cpu (default: cuda if available)")
     p.add_argument("--out", required=True, help="output folder: checkpoint.pt, model.pt, metrics.json")
     p.set_defaults(func=cmd_train)
 
@@ -520,7 +551,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--smoothness-samples", type=_positive_int, help="images for smoothness (default: all evaluated)")
     p.add_argument("--batch-size", type=_positive_int, default=250)
     p.add_argument("--seed", type=_positive_int, default=0, help="evaluation subset and targeted classes (default 0)")
-    p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--device", type=_device_flag, help="cuda, cuda:1 or cpu (default: cuda if available)")
     p.add_argument("--out", help="write every metric as JSON here")
     p.set_defaults(func=cmd_evaluate)
 
@@ -593,7 +624,9 @@ def _add_study(sub) -> None:
     v = sub.add_parser("serve", help="serve a model file over HTTP like an image-labelling service (Ray Serve)")
     v.add_argument("model_file", help="a raystudy model file (a target's .pt, or a run's model.pt)")
     _add_serve_flags(v)
-    v.add_argument("--request-log", metavar="FILE", help="append the SHA-256 of every image answered")
+    v.add_argument(
+        "--request-log", type=_log_file_flag, metavar="FILE", help="append the SHA-256 of every image answered"
+    )
     v.set_defaults(func=cmd_serve)
     s = sub.add_parser("status", help="summarize an experiment's trials: done, running, failed and why")
     s.add_argument("experiment", help="<storage>/<study name>")
@@ -605,7 +638,9 @@ def _add_serve_flags(v: argparse.ArgumentParser) -> None:
     from raystudy.config.train import Range
 
     v.add_argument("--port", type=_number_flag(Range(1, 65_535)), default=8000, help="TCP port (1-65535)")
-    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    v.add_argument(
+        "--host", type=_host_flag, default="127.0.0.1", help="address to listen on (default: this machine only)"
+    )
     v.add_argument(
         "--top-k",
         type=_number_flag(Range(1, 1_000)),

@@ -23,7 +23,7 @@ from typing import Any
 from raystudy import storage
 from raystudy.config import STUDY_RECORD, StudySpec, parse_space
 from raystudy.config.study import SEARCHABLE_TRAIN_KEYS, TrialPlan, averaged_over_targets
-from raystudy.record import objective_rows, rows_of
+from raystudy.record import checked_best_config, objective_rows, rows_of
 from raystudy.study import BEST_CONFIG, FINAL_KEY, experiment_path, load_record, pareto_front, resume_study, run_study
 
 CONFIRM_SUFFIX = "_confirm"
@@ -127,8 +127,8 @@ def run_confirm(spec: StudySpec, raw: dict[str, Any], results, storage_path: str
         )
     summary = summarize(spec, plans, confirmed)
     location = storage.join(search_experiment, BEST_CONFIG)
-    best = storage.read_json(location, missing_ok=True)
-    best = best if isinstance(best, dict) else {}
+    best = storage.read_json(location, limit=16 << 20, missing_ok=True)
+    best = {} if best is None else checked_best_config(best, location)
     best["confirmed"] = {"experiment": experiment, "seeds": list(spec.search.confirm.seeds), "rows": summary}
     storage.write_bytes(location, json.dumps(best, indent=1).encode())
     print(render(summary))

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from raystudy import storage
+from raystudy.errors import RaystudyError
 
 JOURNAL_DIR = "optuna-journal"
 # Seconds between uploads. 0: after every write (a suggestion, a result), so a lost driver loses
@@ -63,7 +64,7 @@ def fetch_journal(remote: str, local: str) -> int:
     already there adds only its new part; a gap ends it, as the journal's lines must stay in order)."""
     names = [name for name in storage.list_files(remote, ".log") if _is_segment(name)]
     with ThreadPoolExecutor(16) as pool:  # one request per segment: read them at once
-        segments = list(pool.map(lambda name: storage.read_bytes(storage.join(remote, name)), names))
+        segments = list(pool.map(lambda name: _read_capped(storage.join(remote, name)), names))
     data = bytearray()
     for name, segment in zip(names, segments):
         offset = int(name.split(".")[0])
@@ -71,9 +72,23 @@ def fetch_journal(remote: str, local: str) -> int:
             print(f"optuna history: segment {name} leaves a gap after byte {len(data)}; the rest is ignored")
             break
         data += segment[len(data) - offset :]
+        if len(data) > HISTORY_LIMIT:
+            raise RaystudyError(f"{remote}: its journal holds more than {HISTORY_LIMIT >> 20} MiB: not read")
     Path(local).parent.mkdir(parents=True, exist_ok=True)
     Path(local).write_bytes(bytes(data))
     return len(data)
+
+
+# A search's history from storage is untrusted: read up to this size (a 10,000-trial journal is
+# tens of MiB), never whole whatever its size.
+HISTORY_LIMIT = 1 << 30
+
+
+def _read_capped(location: str) -> bytes:
+    data = storage.read_bytes(location, max_bytes=HISTORY_LIMIT)
+    if len(data) > HISTORY_LIMIT:
+        raise RaystudyError(f"{location}: more than {HISTORY_LIMIT >> 20} MiB, more than a search's history holds")
+    return data
 
 
 def local_copy_folder(experiment: str, cache: Path | None = None) -> Path:
@@ -117,6 +132,6 @@ def open_history(experiment: str, cache: Path | None = None) -> tuple[object, st
         return journal_storage(local), f"a copy of {segments} taken now (run again for a newer one)"
     if storage.exists(database):
         copy = folder / storage.OPTUNA_DB
-        copy.write_bytes(storage.read_bytes(database))
+        copy.write_bytes(_read_capped(database))
         return f"sqlite:///{copy}", f"a copy of {database} taken now (run again for a newer one)"
     return None

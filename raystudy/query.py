@@ -86,12 +86,23 @@ KEPT_SET_KEYS = {"png": np.uint8, "offsets": np.int64}
 CLEAN_SET_KEYS = {**KEPT_SET_KEYS, "labels": np.int64, "target_classes": np.int64, "surrogate_clean": np.int64}
 
 
+KEPT_SET_LIMIT = 256 << 20  # a kept set holds PNG bytes of the evaluation images: a few MiB
+
+
 def _read_npz(location: str, keys: dict) -> dict[str, np.ndarray]:
     """A kept image set from storage (untrusted): every array named in `keys`, read now, one
     dimension each, of that kind (numbers as integers; classes as text); no pickles."""
+    data = storage.read_bytes(location, max_bytes=KEPT_SET_LIMIT)
+    if len(data) > KEPT_SET_LIMIT:
+        raise RaystudyError(f"{location}: more than {KEPT_SET_LIMIT >> 20} MiB, more than a kept image set holds")
     try:
-        with np.load(io.BytesIO(storage.read_bytes(location)), allow_pickle=False) as archive:
+        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+            # A compressed member may inflate far beyond the file: sizes read from the zip's directory first.
+            if sum(info.file_size for info in archive.zip.infolist()) > KEPT_SET_LIMIT:
+                raise RaystudyError(f"{location}: its arrays hold more than {KEPT_SET_LIMIT >> 20} MiB: not read")
             arrays = {key: archive[key] for key in [*keys, "classes"] if key in keys or key in archive.files}
+    except RaystudyError:
+        raise
     except Exception as err:  # a zip, an npy or a pickle refused: whatever numpy raises, the file is at fault
         raise RaystudyError(f"{location}: not a kept image set ({type(err).__name__})") from None
     for key, array in arrays.items():

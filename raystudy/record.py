@@ -168,4 +168,83 @@ def checked_study_record(record: Any, location: str) -> dict[str, Any]:
     for key in ("source", "data", "storage"):
         if record.get(key) is not None and not isinstance(record[key], str):
             raise RaystudyError(f"{location}: its {key} must be a path")
+    for key in ("targets", "endpoints"):  # names of the study's targets and of its endpoints
+        if record.get(key) is not None and not _is_list_of(record[key], str):
+            raise RaystudyError(f"{location}: its {key} must be a list of names")
+    for key in ("eval_indices", "eval_target_classes"):  # the evaluation set: image and class indices
+        value = record.get(key)
+        if value is not None and not (_is_list_of(value, int) and all(0 <= i < 1 << 31 for i in value)):
+            raise RaystudyError(f"{location}: its {key} must be a list of non-negative whole numbers")
     return {**record, "source": record.get("source") or location, "data": record.get("data")}
+
+
+def checked_metric_rows(rows: Any, location: str) -> list[dict[str, Any]]:
+    """Metric rows (`MetricRow.to_dict()`s) read back from storage: each a mapping whose name and
+    dimensions are text (a budget a whole number) and whose value is a number, so the tables and
+    findings built from them meet no other shape."""
+    if not isinstance(rows, list):
+        raise RaystudyError(f"{location}: its metric rows are not a list")
+    for row in rows:
+        fine = (
+            isinstance(row, dict)
+            and set(row) <= {"name", "value", *DIMENSIONS}
+            and isinstance(row.get("name"), str)
+            and _is_number(row.get("value"))
+            and all(row.get(d) is None or isinstance(row[d], str) for d in DIMENSIONS if d != "budget")
+            and (row.get("budget") is None or (isinstance(row["budget"], int) and not isinstance(row["budget"], bool)))
+        )
+        if not fine:
+            raise RaystudyError(f"{location}: a metric row is not one ({str(row)[:120]})")
+    return rows
+
+
+def checked_best_config(best: Any, location: str) -> dict[str, Any]:
+    """`best_config.json` of a search read back from storage: the fields the report and confirm
+    read, each of the type they read it as."""
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise RaystudyError(f"{location}: not a search's best configuration ({what})")
+
+    need(isinstance(best, dict), "a JSON object")
+    names = {"metrics", "modes", "selected_on", "tested_on"}
+    for key in names & set(best):
+        need(_is_list_of(best[key], str), f"{key} must be a list of names")
+    for key in {"metric", "held_out_metric"} & set(best):
+        need(isinstance(best[key], str), f"{key} must be a metric name")
+    for key in {"value", "held_out_value"} & set(best):
+        need(best[key] is None or _is_number(best[key]), f"{key} must be a number")
+    need(isinstance(best.get("config", {}), dict), "config must be a mapping")
+    if "pareto_front" in best:
+        front = best["pareto_front"]
+        need(isinstance(front, list) and isinstance(best.get("metrics"), list), "pareto_front needs metrics")
+        for entry in front:
+            need(isinstance(entry, dict) and isinstance(entry.get("config"), dict), "a front entry's config")
+            values = entry.get("values")
+            need(_is_list_of(values, (int, float)) and len(values) == len(best["metrics"]), "a front entry's values")
+            held = entry.get("held_out_value")
+            need(held is None or _is_number(held), "a front entry's held_out_value")
+    confirmed = best.get("confirmed")
+    if confirmed is not None:
+        need(isinstance(confirmed, dict), "confirmed must be a mapping")
+        need(isinstance(confirmed.get("experiment"), str), "confirmed's experiment")
+        need(_is_list_of(confirmed.get("seeds"), int), "confirmed's seeds")
+        need(isinstance(confirmed.get("rows"), list), "confirmed's rows")
+        for row in confirmed["rows"]:
+            need(isinstance(row, dict), "a confirmed row")
+            for key in ("role", "label", "objective_metric"):
+                need(isinstance(row.get(key), str), f"a confirmed row's {key}")
+            need(_is_list_of(row.get("seeds"), int), "a confirmed row's seeds")
+            for key, value in row.items():
+                if key.endswith(("_mean", "_std")):
+                    need(value is None or _is_number(value), f"a confirmed row's {key}")
+            need(isinstance(row.get("held_out_metric", ""), str), "a confirmed row's held_out_metric")
+    return best
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_list_of(value: Any, kind) -> bool:
+    return isinstance(value, list) and all(isinstance(v, kind) and not isinstance(v, bool) for v in value)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -672,7 +673,9 @@ def users_endpoints(spec: StudySpec, storage_root: str, targets_file: str | None
         source = record.get("source") if isinstance(record, dict) else None
         candidates += [source] if isinstance(source, str) and "://" not in source else []
     for candidate in candidates:
-        if Path(candidate).is_file():
+        # A path that came from the bucket (a resumed study's source, the targets' record) names a
+        # file only the user can have written: owned by them, in a folder no one else may write.
+        if Path(candidate).is_file() and (candidate == targets_file or _only_user_writes(Path(candidate))):
             targets = load_space(candidate)
             if targets.kind != "targets" or targets.name != spec.targets:
                 raise RaystudyError(f"{candidate} is not the targets study {spec.targets!r} (kind: targets)")
@@ -682,6 +685,15 @@ def users_endpoints(spec: StudySpec, storage_root: str, targets_file: str | None
         f"endpoints a targets study file on this machine names: give it with --targets-file "
         f"(looked for {', '.join(map(repr, candidates))}); nothing was sent"
     )
+
+
+def _only_user_writes(path: Path) -> bool:
+    """True if `path` and its folder belong to this user and neither is writable by others."""
+    try:
+        stats = [path.stat(), path.resolve().parent.stat()]
+    except OSError:
+        return False
+    return all(s.st_uid == os.getuid() and not s.st_mode & (stat.S_IWGRP | stat.S_IWOTH) for s in stats)
 
 
 def _write_best(spec: StudySpec, results, experiment: str) -> None:

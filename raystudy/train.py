@@ -58,7 +58,11 @@ class TrainResult:
 
 
 def pick_device(device: str | None = None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """The device asked for (default: cuda if torch sees one); a CUDA device that is not there is one line."""
+    chosen = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if chosen.type == "cuda" and (not torch.cuda.is_available() or (chosen.index or 0) >= torch.cuda.device_count()):
+        raise RaystudyError(f"device {chosen} asked for, but torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return chosen
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

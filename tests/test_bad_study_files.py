@@ -414,6 +414,12 @@ def refused_while_parsing(argv: list[str]) -> str:
         (["serve", "m.pt", "--every-500", "1e3"], "argument --every-500"),
         (["serve", "m.pt", "--burst-429", "99999999999:3"], "argument --burst-429: --burst-429 '99999999999:3'"),
         (["serve", "m.pt", "--burst-429", "3:3"], "LENGTH must be at least 1 and below EVERY"),
+        (["train", "--device", "bogus"], "argument --device: 'bogus' is not cpu, cuda or cuda:N"),
+        (["train", "--device", "cuda:-1"], "argument --device: 'cuda:-1' is not cpu, cuda or cuda:N"),
+        (["evaluate", "--surrogate", "s", "--targets", "t", "--device", "tpu"], "argument --device: 'tpu'"),
+        (["serve", "m.pt", "--host", "a b"], "argument --host: 'a b' is not an IP address or a host name"),
+        (["serve", "m.pt", "--host", "-x"], "argument --host"),
+        (["serve", "m.pt", "--request-log", "/no/such/folder/log"], "argument --request-log: '/no/such/folder/log'"),
     ],
 )
 def test_bad_flags_are_refused_before_any_work(no_work, tmp_path, argv, message):

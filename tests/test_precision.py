@@ -123,3 +123,18 @@ def test_a_local_study_without_a_gpu_gives_its_trials_the_cpu(monkeypatch):
     assert spec.resources.gpu > 0
     assert device_for_share(with_gpu_share(spec, 0).resources.gpu) == torch.device("cpu")
     assert with_gpu_share(spec, spec.resources.gpu) is spec
+
+
+def test_train_and_evaluate_name_a_missing_cuda_device_in_one_line(monkeypatch):
+    from raystudy.errors import RaystudyError
+    from raystudy.train import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device(None).type == "cpu" and pick_device("cpu").type == "cpu"
+    with pytest.raises(RaystudyError, match="device cuda asked for, but torch sees 0 CUDA device"):
+        pick_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert pick_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(RaystudyError, match="device cuda:3 asked for, but torch sees 1 CUDA device"):
+        pick_device("cuda:3")

@@ -370,3 +370,204 @@ def test_an_optuna_storage_url_with_a_password_is_refused(tmp_path):
 def test_a_bad_url_region_or_label_map_is_one_line(values, why):
     with pytest.raises(RaystudyError, match=why):
         parse_endpoint(values, "targets.yaml")
+
+
+@pytest.mark.parametrize(
+    "best, why",
+    [
+        ([1, 2], "a JSON object"),
+        ({"metric": 5, "value": 0.5, "config": {}}, "metric must be a metric name"),
+        ({"metric": "m", "value": "high", "config": {}}, "value must be a number"),
+        ({"metric": "m", "value": 0.5, "config": []}, "config must be a mapping"),
+        ({"metrics": ["a"], "pareto_front": [{"config": {}, "values": [1, 2]}]}, "a front entry's values"),
+        ({"metrics": ["a"], "pareto_front": [{"config": "x", "values": [1]}]}, "a front entry's config"),
+        ({"metric": "m", "value": 1, "selected_on": "t1"}, "selected_on must be a list of names"),
+        ({"confirmed": {"experiment": "e", "seeds": [0], "rows": [{"role": 1}]}}, "a confirmed row's role"),
+        (
+            {
+                "confirmed": {
+                    "experiment": "e",
+                    "seeds": [0],
+                    "rows": [
+                        _row := {
+                            "role": "top",
+                            "label": "x",
+                            "objective_metric": "m",
+                            "seeds": [0],
+                            "objective_mean": "hi",
+                        }
+                    ],
+                }
+            },
+            "a confirmed row's objective_mean",
+        ),
+    ],
+)
+def test_a_planted_best_config_is_one_line(best, why):
+    from raystudy.record import checked_best_config
+
+    with pytest.raises(RaystudyError, match=f"best_config.json: not a search's best configuration \\({why}"):
+        checked_best_config(best, "s3://b/exp/best_config.json")
+
+
+def test_a_best_config_as_written_passes_its_check():
+    from raystudy.record import checked_best_config
+
+    single = {
+        "config": {"trial": {"rho": 0.1}},
+        "metric": "m",
+        "value": 0.4,
+        "selected_on": ["t1"],
+        "tested_on": ["t2"],
+        "held_out_metric": "h",
+        "held_out_value": None,
+    }
+    front = {
+        "metrics": ["a", "b"],
+        "modes": ["max", "min"],
+        "pareto_front": [{"config": {}, "values": [0.1, 2], "held_out_value": 0.3}],
+        "confirmed": {
+            "experiment": "e",
+            "seeds": [0, 1],
+            "rows": [
+                {
+                    "role": "top",
+                    "label": "x",
+                    "objective_metric": "m",
+                    "seeds": [0, 1],
+                    "objective_mean": 0.5,
+                    "objective_std": None,
+                }
+            ],
+        },
+    }
+    assert checked_best_config(single, "x") == single and checked_best_config(front, "x") == front
+
+
+@pytest.mark.parametrize(
+    "change, why",
+    [
+        ({"targets": "t1"}, "its targets must be a list of names"),
+        ({"endpoints": [1]}, "its endpoints must be a list of names"),
+        ({"eval_indices": [0, -1]}, "its eval_indices must be a list of non-negative whole numbers"),
+        ({"eval_target_classes": [0.5]}, "its eval_target_classes must be"),
+        ({"study": []}, "not a study record"),
+    ],
+)
+def test_a_planted_study_record_is_one_line_in_analyze(tmp_path, change, why):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_analysis_records import VALUES, write_experiment
+
+    from analysis.records import load_experiment
+
+    folder = write_experiment(tmp_path, VALUES)
+    record = json.loads((folder / "raystudy-study.json").read_text())
+    (folder / "raystudy-study.json").write_text(json.dumps({**record, **change}))
+    with pytest.raises(RaystudyError, match=why):
+        load_experiment(str(folder), cache=tmp_path / "cache")
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"name": 5, "value": 1.0},
+        {"name": "asr", "value": "1"},
+        {"name": "asr", "value": 1.0, "budget": "8"},
+        {"name": "asr", "value": 1.0, "target": ["t"]},
+        {"name": "asr", "value": 1.0, "evil": 1},
+        "asr",
+    ],
+)
+def test_a_planted_metric_row_makes_a_failed_trial_not_a_broken_table(tmp_path, row):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_analysis_records import VALUES, write_experiment
+
+    from analysis.records import FAILED, load_experiment
+    from analysis.tables import tidy_trials
+
+    folder = write_experiment(tmp_path, VALUES)
+    result = folder / "trial_000" / "result.json"
+    lines = [json.loads(line) for line in result.read_text().splitlines()]
+    lines[-1]["record"]["metrics"].append(row)
+    result.write_text("\n".join(map(json.dumps, lines)) + "\n")
+    experiment = load_experiment(str(folder), cache=tmp_path / "cache")
+    planted = [t for t in experiment.trials if t.location.endswith("trial_000")]
+    assert planted[0].status == FAILED and "a metric row is not one" in planted[0].error
+    assert len(tidy_trials([experiment])) > 0  # the others still make their tables
+
+
+def test_html_tables_escape_column_labels_from_records():
+    import pandas as pd
+
+    from analysis.report import _html_table
+
+    columns = pd.MultiIndex.from_tuples([("<script>x</script>", "8/255"), ("mean", "<b>")])
+    page = _html_table(pd.DataFrame([["1", "2"]], index=["<i>ST</i>"], columns=columns))
+    assert "<script>" not in page and "&lt;script&gt;" in page and "<i>ST" not in page and "&lt;b&gt;" in page
+
+
+def test_a_huge_or_inflating_kept_image_set_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    import io
+    import zipfile
+
+    from raystudy import query
+
+    monkeypatch.setattr(query, "KEPT_SET_LIMIT", 1 << 20)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:  # 4 MiB of zeros in a few KiB
+        array = io.BytesIO()
+        np.save(array, np.zeros(1 << 22, np.uint8))
+        archive.writestr("labels.npy", array.getvalue())
+    (tmp_path / "set.npz").write_bytes(buffer.getvalue())
+    assert (tmp_path / "set.npz").stat().st_size < 1 << 20
+    with pytest.raises(RaystudyError, match="its arrays hold more than 1 MiB"):
+        query._read_npz(str(tmp_path / "set.npz"), {"labels": np.int64})
+    (tmp_path / "big.npz").write_bytes(b"\0" * (2 << 20))
+    with pytest.raises(RaystudyError, match="more than 1 MiB, more than a kept image set holds"):
+        query._read_npz(str(tmp_path / "big.npz"), {"labels": np.int64})
+
+
+def test_a_search_history_larger_than_its_cap_is_one_line(tmp_path, monkeypatch):
+    from raystudy import optuna_history
+
+    monkeypatch.setattr(optuna_history, "HISTORY_LIMIT", 1000)
+    (tmp_path / "segments").mkdir()
+    (tmp_path / "segments" / "0.log").write_bytes(b"{}\n" * 400)
+    with pytest.raises(RaystudyError, match="more than 0 MiB, more than a search's history holds"):
+        optuna_history.fetch_journal(str(tmp_path / "segments"), str(tmp_path / "local.log"))
+
+
+def test_a_targets_file_the_bucket_points_to_is_read_only_if_only_the_user_can_write_it(tmp_path):
+    import os
+
+    from raystudy.study import users_endpoints
+
+    targets = tmp_path / "mine"
+    targets.mkdir(mode=0o755)
+    (targets / "t.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "t",
+                "kind": "targets",
+                "dataset": "synthetic",
+                "model": "tiny_cnn",
+                "trials": [{"model": "tiny_cnn"}],
+            }
+        )
+    )
+    spec = parse_space(
+        {
+            "name": "s",
+            "kind": "grid",
+            "dataset": "synthetic",
+            "model": "tiny_cnn",
+            "targets": "t",
+            "trials": [{"mechanism": "ST"}],
+        },
+        str(targets / "s.yaml"),
+    )
+    assert users_endpoints(spec, str(tmp_path), None)[0] == str(targets / "t.yaml")
+    os.chmod(targets, 0o777)  # anyone may plant a file there: the bucket cannot name it
+    with pytest.raises(RaystudyError, match="give it with --targets-file"):
+        users_endpoints(spec, str(tmp_path), None)
+    assert users_endpoints(spec, str(tmp_path), str(targets / "t.yaml"))[0] == str(targets / "t.yaml")
