@@ -328,13 +328,42 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     costs = read_costs(args.costs) if args.costs else quoted_h100()
     spec = load_space(args.space)
-    print(render_plan(spec, costs, args.gpus))
+    card = _plan_card(args)
+    memory_text = _plan_memory(spec, args, card)  # a study that cannot fit its share: one line, before anything
+    print(render_plan(spec, costs, args.gpus, card))
+    print(memory_text)
     endpoints = _study_endpoints(spec, args.space, args.storage)
     if endpoints:
         from raystudy.plan import endpoint_queries, render_endpoint_queries
 
         print(render_endpoint_queries(endpoint_queries(spec, endpoints)))
     return 0
+
+
+def _plan_card(args: argparse.Namespace):
+    """The GPU the plan is made for: --gpu-memory, else the GPU worker of --cluster / ./cluster.yaml."""
+    from raystudy import memory
+
+    if args.gpu_memory:
+        return memory.Card(memory.parse_memory(args.gpu_memory), "--gpu-memory")
+    cluster = args.cluster or ("cluster.yaml" if Path("cluster.yaml").is_file() else None)
+    card = memory.card_from_cluster(cluster) if cluster else None
+    if args.cluster and card is None:
+        raise RaystudyError(f"--cluster {args.cluster}: no GPU worker of a known instance type; give --gpu-memory")
+    return card
+
+
+def _plan_memory(spec, args: argparse.Namespace, card) -> str:
+    """Each setting's planned peak memory against its share of `card`; the targets from
+    `<targets>.yaml` beside the study file."""
+    from raystudy.config import load_space
+    from raystudy.plan import render_memory, trial_memories
+
+    target_plans = None
+    beside = Path(args.space).with_name(f"{spec.targets}.yaml") if spec.targets else None
+    if beside is not None and beside.is_file():
+        target_plans = list(load_space(beside).plans)
+    return render_memory(spec, trial_memories(spec, target_plans), card, target_plans is not None)
 
 
 def _study_endpoints(spec, space: str, storage_path: str | None) -> list:
@@ -614,6 +643,10 @@ def _add_study(sub) -> None:
     )
     c.add_argument("--gpus", type=_at_least_one, default=1, help="GPUs the study runs on (default 1)")
     c.add_argument("--storage", help="where its targets study was run (for its endpoints' queries and cost)")
+    c.add_argument("--gpu-memory", metavar="SIZE", help="the GPU's memory, e.g. 24GiB (default: from --cluster)")
+    c.add_argument(
+        "--cluster", metavar="FILE", help="cluster file whose GPU worker type names the card (default ./cluster.yaml)"
+    )
     c.set_defaults(func=cmd_plan)
     q = sub.add_parser(
         "query", help="send a finished study's kept AEs to its black-box endpoints (answers kept: never paid twice)"

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from raystudy import memory
 from raystudy.config import StudySpec, TrainConfig
 from raystudy.config.study import TrialPlan
 from raystudy.config.train import show
@@ -319,11 +320,16 @@ def trial_plans(spec: StudySpec) -> list[TrialPlan]:
     return plans
 
 
-def wall_seconds(trials: list[TrialCost], spec: StudySpec, costs: StepCosts, gpus: int) -> tuple[float, int, float]:
-    """(wall seconds, trials per GPU, overall packing gain) on `gpus` GPUs with the study's packing,
-    each trial sped up by its own mechanism's gain."""
+def wall_seconds(
+    trials: list[TrialCost], spec: StudySpec, costs: StepCosts, gpus: int, cpus_per_gpu: float | None = None
+) -> tuple[float, int, float]:
+    """(wall seconds, trials per GPU, overall packing gain) on `gpus` GPUs with the study's packing
+    (by GPU share and, where the node's CPUs per GPU are known, by CPUs), each trial sped up by its
+    own mechanism's gain."""
     gpu = spec.resources.gpu
     per_gpu = max(1, int(math.floor(1 / gpu + 1e-9))) if gpu > 0 else 1
+    if gpu > 0 and cpus_per_gpu is not None:
+        per_gpu = max(1, min(per_gpu, int(math.floor(cpus_per_gpu / spec.resources.cpu + 1e-9))))
     total = sum(t.seconds for t in trials)
     packed = sum(t.seconds / costs.gain(t.plan.train, per_gpu)[0] for t in trials)
     longest = max((t.seconds * per_gpu / costs.gain(t.plan.train, per_gpu)[0] for t in trials), default=0.0)
@@ -359,11 +365,11 @@ def setting_rows(trials: list[TrialCost], costs: StepCosts, per_gpu: int) -> lis
     return list(rows.values())
 
 
-def render_plan(spec: StudySpec, costs: StepCosts, gpus: int) -> str:
+def render_plan(spec: StudySpec, costs: StepCosts, gpus: int, card: memory.Card | None = None) -> str:
     if not 1 <= gpus <= MAX_GPUS:  # --gpus: a count a float can divide by
         raise RaystudyError(f"--gpus {show(gpus)}: give 1 to {MAX_GPUS} GPUs")
     trials = plan_costs(spec, costs)
-    wall, per_gpu, gain = wall_seconds(trials, spec, costs, gpus)
+    wall, per_gpu, gain = wall_seconds(trials, spec, costs, gpus, card.cpus_per_gpu if card else None)
     unit = "GPU" if spec.resources.gpu > 0 else "device"
     lines = [
         f"study {spec.name!r} ({spec.kind}, preset {spec.preset}, {spec.dataset}/{spec.model}): {len(trials)} trials"
@@ -404,6 +410,9 @@ def render_plan(spec: StudySpec, costs: StepCosts, gpus: int) -> str:
         lines.append("note: an upper bound: ASHA stops some search trials early")
     if spec.resources.gpu == 0:
         lines.append("note: this study asks for no GPU (resources.gpu: 0): the hours are on the costs' device")
+    packing = cpu_packing(spec, card)
+    if packing:
+        lines.append(packing)
     return "\n".join(lines)
 
 
@@ -453,3 +462,107 @@ def render_endpoint_queries(rows: list[dict[str, Any]]) -> str:
         )
         lines.append(f"  {r['endpoint']}: at most {r['queries']} queries ({budget}); cost {cost}{over}")
     return "\n".join(lines)
+
+
+def _model_of(plan: TrialPlan) -> str:
+    """The architecture a plan trains or loads (a loaded raystudy model file names none: its stem)."""
+    if plan.loaded is not None:
+        return plan.loaded.architecture or plan.loaded.name
+    return plan.train.model
+
+
+def _pixels(train: TrainConfig) -> int:
+    return memory.DATASET_PIXELS.get(train.dataset, train.image_size)
+
+
+def trial_memories(spec: StudySpec, target_plans: list[TrialPlan] | None) -> list[memory.TrialMemory]:
+    """Each setting's planned peak memory (raystudy.memory), once per label; `target_plans`: the
+    plans of the study's targets study (None: unknown, the hook is planned without targets)."""
+    out: dict[str, memory.TrialMemory] = {}
+    for plan in trial_plans(spec):
+        label = _label(plan)
+        if label in out:
+            continue
+        train, pixels = plan.train, _pixels(plan.train)
+        recipe = None if plan.loaded else train.recipe()
+        is_target = spec.kind == "targets"
+        targets = [] if is_target else [memory.model_bytes(_model_of(t), pixels) for t in target_plans or []]
+        out[label] = memory.trial_memory(
+            label,
+            memory.model_bytes(_model_of(plan), pixels),
+            targets,
+            pixels=pixels,
+            train_batch=train.batch_size,
+            train_images=(train.n_train or DATASET_TRAIN_IMAGES[train.dataset])
+            + (train.n_test or DATASET_TEST_IMAGES[train.dataset]),
+            eval_batch=0 if is_target else spec.evaluation.batch_size,
+            eval_images=0 if is_target else (spec.evaluation.n_eval or DATASET_TEST_IMAGES[train.dataset]),
+            recipe=recipe,
+            sam=bool(recipe and recipe.sam_rho),
+            trains=plan.loaded is None,
+            lgv_members=plan.lgv.epochs * plan.lgv.models_per_epoch if plan.lgv else 0,
+            lgv_batch=plan.lgv.batch_size if plan.lgv else 0,
+        )
+    return list(out.values())
+
+
+def render_memory(
+    spec: StudySpec, memories: list[memory.TrialMemory], card: memory.Card | None, targets_known: bool
+) -> str:
+    """Each setting's planned peaks against its share of the card. Training must fit at its batch
+    (the method's setting); the hook runs at its batch halved until it fits (as it does on an
+    out-of-memory error). A setting that cannot fit is refused in one line (RaystudyError) naming
+    it, the estimate, the share and the fix."""
+    share = spec.resources.gpu
+    cap = memory.share_bytes(share, card.memory) if share > 0 and card is not None else None
+    lines = ["", f"memory (planned per trial, {memory.ALLOCATOR_SLACK:.2f}x allocator slack; raystudy/memory.py):"]
+    if cap is not None:
+        lines.append(
+            f"  share: gpu {share:g} of {memory.gib(card.memory)} ({card.what}): {memory.gib(cap)} less the context"
+        )
+    elif share > 0:
+        lines.append("  no card named (--gpu-memory 24GiB, or a cluster.yaml with a known GPU worker type)")
+    if not targets_known and spec.kind != "targets":
+        lines.append(
+            f"  targets study {spec.targets!r} not found beside the study file: the hook is planned without it"
+        )
+    for m in memories:
+        unknown = f" (not measured: {', '.join(m.unknown)}; left out)" if m.unknown else ""
+        hook = f"hook {memory.gib(m.hook):>9s} at batch {m.eval_batch} ({m.hook_part})" if m.eval_batch else ""
+        if cap is not None and m.eval_batch:
+            fits = m.hook_batch_within(cap)
+            hook += f", runs at batch {fits}" if 0 < fits < m.eval_batch else ""
+        lines.append(f"  {m.label[:38]:38s} training {memory.gib(m.training):>9s}  {hook}{unknown}")
+        if cap is not None:
+            _refuse_unfit(m, cap, share, card.memory)
+    return "\n".join(lines)
+
+
+def _refuse_unfit(m: memory.TrialMemory, cap: float, share: float, card: float) -> None:
+    where = f"its share is {memory.gib(cap)} (gpu {share:g} of {memory.gib(card)}, less the CUDA context)"
+    if m.training > cap:
+        need = memory.fitting_share(m.training, card)
+        fix = f"raise resources.gpu to {need:g}" if need <= 1 else "no share of this card holds it"
+        largest = m.largest_train_batch(cap)
+        fix += f", or train at batch <= {largest} (train.batch_size)" if largest >= 1 else ""
+        raise RaystudyError(f"trial {m.label!r} needs about {memory.gib(m.training)} to train but {where}: {fix}")
+    if m.eval_batch and m.hook_batch_within(cap) == 0:
+        need = memory.fitting_share(m.hook_at(1), card)
+        fix = f"raise resources.gpu to {need:g}" if need <= 1 else "use a larger card"
+        raise RaystudyError(
+            f"trial {m.label!r}'s hook needs about {memory.gib(m.hook_at(1))} even at batch 1 but {where}: {fix}"
+        )
+
+
+def cpu_packing(spec: StudySpec, card: memory.Card | None) -> str | None:
+    """A line where the trials' CPUs, not their GPU shares, bound how many share a GPU; else None."""
+    gpu, cpu = spec.resources.gpu, spec.resources.cpu
+    if gpu <= 0 or card is None or card.cpus_per_gpu is None:
+        return None
+    by_gpu, by_cpu = int(math.floor(1 / gpu + 1e-9)), int(math.floor(card.cpus_per_gpu / cpu + 1e-9))
+    if by_cpu >= by_gpu:
+        return None
+    return (
+        f"note: cpu {cpu:g} per trial of {card.cpus_per_gpu:g} per GPU ({card.what}) fits {by_cpu} trial(s) per GPU, "
+        f"not the {by_gpu} that gpu {gpu:g} asks for: set resources.cpu to {card.cpus_per_gpu / by_gpu:g}"
+    )
