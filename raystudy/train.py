@@ -185,7 +185,8 @@ def _train(config, dataset, model, recipe, dev, out, on_epoch_end, log) -> Train
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, epoch)
         record = _run_epoch(config, dataset, model, recipe, optimizer, sam, autocast, epoch, out, snapshots)
-        record["test_acc"] = evaluate_accuracy(model, dataset.test, autocast=autocast)
+        # at the training batch: a forward pass without a graph holds less than the step it follows
+        record["test_acc"] = evaluate_accuracy(model, dataset.test, config.batch_size, autocast=autocast)
         history.append(record)
         _say(log, _epoch_line(record, config.epochs))
         state_path = None

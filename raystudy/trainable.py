@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,8 @@ def _run_in(work: Path, study: StudySpec, plan: TrialPlan, dataset, storage_path
         checkpoint.to_directory(str(work))  # holds checkpoint.pt: train() resumes from it
     targets = eval_set = kept = None
     if study.kind != "targets":
-        targets = _load_targets(storage_path, study.targets, work, device)
+        # On the CPU while the surrogate trains: on the GPU only for the proxy and the hook.
+        targets = _load_targets(storage_path, study.targets, work, torch.device("cpu"))
         eval_set = make_eval_set(dataset.test, dataset.num_classes, study.evaluation)
         # Black-box targets are queried after training (raystudy.query) with the images kept here.
         kept = KeptImages() if load_endpoints(targets_location(storage_path, study.targets)) else None
@@ -98,7 +100,8 @@ def _run_in(work: Path, study: StudySpec, plan: TrialPlan, dataset, storage_path
         metrics = {**columns, **record, FINAL_KEY: 0}
         if proxy is not None and int(record["epoch"]) % study.search.proxy_every == 0:
             budget = study.search.proxy_budget
-            metrics["proxy/asr"] = quick_transfer_asr(model, targets, proxy, study.evaluation, budget)
+            with on_device(targets, device):
+                metrics["proxy/asr"] = quick_transfer_asr(model, targets, proxy, study.evaluation, budget)
         _report(metrics, state_path, storage_path)
 
     identity = plan.identity()
@@ -124,7 +127,9 @@ def _run_in(work: Path, study: StudySpec, plan: TrialPlan, dataset, storage_path
                 plan.train, work / MODEL_FILE, dataset, plan.lgv, work / "lgv", device=device, log=print
             )
         print(f"trial-end hook: {len(eval_set.labels)} images, targets {', '.join(targets)}", flush=True)
-        rows += measure_surrogate(surrogate.to(device), targets, eval_set, study.evaluation, print, kept)
+        share = f"; gpu {study.resources.gpu:g} of {device}" if device.type == "cuda" else ""
+        with on_device(targets, device):
+            rows += measure_surrogate(surrogate.to(device), targets, eval_set, study.evaluation, print, kept, share)
         if kept is not None:
             save_kept_images(final_location.rsplit("/", 1)[0], eval_set, kept, dataset.classes)
         if study.search is not None and study.search.objective_targets:
@@ -165,6 +170,20 @@ def _share_device(study: StudySpec) -> torch.device:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(memory_fraction(study.resources.gpu, total), device)
     return device
+
+
+@contextmanager
+def on_device(models: dict[str, torch.nn.Module], device: torch.device):
+    """The models on `device` inside the block, back on the CPU after (their GPU memory freed)."""
+    for model in models.values():
+        model.to(device)
+    try:
+        yield
+    finally:
+        for model in models.values():
+            model.to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def _load_targets(storage_path: str, targets_study: str, work: Path, device) -> dict[str, torch.nn.Module]:

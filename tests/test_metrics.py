@@ -3,6 +3,8 @@ attacks that stay in their budget, hand-counted ASR, and the full hook on tiny t
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import importlib.util
 import math
 import subprocess
@@ -14,6 +16,7 @@ from torch import nn
 
 from raystudy.config import TrainConfig
 from raystudy.data import make_synthetic
+from raystudy.errors import RaystudyError
 from raystudy.metrics import (
     EvalConfig,
     LinfAttack,
@@ -278,3 +281,98 @@ def test_evaluate_command_and_its_errors(trained, tmp_path):
             timeout=300,
         )
         assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
+
+
+def _smooth_ensemble() -> nn.Module:
+    """Three small nets with smooth activations (their Hessians have the second-order term too), in float64."""
+    from raystudy.models import Ensemble
+
+    torch.manual_seed(3)
+    members = [
+        nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 8), nn.Softplus(), nn.Linear(8, 3))
+        for _ in range(3)
+    ]
+    return Ensemble(members).double().eval()
+
+
+def test_an_ensembles_hessian_vector_products_member_by_member_equal_the_whole_ensembles():
+    from raystudy.metrics.smoothness import _ensemble_hvp, _hvp, summed_cross_entropy
+
+    ensemble = _smooth_ensemble()
+    x, y = torch.rand(5, 3, 2, 2, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    v = torch.randn(5, 3, 2, 2, dtype=torch.float64)
+    whole = _hvp(lambda inputs: torch.stack([m(inputs) for m in ensemble.members]).mean(0), x, y, summed_cross_entropy)
+    assert torch.allclose(_ensemble_hvp(ensemble, x, y)(v), whole(v), rtol=1e-10, atol=1e-12)
+
+
+def test_an_ensembles_smoothness_and_gradients_member_by_member_equal_the_whole_ensembles():
+    from raystudy.metrics.similarity import input_gradients
+
+    ensemble = _smooth_ensemble()
+    x, y = torch.rand(6, 3, 2, 2, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    as_one = nn.Sequential(nn.Identity(), ensemble).eval()  # not an Ensemble itself: differentiated whole
+    assert torch.allclose(input_gradients(ensemble, x, y), input_gradients(as_one, x, y), rtol=1e-10)
+    assert torch.allclose(smoothness(ensemble, x, y, iterations=30), smoothness(as_one, x, y, iterations=30), rtol=1e-8)
+
+
+def test_smoothness_does_not_depend_on_the_batch_it_is_computed_in():
+    torch.manual_seed(0)
+    model = build_model("tiny_cnn", 4, input_size=8).eval()
+    x, y = torch.rand(7, 3, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1, 2])
+    whole = smoothness(model, x, y, batch_size=7, iterations=40, tolerance=1e-3)
+    assert torch.allclose(smoothness(model, x, y, batch_size=3, iterations=40, tolerance=1e-3), whole, rtol=1e-4)
+    assert torch.allclose(smoothness(model, x, y, batch_size=1, iterations=40, tolerance=1e-3), whole, rtol=1e-4)
+
+
+class _RunsOutAbove(nn.Module):
+    """A model that raises CUDA's out-of-memory error for batches above `limit` (as a capped share does)."""
+
+    def __init__(self, model: nn.Module, limit: int):
+        super().__init__()
+        self.model, self.limit, self.batches = model, limit, []
+
+    def forward(self, x):
+        self.batches.append(len(x))
+        if len(x) > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return self.model(x)
+
+
+def test_out_of_memory_halves_the_hooks_batch_and_measures_the_same_values():
+    from raystudy.metrics.hook import measure_surrogate
+
+    torch.manual_seed(0)
+    data = make_synthetic(64, 40, num_classes=4, image_size=8, seed=0)
+    surrogate = build_model("tiny_cnn", 4, input_size=8)
+    target = copy.deepcopy(surrogate)  # agrees with the surrogate when clean: the ASR has support
+    config = EvalConfig(n_eval=40, budgets=(8,), steps=3, batch_size=40)
+    eval_set = make_eval_set(data.test, 4, config)
+    small = dataclasses.replace(config, batch_size=10)
+    expected = {
+        r.key: r.value for r in measure_surrogate(surrogate, {"t": target}, eval_set, small) if r.name != "seconds"
+    }
+    capped, said = _RunsOutAbove(surrogate, limit=10), []
+    rows = measure_surrogate(capped, {"t": target}, eval_set, config, log=said.append)
+    assert {r.key: r.value for r in rows if r.name != "seconds"} == pytest.approx(expected, rel=1e-5)
+    assert capped.batches[:2] == [40, 20] and max(capped.batches[2:]) <= 10  # 40, 20, then 10 holds
+    assert any(
+        "out of GPU memory at evaluation batch 20" in line and "measuring again at batch 10" in line for line in said
+    )
+
+
+def test_a_hook_out_of_memory_even_at_batch_one_is_one_line_naming_models_and_share():
+    from raystudy.metrics.hook import measure_surrogate
+
+    data = make_synthetic(16, 8, num_classes=4, image_size=8, seed=0)
+    config = EvalConfig(n_eval=8, budgets=(8,), steps=1, batch_size=4)
+    never = _RunsOutAbove(build_model("tiny_cnn", 4, input_size=8), limit=0)
+    with pytest.raises(
+        RaystudyError, match="out of GPU memory even at batch 1 \\(surrogate one model, targets t; gpu 0.25"
+    ):
+        measure_surrogate(
+            never,
+            {"t": build_model("tiny_cnn", 4, input_size=8)},
+            make_eval_set(data.test, 4, config),
+            config,
+            share="; gpu 0.25 of cuda:0",
+        )

@@ -21,6 +21,7 @@ No Ray here: the trainable calls this and reports the rows.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from contextlib import contextmanager
@@ -109,9 +110,12 @@ def measure_surrogate(
     config: EvalConfig,
     log: Callable[[str], None] | None = None,
     keep: KeptImages | None = None,
+    share: str = "",
 ) -> list[MetricRow]:
     """Every metric as a row with its dimensions; the models come back in the modes they had.
-    With `keep`, the clean predictions and AEs are also kept there (uint8, on the CPU)."""
+    With `keep`, the clean predictions and AEs are also kept there (uint8, on the CPU). Out of GPU
+    memory, the evaluation batch is halved and the hook run again (`share`: the trial's GPU share,
+    for the message)."""
     reserved = [name for name in targets if name in AGGREGATE_TARGETS]
     if reserved:
         raise RaystudyError(
@@ -119,9 +123,33 @@ def measure_surrogate(
         )
     device = next(surrogate.parameters()).device
     data = eval_data.to(device)
-    # fp32 throughout (raystudy.precision): smoothness and similarity are input gradients
-    with eval_mode(surrogate), eval_mode(*targets.values(), frozen=True), tf32(False):
-        return _measure(surrogate, targets, data, config, log, keep)
+    batch = config.batch_size
+    while True:
+        # fp32 throughout (raystudy.precision): smoothness and similarity are input gradients
+        try:
+            with eval_mode(surrogate), eval_mode(*targets.values(), frozen=True), tf32(False):
+                return _measure(surrogate, targets, data, dataclasses.replace(config, batch_size=batch), log, keep)
+        except torch.OutOfMemoryError:
+            # Every metric but the random draws (random starts, DI, LGV's member order) is the same at
+            # any batch: halve it and measure again rather than lose a trained surrogate.
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if batch == 1:
+                raise RaystudyError(
+                    f"the trial-end hook ran out of GPU memory even at batch 1 ({_models(surrogate, targets)}"
+                    f"{share}): give the trial a larger resources.gpu share (raystudy plan estimates it)"
+                ) from None
+            batch //= 2
+            if log is not None:
+                log(
+                    f"  out of GPU memory at evaluation batch {batch * 2} ({_models(surrogate, targets)}{share}): "
+                    f"measuring again at batch {batch}"
+                )
+
+
+def _models(surrogate: nn.Module, targets: Mapping[str, nn.Module]) -> str:
+    members = f"an ensemble of {len(surrogate.members)}" if isinstance(surrogate, Ensemble) else "one model"
+    return f"surrogate {members}, targets {', '.join(targets) or 'none'}"
 
 
 def _measure(surrogate, targets, data: EvalSet, config: EvalConfig, log, keep: KeptImages | None) -> list[MetricRow]:
@@ -218,7 +246,8 @@ def quick_transfer_asr(
     device = next(surrogate.parameters()).device
     data = eval_data.to(device)
     x, y = data.images.float() / 255, data.labels
-    with eval_mode(surrogate), eval_mode(*targets.values(), frozen=True):
+    # fp32 as the hook measures, whatever the training phase that calls it allows (raystudy.precision)
+    with eval_mode(surrogate), eval_mode(*targets.values(), frozen=True), tf32(False):
         clean = {"surrogate": _predict(surrogate, x, config.batch_size)}
         clean.update({name: _predict(m, x, config.batch_size) for name, m in targets.items()})
         rows = _transfer(surrogate, targets, x, y, None, "pgd", "untargeted", budget, clean, config)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raystudy.config.evaluation import DEFAULT_ITERATIONS, DEFAULT_TOLERANCE
+from raystudy.models import Ensemble
 from raystudy.modes import eval_mode, twice_differentiable
 
 
@@ -48,31 +49,79 @@ def input_hessian_top_eigenvalue(
     tolerance: float = DEFAULT_TOLERANCE,
     generator: torch.Generator | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = summed_cross_entropy,
+    start: torch.Tensor | None = None,
 ) -> PowerIterationResult:
     """Per-sample dominant eigenvalue of d^2 CE(f(x_i), y_i) / dx_i^2, all samples at once.
 
-    Stops when every sample's eigenvalue changed by less than `tolerance` (relative) in one
-    iteration, or after `iterations`. The caller puts the model in eval mode (required for the
-    samples to be independent); parameter gradients are not touched. `loss_fn(outputs, y)` must
-    be a sum of per-sample losses (summed cross-entropy by default).
+    Each sample stops at the first iteration where its eigenvalue changed by less than `tolerance`
+    (relative), its value kept from then on, so a sample's result does not depend on the others
+    in its batch; the loop ends when all have stopped, or after `iterations`. `start`: the first
+    vectors (default: drawn from `generator`). The caller puts the model in eval mode (required
+    for the samples to be independent); parameter gradients are not touched. `loss_fn(outputs, y)`
+    must be a sum of per-sample losses (summed cross-entropy by default). An LGV `Ensemble` is
+    differentiated member by member (one member's graph in memory at a time).
     """
-    x = x.detach().requires_grad_(True)
-    with twice_differentiable():
-        loss = loss_fn(model(x), y)
-    (grad,) = torch.autograd.grad(loss, x, create_graph=True)
-    v = _unit(torch.randn(x.shape, generator=generator, device="cpu").to(x.device))
-    eigenvalues = torch.zeros(x.shape[0], device=x.device)
+    if start is None:
+        start = torch.randn(x.shape, generator=generator, device="cpu")
+    hvp = _ensemble_hvp(model, x, y) if isinstance(model, Ensemble) else _hvp(model, x, y, loss_fn)
+    v = _unit(start.to(x.device, x.dtype))
+    eigenvalues = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
     converged = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     done = 0
     for done in range(1, iterations + 1):
-        (hv,) = torch.autograd.grad(grad, x, grad_outputs=v, retain_graph=True)
+        hv = hvp(v)
         new = (hv * v).flatten(1).sum(1)  # Rayleigh quotient v^T H v with ||v|| = 1
-        converged = (new - eigenvalues).abs() <= tolerance * new.abs().clamp_min(1e-12)
-        eigenvalues = new.detach()
+        stopping = (new - eigenvalues).abs() <= tolerance * new.abs().clamp_min(1e-12)
+        eigenvalues = torch.where(converged, eigenvalues, new.detach())
+        converged = converged | stopping
         v = _unit(hv.detach())
         if bool(converged.all()):
             break
     return PowerIterationResult(eigenvalues, done, converged)
+
+
+def _hvp(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn) -> Callable[[torch.Tensor], torch.Tensor]:
+    """v -> H v for every sample at once: one graph of the input gradient, reused by every product."""
+    x = x.detach().requires_grad_(True)
+    with twice_differentiable():
+        loss = loss_fn(model(x), y)
+    (grad,) = torch.autograd.grad(loss, x, create_graph=True)
+    return lambda v: torch.autograd.grad(grad, x, grad_outputs=v, retain_graph=True)[0]
+
+
+def _ensemble_hvp(ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """v -> H v of CE(mean of the members' logits), member by member. With z = mean_m z_m,
+    p = softmax(z) and g = p - onehot(y): grad = mean_m J_m^T g, and
+    H v = J^T S (J v) + mean_m d/dx [g^T J_m v] (g held), S = diag(p) - p p^T, J v = mean_m J_m v."""
+    members = list(ensemble.members)
+    x = x.detach()
+    with torch.no_grad():
+        p = torch.softmax(sum(m(x) for m in members) / len(members), dim=1)
+        g = p - F.one_hot(y, p.shape[1]).to(p.dtype)
+
+    def hvp(v: torch.Tensor) -> torch.Tensor:
+        u = sum(_member_jvp(m, x, v, keep_graph=False)[1] for m in members) / len(members)
+        s = p * u - p * (p * u).sum(1, keepdim=True)
+        out = torch.zeros_like(x)
+        for m in members:  # one member's graph at a time
+            xx = x.detach().requires_grad_(True)
+            z, jv = _member_jvp(m, xx, v, keep_graph=True)
+            out += torch.autograd.grad(((z * s).sum() + (jv * g).sum()) / len(members), xx)[0]
+        return out
+
+    return hvp
+
+
+def _member_jvp(member: nn.Module, x: torch.Tensor, v: torch.Tensor, keep_graph: bool):
+    """(logits, J v) of one member at x (which requires grad when `keep_graph`): J v by the double
+    backward trick, J v = d/dw <J^T w, v>, kept differentiable in x where asked."""
+    x_in = x if keep_graph else x.detach().requires_grad_(True)
+    with twice_differentiable():
+        z = member(x_in)
+    w = torch.zeros_like(z, requires_grad=True)
+    (jt_w,) = torch.autograd.grad((z * w).sum(), x_in, create_graph=True)
+    (jv,) = torch.autograd.grad((jt_w * v).sum(), w, create_graph=keep_graph)
+    return z, jv
 
 
 def smoothness(
@@ -84,12 +133,18 @@ def smoothness(
     tolerance: float = DEFAULT_TOLERANCE,
     seed: int = 0,
 ) -> torch.Tensor:
-    """|dominant input-Hessian eigenvalue| per sample (smaller = smoother), in eval mode, batched."""
-    generator = torch.Generator().manual_seed(seed)
+    """|dominant input-Hessian eigenvalue| per sample (smaller = smoother), in eval mode, batched.
+    Every sample's start vector is drawn at once, so the result does not depend on `batch_size`."""
+    starts = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), device="cpu")
     with eval_mode(model):
         values = [
             input_hessian_top_eigenvalue(
-                model, x[i : i + batch_size], y[i : i + batch_size], iterations, tolerance, generator
+                model,
+                x[i : i + batch_size],
+                y[i : i + batch_size],
+                iterations,
+                tolerance,
+                start=starts[i : i + batch_size],
             ).eigenvalues
             for i in range(0, len(x), batch_size)
         ]
