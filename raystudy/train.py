@@ -16,7 +16,7 @@ import os
 import platform
 import random
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -158,15 +158,30 @@ def train(
     state written at that epoch, or None. Raises TrainingDiverged on a non-finite loss.
     """
     dev = pick_device(device)
-    seed_everything(config.seed, config.deterministic)
-    out = Path(out_dir) if out_dir is not None else None
-    if dataset is None:
-        dataset = dataset_for(config)
-    dataset = dataset.to(dev)
-    model = _build(config, dataset, dev)
-    recipe = config.recipe()
-    with tf32(tf32_allowed(recipe)):  # raystudy.precision: per phase, restored after
-        return _train(config, dataset, model, recipe, dev, out, on_epoch_end, log)
+    with _global_algorithm_flags_restored():
+        seed_everything(config.seed, config.deterministic)
+        out = Path(out_dir) if out_dir is not None else None
+        if dataset is None:
+            dataset = dataset_for(config)
+        dataset = dataset.to(dev)
+        model = _build(config, dataset, dev)
+        recipe = config.recipe()
+        with tf32(tf32_allowed(recipe)):  # raystudy.precision: per phase, restored after
+            return _train(config, dataset, model, recipe, dev, out, on_epoch_end, log)
+
+
+@contextmanager
+def _global_algorithm_flags_restored():
+    """cuDNN autotuning and deterministic algorithms are process-wide: set for this training run
+    (seed_everything), then put back as they were for whatever the process runs next."""
+    benchmark = torch.backends.cudnn.benchmark
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
 def _train(config, dataset, model, recipe, dev, out, on_epoch_end, log) -> TrainResult:

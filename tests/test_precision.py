@@ -69,6 +69,29 @@ def test_training_sets_tf32_for_its_mechanism_and_leaves_the_flags_as_it_found_t
     assert tf32_flags() == {"matmul": True, "cudnn": False}
 
 
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_training_leaves_cudnn_autotuning_and_deterministic_algorithms_as_it_found_them(deterministic):
+    from raystudy.train import train
+
+    before = (torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled())
+    seen = []
+    try:
+        torch.backends.cudnn.benchmark = deterministic  # the opposite of what the run sets
+        train(
+            tiny("ST", deterministic=deterministic),
+            on_epoch_end=lambda *_: seen.append(
+                (torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled())
+            ),
+            device="cpu",
+            log=None,
+        )
+        assert seen == [(not deterministic, deterministic)]  # in force while it trains
+        assert torch.backends.cudnn.benchmark == deterministic and not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.backends.cudnn.benchmark = before[0]
+        torch.use_deterministic_algorithms(before[1])
+
+
 def test_a_phase_restores_the_flags_even_when_it_fails(flags_restored):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     with pytest.raises(ValueError), tf32(False):
