@@ -28,6 +28,7 @@ import platform
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from typing import Callable
 
 import torch
@@ -36,6 +37,7 @@ from raystudy.config import EvalConfig, TrainConfig
 from raystudy.mechanisms import ORDER, training_step
 from raystudy.metrics.hook import EvalSet, measure_surrogate
 from raystudy.models import build_model
+from raystudy.precision import tf32, tf32_allowed
 
 TRAIN_IMAGES = 50_000  # CIFAR-10's training split: steps per epoch = TRAIN_IMAGES // batch (drop last)
 PENALIZED = ("IR", "JR", "ER", "SAM&IR", "SAM&JR")
@@ -58,11 +60,39 @@ def seconds_per_call(fn: Callable[[], object], device: torch.device, steps: int,
     return (time.perf_counter() - start) / steps
 
 
-def step_timer(config: TrainConfig, args, device: torch.device, layout: Callable) -> Callable[[], object]:
+def training_layout(device: torch.device) -> Callable:
+    """What training runs (raystudy/train.py): channels_last models and batches on CUDA, else as built."""
+
+    def channels_last(t):  # a batch or a model
+        if isinstance(t, torch.Tensor):
+            return t.contiguous(memory_format=torch.channels_last)
+        return t.to(memory_format=torch.channels_last)
+
+    return channels_last if device.type == "cuda" else (lambda t: t)
+
+
+def under_training_flags(config: TrainConfig, step: Callable[[], object], recipe=None) -> Callable[[], object]:
+    """`step` under the precision training runs `config` with (raystudy.precision: TF32 per phase,
+    bf16 autocast where asked), set around every call so no timer leaves a flag to the next one;
+    `recipe`: whose TF32 setting to use (ST timed beside a mechanism runs under the mechanism's)."""
+    allowed = tf32_allowed(recipe or config.recipe())
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def flagged():
+        autocast = torch.autocast(device_type, torch.bfloat16) if config.precision == "bf16" else nullcontext()
+        with tf32(allowed), autocast:
+            return step()
+
+    return flagged
+
+
+def step_timer(config: TrainConfig, args, device: torch.device, layout: Callable | None = None) -> Callable[[], object]:
+    """One training step of `config` as training runs it (layout, precision; cudnn.benchmark is set
+    once in main as training sets it), on random images of the benchmark's shape."""
+    layout = layout or training_layout(device)
     torch.manual_seed(0)
     model = layout(build_model(args.model, 10, input_size=args.image_size).to(device))
     recipe = config.recipe()
-    torch.backends.cudnn.allow_tf32 = not recipe.takes_finite_differences  # as raystudy/train.py does
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=config.weight_decay)
     from raystudy.mechanisms.sam import SAM
 
@@ -82,6 +112,32 @@ def step_timer(config: TrainConfig, args, device: torch.device, layout: Callable
     return step
 
 
+def planned_step_bytes(config: TrainConfig, args) -> float | None:
+    """What raystudy.memory plans for this step (no dataset on the device), to hold against peak_bytes."""
+    from raystudy import memory
+
+    model = memory.model_bytes(args.model, args.image_size)
+    if model is None:
+        return None
+    recipe = config.recipe()
+    kwargs = dict(pixels=args.image_size, train_images=0, eval_batch=0, eval_images=0)
+    planned = memory.trial_memory(
+        "", model, [], train_batch=config.batch_size, recipe=recipe, sam=bool(recipe.sam_rho), **kwargs
+    )
+    return planned.training
+
+
+def peak_bytes(step: Callable[[], object], device: torch.device) -> int | None:
+    """The most memory one step allocates on a CUDA device (None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    synchronize(device)
+    return int(torch.cuda.max_memory_allocated(device))
+
+
 def variants(mechanism: str) -> list[str]:
     return ["exact", "finite_difference"] if mechanism in PENALIZED else ["exact"]
 
@@ -89,23 +145,29 @@ def variants(mechanism: str) -> list[str]:
 def time_mechanisms(args, device) -> list[dict]:
     """Every mechanism is timed beside ST: each round times ST, then the mechanism's faithful and
     fast steps, back to back, so a machine that slows down or speeds up (other jobs, clocks,
-    allocator warm-up) moves both sides of a ratio alike. Each row reports the median over rounds
-    and the spread (min, max) of its seconds per step and of its per-round ratio to ST."""
-    identity = lambda t: t  # noqa: E731
+    allocator warm-up) moves both sides of a ratio alike; ST runs under the mechanism's precision.
+    Each row reports the median over rounds, the spread (min, max) of its seconds per step and of
+    its per-round ratio to ST, and (CUDA) the peak memory of one step."""
 
-    def timer(mechanism: str, preset: str, gradient: str = "exact"):
-        config = TrainConfig.from_preset(
+    def config_of(mechanism: str, preset: str, gradient: str = "exact") -> TrainConfig:
+        return TrainConfig.from_preset(
             preset, mechanism=mechanism, batch_size=args.batch_size, penalty_gradient=gradient
         )
-        return step_timer(config, args, device, identity)
 
-    st_step = timer("ST", "fast")
-    seconds_per_call(st_step, device, args.steps, args.warmup)
+    def timer(mechanism: str, preset: str, gradient: str = "exact"):
+        config = config_of(mechanism, preset, gradient)
+        return under_training_flags(config, step_timer(config, args, device))
+
+    st_config = config_of("ST", "fast")
+    st_raw = step_timer(st_config, args, device)
+    seconds_per_call(under_training_flags(st_config, st_raw), device, args.steps, args.warmup)
     st_rounds: list[float] = []
     rows = []
     for mechanism in ORDER:
         for gradient in variants(mechanism):
             steps = {preset: timer(mechanism, preset, gradient) for preset in ("faithful", "fast")}
+            # ST timed under this mechanism's precision, so a ratio compares steps, not TF32 with fp32
+            st_step = under_training_flags(st_config, st_raw, config_of(mechanism, "fast", gradient).recipe())
             rounds: dict[str, list[float]] = {preset: [] for preset in steps}
             ratios: dict[str, list[float]] = {preset: [] for preset in steps}
             for round_ in range(args.rounds):
@@ -118,6 +180,8 @@ def time_mechanisms(args, device) -> list[dict]:
             for preset in steps:
                 rows.append(_row(mechanism, gradient, preset, rounds[preset], ratios[preset], args.batch_size))
                 r = rows[-1]
+                r["peak_bytes"] = peak_bytes(steps[preset], device)
+                r["planned_peak_bytes"] = planned_step_bytes(config_of(mechanism, preset, gradient), args)
                 print(
                     f"  {mechanism:7s} {gradient:17s} {preset:8s} {r['images_per_second']:10.1f} img/s  "
                     f"x ST {r['ratio_to_st']:.2f} [{r['ratio_to_st_min']:.2f}, {r['ratio_to_st_max']:.2f}]",
@@ -155,38 +219,65 @@ def _row(mechanism: str, gradient: str, preset: str, seconds: list[float], ratio
     }
 
 
+PACKING_TIMEOUT = 600  # seconds a packed copy may take to start or to finish its steps
+
+
 def _packed_worker(args, device, mechanism: str, gradient: str, barrier, queue) -> None:
     """One of `--packing` processes timing the same step at once (as trials sharing a GPU do)."""
-    torch.set_num_threads(max(1, torch.get_num_threads() // args.packing))
-    config = TrainConfig.from_preset("fast", mechanism=mechanism, batch_size=args.batch_size, penalty_gradient=gradient)
-    step = step_timer(config, args, device, lambda t: t)
-    seconds_per_call(step, device, 1, args.warmup)
-    barrier.wait()
-    queue.put(seconds_per_call(step, device, args.steps, 0))
+    try:
+        torch.backends.cudnn.benchmark = True
+        torch.set_num_threads(max(1, torch.get_num_threads() // args.packing))
+        config = TrainConfig.from_preset(
+            "fast", mechanism=mechanism, batch_size=args.batch_size, penalty_gradient=gradient
+        )
+        step = under_training_flags(config, step_timer(config, args, device))
+        seconds_per_call(step, device, 1, args.warmup)
+        barrier.wait(timeout=PACKING_TIMEOUT)
+        queue.put(("seconds", seconds_per_call(step, device, args.steps, 0)))
+    except BaseException as error:  # an OOM, a broken barrier: the parent reports it, never hangs
+        barrier.abort()
+        queue.put(("error", f"{type(error).__name__}: {str(error)[:200]}"))
 
 
 def time_packing(args, device, rows) -> dict[str, dict[str, float]]:
     """Aggregate throughput of `--packing` copies of each mechanism's step running at once, relative
     to one alone (its median step from the rounds above): the gain `raystudy plan` applies to trials
-    that share a device (gpu: 1/k)."""
+    that share a device (gpu: 1/k). A copy that fails or hangs past PACKING_TIMEOUT is reported and
+    that mechanism gets no gain (the plan falls back to ST's)."""
     import multiprocessing
+    import queue as queues
 
     context = multiprocessing.get_context("spawn")
-    alone = {(r["mechanism"], r["penalty_gradient"]): r["seconds_per_step"] for r in rows if r["preset"] == "fast"}
+    alone = {
+        (r["mechanism"], r["penalty_gradient"]): r["seconds_per_step"]
+        for r in rows
+        if r["preset"] == "fast" and (not args.packing_mechanisms or r["mechanism"] in args.packing_mechanisms)
+    }
     gains: dict[str, dict[str, float]] = {}
     for (mechanism, gradient), single in alone.items():
-        barrier, queue = context.Barrier(args.packing), context.Queue()
+        key = mechanism if gradient == "exact" else f"{mechanism}:{gradient}"
+        barrier, results = context.Barrier(args.packing), context.Queue()
         workers = [
-            context.Process(target=_packed_worker, args=(args, device, mechanism, gradient, barrier, queue))
+            context.Process(target=_packed_worker, args=(args, device, mechanism, gradient, barrier, results))
             for _ in range(args.packing)
         ]
         for worker in workers:
             worker.start()
-        packed = [queue.get(timeout=3600) for _ in workers]
+        answers = []
+        try:
+            answers = [results.get(timeout=2 * PACKING_TIMEOUT) for _ in workers]
+        except queues.Empty:
+            answers.append(("error", f"a copy gave no answer within {2 * PACKING_TIMEOUT} s"))
         for worker in workers:
-            worker.join()
-        gain = args.packing * single / max(packed)  # k steps in the time of the slowest copy's one
-        key = mechanism if gradient == "exact" else f"{mechanism}:{gradient}"
+            worker.join(timeout=30)
+            if worker.is_alive():
+                worker.kill()
+        failed = [text for kind, text in answers if kind == "error"]
+        failed += [f"a copy exited with {w.exitcode}" for w in workers if w.exitcode not in (0, None)]
+        if failed:
+            print(f"  {key:28s} {args.packing} at once: failed ({failed[0]})", flush=True)
+            continue
+        gain = args.packing * single / max(seconds for _, seconds in answers)  # k steps in the slowest copy's time
         gains[key] = {str(args.packing): gain}
         print(f"  {key:28s} {args.packing} at once: {gain:.2f}x one alone", flush=True)
     return gains
@@ -211,7 +302,10 @@ def time_hook(args, device, rows) -> dict:
     )
     config = EvalConfig(n_eval=n)
     synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     measured = measure_surrogate(surrogate, targets, eval_set, config)
+    peak = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
     parts = {row.statistic: row.value for row in measured if row.name == "seconds"}
     fast = TrainConfig.from_preset("fast")
     steps = fast.epochs * (TRAIN_IMAGES // args.batch_size)
@@ -226,6 +320,7 @@ def time_hook(args, device, rows) -> dict:
         "targets": list(names),
         "evaluation": {"budgets": list(config.budgets), "attacks": list(config.attacks), "modes": list(config.modes)},
         "seconds": parts,
+        "peak_bytes": peak,  # CUDA: the hook's peak at EvalConfig's batch, every model on the device
         "fast_training_seconds": training,
         "fraction_of_fast_training": {m: {p: s / t for p, s in parts.items()} for m, t in training.items()},
     }
@@ -245,11 +340,16 @@ def time_settings(args, device) -> list[dict]:
     out = []
     for mechanism in ("ST", "MU", "SAM", "AT"):
         config = TrainConfig.from_preset("fast", mechanism=mechanism, batch_size=args.batch_size)
-        base = seconds_per_call(step_timer(config, args, device, lambda t: t), device, args.steps, args.warmup)
+        base = seconds_per_call(
+            under_training_flags(config, step_timer(config, args, device, lambda t: t)), device, args.steps, args.warmup
+        )
         for name, layout in (("channels_last", channels_last), ("compile", compiled)):
             try:
                 seconds = seconds_per_call(
-                    step_timer(config, args, device, layout), device, args.steps, args.warmup + 2
+                    under_training_flags(config, step_timer(config, args, device, layout)),
+                    device,
+                    args.steps,
+                    args.warmup + 2,
                 )
             except Exception as error:  # a compiler missing on this machine is a result, not a crash
                 out.append({"mechanism": mechanism, "setting": name, "error": f"{type(error).__name__}: {error}"[:300]})
@@ -305,9 +405,16 @@ def main() -> None:
     parser.add_argument(
         "--packing", type=int, default=0, help="also time K copies of each step at once (the packing gain; 0: no)"
     )
+    parser.add_argument(
+        "--packing-mechanisms",
+        type=lambda text: text.split(","),
+        default=None,
+        help="comma list: time the packing of these mechanisms only (default: every one)",
+    )
     parser.add_argument("--json", help="also write the figures to this JSON file (with the command)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True  # as training sets it (raystudy/train.py, not deterministic)
     args.targets = args.targets or ("paper" if device.type == "cuda" else args.model)
     report = {
         "command": "python " + " ".join(sys.argv),

@@ -38,6 +38,10 @@ def init_local_ray(**kwargs) -> None:
     folder = ray_token_file().parent
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     folder.chmod(0o700)  # no other user can open the token, whatever mode Ray gives the file
+    # A new cluster of its own: without `address`, ray.init joins any Ray it finds running on this
+    # machine (/tmp/ray), someone else's study included. A driver that `ray job submit` started on a
+    # cluster is told where it runs (RAY_ADDRESS) and joins that one, as Ray intends.
+    kwargs.setdefault("address", None if os.environ.get("RAY_ADDRESS") else "local")
     ray.init(**kwargs)
     keep_token_private()
     address = ray.util.get_node_ip_address()

@@ -32,10 +32,12 @@ def test_the_calibration_script_dry_runs_on_the_cpu(tmp_path):
         ["bash", ROOT / "benchmarks" / "gpu_calibration.sh"], capture_output=True, text=True, env=env, timeout=900
     )
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    costs = json.loads((tmp_path / "out" / "throughput_h100.json").read_text())
+    costs = json.loads((tmp_path / "out" / "throughput_cpu.json").read_text())  # named after the device
     measured = {(r["mechanism"], r["penalty_gradient"]) for r in costs["mechanisms"]}
     assert {("SAM&JR", "exact"), ("SAM&JR", "finite_difference"), ("AT", "exact")} <= measured
-    report = tmp_path / "out" / "calibration_h100"
+    assert all(r["planned_peak_bytes"] > 0 and "peak_bytes" in r for r in costs["mechanisms"])  # None on a CPU
+    assert set(costs["packing_gain"]) == {"ST"} and costs["packing_gain"]["ST"]["2"] > 0
+    report = tmp_path / "out" / "calibration_cpu"
     assert {"report.md", "report.html", "trials.csv", "findings.json", "COMMANDS.md"} <= {
         p.name for p in report.iterdir()
     }
@@ -47,3 +49,15 @@ def test_the_calibration_script_dry_runs_on_the_cpu(tmp_path):
     )
     assert again.returncode == 0 and "raystudy resume" in again.stdout, again.stderr[-3000:]
     assert yaml.safe_load((ROOT / "search_spaces" / "calibration.yaml").read_text())["resources"]["gpu"] == 0.25
+
+
+def test_the_calibration_script_says_in_one_line_where_no_gpu_is_seen(tmp_path):
+    env = {**os.environ, "DEVICE": "cuda", "CUDA_VISIBLE_DEVICES": "", "OUT": str(tmp_path / "out")}
+    out = subprocess.run(["bash", ROOT / "benchmarks" / "gpu_calibration.sh"], capture_output=True, text=True, env=env)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "gpu_calibration.sh: torch sees no CUDA device here; run it on the GPU machine (or SMOKE=1 for a CPU dry run)"
+    ]
+    wrong = subprocess.run(
+        ["bash", ROOT / "benchmarks" / "gpu_calibration.sh", "--datta", "x"], capture_output=True, text=True
+    )
+    assert wrong.returncode == 2 and "unknown argument --datta" in wrong.stderr

@@ -87,3 +87,40 @@ def test_an_older_token_readable_by_others_is_made_the_owners(tmp_path, monkeypa
     ray_token_file().chmod(0o644)
     keep_token_private()
     assert stat.S_IMODE(ray_token_file().stat().st_mode) == 0o600
+
+
+def test_a_local_ray_is_its_own_even_where_another_ray_runs(tmp_path):
+    import signal
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"HOME": str(tmp_path)}
+    head = subprocess.Popen(
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}", "--num-cpus=1",
+         "--include-dashboard=false", "--block"],
+        env=env | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},  # on loopback, as raystudy's own are
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    probe = (
+        "import ray\nfrom raystudy.local_ray import init_local_ray\n"
+        "init_local_ray(num_cpus=1, include_dashboard=False)\n"
+        "print(ray.get_runtime_context().gcs_address)\nray.shutdown()\n"
+    )
+    for _ in range(240):  # until the other cluster's GCS answers
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.5)
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert not out.stdout.strip().splitlines()[-1].endswith(f":{port}")  # not the other cluster
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
