@@ -283,7 +283,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from raystudy.confirm import resume_then_confirm
     from raystudy.study import all_finished
 
-    results = resume_then_confirm(args.experiment, args.address, args.num_cpus, args.targets_file)
+    results = resume_then_confirm(args.experiment, args.address, args.num_cpus, args.targets_file, args.eval_batch_size)
     return 0 if all_finished(results) else 1
 
 
@@ -597,6 +597,8 @@ def _add_ray_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_study(sub) -> None:
+    from raystudy.config.evaluation import LIMITS as EVAL_LIMITS
+
     v = sub.add_parser("validate", help="check search-space files without running them")
     v.add_argument("spaces", nargs="+", help="search_spaces/*.yaml")
     v.set_defaults(func=cmd_validate)
@@ -633,6 +635,11 @@ def _add_study(sub) -> None:
     r = sub.add_parser("resume", help="finish an interrupted study without re-running finished trials")
     r.add_argument("experiment", help="<storage>/<study name>")
     r.add_argument("--targets-file", help=TARGETS_FILE_HELP)
+    r.add_argument(
+        "--eval-batch-size",
+        type=_number_flag(EVAL_LIMITS["batch_size"]),
+        help="the trial-end hook's batch from now on (its values do not depend on it): for hooks out of memory",
+    )
     _add_ray_options(r)
     r.set_defaults(func=cmd_resume)
     c = sub.add_parser("plan", help="what a study will cost (GPU-hours, wall time) before it runs")

@@ -38,9 +38,9 @@ def run_then_confirm(spec: StudySpec, raw: Any, storage_path: str, address=None,
     return then_confirm(spec, raw, results, storage_path, experiment, **ray)
 
 
-def resume_then_confirm(experiment: str, address=None, num_cpus=None, targets_file=None):
+def resume_then_confirm(experiment: str, address=None, num_cpus=None, targets_file=None, eval_batch_size=None):
     """Finish an interrupted study, then (a search with `confirm`) its confirmation."""
-    results = resume_study(experiment, address, num_cpus, targets_file)
+    results = resume_study(experiment, address, num_cpus, targets_file, eval_batch_size)
     record = load_record(experiment)
     spec = parse_space(record["study"], record["source"], record.get("data"))
     location = storage.normalize(experiment)

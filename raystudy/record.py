@@ -234,7 +234,9 @@ def checked_best_config(best: Any, location: str) -> dict[str, Any]:
             need(isinstance(row, dict), "a confirmed row")
             for key in ("role", "label", "objective_metric"):
                 need(isinstance(row.get(key), str), f"a confirmed row's {key}")
-            need(_is_list_of(row.get("seeds"), int), "a confirmed row's seeds")
+            seeds = row.get("seeds")
+            need(isinstance(seeds, int) and not isinstance(seeds, bool), "a confirmed row's seeds (a count)")
+            need(isinstance(row.get("magnitudes", {}), dict), "a confirmed row's magnitudes")
             for key, value in row.items():
                 if key.endswith(("_mean", "_std")):
                     need(value is None or _is_number(value), f"a confirmed row's {key}")

@@ -582,14 +582,22 @@ def load_record(experiment: str) -> dict[str, Any]:
 
 
 def resume_study(
-    experiment: str, address: str | None = None, num_cpus: int | None = None, targets_file: str | None = None
+    experiment: str,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    targets_file: str | None = None,
+    eval_batch_size: int | None = None,
 ):
-    """Finish an interrupted experiment: unfinished and errored trials go on, finished ones stay."""
+    """Finish an interrupted experiment: unfinished and errored trials go on, finished ones stay.
+    `eval_batch_size`: the trial-end hook's batch from now on (a trial whose hook ran out of memory
+    resumes from its last epoch's checkpoint and is measured at it; the values do not depend on it)."""
     from ray import tune
 
     record = load_record(experiment)
     spec = parse_space(record["study"], record["source"], record["data"])
     check_record_matches(spec, storage.normalize(experiment))
+    if eval_batch_size is not None:
+        spec = dataclasses.replace(spec, evaluation=dataclasses.replace(spec.evaluation, batch_size=eval_batch_size))
     _init_ray(address, num_cpus)
     tuner = tune.Tuner.restore(
         storage.normalize(experiment),

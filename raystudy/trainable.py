@@ -112,7 +112,16 @@ def _run_in(work: Path, study: StudySpec, plan: TrialPlan, dataset, storage_path
         identity.update(label=plan.loaded.name, weights=provenance)
         rows = []
     else:
-        result = train(plan.train, dataset=dataset, out_dir=work, on_epoch_end=on_epoch_end, device=device, log=print)
+        try:
+            result = train(
+                plan.train, dataset=dataset, out_dir=work, on_epoch_end=on_epoch_end, device=device, log=print
+            )
+        except torch.OutOfMemoryError:
+            raise RaystudyError(
+                f"training {plan.train.model} at batch {plan.train.batch_size} ran out of GPU memory in its share "
+                f"(gpu {study.resources.gpu:g} of {device}): `raystudy plan` estimates what each setting needs; "
+                "raise resources.gpu or lower train.batch_size"
+            ) from None
         rows = training_rows(result.history[-1] if result.history else {})
         surrogate = result.model
         identity["label"] = mechanism_label(

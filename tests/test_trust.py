@@ -388,12 +388,22 @@ def test_a_bad_url_region_or_label_map_is_one_line(values, why):
                 "confirmed": {
                     "experiment": "e",
                     "seeds": [0],
+                    "rows": [{"role": "t", "label": "x", "objective_metric": "m", "seeds": [0]}],
+                }
+            },
+            "a confirmed row's seeds",
+        ),
+        (
+            {
+                "confirmed": {
+                    "experiment": "e",
+                    "seeds": [0],
                     "rows": [
-                        _row := {
+                        {
                             "role": "top",
                             "label": "x",
                             "objective_metric": "m",
-                            "seeds": [0],
+                            "seeds": 1,
                             "objective_mean": "hi",
                         }
                     ],
@@ -433,8 +443,9 @@ def test_a_best_config_as_written_passes_its_check():
                 {
                     "role": "top",
                     "label": "x",
+                    "magnitudes": {"rho": 0.1},
                     "objective_metric": "m",
-                    "seeds": [0, 1],
+                    "seeds": 2,
                     "objective_mean": 0.5,
                     "objective_std": None,
                 }
@@ -571,3 +582,31 @@ def test_a_targets_file_the_bucket_points_to_is_read_only_if_only_the_user_can_w
     with pytest.raises(RaystudyError, match="give it with --targets-file"):
         users_endpoints(spec, str(tmp_path), None)
     assert users_endpoints(spec, str(tmp_path), str(targets / "t.yaml"))[0] == str(targets / "t.yaml")
+
+
+def test_resume_can_measure_at_another_evaluation_batch_and_nothing_else_changes(tmp_path, monkeypatch):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from ray import tune
+    from test_analysis_records import VALUES, write_experiment
+
+    from raystudy import study
+
+    folder = write_experiment(tmp_path, VALUES)
+    seen = {}
+    monkeypatch.setattr(study, "_init_ray", lambda *args: None)
+    monkeypatch.setattr(study, "_trainable", lambda spec, *args, **kwargs: seen.setdefault("spec", spec))
+
+    class Restored:
+        def fit(self):
+            return []
+
+    def restore(*args, **kwargs):
+        seen["how"] = kwargs
+        return Restored()
+
+    monkeypatch.setattr(tune.Tuner, "restore", staticmethod(restore))
+    monkeypatch.setattr(study, "_finish", lambda *args: [])
+    study.resume_study(str(folder), eval_batch_size=16)
+    original = parse_space(json.loads((folder / "raystudy-study.json").read_text())["study"], "hand.yaml")
+    assert seen["spec"].evaluation.batch_size == 16 and original.evaluation.batch_size == 250
+    assert seen["spec"].plans == original.plans and seen["how"]["resume_errored"]  # a failed hook is measured again
