@@ -19,7 +19,6 @@
 # DATA=DIR works as --data does; without either (and without $RAYSTUDY_DATA) only parts 1-2 run.
 # A rerun resumes: finished targets and trials are kept (`raystudy resume`).
 set -uo pipefail
-cd "$(dirname "$0")/.."
 
 DATA=${DATA:-${RAYSTUDY_DATA:-}}
 while [ $# -gt 0 ]; do
@@ -29,6 +28,12 @@ while [ $# -gt 0 ]; do
         *) echo "gpu_calibration.sh: unknown argument $1 (use --data DIR)" >&2; exit 2 ;;
     esac
 done
+# a relative --data is the caller's, not the repository's
+if [ -n "$DATA" ] && [ "$DATA" != synthetic ]; then
+    [ -d "$DATA" ] || { echo "gpu_calibration.sh: --data $DATA: no such folder" >&2; exit 2; }
+    DATA=$(cd "$DATA" && pwd)
+fi
+cd "$(dirname "$0")/.."
 OUT=${OUT:-results}
 STORAGE=${STORAGE:-$HOME/raystudy_calibration}
 DEVICE=${DEVICE:-cuda}
@@ -62,14 +67,18 @@ PY
         --targets tiny_cnn --n-eval 16 --packing 2 --packing-mechanisms ST)
     RAY=(--num-cpus 2)
 fi
-if [ "$DEVICE" = cuda ] && ! python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+PLAN=()
+if [ "${DEVICE#cuda}" != "$DEVICE" ] && ! python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
     echo "gpu_calibration.sh: torch sees no CUDA device here; run it on the GPU machine (or SMOKE=1 for a CPU dry run)" >&2
     exit 2
 fi
 NAME=$(python -c "
 import re, sys, torch
-name = torch.cuda.get_device_name() if sys.argv[1] == 'cuda' else 'cpu'
+name = torch.cuda.get_device_name(sys.argv[1]) if sys.argv[1].startswith('cuda') else 'cpu'
 print(re.sub(r'[^a-z0-9]+', '_', name.lower()).strip('_'))" "$DEVICE")
+if [ "${DEVICE#cuda}" != "$DEVICE" ]; then  # plan memory for this card, not cluster.yaml's
+    PLAN=(--gpu-memory "$(python -c "import sys, torch; print(torch.cuda.get_device_properties(sys.argv[1]).total_memory >> 20)" "$DEVICE")MiB")
+fi
 REPORT="$OUT/calibration_$NAME"
 COSTS="$OUT/throughput_$NAME.json"
 DATA_FLAG=()
@@ -80,15 +89,15 @@ resume_or() {  # a rerun finishes the experiment instead of refusing it
     local verb=$1 space=$2 name
     name=$(python -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['name'])" "$space")
     if [ -f "$STORAGE/$name/raystudy-study.json" ]; then
-        run raystudy resume "$STORAGE/$name" "${RAY[@]}"
+        run raystudy resume "$STORAGE/$name" ${RAY[@]+"${RAY[@]}"}
     else
-        run raystudy "$verb" "$space" --storage "$STORAGE" "${DATA_FLAG[@]}" "${RAY[@]}"
+        run raystudy "$verb" "$space" --storage "$STORAGE" ${DATA_FLAG[@]+"${DATA_FLAG[@]}"} ${RAY[@]+"${RAY[@]}"}
     fi
 }
 
 mkdir -p "$REPORT"
-run raystudy plan "$SPACES/calibration_targets.yaml"
-run raystudy plan "$SPACES/calibration.yaml"
+run raystudy plan "$SPACES/calibration_targets.yaml" ${PLAN[@]+"${PLAN[@]}"}
+run raystudy plan "$SPACES/calibration.yaml" ${PLAN[@]+"${PLAN[@]}"}
 start=$(date +%s)
 run python benchmarks/throughput.py "${THROUGHPUT[@]}" --json "$COSTS"
 if [ -z "$DATA" ]; then

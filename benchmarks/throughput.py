@@ -113,29 +113,30 @@ def step_timer(config: TrainConfig, args, device: torch.device, layout: Callable
 
 
 def planned_step_bytes(config: TrainConfig, args) -> float | None:
-    """What raystudy.memory plans for this step (no dataset on the device), to hold against peak_bytes."""
+    """What raystudy.memory plans for one step's activations (slack included), to hold against
+    peak_step_bytes; None for a model it has no measurement of."""
     from raystudy import memory
 
     model = memory.model_bytes(args.model, args.image_size)
     if model is None:
         return None
-    recipe = config.recipe()
     kwargs = dict(pixels=args.image_size, train_images=0, eval_batch=0, eval_images=0)
-    planned = memory.trial_memory(
-        "", model, [], train_batch=config.batch_size, recipe=recipe, sam=bool(recipe.sam_rho), **kwargs
-    )
-    return planned.training
+    planned = memory.trial_memory("", model, [], train_batch=config.batch_size, recipe=config.recipe(), **kwargs)
+    return planned.training_per_image * config.batch_size
 
 
-def peak_bytes(step: Callable[[], object], device: torch.device) -> int | None:
-    """The most memory one step allocates on a CUDA device (None on the CPU)."""
+def peak_step_bytes(step: Callable[[], object], device: torch.device) -> int | None:
+    """The most memory one step allocates on a CUDA device beyond what was allocated before it (the
+    models, optimizer states and image buffers of every timer alive): its activations and transients.
+    None on the CPU."""
     if device.type != "cuda":
         return None
     synchronize(device)
+    before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     step()
     synchronize(device)
-    return int(torch.cuda.max_memory_allocated(device))
+    return int(torch.cuda.max_memory_allocated(device) - before)
 
 
 def variants(mechanism: str) -> list[str]:
@@ -147,7 +148,8 @@ def time_mechanisms(args, device) -> list[dict]:
     fast steps, back to back, so a machine that slows down or speeds up (other jobs, clocks,
     allocator warm-up) moves both sides of a ratio alike; ST runs under the mechanism's precision.
     Each row reports the median over rounds, the spread (min, max) of its seconds per step and of
-    its per-round ratio to ST, and (CUDA) the peak memory of one step."""
+    its per-round ratio to ST, and (CUDA) one step's peak memory beyond what was allocated before it, beside
+    raystudy.memory's planned figure for it."""
 
     def config_of(mechanism: str, preset: str, gradient: str = "exact") -> TrainConfig:
         return TrainConfig.from_preset(
@@ -180,8 +182,8 @@ def time_mechanisms(args, device) -> list[dict]:
             for preset in steps:
                 rows.append(_row(mechanism, gradient, preset, rounds[preset], ratios[preset], args.batch_size))
                 r = rows[-1]
-                r["peak_bytes"] = peak_bytes(steps[preset], device)
-                r["planned_peak_bytes"] = planned_step_bytes(config_of(mechanism, preset, gradient), args)
+                r["peak_step_bytes"] = peak_step_bytes(steps[preset], device)
+                r["planned_step_bytes"] = planned_step_bytes(config_of(mechanism, preset, gradient), args)
                 print(
                     f"  {mechanism:7s} {gradient:17s} {preset:8s} {r['images_per_second']:10.1f} img/s  "
                     f"x ST {r['ratio_to_st']:.2f} [{r['ratio_to_st_min']:.2f}, {r['ratio_to_st_max']:.2f}]",

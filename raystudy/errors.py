@@ -11,3 +11,7 @@ def require_extra(module: str, extra: str, purpose: str) -> None:
 
     if importlib.util.find_spec(module) is None:
         raise RaystudyError(f"{purpose} needs {module}, which is not installed: pip install 'raystudy[{extra}]'")
+
+
+class OutOfGpuMemory(RaystudyError):
+    """A phase of a trial that does not fit its GPU share: retrying it the same way fails the same way."""

@@ -35,6 +35,9 @@ ALLOCATOR_SLACK = 1.15  # the caching allocator's rounding and fragmentation
 # A double backward (exact IR/JR/ER, smoothness's HVPs) keeps the forward graph and the backward
 # graph built to differentiate it: about twice the forward's saved bytes, three with the forward.
 DOUBLE_BACKWARD_FACTOR = 3.0
+# An ensemble member's Hessian-vector product (raystudy.metrics.smoothness._ensemble_hvp) also keeps
+# the graph of its Jacobian-vector product: 3.3x the forward's bytes measured on a ResNet-18.
+ENSEMBLE_HVP_FACTOR = 4.0
 FINITE_DIFFERENCE_FACTOR = 2.0  # two forward graphs alive (the pattern held from the first)
 
 # (saved bytes per image for backward, weights' bytes) of NAME@PIXELS, CIFAR variants at 32 px and
@@ -60,21 +63,23 @@ MEASURED: dict[str, tuple[int, int]] = {
 }
 
 # GPU memory of the cards of common cloud instance types (cluster.yaml's worker `InstanceType` or
-# `machineType`), for `raystudy plan` without --gpu-memory.
+# `machineType`), for `raystudy plan` without --gpu-memory: what nvidia-smi reports, in MiB (less
+# than the GB a card is sold as).
+MiB = 1 << 20
 INSTANCE_GPU_MEMORY = {
-    "g4dn": 16 * GiB,  # T4
-    "g5": 24 * GiB,  # A10G
-    "g6": 24 * GiB,  # L4
-    "g6e": 48 * GiB,  # L40S
-    "p3": 16 * GiB,  # V100 16 GB
-    "p4d": 40 * GiB,  # A100 40 GB
-    "p4de": 80 * GiB,  # A100 80 GB
-    "p5": 80 * GiB,  # H100
-    "p5e": 141 * GiB,  # H200
-    "a2-highgpu": 40 * GiB,  # GCP A100 40 GB
-    "a2-ultragpu": 80 * GiB,  # GCP A100 80 GB
-    "a3-highgpu": 80 * GiB,  # GCP H100
-    "g2-standard": 24 * GiB,  # GCP L4
+    "g4dn": 15_360 * MiB,  # T4
+    "g5": 23_028 * MiB,  # A10G
+    "g6": 23_034 * MiB,  # L4
+    "g6e": 46_068 * MiB,  # L40S
+    "p3": 16_384 * MiB,  # V100 16 GB
+    "p4d": 40_960 * MiB,  # A100 40 GB
+    "p4de": 81_920 * MiB,  # A100 80 GB
+    "p5": 81_559 * MiB,  # H100 80 GB
+    "p5e": 143_771 * MiB,  # H200
+    "a2-highgpu": 40_960 * MiB,  # GCP A100 40 GB
+    "a2-ultragpu": 81_920 * MiB,  # GCP A100 80 GB
+    "a3-highgpu": 81_559 * MiB,  # GCP H100
+    "g2-standard": 23_034 * MiB,  # GCP L4
 }
 DATASET_PIXELS = {"cifar10": 32, "imagenette": 224, "imagenet": 224}
 DATASET_TRAIN_IMAGES = {"cifar10": 50_000, "imagenette": 9_469, "imagenet": 0, "synthetic": 512}
@@ -169,6 +174,7 @@ def trial_memory(
     trains: bool = True,
     lgv_members: int = 0,
     lgv_batch: int = 0,
+    lgv_recipe: Any = None,
 ) -> TrialMemory:
     """The two phases' memory, in bytes, with allocator slack (module docstring)."""
     unknown = tuple(["surrogate"] if surrogate is None else []) + tuple(
@@ -179,16 +185,17 @@ def trial_memory(
     image = 3 * pixels * pixels
     training_fixed = training_per_image = 0.0
     if trains:
-        state = s.weights * (4 if sam else 3)  # weights, gradients, momentum (+ SAM's saved weights)
+        lgv_sam = bool(lgv_members and lgv_recipe is not None and lgv_recipe.sam_rho)
+        state = s.weights * (4 if sam or lgv_sam else 3)  # weights, gradients, momentum (+ SAM's saved weights)
         training_fixed = state + train_images * image  # the dataset, uint8 on the device
-        # LGV fine-tunes at its own batch with a plain step: the larger of the two steps
-        training_per_image = max(
-            s.saved_per_image * step_factor(recipe), s.saved_per_image * lgv_batch / max(1, train_batch)
-        )
+        # LGV fine-tunes at its own batch with its base's step (ST, SAM or SAM&JR): the larger step
+        lgv_step = s.saved_per_image * step_factor(lgv_recipe) * lgv_batch / max(1, train_batch) if lgv_members else 0
+        training_per_image = max(s.saved_per_image * step_factor(recipe), lgv_step)
     members = max(1, lgv_members)
-    hook_fixed = s.weights * members + sum(t.weights for t in known) + eval_images * image * (1 + 4)
+    # the evaluation set kept as uint8 and in use as float32, and the attacks' float32 AEs of it
+    hook_fixed = s.weights * members + sum(t.weights for t in known) + eval_images * image * (1 + 4 + 4)
     parts = {  # per image of the hook's batch
-        "smoothness": s.saved_per_image * DOUBLE_BACKWARD_FACTOR,
+        "smoothness": s.saved_per_image * (ENSEMBLE_HVP_FACTOR if lgv_members else DOUBLE_BACKWARD_FACTOR),
         "similarity": max([s.saved_per_image, *(t.saved_per_image for t in known)]),
         "attacks": s.saved_per_image + 2 * image * 4,  # the graph, the AE and its gradient
     }

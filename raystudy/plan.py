@@ -479,7 +479,7 @@ def trial_memories(spec: StudySpec, target_plans: list[TrialPlan] | None) -> lis
     """Each setting's planned peak memory (raystudy.memory), once per label; `target_plans`: the
     plans of the study's targets study (None: unknown, the hook is planned without targets)."""
     out: dict[str, memory.TrialMemory] = {}
-    for plan in trial_plans(spec):
+    for plan in _memory_plans(spec):
         label = _label(plan)
         if label in out:
             continue
@@ -502,8 +502,19 @@ def trial_memories(spec: StudySpec, target_plans: list[TrialPlan] | None) -> lis
             trains=plan.loaded is None,
             lgv_members=plan.lgv.epochs * plan.lgv.models_per_epoch if plan.lgv else 0,
             lgv_batch=plan.lgv.batch_size if plan.lgv else 0,
+            lgv_recipe=_as_mechanism(train, plan.lgv.base_for(train)).recipe() if plan.lgv else None,
         )
     return list(out.values())
+
+
+def _memory_plans(spec: StudySpec) -> list[TrialPlan]:
+    """The plans whose memory bounds the study's: a grid's own; a search's at the high corner of its
+    box (the largest batch and magnitudes), once per mechanism it samples, and its confirmation."""
+    if spec.search is None:
+        return list(spec.plans)
+    corner = spec.search_corner("high")
+    mechanisms = [TrialPlan(_as_mechanism(corner.train, m), corner.lgv) for m in spec.search.mechanisms[1:]]
+    return [corner, *mechanisms, *trial_plans(spec)[spec.search.num_samples :]]
 
 
 def render_memory(
@@ -518,7 +529,7 @@ def render_memory(
     lines = ["", f"memory (planned per trial, {memory.ALLOCATOR_SLACK:.2f}x allocator slack; raystudy/memory.py):"]
     if cap is not None:
         lines.append(
-            f"  share: gpu {share:g} of {memory.gib(card.memory)} ({card.what}): {memory.gib(cap)} less the context"
+            f"  share: gpu {share:g} of {memory.gib(card.memory)} ({card.what}) = {memory.gib(cap)} after the context"
         )
     elif share > 0:
         lines.append("  no card named (--gpu-memory 24GiB, or a cluster.yaml with a known GPU worker type)")

@@ -8,6 +8,7 @@ its latest Ray checkpoint; one whose training had finished goes straight to the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -18,12 +19,12 @@ from typing import Any
 import torch
 from ray import tune
 
-from raystudy import lgv, storage
+from raystudy import lgv, memory, storage
 from raystudy.checkpoint import MODEL_FILE, STATE_FILE, load_model, save_model
 from raystudy.config import EvalConfig, StudySpec, TrialPlan
 from raystudy.config.study import averaged_over_targets
 from raystudy.data import dataset_for
-from raystudy.errors import RaystudyError
+from raystudy.errors import OutOfGpuMemory, RaystudyError
 from raystudy.loaded import load_loaded_model, model_meta
 from raystudy.mechanisms import mechanism_label
 from raystudy.metrics.hook import KeptImages, make_eval_set, measure_surrogate, quick_transfer_asr
@@ -62,6 +63,11 @@ def run_trial(config: dict[str, Any], study: StudySpec, storage_path: str) -> No
         shutil.rmtree(work, ignore_errors=True)
 
 
+OUT_OF_MEMORY_FILE = (
+    "raystudy-out-of-memory.json"  # a trial's phase that did not fit its share, beside its final result
+)
+
+
 def trial_folder(trial_id: str) -> str:
     """A trial's folder in the experiment (short: Ray's default packs the whole config into it)."""
     return f"trial_{trial_id}"
@@ -83,14 +89,40 @@ def _run_in(work: Path, study: StudySpec, plan: TrialPlan, dataset, storage_path
         print("this trial finished before its driver was lost: reporting its kept final result", flush=True)
         tune.report(json.loads(storage.read_bytes(final_location)))
         return
+    out_of_memory = storage.join(final_location.rsplit("/", 1)[0], OUT_OF_MEMORY_FILE)
+    _refuse_a_known_out_of_memory(out_of_memory, study)
+    try:
+        _train_and_measure(work, study, plan, dataset, storage_path, device, final_location)
+    except OutOfGpuMemory as err:
+        # Ray would retry it max_failures times from the last checkpoint, failing the same way: say
+        # so once, for this share and evaluation batch (a resume with another batch tries again).
+        settings = {"gpu": study.resources.gpu, "eval_batch_size": study.evaluation.batch_size}
+        storage.write_bytes(out_of_memory, json.dumps({"error": str(err), "settings": settings}).encode())
+        raise
+
+
+def _refuse_a_known_out_of_memory(location: str, study: StudySpec) -> None:
+    """A trial that ran out of GPU memory with these settings before fails at once, in one line."""
+    known = storage.read_json(location, limit=1 << 16, missing_ok=True)
+    if not isinstance(known, dict) or not isinstance(known.get("error"), str):
+        return
+    settings = {"gpu": study.resources.gpu, "eval_batch_size": study.evaluation.batch_size}
+    if known.get("settings") == settings:
+        raise OutOfGpuMemory(f"{known['error'][:600]} (not tried again with the same settings)")
+
+
+def _train_and_measure(work, study, plan, dataset, storage_path, device, final_location) -> None:
+    """Train or load, report every epoch, run the hook at a batch planned for the share, keep the
+    final result, then report it."""
     columns = progress_columns(plan)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         checkpoint.to_directory(str(work))  # holds checkpoint.pt: train() resumes from it
     targets = eval_set = kept = None
+    target_models: list[str] = []
     if study.kind != "targets":
         # On the CPU while the surrogate trains: on the GPU only for the proxy and the hook.
-        targets = _load_targets(storage_path, study.targets, work, torch.device("cpu"))
+        targets, target_models = _load_targets(storage_path, study.targets, work, torch.device("cpu"))
         eval_set = make_eval_set(dataset.test, dataset.num_classes, study.evaluation)
         # Black-box targets are queried after training (raystudy.query) with the images kept here.
         kept = KeptImages() if load_endpoints(targets_location(storage_path, study.targets)) else None
@@ -100,7 +132,7 @@ def _run_in(work: Path, study: StudySpec, plan: TrialPlan, dataset, storage_path
         metrics = {**columns, **record, FINAL_KEY: 0}
         if proxy is not None and int(record["epoch"]) % study.search.proxy_every == 0:
             budget = study.search.proxy_budget
-            with on_device(targets, device):
+            with on_device(targets, device), _out_of_memory_is("the ASHA proxy", plan, study, device):
                 metrics["proxy/asr"] = quick_transfer_asr(model, targets, proxy, study.evaluation, budget)
         _report(metrics, state_path, storage_path)
 
@@ -112,16 +144,10 @@ def _run_in(work: Path, study: StudySpec, plan: TrialPlan, dataset, storage_path
         identity.update(label=plan.loaded.name, weights=provenance)
         rows = []
     else:
-        try:
+        with _out_of_memory_is(f"training at batch {plan.train.batch_size}", plan, study, device):
             result = train(
                 plan.train, dataset=dataset, out_dir=work, on_epoch_end=on_epoch_end, device=device, log=print
             )
-        except torch.OutOfMemoryError:
-            raise RaystudyError(
-                f"training {plan.train.model} at batch {plan.train.batch_size} ran out of GPU memory in its share "
-                f"(gpu {study.resources.gpu:g} of {device}): `raystudy plan` estimates what each setting needs; "
-                "raise resources.gpu or lower train.batch_size"
-            ) from None
         rows = training_rows(result.history[-1] if result.history else {})
         surrogate = result.model
         identity["label"] = mechanism_label(
@@ -132,13 +158,19 @@ def _run_in(work: Path, study: StudySpec, plan: TrialPlan, dataset, storage_path
         storage.write_bytes(location, (work / MODEL_FILE).read_bytes())
     else:
         if plan.lgv is not None:  # a restarted trial redoes this short phase from the trained surrogate
-            surrogate = lgv.collect(
-                plan.train, work / MODEL_FILE, dataset, plan.lgv, work / "lgv", device=device, log=print
-            )
-        print(f"trial-end hook: {len(eval_set.labels)} images, targets {', '.join(targets)}", flush=True)
+            with _out_of_memory_is(f"LGV's fine-tuning at batch {plan.lgv.batch_size}", plan, study, device):
+                surrogate = lgv.collect(
+                    plan.train, work / MODEL_FILE, dataset, plan.lgv, work / "lgv", device=device, log=print
+                )
+        evaluation = _hook_evaluation(study, plan, dataset, target_models, device)
+        print(
+            f"trial-end hook: {len(eval_set.labels)} images at batch {evaluation.batch_size}, "
+            f"targets {', '.join(targets)}",
+            flush=True,
+        )
         share = f"; gpu {study.resources.gpu:g} of {device}" if device.type == "cuda" else ""
         with on_device(targets, device):
-            rows += measure_surrogate(surrogate.to(device), targets, eval_set, study.evaluation, print, kept, share)
+            rows += measure_surrogate(surrogate.to(device), targets, eval_set, evaluation, print, kept, share)
         if kept is not None:
             save_kept_images(final_location.rsplit("/", 1)[0], eval_set, kept, dataset.classes)
         if study.search is not None and study.search.objective_targets:
@@ -195,19 +227,58 @@ def on_device(models: dict[str, torch.nn.Module], device: torch.device):
             torch.cuda.empty_cache()
 
 
-def _load_targets(storage_path: str, targets_study: str, work: Path, device) -> dict[str, torch.nn.Module]:
-    """Copy the targets from the storage path (any node can reach it) and load them weights-only."""
+def _load_targets(storage_path: str, targets_study: str, work: Path, device) -> tuple[dict[str, torch.nn.Module], list]:
+    """Copy the targets from the storage path (any node can reach it) and load them weights-only;
+    with their architectures' names."""
     location = targets_location(storage_path, targets_study)
     names = storage.list_files(location, ".pt")
     if not names and not load_endpoints(location):
         raise RaystudyError(f"no targets under {location}")
     local = work / "targets"
     local.mkdir(parents=True, exist_ok=True)
-    targets = {}
+    targets, models = {}, []
     for name in names:
         (local / name).write_bytes(storage.read_bytes(storage.join(location, name)))
-        targets[name[: -len(".pt")]] = load_model(local / name, device)[0]
-    return targets
+        targets[name[: -len(".pt")]], meta = load_model(local / name, device)
+        models.append(str(meta.get("model")))
+    return targets, models
+
+
+@contextmanager
+def _out_of_memory_is(phase: str, plan: TrialPlan, study: StudySpec, device: torch.device):
+    """A CUDA out-of-memory error in `phase` as one line naming it, the model and the share."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise OutOfGpuMemory(
+            f"{phase} of {plan.train.model} ran out of GPU memory in its share (gpu {study.resources.gpu:g} of "
+            f"{device}): `raystudy plan` estimates what each setting needs; raise resources.gpu"
+        ) from None
+
+
+def _hook_evaluation(study: StudySpec, plan: TrialPlan, dataset, target_models: list[str], device) -> EvalConfig:
+    """The evaluation settings with the hook's batch planned to fit this trial's share of this card
+    (raystudy.memory; it still halves on an out-of-memory error); on the CPU, the study's."""
+    if device.type != "cuda":
+        return study.evaluation
+    total = torch.cuda.get_device_properties(device).total_memory
+    cap = memory.share_bytes(min(1.0, study.resources.gpu), total)
+    pixels = dataset.image_size
+    architecture = plan.loaded.architecture if plan.loaded else plan.train.model
+    planned = memory.trial_memory(
+        "",
+        memory.model_bytes(architecture or "", pixels),
+        [memory.model_bytes(m, pixels) for m in target_models],
+        pixels=pixels,
+        train_batch=plan.train.batch_size,
+        train_images=0,
+        eval_batch=study.evaluation.batch_size,
+        eval_images=study.evaluation.n_eval or len(dataset.test),
+        trains=False,
+        lgv_members=plan.lgv.epochs * plan.lgv.models_per_epoch if plan.lgv else 0,
+    )
+    batch = planned.hook_batch_within(cap) if not planned.unknown else study.evaluation.batch_size
+    return dataclasses.replace(study.evaluation, batch_size=max(1, batch or 1))
 
 
 def _proxy(study: StudySpec, dataset):

@@ -35,7 +35,7 @@ def test_the_calibration_script_dry_runs_on_the_cpu(tmp_path):
     costs = json.loads((tmp_path / "out" / "throughput_cpu.json").read_text())  # named after the device
     measured = {(r["mechanism"], r["penalty_gradient"]) for r in costs["mechanisms"]}
     assert {("SAM&JR", "exact"), ("SAM&JR", "finite_difference"), ("AT", "exact")} <= measured
-    assert all(r["planned_peak_bytes"] > 0 and "peak_bytes" in r for r in costs["mechanisms"])  # None on a CPU
+    assert all(r["planned_step_bytes"] > 0 and "peak_step_bytes" in r for r in costs["mechanisms"])  # None on a CPU
     assert set(costs["packing_gain"]) == {"ST"} and costs["packing_gain"]["ST"]["2"] > 0
     report = tmp_path / "out" / "calibration_cpu"
     assert {"report.md", "report.html", "trials.csv", "findings.json", "COMMANDS.md"} <= {

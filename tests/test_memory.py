@@ -13,7 +13,7 @@ import yaml
 
 from raystudy import memory
 from raystudy.activation_memory import bytes_per_image, measure, saved_bytes
-from raystudy.config import load_space
+from raystudy.config import TrainConfig, load_space
 from raystudy.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +72,12 @@ def test_every_part_of_the_estimate_grows_where_it_should():
     ensemble = memory.trial_memory("LGV", resnet, [resnet], lgv_members=40, lgv_batch=256, **base)
     assert inception.hook_per_image > plain.hook_per_image and inception.hook_part == "similarity"
     assert ensemble.hook_fixed == pytest.approx(plain.hook_fixed + 39 * resnet.weights * memory.ALLOCATOR_SLACK)
-    assert ensemble.hook_per_image == plain.hook_per_image  # member by member: one member's graph at a time
+    # member by member: one member's graph at a time, its HVP holding its Jacobian-vector product too
+    assert ensemble.hook_per_image == pytest.approx(plain.hook_per_image * 4 / 3)
+    # LGV fine-tunes at batch 256 with its base's step: SAM&JR's finite differences keep two graphs
+    fd = TrainConfig.from_preset("fast", mechanism="SAM&JR").recipe()
+    lgv_fd = memory.trial_memory("LGV", resnet, [], lgv_members=40, lgv_batch=256, lgv_recipe=fd, **base)
+    assert lgv_fd.training_per_image == pytest.approx(resnet.saved_per_image * 2 * 2 * memory.ALLOCATOR_SLACK)
 
 
 def plan(path: Path, *flags: str) -> subprocess.CompletedProcess:
@@ -88,15 +93,15 @@ def test_a_study_that_cannot_fit_its_share_is_refused_in_one_line_with_the_fix(t
     out = plan(tmp_path / "targets.yaml")  # ./cluster.yaml: one A10G of 24 GiB per worker
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert "trial 'inception_v3 (inception_v3)' needs about" in out.stderr
-    assert "gpu 0.25 of 24.0 GiB" in out.stderr and "raise resources.gpu to 0.35" in out.stderr
+    assert "gpu 0.25 of 22.5 GiB" in out.stderr and "raise resources.gpu to 0.4" in out.stderr
     assert plan(tmp_path / "targets.yaml", "--gpu-memory", "80GiB").returncode == 0
 
 
 def test_the_plan_says_the_hooks_batch_and_where_cpus_bound_the_packing(tmp_path):
     out = plan(ROOT / "search_spaces" / "table.yaml")
     assert out.returncode == 0, out.stderr
-    assert "share: gpu 0.25 of 24.0 GiB (gpu_worker's g5.2xlarge" in out.stdout
-    assert "hook  12.9 GiB at batch 250 (similarity), runs at batch 62" in out.stdout
+    assert "share: gpu 0.25 of 22.5 GiB (gpu_worker's g5.2xlarge in cluster.yaml) = 4.6 GiB after" in out.stdout
+    assert "hook  13.0 GiB at batch 250 (similarity), runs at batch 62" in out.stdout
     values = yaml.safe_load((ROOT / "search_spaces" / "table.yaml").read_text())
     values["resources"] = {"cpu": 4, "gpu": 0.25}
     (tmp_path / "table.yaml").write_text(yaml.safe_dump(values))
@@ -107,10 +112,53 @@ def test_the_plan_says_the_hooks_batch_and_where_cpus_bound_the_packing(tmp_path
 
 def test_shipped_gpu_studies_pack_on_the_shipped_workers_by_cpus_as_by_gpu_share():
     card = memory.card_from_cluster(ROOT / "cluster.yaml")
-    assert card.memory == 24 * memory.GiB and card.cpus_per_gpu == 8
+    assert card.memory == 23_028 * memory.MiB and card.cpus_per_gpu == 8  # an A10G as nvidia-smi reports it
     for path in sorted((ROOT / "search_spaces").glob("*.yaml")):
         spec = load_space(path)
         if spec.resources.gpu > 0:
             by_gpu = int(1 / spec.resources.gpu + 1e-9)
             assert by_gpu * spec.resources.cpu <= card.cpus_per_gpu, path.name
             assert (by_gpu + 1) * spec.resources.cpu > card.cpus_per_gpu or by_gpu == 1, path.name
+
+
+def test_the_hook_starts_at_the_batch_planned_for_its_share_of_the_card(monkeypatch):
+    from types import SimpleNamespace
+
+    from raystudy import trainable
+    from raystudy.config.study import TrialPlan
+
+    spec = load_space(ROOT / "search_spaces" / "table.yaml")
+    plan = TrialPlan(TrainConfig.from_preset("fast", mechanism="ST", model="resnet18", dataset="cifar10"))
+    dataset = SimpleNamespace(image_size=32, test=range(10_000))
+    card = SimpleNamespace(total_memory=23_028 * memory.MiB)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: card)
+    paper = ["resnet50", "vgg16", "inception_v3", "densenet121"]
+    cuda = trainable._hook_evaluation(spec, plan, dataset, paper, torch.device("cuda", 0))
+    assert spec.evaluation.batch_size == 250 and cuda.batch_size == 62  # as `raystudy plan` says
+    assert cuda.budgets == spec.evaluation.budgets  # nothing else changes
+    assert trainable._hook_evaluation(spec, plan, dataset, paper, torch.device("cpu")) is spec.evaluation
+    unknown = trainable._hook_evaluation(spec, plan, dataset, ["a_model_never_measured"], torch.device("cuda", 0))
+    assert unknown.batch_size == 250  # not guessed: it halves on an out-of-memory error instead
+
+
+def test_a_trial_out_of_memory_with_the_same_settings_fails_at_once_and_a_new_batch_tries_again(tmp_path):
+    import dataclasses
+    import json
+
+    from raystudy import trainable
+    from raystudy.config.study import TrialPlan
+    from raystudy.errors import OutOfGpuMemory
+
+    spec = load_space(ROOT / "search_spaces" / "table.yaml")
+    plan = TrialPlan(TrainConfig.from_preset("fast", mechanism="ST"))
+    with pytest.raises(OutOfGpuMemory, match="training at batch 128 of resnet18 ran out of GPU memory .*gpu 0.25"):
+        with trainable._out_of_memory_is("training at batch 128", plan, spec, torch.device("cuda", 0)):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate ...")
+    marker = tmp_path / trainable.OUT_OF_MEMORY_FILE
+    trainable._refuse_a_known_out_of_memory(str(marker), spec)  # none yet: nothing to refuse
+    settings = {"gpu": 0.25, "eval_batch_size": 250}
+    marker.write_text(json.dumps({"error": "the hook ran out of GPU memory even at batch 1", "settings": settings}))
+    with pytest.raises(OutOfGpuMemory, match="even at batch 1 \\(not tried again with the same settings\\)"):
+        trainable._refuse_a_known_out_of_memory(str(marker), spec)
+    smaller = dataclasses.replace(spec, evaluation=dataclasses.replace(spec.evaluation, batch_size=16))
+    trainable._refuse_a_known_out_of_memory(str(marker), smaller)  # resume --eval-batch-size 16: tried again

@@ -34,7 +34,7 @@ from torch import nn
 
 from raystudy.config.evaluation import MODES, EvalConfig  # noqa: F401 (MODES re-exported)
 from raystudy.data import Split, balanced_subset
-from raystudy.errors import RaystudyError
+from raystudy.errors import OutOfGpuMemory, RaystudyError
 from raystudy.metrics.asr import fooling_rate, transfer_success
 from raystudy.metrics.attacks import PIXEL, autoattack, make_attack
 from raystudy.metrics.similarity import gradient_cosine, input_gradients
@@ -135,7 +135,7 @@ def measure_surrogate(
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             if batch == 1:
-                raise RaystudyError(
+                raise OutOfGpuMemory(
                     f"the trial-end hook ran out of GPU memory even at batch 1 ({_models(surrogate, targets)}"
                     f"{share}): give the trial a larger resources.gpu share (raystudy plan estimates it)"
                 ) from None

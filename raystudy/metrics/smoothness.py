@@ -63,6 +63,8 @@ def input_hessian_top_eigenvalue(
     """
     if start is None:
         start = torch.randn(x.shape, generator=generator, device="cpu")
+    if isinstance(model, Ensemble) and loss_fn is not summed_cross_entropy:
+        raise ValueError("an Ensemble is differentiated member by member for the summed cross-entropy only")
     hvp = _ensemble_hvp(model, x, y) if isinstance(model, Ensemble) else _hvp(model, x, y, loss_fn)
     v = _unit(start.to(x.device, x.dtype))
     eigenvalues = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
