@@ -262,6 +262,7 @@ def _study_command(kind: str):
         if spec.kind != kind:
             verb = {"grid": "run", "targets": "targets", "search": "search"}[spec.kind]
             raise RaystudyError(f"{args.space} is a kind: {spec.kind} study: use `raystudy {verb} {args.space}`")
+        _memory_before_a_local_launch(spec, args)
         results = run_then_confirm(
             spec,
             raw,
@@ -276,6 +277,20 @@ def _study_command(kind: str):
         return 0 if all_finished(results) else 1
 
     return command
+
+
+def _memory_before_a_local_launch(spec, args: argparse.Namespace) -> None:
+    """A local study on this machine's GPU is held against that card before Ray starts, as
+    `raystudy plan` does (on a cluster the driver does not know its workers' cards: plan first)."""
+    import torch
+
+    if args.address or spec.resources.gpu <= 0 or not torch.cuda.is_available():
+        return
+    from raystudy import memory
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    card = memory.Card(float(total), f"this machine's {torch.cuda.get_device_name(0)}")
+    _plan_memory(spec, argparse.Namespace(space=args.space), card)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:

@@ -162,3 +162,21 @@ def test_a_trial_out_of_memory_with_the_same_settings_fails_at_once_and_a_new_ba
         trainable._refuse_a_known_out_of_memory(str(marker), spec)
     smaller = dataclasses.replace(spec, evaluation=dataclasses.replace(spec.evaluation, batch_size=16))
     trainable._refuse_a_known_out_of_memory(str(marker), smaller)  # resume --eval-batch-size 16: tried again
+
+
+def test_a_local_study_that_cannot_fit_this_machines_gpu_is_refused_before_ray_starts(tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from raystudy.cli import main
+
+    values = yaml.safe_load((ROOT / "search_spaces" / "targets.yaml").read_text())
+    values["resources"] = {"cpu": 2, "gpu": 0.25}
+    (tmp_path / "targets.yaml").write_text(yaml.safe_dump(values))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=23_028 << 20))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "NVIDIA A10G")
+    monkeypatch.setattr("raystudy.confirm.run_then_confirm", lambda *a, **k: pytest.fail("Ray was started"))
+    assert main(["targets", str(tmp_path / "targets.yaml"), "--storage", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trial 'inception_v3 (inception_v3)' needs about 6.9 GiB" in err[0]
+    assert "(gpu 0.25 of 22.5 GiB" in err[0] and not (tmp_path / "runs").exists()
