@@ -305,8 +305,6 @@ def _findings(report: Report, tidy: pd.DataFrame, out: Path) -> None:
 def _similarity_matrix(
     report: Report, experiments: list[Experiment], out: Path, wanted: bool, n_images: int, say
 ) -> None:
-    from analysis.similarity_matrix import heatmap, similarity_matrix
-
     report.heading("Similarity matrix between mechanisms")
     if not wanted:
         report.paragraph(
@@ -314,6 +312,8 @@ def _similarity_matrix(
             "and needs the data on this machine)."
         )
         return
+    from analysis.similarity_matrix import heatmap, similarity_matrix  # torch: only when drawn
+
     drawn = False
     for experiment in (e for e in experiments if e.spec.kind == "grid"):
         say(f"similarity matrix of {experiment.name}: loading the trials' weights")

@@ -121,7 +121,7 @@ def planned_step_bytes(config: TrainConfig, args) -> float | None:
     if model is None:
         return None
     kwargs = dict(pixels=args.image_size, train_images=0, eval_batch=0, eval_images=0)
-    planned = memory.trial_memory("", model, [], train_batch=config.batch_size, recipe=config.recipe(), **kwargs)
+    planned = memory.trial_memory("", model, [], train_batch=config.batch_size, shape=config.shape(), **kwargs)
     return planned.training_per_image * config.batch_size
 
 

@@ -16,7 +16,7 @@ def _fmt(values) -> str:
 
 
 def cmd_mechanisms(args: argparse.Namespace) -> int:
-    from raystudy.lgv import LGV_BASES, LgvPhase
+    from raystudy.config.lgv import LGV_BASES, LgvPhase
     from raystudy.mechanisms import MECHANISMS
 
     rows = [("mechanism", "magnitude", "CIFAR-10 grid", "ImageNette grid", "default (C10 / IN)", "what a step does")]
@@ -312,7 +312,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     if spec.kind == "targets":
         raise RaystudyError(f"{args.experiment} is a targets study: query the studies that attack its targets")
     from raystudy.query import load_endpoints
-    from raystudy.trainable import targets_location
+    from raystudy.record import targets_location
 
     experiment = storage.normalize(args.experiment)
     if not load_endpoints(targets_location(experiment.rsplit("/", 1)[0], spec.targets)):
@@ -386,7 +386,7 @@ def _study_endpoints(spec, space: str, storage_path: str | None) -> list:
     from its study file beside this one (`<targets>.yaml`)."""
     from raystudy.config import load_space
     from raystudy.query import load_endpoints
-    from raystudy.trainable import targets_location
+    from raystudy.record import targets_location
 
     if spec.kind == "targets" or not spec.targets:
         return []

@@ -148,13 +148,14 @@ class TrialMemory:
         return int((cap - self.training_fixed) // self.training_per_image) if self.training_per_image else 0
 
 
-def step_factor(recipe: Any) -> float:
-    """Saved activations of one training step of `recipe` relative to a plain forward/backward."""
-    if recipe is None:
+def step_factor(shape: Any) -> float:
+    """Saved activations of one training step relative to a plain forward/backward, from the step's
+    shape (`TrainConfig.shape()`: raystudy.mechanisms.StepShape)."""
+    if shape is None:
         return 1.0
-    if any(p.double_backward for p in recipe.penalties):
+    if shape.double_backward:
         return DOUBLE_BACKWARD_FACTOR
-    if recipe.takes_finite_differences:
+    if shape.takes_finite_differences:
         return FINITE_DIFFERENCE_FACTOR
     return 1.0  # an attack's steps and SAM's two passes run one after the other
 
@@ -169,12 +170,11 @@ def trial_memory(
     train_images: int,
     eval_batch: int,
     eval_images: int,
-    recipe: Any = None,
-    sam: bool = False,
+    shape: Any = None,
     trains: bool = True,
     lgv_members: int = 0,
     lgv_batch: int = 0,
-    lgv_recipe: Any = None,
+    lgv_shape: Any = None,
 ) -> TrialMemory:
     """The two phases' memory, in bytes, with allocator slack (module docstring)."""
     unknown = tuple(["surrogate"] if surrogate is None else []) + tuple(
@@ -185,12 +185,12 @@ def trial_memory(
     image = 3 * pixels * pixels
     training_fixed = training_per_image = 0.0
     if trains:
-        lgv_sam = bool(lgv_members and lgv_recipe is not None and lgv_recipe.sam_rho)
-        state = s.weights * (4 if sam or lgv_sam else 3)  # weights, gradients, momentum (+ SAM's saved weights)
+        sam = any(x is not None and x.sam for x in (shape, lgv_shape if lgv_members else None))
+        state = s.weights * (4 if sam else 3)  # weights, gradients, momentum (+ SAM's saved weights)
         training_fixed = state + train_images * image  # the dataset, uint8 on the device
         # LGV fine-tunes at its own batch with its base's step (ST, SAM or SAM&JR): the larger step
-        lgv_step = s.saved_per_image * step_factor(lgv_recipe) * lgv_batch / max(1, train_batch) if lgv_members else 0
-        training_per_image = max(s.saved_per_image * step_factor(recipe), lgv_step)
+        lgv_step = s.saved_per_image * step_factor(lgv_shape) * lgv_batch / max(1, train_batch) if lgv_members else 0
+        training_per_image = max(s.saved_per_image * step_factor(shape), lgv_step)
     members = max(1, lgv_members)
     # the evaluation set kept as uint8 and in use as float32, and the attacks' float32 AEs of it
     hook_fixed = s.weights * members + sum(t.weights for t in known) + eval_images * image * (1 + 4 + 4)

@@ -425,7 +425,7 @@ def _label(plan: TrialPlan) -> str:
     label, _ = mechanism_label(train.mechanism, dict(train.magnitudes), train.dataset, lgv=plan.lgv is not None)
     if plan.target_name:
         label = f"{plan.target_name} ({train.model})"
-    return label + (" [FD]" if train.penalty_gradient == "finite_difference" and train.recipe().penalties else "")
+    return label + (" [FD]" if train.penalty_gradient == "finite_difference" and train.shape().has_penalties else "")
 
 
 def endpoint_queries(spec: StudySpec, endpoints) -> list[dict[str, Any]]:
@@ -484,7 +484,7 @@ def trial_memories(spec: StudySpec, target_plans: list[TrialPlan] | None) -> lis
         if label in out:
             continue
         train, pixels = plan.train, _pixels(plan.train)
-        recipe = None if plan.loaded else train.recipe()
+        shape = None if plan.loaded else train.shape()
         is_target = spec.kind == "targets"
         targets = [] if is_target else [memory.model_bytes(_model_of(t), pixels) for t in target_plans or []]
         out[label] = memory.trial_memory(
@@ -497,12 +497,11 @@ def trial_memories(spec: StudySpec, target_plans: list[TrialPlan] | None) -> lis
             + (train.n_test or DATASET_TEST_IMAGES[train.dataset]),
             eval_batch=0 if is_target else spec.evaluation.batch_size,
             eval_images=0 if is_target else (spec.evaluation.n_eval or DATASET_TEST_IMAGES[train.dataset]),
-            recipe=recipe,
-            sam=bool(recipe and recipe.sam_rho),
+            shape=shape,
             trains=plan.loaded is None,
             lgv_members=plan.lgv.epochs * plan.lgv.models_per_epoch if plan.lgv else 0,
             lgv_batch=plan.lgv.batch_size if plan.lgv else 0,
-            lgv_recipe=_as_mechanism(train, plan.lgv.base_for(train)).recipe() if plan.lgv else None,
+            lgv_shape=_as_mechanism(train, plan.lgv.base_for(train)).shape() if plan.lgv else None,
         )
     return list(out.values())
 

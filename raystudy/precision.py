@@ -53,7 +53,8 @@ def memory_fraction(gpu: float, total_bytes: int) -> float:
 
 
 def tf32_allowed(recipe) -> bool:
-    """A training step may use TF32 unless it depends on small input or weight perturbations."""
+    """A training step (a Recipe, or its StepShape) may use TF32 unless it depends on small input
+    or weight perturbations."""
     return not (recipe.input_sensitive or recipe.takes_finite_differences)
 
 

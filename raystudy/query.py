@@ -20,14 +20,17 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
 
 from raystudy import storage
 from raystudy.config.endpoint import EndpointSpec, check_label_map
 from raystudy.errors import RaystudyError
+
+if TYPE_CHECKING:
+    import torch
+
 from raystudy.record import ADVERSARIAL_DIR, ENDPOINT_ROWS_FILE, FINAL_FILE, MetricRow
 
 CLEAN_SET = "clean"
@@ -38,7 +41,7 @@ ENDPOINT_SUFFIX = ".endpoint.json"
 # The images a trial keeps
 
 
-def encode_pngs(images: torch.Tensor) -> dict[str, np.ndarray]:
+def encode_pngs(images: "torch.Tensor") -> dict[str, np.ndarray]:
     """uint8 (N, 3, H, W) as concatenated PNG bytes and offsets (the packed layout of the data)."""
     import torchvision.io
 

@@ -25,6 +25,14 @@ FINAL_FILE = "raystudy-final.json"  # a trial's final result, kept in its folder
 ENDPOINT_ROWS_FILE = "raystudy-endpoint-rows.json"  # its black-box targets' rows (raystudy.query), beside it
 ADVERSARIAL_DIR = "adversarial"  # the images its hook kept for the endpoints (raystudy.query), beside it
 DIMENSIONS = ("attack", "mode", "budget", "statistic", "target")
+TARGETS_DIR = "targets"  # <storage>/<targets study>/targets/<name>.pt (and <name>.endpoint.json)
+
+
+def targets_location(storage_path: str, targets_study: str) -> str:
+    """Where a targets study keeps its trained targets and endpoint specs."""
+    from raystudy import storage
+
+    return storage.join(storage_path, targets_study, TARGETS_DIR)
 
 
 @dataclass(frozen=True)

@@ -30,15 +30,18 @@ from raystudy.mechanisms import mechanism_label
 from raystudy.metrics.hook import KeptImages, make_eval_set, measure_surrogate, quick_transfer_asr
 from raystudy.precision import device_for_share, memory_fraction
 from raystudy.query import load_endpoints, save_kept_images
-from raystudy.record import FINAL_FILE, flat, make_record, objective_rows, training_rows
+from raystudy.record import (  # noqa: F401 (TARGETS_DIR, targets_location re-exported)
+    FINAL_FILE,
+    TARGETS_DIR,
+    flat,
+    make_record,
+    objective_rows,
+    targets_location,
+    training_rows,
+)
 from raystudy.train import train, versions
 
-TARGETS_DIR = "targets"  # <storage>/<targets study>/targets/<name>.pt
 FINAL_KEY = "final"  # 1 on the result that carries the hook's metrics
-
-
-def targets_location(storage_path: str, targets_study: str) -> str:
-    return storage.join(storage_path, targets_study, TARGETS_DIR)
 
 
 def progress_columns(plan: TrialPlan) -> dict[str, Any]:

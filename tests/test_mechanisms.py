@@ -192,3 +192,18 @@ def test_sam_ascent_has_norm_rho_and_weights_are_restored():
     assert math.isclose(float(moved), 0.05, rel_tol=1e-4)
     sam.restore()
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("gradient", ["exact", "finite_difference"])
+def test_a_mechanisms_traits_say_what_its_built_recipe_holds(name, gradient):
+    from raystudy.config import TrainConfig
+
+    config = TrainConfig.from_preset("fast", mechanism=name, penalty_gradient=gradient)
+    recipe, shape = config.recipe(), config.shape()
+    assert shape.adversary == (recipe.adversary is not None) and shape.sam == (recipe.sam_rho is not None)
+    assert shape.has_penalties == bool(recipe.penalties)
+    assert shape.input_sensitive == recipe.input_sensitive
+    assert shape.takes_finite_differences == recipe.takes_finite_differences
+    assert shape.double_backward == any(p.double_backward for p in recipe.penalties)
+    assert get_mechanism(name).traits.transform == (recipe.transform is not None)

@@ -75,8 +75,8 @@ def test_every_part_of_the_estimate_grows_where_it_should():
     # member by member: one member's graph at a time, its HVP holding its Jacobian-vector product too
     assert ensemble.hook_per_image == pytest.approx(plain.hook_per_image * 4 / 3)
     # LGV fine-tunes at batch 256 with its base's step: SAM&JR's finite differences keep two graphs
-    fd = TrainConfig.from_preset("fast", mechanism="SAM&JR").recipe()
-    lgv_fd = memory.trial_memory("LGV", resnet, [], lgv_members=40, lgv_batch=256, lgv_recipe=fd, **base)
+    fd = TrainConfig.from_preset("fast", mechanism="SAM&JR").shape()
+    lgv_fd = memory.trial_memory("LGV", resnet, [], lgv_members=40, lgv_batch=256, lgv_shape=fd, **base)
     assert lgv_fd.training_per_image == pytest.approx(resnet.saved_per_image * 2 * 2 * memory.ALLOCATOR_SLACK)
 
 

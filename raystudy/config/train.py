@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from raystudy.errors import RaystudyError
-from raystudy.mechanisms import get_mechanism
+from raystudy.mechanisms import PENALTY_GRADIENTS, StepShape, get_mechanism
 from raystudy.mechanisms.base import grid_family
-from raystudy.mechanisms.finite_difference import PENALTY_GRADIENTS, with_penalty_gradient
 
 # --- Checks of single values, shared by the configuration layer (study files, flags, records) ------
 # Each raises a one-line RaystudyError naming the key and saying what is allowed; `show` keeps a bad
@@ -302,8 +301,15 @@ class TrainConfig:
             if getattr(self, key) is not None:
                 limits.check(key, getattr(self, key))
 
+    def shape(self) -> StepShape:
+        """What the step does (adversary, penalties and how their gradient is taken, SAM), without
+        building it: no torch."""
+        return get_mechanism(self.mechanism).traits.step(self.penalty_gradient)
+
     def recipe(self):
         """The step's parts; the magnitudes were resolved and checked when this config was made."""
+        from raystudy.mechanisms.finite_difference import with_penalty_gradient
+
         recipe = get_mechanism(self.mechanism).build(dict(self.magnitudes), grid_family(self.dataset))
         recipe = with_penalty_gradient(recipe, self.penalty_gradient)
         return dataclasses.replace(recipe, sam_bn_second_pass=self.sam_bn == "both")
@@ -391,8 +397,8 @@ def _mechanism_facts(mechanism: str, magnitudes: Any, dataset: str) -> tuple[tup
 def _mechanism_facts_of(mechanism: str, magnitudes: tuple, dataset: str) -> tuple[tuple, bool, bool]:
     spec = get_mechanism(mechanism)
     resolved = spec.resolve(dict(magnitudes), dataset)
-    recipe = spec.build(resolved, grid_family(dataset))
-    return tuple(sorted(resolved.items())), bool(recipe.penalties), recipe.input_sensitive
+    shape = spec.traits.step("exact")
+    return tuple(sorted(resolved.items())), shape.has_penalties, shape.input_sensitive
 
 
 def check_model_name(name: str, input_size: int) -> None:

@@ -1,4 +1,5 @@
-"""Adversarial training (AT) with small L2 budgets: train on x + delta, delta from L2 PGD."""
+"""Adversarial training (AT) with small L2 budgets: train on x + delta, delta from L2 PGD (the spec,
+its magnitude and PGD schedule: raystudy/mechanisms/specs.py)."""
 
 from __future__ import annotations
 
@@ -7,19 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from raystudy.mechanisms.base import MechanismSpec, Param, Recipe, register
 from raystudy.mechanisms.step import soft_cross_entropy
 from raystudy.modes import eval_mode
-
-EPSILON = Param(
-    "epsilon",
-    "L2 radius of the training perturbation ([0,1] pixels)",
-    grids={"cifar10": (0.01, 0.03, 0.05, 0.1, 0.2, 0.5, 1.0), "imagenette": (0.05, 0.1, 0.2, 0.5, 1.0, 3.0, 5.0)},
-    defaults={"cifar10": 0.03, "imagenette": 1.0},
-    low=0.0,
-)
-# (steps, step size as a fraction of epsilon) per grid family, as in METHOD.md.
-PGD_SCHEDULE = {"cifar10": (10, 0.25), "imagenette": (5, 0.4)}
 
 
 def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
@@ -51,11 +41,3 @@ class L2PGD:
                 delta = delta * (self.epsilon / _per_sample_norm(delta)).clamp(max=1.0)
                 delta = (x + delta).clamp(0.0, 1.0) - x
         return (x + delta).detach()
-
-
-def _build(m, family: str) -> Recipe:
-    steps, fraction = PGD_SCHEDULE[family]
-    return Recipe(adversary=L2PGD(m["epsilon"], steps, fraction * m["epsilon"]))
-
-
-register(MechanismSpec("AT", "adversarial training on L2 PGD examples (adversarial batch only)", (EPSILON,), _build))

@@ -14,36 +14,10 @@ from typing import Callable
 
 import torch
 
-from raystudy.mechanisms.base import MechanismSpec, Param, Recipe, register
-
 ROUNDS = 2  # independent rounds of MU / CM per batch, as in the published code
 
 # A fresh batch of (images in [0, 1], soft labels) from the training set, the size of the batch.
 Partners = Callable[[], tuple[torch.Tensor, torch.Tensor]]
-
-PROBABILITY_GRID = (0.1, 0.3, 0.5, 0.7, 0.9)
-
-
-def _probability(meaning: str) -> Param:
-    return Param(
-        "p",
-        meaning,
-        grids={"cifar10": PROBABILITY_GRID, "imagenette": PROBABILITY_GRID},
-        defaults={"cifar10": 0.1, "imagenette": 0.1},
-        low=0.0,
-        high=1.0,
-        low_inclusive=True,
-    )
-
-
-CUTOUT_SIZE = Param(
-    "size",
-    "cutout square side in pixels (at most)",
-    grids={"cifar10": (8, 12, 16, 20, 24), "imagenette": (80, 100, 120, 140, 160)},
-    defaults={"cifar10": 8, "imagenette": 80},
-    low=0.0,
-    integer=True,
-)
 
 
 def _box_masks(b: int, h: int, w: int, box_h: torch.Tensor, box_w: torch.Tensor, device) -> torch.Tensor:
@@ -115,32 +89,3 @@ class Cutout:
         side = torch.full((b,), int(self.size), device=x.device)
         mask = _box_masks(b, h, w, side, side, x.device)
         return x.masked_fill(mask, 0.0), y_soft
-
-
-register(
-    MechanismSpec(
-        "MU",
-        "mixup with a fresh partner, probability p per sample (2 rounds)",
-        (_probability("mixup probability per sample"),),
-        lambda m, family: Recipe(transform=Mixup(m["p"])),
-        tau5={"cifar10": {"p": 0.9}, "imagenette": {"p": 0.9}},
-    )
-)
-register(
-    MechanismSpec(
-        "CM",
-        "cutmix with a fresh partner, probability p per sample (2 rounds)",
-        (_probability("cutmix probability per sample"),),
-        lambda m, family: Recipe(transform=CutMix(m["p"])),
-        tau5={"cifar10": {"p": 0.9}, "imagenette": {"p": 0.9}},
-    )
-)
-register(
-    MechanismSpec(
-        "CO",
-        "cutout of a random square of side up to M",
-        (CUTOUT_SIZE,),
-        lambda m, family: Recipe(transform=Cutout(int(m["size"]))),
-        tau5={"cifar10": {"size": 24}, "imagenette": {"size": 160}},
-    )
-)

@@ -13,12 +13,16 @@ penalty, not a new class of its own.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
 from raystudy.errors import RaystudyError
+
+if TYPE_CHECKING:  # the specs and the registry need no torch: only a built recipe's parts do
+    import torch
+    from torch import nn
+
+# How a penalty's parameter gradient is taken (raystudy/mechanisms/finite_difference.py).
+PENALTY_GRADIENTS = ("exact", "finite_difference")
 
 # Which magnitude grid a dataset uses: CIFAR-sized data the CIFAR-10 grid, ImageNette its own.
 GRID_FAMILY = {"cifar10": "cifar10", "synthetic": "cifar10", "imagenette": "imagenette", "imagenet": "imagenette"}
@@ -94,6 +98,42 @@ class Recipe:
 
 
 @dataclass(frozen=True)
+class StepShape:
+    """What one training step of a recipe does, known without building it: what precision and
+    memory planning ask (raystudy.precision, raystudy.memory), and what validation checks."""
+
+    adversary: bool
+    has_penalties: bool
+    input_sensitive: bool  # small input perturbations or input gradients (AT, IR, JR)
+    takes_finite_differences: bool  # penalty_gradient: finite_difference
+    double_backward: bool  # an exact penalty gradient differentiates a gradient
+    sam: bool
+
+
+@dataclass(frozen=True)
+class Traits:
+    """The parts a mechanism's recipe holds at any magnitude: an adversary, a penalty on input
+    gradients ("input": IR, JR) or on weight gradients ("weight": ER), SAM, a batch transform.
+    tests/test_mechanisms.py holds them against every built recipe."""
+
+    adversary: bool = False
+    penalty: str | None = None
+    sam: bool = False
+    transform: bool = False
+
+    def step(self, penalty_gradient: str) -> StepShape:
+        penalized = self.penalty is not None
+        return StepShape(
+            adversary=self.adversary,
+            has_penalties=penalized,
+            input_sensitive=self.adversary or self.penalty == "input",
+            takes_finite_differences=penalized and penalty_gradient == "finite_difference",
+            double_backward=penalized and penalty_gradient != "finite_difference",
+            sam=self.sam,
+        )
+
+
+@dataclass(frozen=True)
 class Param:
     """A magnitude parameter: its grids and defaults per dataset family, and its valid range."""
 
@@ -122,6 +162,7 @@ class MechanismSpec:
     summary: str
     params: tuple[Param, ...]
     build: Callable[[Mapping[str, float], str], Recipe] = field(repr=False)
+    traits: Traits = Traits()
     # Magnitudes of the headline table's second row (augmentations at tau=5); empty if none.
     tau5: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 

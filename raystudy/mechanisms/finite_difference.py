@@ -48,7 +48,7 @@ import torch
 from torch.func import functional_call
 
 from raystudy.mechanisms.activation_pattern import ActivationPattern
-from raystudy.mechanisms.base import ForwardPass, Penalty, Recipe
+from raystudy.mechanisms.base import PENALTY_GRADIENTS, ForwardPass, Penalty, Recipe  # noqa: F401 (re-exported)
 from raystudy.mechanisms.gradient_norms import (
     InputGradientNorm,
     InputJacobianNorm,
@@ -59,7 +59,6 @@ from raystudy.mechanisms.gradient_norms import (
 from raystudy.mechanisms.step import soft_cross_entropy
 from raystudy.modes import bn_running_stats_frozen
 
-PENALTY_GRADIENTS = ("exact", "finite_difference")
 # Steps relative to the norm of what they perturb (module docstring): an image (per sample, so a
 # CIFAR-10 image of norm ~32 moves by ~1e-3 in L2) and the whole weight vector.
 INPUT_STEP = 3e-5

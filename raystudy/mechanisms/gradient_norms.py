@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from raystudy.mechanisms.base import ForwardPass, MechanismSpec, Param, Recipe, register
+from raystudy.mechanisms.base import ForwardPass
 
 REFERENCE_BATCH = 128  # the batch size the published magnitudes were tuned at
 
@@ -28,32 +28,6 @@ def ir_batch_factor(batch: int) -> float:
 def jr_batch_factor(batch: int) -> float:
     """JR's lambda multiplier at batch `batch`: B / 128."""
     return batch / REFERENCE_BATCH
-
-
-LAMBDA_IR = Param(
-    "lambda_ir",
-    "IR weight on the input-gradient norm",
-    grids={"cifar10": (0.1, 0.3, 0.5, 0.7, 1.0), "imagenette": (0.1, 0.5, 1.0, 1.5, 2.0)},
-    defaults={"cifar10": 0.5, "imagenette": 1.0},
-    low=0.0,
-    low_inclusive=True,
-)
-LAMBDA_JR = Param(
-    "lambda_jr",
-    "JR weight on the input-Jacobian norm",
-    grids={"cifar10": (1e-5, 1e-4, 0.01, 0.05, 0.1), "imagenette": (0.001, 0.01, 0.1, 0.5, 1.0)},
-    defaults={"cifar10": 1e-4, "imagenette": 0.1},
-    low=0.0,
-    low_inclusive=True,
-)
-LAMBDA_ER = Param(
-    "lambda_er",
-    "ER weight on the squared weight-gradient norm",
-    grids={"cifar10": (1e-3, 5e-3, 0.01, 0.05, 0.1), "imagenette": (0.05, 0.3, 0.5, 0.7, 1.0)},
-    defaults={"cifar10": 0.05, "imagenette": 0.05},
-    low=0.0,
-    low_inclusive=True,
-)
 
 
 @dataclass(frozen=True)
@@ -122,29 +96,3 @@ class WeightGradientNorm:
         params = [p for p in fwd.model.parameters() if p.requires_grad]
         grads = torch.autograd.grad(fwd.ce.mean(), params, create_graph=True)
         return 0.5 * self.weight * sum(g.float().pow(2).sum() for g in grads)
-
-
-register(
-    MechanismSpec(
-        "IR",
-        "input-gradient regularization: + lambda * ||grad_x CE||_2",
-        (LAMBDA_IR,),
-        lambda m, family: Recipe(penalties=(InputGradientNorm(m["lambda_ir"]),)),
-    )
-)
-register(
-    MechanismSpec(
-        "JR",
-        "input-Jacobian regularization: + lambda * R, R ~ 1/2 ||J||_F^2 by random projection",
-        (LAMBDA_JR,),
-        lambda m, family: Recipe(penalties=(InputJacobianNorm(m["lambda_jr"]),)),
-    )
-)
-register(
-    MechanismSpec(
-        "ER",
-        "weight-gradient (flatness) regularization: + lambda/2 * ||grad_theta CE||^2",
-        (LAMBDA_ER,),
-        lambda m, family: Recipe(penalties=(WeightGradientNorm(m["lambda_er"]),)),
-    )
-)

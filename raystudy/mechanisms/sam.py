@@ -11,17 +11,6 @@ from typing import Iterable
 
 import torch
 
-from raystudy.mechanisms.base import MechanismSpec, Param, Recipe, register
-from raystudy.mechanisms.gradient_norms import LAMBDA_IR, LAMBDA_JR, InputGradientNorm, InputJacobianNorm
-
-RHO = Param(
-    "rho",
-    "SAM neighbourhood radius",
-    grids={"cifar10": (0.01, 0.05, 0.1, 0.15, 0.2), "imagenette": (0.2, 0.5, 1.0, 2.0, 3.0)},
-    defaults={"cifar10": 0.1, "imagenette": 0.2},
-    low=0.0,
-)
-
 
 class SAM:
     """`ascend()` after the first backward, `restore()` after the second, then the base step."""
@@ -51,29 +40,3 @@ class SAM:
         for p, saved in zip(self.params, self._saved):
             p.copy_(saved)
         self._saved = None
-
-
-register(
-    MechanismSpec(
-        "SAM",
-        "sharpness-aware minimization with radius rho",
-        (RHO,),
-        lambda m, family: Recipe(sam_rho=m["rho"]),
-    )
-)
-register(
-    MechanismSpec(
-        "SAM&IR",
-        "SAM whose inner loss is the IR loss",
-        (RHO, LAMBDA_IR),
-        lambda m, family: Recipe(sam_rho=m["rho"], penalties=(InputGradientNorm(m["lambda_ir"]),)),
-    )
-)
-register(
-    MechanismSpec(
-        "SAM&JR",
-        "SAM whose inner loss is the JR loss",
-        (RHO, LAMBDA_JR),
-        lambda m, family: Recipe(sam_rho=m["rho"], penalties=(InputJacobianNorm(m["lambda_jr"]),)),
-    )
-)
