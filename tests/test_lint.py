@@ -66,3 +66,18 @@ def test_no_import_cycles():
     for module in sorted(graph):
         if module not in state:
             visit(module, [module])
+
+
+# The Ray wing: the only modules that import ray (Ray Serve's reference endpoint included). Training,
+# metrics, configuration, planning and analysis import none, so they run and are tested without it.
+RAY_WING = {"raystudy.study", "raystudy.trainable", "raystudy.tracking", "raystudy.local_ray", "raystudy.serve"}
+
+
+def test_only_the_ray_wing_imports_ray():
+    importers = {
+        ".".join(p.relative_to(ROOT).with_suffix("").parts)
+        for folder in ("raystudy", "analysis")
+        for p in (ROOT / folder).rglob("*.py")
+        if any(name == "ray" or name.startswith("ray.") for name in module_imports(p))
+    }
+    assert importers == RAY_WING
