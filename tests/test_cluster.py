@@ -55,7 +55,7 @@ def test_targets_with_code_in_them_are_refused(tmp_path):
     import torch
 
     from raystudy.checkpoint import MODEL_FORMAT
-    from raystudy.trainable import _load_targets
+    from raystudy.trial import load_targets as _load_targets
 
     class RunsCode:
         def __reduce__(self):

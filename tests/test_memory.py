@@ -124,7 +124,7 @@ def test_shipped_gpu_studies_pack_on_the_shipped_workers_by_cpus_as_by_gpu_share
 def test_the_hook_starts_at_the_batch_planned_for_its_share_of_the_card(monkeypatch):
     from types import SimpleNamespace
 
-    from raystudy import trainable
+    from raystudy import trial
     from raystudy.config.study import TrialPlan
 
     spec = load_space(ROOT / "search_spaces" / "table.yaml")
@@ -133,11 +133,11 @@ def test_the_hook_starts_at_the_batch_planned_for_its_share_of_the_card(monkeypa
     card = SimpleNamespace(total_memory=23_028 * memory.MiB)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: card)
     paper = ["resnet50", "vgg16", "inception_v3", "densenet121"]
-    cuda = trainable._hook_evaluation(spec, plan, dataset, paper, torch.device("cuda", 0))
+    cuda = trial._hook_evaluation(spec, plan, dataset, paper, torch.device("cuda", 0))
     assert spec.evaluation.batch_size == 250 and cuda.batch_size == 62  # as `raystudy plan` says
     assert cuda.budgets == spec.evaluation.budgets  # nothing else changes
-    assert trainable._hook_evaluation(spec, plan, dataset, paper, torch.device("cpu")) is spec.evaluation
-    unknown = trainable._hook_evaluation(spec, plan, dataset, ["a_model_never_measured"], torch.device("cuda", 0))
+    assert trial._hook_evaluation(spec, plan, dataset, paper, torch.device("cpu")) is spec.evaluation
+    unknown = trial._hook_evaluation(spec, plan, dataset, ["a_model_never_measured"], torch.device("cuda", 0))
     assert unknown.batch_size == 250  # not guessed: it halves on an out-of-memory error instead
 
 
@@ -145,23 +145,23 @@ def test_a_trial_out_of_memory_with_the_same_settings_fails_at_once_and_a_new_ba
     import dataclasses
     import json
 
-    from raystudy import trainable
+    from raystudy import trial
     from raystudy.config.study import TrialPlan
     from raystudy.errors import OutOfGpuMemory
 
     spec = load_space(ROOT / "search_spaces" / "table.yaml")
     plan = TrialPlan(TrainConfig.from_preset("fast", mechanism="ST"))
     with pytest.raises(OutOfGpuMemory, match="training at batch 128 of resnet18 ran out of GPU memory .*gpu 0.25"):
-        with trainable._out_of_memory_is("training at batch 128", plan, spec, torch.device("cuda", 0)):
+        with trial._out_of_memory_is("training at batch 128", plan, spec, torch.device("cuda", 0)):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate ...")
-    marker = tmp_path / trainable.OUT_OF_MEMORY_FILE
-    trainable._refuse_a_known_out_of_memory(str(marker), spec)  # none yet: nothing to refuse
+    marker = tmp_path / trial.OUT_OF_MEMORY_FILE
+    trial._refuse_a_known_out_of_memory(str(marker), spec)  # none yet: nothing to refuse
     settings = {"gpu": 0.25, "eval_batch_size": 250}
     marker.write_text(json.dumps({"error": "the hook ran out of GPU memory even at batch 1", "settings": settings}))
     with pytest.raises(OutOfGpuMemory, match="even at batch 1 \\(not tried again with the same settings\\)"):
-        trainable._refuse_a_known_out_of_memory(str(marker), spec)
+        trial._refuse_a_known_out_of_memory(str(marker), spec)
     smaller = dataclasses.replace(spec, evaluation=dataclasses.replace(spec.evaluation, batch_size=16))
-    trainable._refuse_a_known_out_of_memory(str(marker), smaller)  # resume --eval-batch-size 16: tried again
+    trial._refuse_a_known_out_of_memory(str(marker), smaller)  # resume --eval-batch-size 16: tried again
 
 
 def test_a_local_study_that_cannot_fit_this_machines_gpu_is_refused_before_ray_starts(tmp_path, monkeypatch, capsys):

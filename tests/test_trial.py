@@ -1,0 +1,47 @@
+"""A trial runs without Ray (raystudy.trial.run_one_trial): trained, measured, reported through a
+callback and kept, a second run reporting the kept result; the Ray trainable only adapts it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from raystudy import storage
+from raystudy.config import TrainConfig, parse_space
+from raystudy.data import dataset_for
+from raystudy.record import FINAL_FILE
+from raystudy.train import train
+from raystudy.trial import FINAL_KEY, TrialContext, run_one_trial
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_trial_runs_without_ray_and_a_second_run_reports_what_it_kept(tmp_path):
+    smoke = yaml.safe_load((ROOT / "search_spaces" / "smoke.yaml").read_text())
+    smoke["train"].update(epochs=1, n_train=128, n_test=64)
+    smoke["evaluation"].update(n_eval=16, budgets=[8], smoothness_samples=4)
+    spec = parse_space(smoke, "smoke.yaml")
+    storage_path = str(tmp_path / "runs")
+    targets = tmp_path / "runs" / "smoke_targets" / "targets"
+    targets.mkdir(parents=True)
+    target = TrainConfig.from_preset("faithful", **{**smoke["train"], "dataset": "synthetic", "model": "tiny_cnn"})
+    train(target, out_dir=tmp_path / "t1", log=None)
+    (targets / "t1.pt").write_bytes((tmp_path / "t1" / "model.pt").read_bytes())
+    plan = spec.plans[0]
+    folder = storage.join(storage_path, "smoke", "trial_0")
+    context = TrialContext(spec, storage_path, folder, tmp_path / "work", torch.device("cpu"))
+    (tmp_path / "work").mkdir()
+    reported: list[tuple[dict, Path | None]] = []
+    run_one_trial(plan, context, dataset_for(plan.train), lambda metrics, state: reported.append((metrics, state)))
+    epochs, (final, state) = reported[:-1], reported[-1]
+    assert [m[FINAL_KEY] for m, _ in epochs] == [0] and epochs[0][1] is not None  # the last epoch's checkpoint
+    assert final[FINAL_KEY] == 1 and state is None and final["record"]["plan"] == plan.to_dict()
+    rows = {(r["name"], r.get("target")) for r in final["record"]["metrics"]}
+    assert {("asr", "t1"), ("similarity", "t1"), ("smoothness", None), ("acc", None)} <= rows
+    assert json.loads(Path(folder, FINAL_FILE).read_text()) == final  # kept in the experiment first
+    again: list = []
+    run_one_trial(plan, context, dataset_for(plan.train), lambda metrics, state: again.append(metrics))
+    assert again == [final]  # restarted after it finished: the kept result, not a new training
