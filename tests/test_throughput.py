@@ -49,7 +49,9 @@ def test_training_layout_is_channels_last_on_cuda_only():
 
 def test_a_packed_copy_that_fails_is_reported_and_nothing_hangs(monkeypatch, capsys):
     monkeypatch.setattr(throughput, "PACKING_TIMEOUT", 60)
-    args = Namespace(packing=2, batch_size=8, image_size=16, model="no_such_model", warmup=0, steps=1)
+    args = Namespace(
+        packing=2, batch_size=8, image_size=16, model="no_such_model", warmup=0, steps=1, packing_mechanisms=None
+    )
     rows = [{"mechanism": "ST", "penalty_gradient": "exact", "preset": "fast", "seconds_per_step": 0.01}]
     start = time.monotonic()
     assert throughput.time_packing(args, torch.device("cpu"), rows) == {}
