@@ -18,16 +18,8 @@ from raystudy import storage
 from raystudy.checkpoint import STATE_FILE
 from raystudy.config import StudySpec
 from raystudy.data import dataset_for
-from raystudy.record import TARGETS_DIR, targets_location  # noqa: F401 (re-exported)
-from raystudy.trial import (  # noqa: F401 (re-exported: the study builder reads them from here)
-    FINAL_KEY,
-    OUT_OF_MEMORY_FILE,
-    TrialContext,
-    progress_columns,
-    run_one_trial,
-    share_device,
-    trial_folder,
-)
+from raystudy.record import targets_location  # noqa: F401 (the study builder reads it and FINAL_KEY here)
+from raystudy.trial import FINAL_KEY, TrialContext, run_one_trial, share_device, trial_folder  # noqa: F401
 
 
 def run_trial(config: dict[str, Any], study: StudySpec, storage_path: str) -> None:
@@ -36,14 +28,17 @@ def run_trial(config: dict[str, Any], study: StudySpec, storage_path: str) -> No
     dataset = dataset_for(plan.train)
     work = Path(tempfile.mkdtemp(prefix="raystudy-trial-"))
     try:
-        checkpoint = tune.get_checkpoint()
-        if checkpoint is not None:
-            checkpoint.to_directory(str(work))  # holds checkpoint.pt: train() resumes from it
         folder = storage.join(storage_path, study.name, trial_folder(tune.get_context().get_trial_id()))
-        context = TrialContext(study, storage_path, folder, work, device)
+        context = TrialContext(study, storage_path, folder, work, device, restore=_restore_ray_checkpoint)
         run_one_trial(plan, context, dataset, lambda metrics, state: _report(metrics, state, storage_path))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _restore_ray_checkpoint(work: Path) -> None:
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        checkpoint.to_directory(str(work))  # holds checkpoint.pt: train() resumes from it
 
 
 def _report(metrics: dict[str, Any], state_path: Path | None, storage_path: str) -> None:

@@ -1,4 +1,4 @@
-"""One trial, without Ray: build data and model from the study and the trial's plan, train with
+"""One trial, without Ray: from the study, the trial's plan and its data, build the model, train with
 the core loop (reporting every epoch, with a checkpoint every `checkpoint_every` epochs), then run
 the trial-end hook and report its metrics with the final result, through a `report` callback.
 
@@ -48,6 +48,9 @@ class TrialContext:
     folder: str
     work: Path
     device: torch.device
+    # Unpacks the trial's latest checkpoint (checkpoint.pt) into `work` for train() to resume from;
+    # called only when the trial trains or measures again (not to re-report a kept final result).
+    restore: Callable[[Path], None] | None = None
 
 
 def progress_columns(plan: TrialPlan) -> dict[str, Any]:
@@ -110,6 +113,8 @@ def _train_and_measure(plan: TrialPlan, context: TrialContext, dataset, report: 
     study, storage_path, work, device = context.study, context.storage_path, context.work, context.device
     final_location = storage.join(context.folder, FINAL_FILE)
     columns = progress_columns(plan)
+    if context.restore is not None:
+        context.restore(work)
     targets = eval_set = kept = None
     target_models: list[str] = []
     if study.kind != "targets":

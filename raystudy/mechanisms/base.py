@@ -162,7 +162,7 @@ class MechanismSpec:
     summary: str
     params: tuple[Param, ...]
     build: Callable[[Mapping[str, float], str], Recipe] = field(repr=False)
-    traits: Traits = Traits()
+    traits: Traits  # required: validation, precision and memory planning read it (no default to forget)
     # Magnitudes of the headline table's second row (augmentations at tau=5); empty if none.
     tau5: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
