@@ -176,6 +176,9 @@ def test_a_local_study_that_cannot_fit_this_machines_gpu_is_refused_before_ray_s
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=23_028 << 20))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "NVIDIA A10G")
     monkeypatch.setattr("raystudy.confirm.run_then_confirm", lambda *a, **k: pytest.fail("Ray was started"))
+    # The command puts a local Ray on loopback through the environment: kept to this test, as a Ray
+    # started later by another test from this process must not inherit it (tests/test_autoscaling.py).
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     assert main(["targets", str(tmp_path / "targets.yaml"), "--storage", str(tmp_path / "runs")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "trial 'inception_v3 (inception_v3)' needs about 6.9 GiB" in err[0]
