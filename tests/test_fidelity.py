@@ -618,11 +618,11 @@ def test_grids_and_defaults_are_method_md_s():
 
 
 def test_registry_refuses_a_second_mechanism_of_the_same_name():
-    from raystudy.mechanisms.base import MECHANISMS, MechanismSpec, register
+    from raystudy.mechanisms.base import MECHANISMS, MechanismSpec, Traits, register
 
     with pytest.raises(ValueError, match="'ST' registered twice"):
-        register(MechanismSpec("ST", "again", (), lambda m, f: None))
-    spec = register(MechanismSpec("TEST-ONLY", "a new one", (), lambda m, f: None))
+        register(MechanismSpec("ST", "again", (), lambda m, f: None, Traits()))
+    spec = register(MechanismSpec("TEST-ONLY", "a new one", (), lambda m, f: None, Traits()))
     try:
         assert MECHANISMS["TEST-ONLY"] is spec
     finally:
