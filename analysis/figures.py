@@ -12,8 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis.tables import BASELINE, label_order, wide  # noqa: E402
-from raystudy.optuna_history import open_history  # noqa: E402
-from raystudy.record import MetricRow  # noqa: E402
+from raystudy.persist.optuna_history import open_history  # noqa: E402
+from raystudy.persist.record import MetricRow  # noqa: E402
 
 CURVE_ORDER = ("AT", "MU", "CM", "CO", "LS", "IR", "JR", "ER", "SAM")  # AT's inverted U first
 
@@ -78,7 +78,7 @@ def _curve_figure(rows: pd.DataFrame, mechanism: str, attack: str, budgets: list
 
 
 def optuna_figures(experiment, tidy: pd.DataFrame, out: Path) -> list[tuple[str, Path]]:
-    """History and parameter importances from the search's Optuna history (raystudy.optuna_history);
+    """History and parameter importances from the search's Optuna history (raystudy.persist.optuna_history);
     without it (e.g. remote storage), the history from the trial results alone."""
     import optuna
 

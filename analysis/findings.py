@@ -26,7 +26,7 @@ import scipy.special
 
 from analysis.tables import _pearson, _r2, wide
 from raystudy.mechanisms import get_mechanism
-from raystudy.record import AGGREGATE_TARGETS, MetricRow
+from raystudy.persist.record import AGGREGATE_TARGETS, MetricRow
 
 SUPPORTED, CONTRADICTED, INCONCLUSIVE, NOT_ENOUGH = "supported", "not supported", "inconclusive", "not enough trials"
 REPORTED = "reported"  # a figure shown beside the checks (F6's R²), not a check

@@ -3,9 +3,9 @@
 An experiment is what `raystudy run/search/targets` wrote: `raystudy-study.json` (the study file,
 the evaluation images, the targets) and one folder per trial holding Ray's `params.json` (the
 trial's plan), `result.json` (one JSON line per report; the line with `final: 1` carries the
-trial's record: identity, plan, versions and metric rows, see raystudy.record) and, if it failed,
+trial's record: identity, plan, versions and metric rows, see raystudy.persist.record) and, if it failed,
 `error.txt`. Trials are found by those files and identified by their recorded plan, never by
-folder names. Experiments written before records are migrated on read (`_migrate`).
+folder names. Trials written before records are not read (raystudy.persist.migrate).
 """
 
 from __future__ import annotations
@@ -19,17 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raystudy import storage
-from raystudy.config import STUDY_RECORD, StudySpec, TrialPlan, parse_space
+from raystudy.config import STUDY_MANIFEST, StudySpec, TrialPlan, parse_space
 from raystudy.errors import RaystudyError
-from raystudy.mechanisms import mechanism_label
-from raystudy.record import (
+from raystudy.persist import storage
+from raystudy.persist.record import (
     ADVERSARIAL_DIR,
     ENDPOINT_ROWS_FILE,
+    checked_manifest,
     checked_metric_rows,
-    checked_study_record,
-    legacy_rows,
-    make_record,
 )
 
 DONE, FAILED, INCOMPLETE, MISSING, STOPPED = "done", "failed", "incomplete", "missing", "stopped early"
@@ -45,7 +42,7 @@ class TrialRecord:
     config: dict[str, Any]  # the Ray config (grid: {"plan": {...}}; search: the sampled values)
     status: str  # done, failed, stopped early (ASHA), incomplete (no final yet) or missing
     final: dict[str, Any] = field(default_factory=dict)  # the final result (flat metrics for Ray)
-    record: dict[str, Any] = field(default_factory=dict)  # the trial's record (raystudy.record); {} unless done
+    record: dict[str, Any] = field(default_factory=dict)  # the trial's record (raystudy.persist.record); {} unless done
     history: tuple[dict[str, Any], ...] = ()
     error: str = ""
     location: str = ""  # the trial's folder (where its checkpoints are), "" if it never ran
@@ -68,17 +65,19 @@ def load_experiment(path: str, cache: Path | None = None) -> Experiment:
     location = storage.normalize(path)
     with ThreadPoolExecutor(1) as pool:
         folders = pool.submit(storage.list_dirs, location)  # on an object store, while the cache is parsed
-        study_file = storage.file_entry(storage.join(location, STUDY_RECORD))
+        study_file = storage.file_entry(storage.join(location, STUDY_MANIFEST))
         if study_file is None:
-            raise RaystudyError(f"{path} is not a raystudy experiment (no {STUDY_RECORD}; pass <storage>/<study name>)")
-        where = storage.join(location, STUDY_RECORD)
-        record = checked_study_record(storage.read_json(where), where)
+            raise RaystudyError(
+                f"{path} is not a raystudy experiment (no {STUDY_MANIFEST}; pass <storage>/<study name>)"
+            )
+        where = storage.join(location, STUDY_MANIFEST)
+        record = checked_manifest(storage.read_json(where), where)
         spec = parse_space(record["study"], record["source"], record.get("data"))
         kept = _TrialCache(location, cache, study_file)
         # Written since studies record their endpoints: none, so no trial's files can change after it ended.
         no_endpoints = record.get("endpoints") == []
         trials = _read_trials(location, spec.name, kept, folders.result(), no_endpoints)
-    trials = [_migrated(spec, t) if t.final and not t.record else t for t in trials]
+    trials = [_written_before_records(t) if t.final and not t.record else t for t in trials]
     trials = [_with_plan(spec, t) for t in trials]
     trials += _missing(spec, trials)
     return Experiment(location, spec.name, spec, record, tuple(trials))
@@ -168,7 +167,7 @@ class _TrialCache:
     when an analysis read finished trials it did not hold.
 
     A finished trial is settled: its final result is kept in the experiment and a restarted trial
-    reports it again unchanged (raystudy.trainable), so its files are not even listed again, unless
+    reports it again unchanged (raystudy.cluster.trainable), so its files are not even listed again, unless
     it kept images for black-box endpoints (the query phase may write its endpoint rows later) or
     the experiment was made anew (its study record changed). Other cached trials are taken when
     their files' sizes and times are unchanged."""
@@ -336,22 +335,11 @@ def _with_plan(spec: StudySpec, trial: TrialRecord) -> TrialRecord:
         return trial
 
 
-def _migrated(spec: StudySpec, trial: TrialRecord) -> TrialRecord:
-    """_migrate, or the trial as it is where its config is not one this study can read."""
-    try:
-        return _migrate(spec, trial)
-    except (RaystudyError, KeyError, TypeError, ValueError, AttributeError):
-        return trial
-
-
-def _migrate(spec: StudySpec, trial: TrialRecord) -> TrialRecord:
-    """A finished trial written before records: its plan from its config, its rows from its flat metrics."""
-    plan = spec.plan_from_ray(trial.config)
-    label = mechanism_label(plan.train.mechanism, dict(plan.train.magnitudes), plan.train.dataset, plan.lgv is not None)
-    identity = {**plan.identity(), "label": label[0]}
-    study = {"name": spec.name, "kind": spec.kind, "preset": spec.preset}
-    record = make_record(identity, plan.to_dict(), study, {}, legacy_rows(trial.final))
-    return dataclasses.replace(trial, record=record)
+def _written_before_records(trial: TrialRecord) -> TrialRecord:
+    """A finished trial without a record was written before records (before raystudy 0.1.0's
+    release format): no longer read (raystudy.persist.migrate), shown as failed with the reason."""
+    reason = "its final result holds no trial record (written before raystudy 0.1.0): not read"
+    return dataclasses.replace(trial, status=FAILED, error=reason)
 
 
 def _missing(spec: StudySpec, trials: list[TrialRecord]) -> list[TrialRecord]:

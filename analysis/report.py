@@ -17,9 +17,9 @@ from analysis.figures import magnitude_curves, optuna_figures
 from analysis.findings import findings, findings_table
 from analysis.records import Experiment, load_experiment
 from analysis.tables import accuracy_table, correlation_table, headline_table, metric_gaps, tidy_trials
-from raystudy import storage
 from raystudy.errors import RaystudyError
-from raystudy.record import checked_best_config
+from raystudy.persist import storage
+from raystudy.persist.record import checked_best_config
 
 MODES = ("untargeted", "targeted")
 

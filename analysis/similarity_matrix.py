@@ -17,13 +17,13 @@ import torch
 
 from analysis.records import DONE, Experiment, TrialRecord
 from analysis.tables import label_order, trial_setting
-from raystudy import storage
-from raystudy.checkpoint import STATE_FILE, STATE_FORMAT, safe_load
 from raystudy.config import TrainConfig
-from raystudy.data import dataset_for
+from raystudy.core.checkpoint import STATE_FILE, STATE_FORMAT, safe_load
+from raystudy.core.data import dataset_for
+from raystudy.core.models import build_model
 from raystudy.errors import RaystudyError
 from raystudy.metrics.similarity import gradient_cosine, input_gradients
-from raystudy.models import build_model
+from raystudy.persist import storage
 
 
 def similarity_matrix(experiment: Experiment, n_images: int = 256, device: str = "cpu") -> pd.DataFrame:

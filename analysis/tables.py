@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from analysis.records import DONE, Experiment, TrialRecord, plan_of
 from raystudy.mechanisms import MECHANISMS, mechanism_label
-from raystudy.record import DIMENSIONS, MetricRow, metric_key
+from raystudy.persist.record import DIMENSIONS, MetricRow, metric_key
 
 CONFIG_COLUMNS = [
     "experiment",

@@ -1,5 +1,5 @@
 """Measure the bytes autograd saves per image (and the weights' bytes) of every model the shipped
-studies use, on the CPU, and print them as the table `raystudy/memory.py` holds (MEASURED).
+studies use, on the CPU, and print them as the table `raystudy/budget/memory.py` holds (MEASURED).
 
     python benchmarks/activation_memory.py [--model resnet18@32 ...] [--json results/activation_memory.json]
 
@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from raystudy.activation_memory import measure  # noqa: E402
+from raystudy.core.activation_memory import measure  # noqa: E402
 
 SHIPPED = [
     *(f"{m}@32" for m in ("resnet18", "resnet50", "vgg16", "inception_v3", "densenet121", "resnet8", "vgg_small")),

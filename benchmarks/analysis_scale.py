@@ -32,8 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from raystudy.config import STUDY_RECORD, parse_space  # noqa: E402
-from raystudy.record import MetricRow, make_record  # noqa: E402
+from raystudy.config import STUDY_MANIFEST, parse_space  # noqa: E402
+from raystudy.persist.record import MetricRow, make_record  # noqa: E402
 
 TARGETS = ("resnet50", "vgg16", "inception_v3", "densenet121")
 
@@ -76,7 +76,7 @@ def experiment_objects(n: int) -> dict[str, bytes]:
     raw = study(n)
     spec = parse_space(raw, "scale.yaml")
     record = {"study": raw, "source": "scale.yaml", "data": None, "endpoints": []}  # as `raystudy run` writes it
-    objects = {STUDY_RECORD: json.dumps(record).encode()}
+    objects = {STUDY_MANIFEST: json.dumps(record).encode()}
     for i, plan in enumerate(spec.plans):
         for name, body in trial_files(plan, i).items():
             objects[f"trial_{i:05d}/{name}"] = body

@@ -35,7 +35,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from raystudy.data import load_dataset
+from raystudy.core.data import load_dataset
+from raystudy.core.models import build_model
 from raystudy.mechanisms import soft_targets
 from raystudy.mechanisms.base import ForwardPass
 from raystudy.mechanisms.finite_difference import (
@@ -51,7 +52,6 @@ from raystudy.mechanisms.finite_difference import (
     unit_input_directions,
 )
 from raystudy.mechanisms.gradient_norms import InputGradientNorm, InputJacobianNorm, WeightGradientNorm, jr_batch_factor
-from raystudy.models import build_model
 
 MODELS = ("resnet18", "vgg16", "inception_v3")
 SIZE_STEPS = {"IR": (1e-6, 1e-5, INPUT_STEP, 1e-4, 3e-4, 1e-3), "ER": (1e-7, 1e-6, WEIGHT_STEP, 1e-4, 1e-3)}

@@ -5,7 +5,7 @@
 Runs a TPE study of `--trials` trials (a cheap objective over SAM&JR's two magnitudes) and, after
 every write the searcher makes (a suggestion, a result), uploads its history as raystudy did
 before (the whole sqlite database copied) and as it does now (the journal's new bytes as one
-segment, raystudy.optuna_history.JournalMirror), each into a local folder standing in for the
+segment, raystudy.persist.optuna_history.JournalMirror), each into a local folder standing in for the
 bucket. Prints the bytes and objects uploaded by each and the final size of each history.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import optuna
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from raystudy.optuna_history import JournalMirror, journal_storage  # noqa: E402
+from raystudy.persist.optuna_history import JournalMirror, journal_storage  # noqa: E402
 
 
 def run(trials: int, storage, after_each) -> None:

@@ -18,10 +18,10 @@ import time
 
 import torch
 
-from raystudy.checkpoint import load_model
-from raystudy.data import load_dataset
+from raystudy.core.checkpoint import load_model
+from raystudy.core.data import load_dataset
+from raystudy.core.models import build_model
 from raystudy.metrics.smoothness import smoothness
-from raystudy.models import build_model
 
 
 def timed(fn):

@@ -34,10 +34,10 @@ from typing import Callable
 import torch
 
 from raystudy.config import EvalConfig, TrainConfig
+from raystudy.core.models import build_model
+from raystudy.core.precision import tf32, tf32_allowed
 from raystudy.mechanisms import ORDER, training_step
 from raystudy.metrics.hook import EvalSet, measure_surrogate
-from raystudy.models import build_model
-from raystudy.precision import tf32, tf32_allowed
 
 TRAIN_IMAGES = 50_000  # CIFAR-10's training split: steps per epoch = TRAIN_IMAGES // batch (drop last)
 PENALIZED = ("IR", "JR", "ER", "SAM&IR", "SAM&JR")
@@ -61,7 +61,7 @@ def seconds_per_call(fn: Callable[[], object], device: torch.device, steps: int,
 
 
 def training_layout(device: torch.device) -> Callable:
-    """What training runs (raystudy/train.py): channels_last models and batches on CUDA, else as built."""
+    """What training runs (raystudy/training/loop.py): channels_last models and batches on CUDA, else as built."""
 
     def channels_last(t):  # a batch or a model
         if isinstance(t, torch.Tensor):
@@ -72,7 +72,7 @@ def training_layout(device: torch.device) -> Callable:
 
 
 def under_training_flags(config: TrainConfig, step: Callable[[], object], recipe=None) -> Callable[[], object]:
-    """`step` under the precision training runs `config` with (raystudy.precision: TF32 per phase,
+    """`step` under the precision training runs `config` with (raystudy.core.precision: TF32 per phase,
     bf16 autocast where asked), set around every call so no timer leaves a flag to the next one;
     `recipe`: whose TF32 setting to use (ST timed beside a mechanism runs under the mechanism's)."""
     allowed = tf32_allowed(recipe or config.recipe())
@@ -113,9 +113,9 @@ def step_timer(config: TrainConfig, args, device: torch.device, layout: Callable
 
 
 def planned_step_bytes(config: TrainConfig, args) -> float | None:
-    """What raystudy.memory plans for one step's activations (slack included), to hold against
+    """What raystudy.budget.memory plans for one step's activations (slack included), to hold against
     peak_step_bytes; None for a model it has no measurement of."""
-    from raystudy import memory
+    from raystudy.budget import memory
 
     model = memory.model_bytes(args.model, args.image_size)
     if model is None:
@@ -149,7 +149,7 @@ def time_mechanisms(args, device) -> list[dict]:
     allocator warm-up) moves both sides of a ratio alike; ST runs under the mechanism's precision.
     Each row reports the median over rounds, the spread (min, max) of its seconds per step and of
     its per-round ratio to ST, and (CUDA) one step's peak memory beyond what was allocated before it, beside
-    raystudy.memory's planned figure for it."""
+    raystudy.budget.memory's planned figure for it."""
 
     def config_of(mechanism: str, preset: str, gradient: str = "exact") -> TrainConfig:
         return TrainConfig.from_preset(
@@ -416,7 +416,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the figures to this JSON file (with the command)")
     args = parser.parse_args()
     device = torch.device(args.device)
-    torch.backends.cudnn.benchmark = True  # as training sets it (raystudy/train.py, not deterministic)
+    torch.backends.cudnn.benchmark = True  # as training sets it (raystudy/training/loop.py, not deterministic)
     args.targets = args.targets or ("paper" if device.type == "cuda" else args.model)
     report = {
         "command": "python " + " ".join(sys.argv),

@@ -62,10 +62,10 @@ def cmd_mechanisms(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from raystudy.checkpoint import MODEL_FILE
     from raystudy.config import TrainConfig
+    from raystudy.core.checkpoint import MODEL_FILE
     from raystudy.mechanisms import get_mechanism, parse_magnitudes
-    from raystudy.train import train
+    from raystudy.training.loop import train
 
     lgv = args.mechanism == "LGV"  # a phase after training, spelled as a mechanism on the command line
     mechanism = args.lgv_base if lgv else args.mechanism or TrainConfig.mechanism
@@ -89,7 +89,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _lgv_config(trained, args: argparse.Namespace):
-    from raystudy.lgv import LgvPhase
+    from raystudy.training.lgv_ensemble import LgvPhase
 
     if not args.init_checkpoint:
         raise RaystudyError("LGV fine-tunes a trained surrogate: pass its model file with --init")
@@ -108,7 +108,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from raystudy.metrics import EvalConfig, evaluate_surrogate, make_eval_set
-    from raystudy.train import pick_device
+    from raystudy.training.loop import pick_device
 
     device = pick_device(args.device)
     config = EvalConfig(
@@ -159,7 +159,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _load_checkpoint(path, device):
     from pathlib import Path
 
-    from raystudy.checkpoint import MODEL_FILE, load_model
+    from raystudy.core.checkpoint import MODEL_FILE, load_model
 
     path = Path(path)
     return load_model(path / MODEL_FILE if path.is_dir() else path, device)
@@ -169,7 +169,7 @@ def _target_files(spec: str) -> dict:
     """A folder of trained targets (each <name>/model.pt, or <name>.pt) or a comma-separated list."""
     from pathlib import Path
 
-    from raystudy.checkpoint import MODEL_FILE
+    from raystudy.core.checkpoint import MODEL_FILE
 
     root = Path(spec)
     if root.is_dir():
@@ -187,7 +187,7 @@ def _target_files(spec: str) -> dict:
 def _dataset_for(meta: dict, args: argparse.Namespace):
     """The surrogate's own data (synthetic: regenerated exactly), or --dataset's whole test set."""
     from raystudy.config import TrainConfig
-    from raystudy.data import dataset_for, load_dataset
+    from raystudy.core.data import dataset_for, load_dataset
 
     trained = TrainConfig.from_dict(meta["config"])
     name = args.dataset or trained.dataset
@@ -241,10 +241,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _local_ray_on_loopback(args: argparse.Namespace) -> None:
-    """A local study needs no remote nodes: its Ray on 127.0.0.1 (raystudy.local_ray), set before
+    """A local study needs no remote nodes: its Ray on 127.0.0.1 (raystudy.cluster.local_ray), set before
     anything imports ray."""
     if not args.address:
-        from raystudy.local_ray import use_loopback
+        from raystudy.cluster.local_ray import use_loopback
 
         use_loopback()
 
@@ -252,28 +252,26 @@ def _local_ray_on_loopback(args: argparse.Namespace) -> None:
 def _study_command(kind: str):
     def command(args: argparse.Namespace) -> int:
         _local_ray_on_loopback(args)
+        from raystudy.cluster import phases
+        from raystudy.cluster.experiment import RayOptions
+        from raystudy.cluster.outcome import all_finished
+        from raystudy.cluster.tracking import parse_trackers
         from raystudy.config import read_space
-        from raystudy.confirm import run_then_confirm
-        from raystudy.storage import DEFAULT_STORAGE
-        from raystudy.study import all_finished
-        from raystudy.tracking import parse_trackers
+        from raystudy.persist.storage import DEFAULT_STORAGE
 
         spec, raw = read_space(args.space, args.data)
         if spec.kind != kind:
             verb = {"grid": "run", "targets": "targets", "search": "search"}[spec.kind]
             raise RaystudyError(f"{args.space} is a kind: {spec.kind} study: use `raystudy {verb} {args.space}`")
         _memory_before_a_local_launch(spec, args)
-        results = run_then_confirm(
-            spec,
-            raw,
-            args.storage or DEFAULT_STORAGE,
+        ray = RayOptions(
             args.address,
             args.num_cpus,
             max_concurrent=args.max_concurrent,
-            optuna_storage=getattr(args, "optuna_storage", None),
             trackers=parse_trackers(args.log_to),
             targets_file=getattr(args, "targets_file", None),
         )
+        results = phases.run(spec, raw, args.storage or DEFAULT_STORAGE, ray, getattr(args, "optuna_storage", None))
         return 0 if all_finished(results) else 1
 
     return command
@@ -286,7 +284,7 @@ def _memory_before_a_local_launch(spec, args: argparse.Namespace) -> None:
 
     if args.address or spec.resources.gpu <= 0 or not torch.cuda.is_available():
         return
-    from raystudy import memory
+    from raystudy.budget import memory
 
     total = torch.cuda.get_device_properties(0).total_memory
     card = memory.Card(float(total), f"this machine's {torch.cuda.get_device_name(0)}")
@@ -295,34 +293,31 @@ def _memory_before_a_local_launch(spec, args: argparse.Namespace) -> None:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     _local_ray_on_loopback(args)
-    from raystudy.confirm import resume_then_confirm
-    from raystudy.study import all_finished
+    from raystudy.cluster import phases
+    from raystudy.cluster.experiment import RayOptions
+    from raystudy.cluster.outcome import all_finished
 
-    results = resume_then_confirm(args.experiment, args.address, args.num_cpus, args.targets_file, args.eval_batch_size)
+    ray = RayOptions(args.address, args.num_cpus, targets_file=args.targets_file)
+    results = phases.resume(args.experiment, ray, args.eval_batch_size)
     return 0 if all_finished(results) else 1
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    from raystudy import storage
-    from raystudy.config import parse_space
-    from raystudy.study import load_record, query_endpoints
+    from raystudy.cluster.experiment import Experiment
+    from raystudy.cluster.phases import query_endpoints
 
-    record = load_record(args.experiment)
-    spec = parse_space(record["study"], record["source"], record["data"])
-    if spec.kind == "targets":
+    experiment = Experiment.read(args.experiment)
+    if experiment.spec.kind == "targets":
         raise RaystudyError(f"{args.experiment} is a targets study: query the studies that attack its targets")
-    from raystudy.query import load_endpoints
-    from raystudy.record import targets_location
-
-    experiment = storage.normalize(args.experiment)
-    if not load_endpoints(targets_location(experiment.rsplit("/", 1)[0], spec.targets)):
-        raise RaystudyError(f"the targets of {args.experiment} ({spec.targets}) name no endpoint: nothing to query")
-    query_endpoints(spec, experiment, args.targets_file)
+    if query_endpoints(experiment, args.targets_file, required=True) is None:
+        raise RaystudyError(
+            f"the targets of {args.experiment} ({experiment.spec.targets}) name no endpoint: nothing to query"
+        )
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from raystudy.serve import Faults, parse_burst, serve_model
+    from raystudy.cluster.serve import Faults, parse_burst, serve_model
 
     burst = parse_burst(args.burst_429) if args.burst_429 else None
     faults = Faults(burst, args.every_500, args.slow, args.down_after)
@@ -338,8 +333,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from raystudy.budget.costs import quoted_h100, read_costs, render_plan
     from raystudy.config import load_space
-    from raystudy.plan import quoted_h100, read_costs, render_plan
 
     costs = read_costs(args.costs) if args.costs else quoted_h100()
     spec = load_space(args.space)
@@ -349,7 +344,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(memory_text)
     endpoints = _study_endpoints(spec, args.space, args.storage)
     if endpoints:
-        from raystudy.plan import endpoint_queries, render_endpoint_queries
+        from raystudy.budget.costs import endpoint_queries, render_endpoint_queries
 
         print(render_endpoint_queries(endpoint_queries(spec, endpoints)))
     return 0
@@ -357,7 +352,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def _plan_card(args: argparse.Namespace):
     """The GPU the plan is made for: --gpu-memory, else the GPU worker of --cluster / ./cluster.yaml."""
-    from raystudy import memory
+    from raystudy.budget import memory
 
     if args.gpu_memory:
         return memory.Card(memory.parse_memory(args.gpu_memory), "--gpu-memory")
@@ -371,8 +366,8 @@ def _plan_card(args: argparse.Namespace):
 def _plan_memory(spec, args: argparse.Namespace, card) -> str:
     """Each setting's planned peak memory against its share of `card`; the targets from
     `<targets>.yaml` beside the study file."""
+    from raystudy.budget.costs import render_memory, trial_memories
     from raystudy.config import load_space
-    from raystudy.plan import render_memory, trial_memories
 
     target_plans = None
     beside = Path(args.space).with_name(f"{spec.targets}.yaml") if spec.targets else None
@@ -384,14 +379,14 @@ def _plan_memory(spec, args: argparse.Namespace, card) -> str:
 def _study_endpoints(spec, space: str, storage_path: str | None) -> list:
     """The endpoints among the study's targets: from the targets study saved under --storage, else
     from its study file beside this one (`<targets>.yaml`)."""
+    from raystudy.blackbox.query import load_endpoints
     from raystudy.config import load_space
-    from raystudy.query import load_endpoints
-    from raystudy.record import targets_location
+    from raystudy.persist.record import targets_location
 
     if spec.kind == "targets" or not spec.targets:
         return []
     if storage_path:
-        from raystudy import storage
+        from raystudy.persist import storage
 
         return load_endpoints(targets_location(storage.normalize(storage_path), spec.targets))
     beside = Path(space).with_name(f"{spec.targets}.yaml")
@@ -412,8 +407,8 @@ def cmd_findings(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from raystudy.dashboard import serve
-    from raystudy.data import cache_dir
+    from raystudy.cluster.dashboard import serve
+    from raystudy.core.data import cache_dir
 
     try:
         serve(args.source, args.host, args.port, cache_dir() / "dashboard")
@@ -510,7 +505,7 @@ def _text_flag(flag: str, max_length: int) -> Any:
 
 def _burst_flag(text: str) -> str:
     """--burst-429 EVERY:LENGTH, checked at parse time (cmd_serve reads it with parse_burst)."""
-    from raystudy.serve import parse_burst
+    from raystudy.cluster.serve import parse_burst
 
     try:
         every, _ = parse_burst(text)

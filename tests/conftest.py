@@ -33,7 +33,7 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture
 def synthetic():
-    from raystudy.data import make_synthetic
+    from raystudy.core.data import make_synthetic
 
     return make_synthetic(n_train=256, n_test=128, num_classes=4, image_size=16, seed=0)
 

@@ -80,7 +80,8 @@ def test_failed_trial_and_missing_metric_are_listed(smoke_storage, tmp_path):
     failed, partial = folders[0], folders[1]
     lines = (failed / "result.json").read_text().splitlines()
     (failed / "result.json").write_text("\n".join(line for line in lines if json.loads(line).get("final") != 1) + "\n")
-    (failed / "error.txt").write_text("Traceback ...\nraystudy.train.TrainingDiverged: training diverged at epoch 2\n")
+    diverged = "raystudy.training.loop.TrainingDiverged: training diverged at epoch 2"
+    (failed / "error.txt").write_text(f"Traceback ...\n{diverged}\n")
     lines = (partial / "result.json").read_text().splitlines()
     final = json.loads(lines[-1])
     final.pop("smoothness/max")

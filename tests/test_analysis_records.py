@@ -11,13 +11,13 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import scipy.stats
 
 from analysis import correlation_table, headline_cells, headline_table, load_experiment, metric_gaps, tidy_trials
-from raystudy.config import STUDY_RECORD, parse_space
-from raystudy.record import MetricRow, make_record
+from analysis.records import DONE, FAILED
+from raystudy.config import STUDY_MANIFEST, parse_space
+from raystudy.persist.record import MetricRow, make_record
 
 STUDY = {
     "name": "hand",
@@ -60,7 +60,7 @@ def write_experiment(root: Path, values: dict, fail=(), skip=(), legacy=()) -> P
     spec = parse_space(STUDY, "hand.yaml")
     folder = root / spec.name
     folder.mkdir(parents=True)
-    (folder / STUDY_RECORD).write_text(
+    (folder / STUDY_MANIFEST).write_text(
         json.dumps({"study": STUDY, "source": "hand.yaml", "data": None, "targets": list(TARGETS)})
     )
     for i, plan in enumerate(spec.plans):
@@ -74,7 +74,7 @@ def write_experiment(root: Path, values: dict, fail=(), skip=(), legacy=()) -> P
         lines = [epoch]
         if (label, identity["seed"]) in fail:
             (trial / "error.txt").write_text(
-                "Traceback ...\nraystudy.train.TrainingDiverged: training diverged at epoch 1\n"
+                "Traceback ...\nraystudy.training.loop.TrainingDiverged: training diverged at epoch 1\n"
             )
         else:
             rows = hook_rows(*values[(label, identity["seed"])])
@@ -184,21 +184,18 @@ def test_gaps_list_failed_missing_and_incomplete_metrics(tmp_path):
     assert tidy.trial_id.nunique() == 6  # failed and never-started trials are listed, not counted
 
 
-def test_experiments_written_before_records_are_migrated_on_read(tmp_path):
-    current = tidy_trials([load_experiment(str(write_experiment(tmp_path / "a", VALUES)))])
-    old = tidy_trials([load_experiment(str(write_experiment(tmp_path / "b", VALUES, legacy=set(VALUES))))])
-    columns = ["label", "seed", "metric", "name", "attack", "mode", "budget", "statistic", "target", "value"]
-    key = ["label", "seed", "metric"]
-    both = current[columns].merge(old[columns], on=key, suffixes=("", "_old"))
-    assert len(both) == len(current) == len(old)
-    for column in ("value", "name", "attack", "mode", "target", "statistic"):
-        assert both[column].equals(both[f"{column}_old"]) or (both[column].isna() == both[f"{column}_old"].isna()).all()
-    assert pd.Series(both.budget == both.budget_old).fillna(True).all()
+def test_trials_written_before_records_are_failed_saying_why_not_dropped(tmp_path):
+    # Before 0.1.0's format a final result held flat metrics and no record (raystudy.persist.migrate).
+    old = list(VALUES)[:1]
+    experiment = load_experiment(str(write_experiment(tmp_path / "b", VALUES, legacy=set(old))))
+    failed = [t for t in experiment.trials if t.status == FAILED]
+    assert len(failed) == 1 and "written before raystudy 0.1.0" in failed[0].error
+    assert sum(t.status == DONE for t in experiment.trials) == len(VALUES) - 1
 
 
 def counting_reads(monkeypatch) -> dict[str, int]:
     """Counts of storage reads and listings, by what was read."""
-    from raystudy import storage
+    from raystudy.persist import storage
 
     counts = {"read": 0, "list": 0}
     read, listing = storage.read_bytes, storage.list_tree
@@ -222,7 +219,7 @@ def test_a_second_analysis_lists_the_folders_and_reads_only_trials_that_may_chan
     import shutil
 
     from analysis import records
-    from raystudy.record import ENDPOINT_ROWS_FILE
+    from raystudy.persist.record import ENDPOINT_ROWS_FILE
 
     folder = write_experiment(tmp_path, VALUES, fail=[("MU τ=5", 1)])
     (folder / "trial_001" / "adversarial").mkdir()  # images kept for an endpoint: rows may come later
@@ -255,7 +252,7 @@ def test_a_second_analysis_lists_the_folders_and_reads_only_trials_that_may_chan
 
     # The experiment made anew in the same place (its study record rewritten): every folder is
     # listed, and only what changed is read.
-    study = folder / STUDY_RECORD
+    study = folder / STUDY_MANIFEST
     study.write_text(study.read_text() + " ")
     os.utime(study, ns=(study.stat().st_mtime_ns + 10**9,) * 2)
     counts.update(read=0, list=0)
@@ -269,7 +266,7 @@ def test_finished_trials_of_a_study_without_endpoints_are_read_without_listing_t
 
     folder = write_experiment(tmp_path, VALUES, fail=[("MU τ=5", 1)])
     listed = load_experiment(str(folder), cache=tmp_path / "listed").trials
-    study = folder / STUDY_RECORD
+    study = folder / STUDY_MANIFEST
     study.write_text(json.dumps({**json.loads(study.read_text()), "endpoints": []}))  # as `raystudy run` writes it
     (folder / "not_a_trial").mkdir()
     monkeypatch.setattr(records, "READERS", 4)  # 9 folders: more than the readers
@@ -289,7 +286,7 @@ def test_trials_are_read_in_folder_order_whatever_finishes_first(tmp_path, monke
     import random
     import time
 
-    from raystudy import storage
+    from raystudy.persist import storage
 
     folder = write_experiment(tmp_path, VALUES)
     read = storage.read_bytes

@@ -132,7 +132,7 @@ def test_trials_scale_workers_up_from_zero_survive_a_lost_worker_and_scale_down(
     cluster = fake_multinode_cluster(
         {"gpu_worker": {"resources": {"CPU": 2, "GPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2}}
     )
-    # The fake GPUs schedule the trials; they train on the CPU (raystudy.precision).
+    # The fake GPUs schedule the trials; they train on the CPU (raystudy.core.precision).
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",

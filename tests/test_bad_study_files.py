@@ -373,14 +373,14 @@ class Reached(Exception):
 
 @pytest.fixture
 def no_work(monkeypatch):
-    import raystudy.serve
-    import raystudy.train
+    import raystudy.cluster.serve
+    import raystudy.training.loop
 
     def reached(*args, **kwargs):
         raise Reached
 
-    monkeypatch.setattr(raystudy.train, "train", reached)
-    monkeypatch.setattr(raystudy.serve, "serve_model", reached)
+    monkeypatch.setattr(raystudy.training.loop, "train", reached)
+    monkeypatch.setattr(raystudy.cluster.serve, "serve_model", reached)
 
 
 def refused_while_parsing(argv: list[str]) -> str:

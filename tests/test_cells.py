@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 from raystudy.config import EvalConfig, TrainConfig
 from raystudy.config.evaluation import PIXEL
-from raystudy.data import Split, make_synthetic, random_batch
+from raystudy.core.data import Split, make_synthetic, random_batch
+from raystudy.core.models import build_model
 from raystudy.mechanisms import training_step
-from raystudy.models import build_model
 
 
 def tiny(classes=4, size=8, seed=0):
@@ -59,7 +59,7 @@ def test_a_label_smoothing_step_descends_the_smoothed_target_loss(p):
 @pytest.fixture(scope="module")
 def trained_surrogate():
     """A tiny CNN that fits 10-class synthetic data (where a 16/255 budget can reach any class)."""
-    from raystudy.train import train
+    from raystudy.training.loop import train
 
     data = make_synthetic(512, 200, num_classes=10, image_size=16, seed=3)
     config = TrainConfig.from_preset(
@@ -124,7 +124,7 @@ def test_partners_are_crops_and_flips_of_their_source():
 
 
 def test_the_training_loop_gives_mixup_fresh_partners_not_the_batch(monkeypatch):
-    import raystudy.train as train_module
+    import raystudy.training.loop as train_module
 
     seen = []
 

@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
-from raystudy.checkpoint import MODEL_FORMAT, load_model, save_model
+from raystudy.core.checkpoint import MODEL_FORMAT, load_model, save_model
+from raystudy.core.models import build_model
 from raystudy.errors import RaystudyError
-from raystudy.models import build_model
 
 META = {"model": "tiny_cnn", "num_classes": 3, "input_size": 8, "mean": [0.5] * 3, "std": [0.25] * 3}
 
@@ -58,7 +58,7 @@ class RecordsRestore:
 
 def _trial_folder(tmp_path, kept: dict[str, bool]):
     """A trial folder holding checkpoint folders; True: with its state file, False: cut short."""
-    from raystudy.checkpoint import STATE_FILE
+    from raystudy.core.checkpoint import STATE_FILE
 
     for age, (name, complete) in enumerate(kept.items()):
         (tmp_path / name).mkdir()
@@ -72,9 +72,10 @@ def _restore(tmp_path, named: str):
     from ray.train._internal.session import _TrainingResult
     from ray.tune import Checkpoint
 
-    from raystudy.study import _restoring_from_newest_checkpoint
+    from raystudy.cluster import ray_internals
+    from raystudy.core.checkpoint import STATE_FILE
 
-    trainable = _restoring_from_newest_checkpoint(RecordsRestore)()
+    trainable = ray_internals.restoring_newest_checkpoint(RecordsRestore, STATE_FILE)()
     result = _TrainingResult(checkpoint=Checkpoint.from_directory(tmp_path / named), metrics={"epoch": 1})
     return trainable, trainable.restore(result)
 

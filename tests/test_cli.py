@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from raystudy.checkpoint import load_model
+from raystudy.core.checkpoint import load_model
 
 RAYSTUDY = [sys.executable, "-m", "raystudy"]
 TINY = [
@@ -82,7 +82,7 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch,
     """Ctrl-C after epoch 2 (raised from an epoch hook, so it lands at the same point on any machine):
     exit code 130, then the same command resumes and ends with the uninterrupted run's weights."""
     from raystudy import cli
-    from raystudy import train as train_module
+    from raystudy.training import loop as train_module
 
     args = TINY[:] + ["--mechanism", "SAM", "--epochs", "5", "--seed", "1"]
     assert cli.main(args + ["--out", str(tmp_path / "straight")]) == 0

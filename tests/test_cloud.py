@@ -17,7 +17,7 @@ import pytest
 import yaml
 from conftest import BUCKET, RAYSTUDY, bucket_files, finals_in_bucket, finished_once, raystudy, smoke_search
 
-from raystudy.optuna_history import journal_storage
+from raystudy.persist.optuna_history import journal_storage
 
 ROOT = Path(__file__).resolve().parents[1]
 

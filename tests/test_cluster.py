@@ -54,8 +54,8 @@ def test_a_broken_cluster_yaml_fails_the_schema(break_it):
 def test_targets_with_code_in_them_are_refused(tmp_path):
     import torch
 
-    from raystudy.checkpoint import MODEL_FORMAT
-    from raystudy.trial import load_targets as _load_targets
+    from raystudy.core.checkpoint import MODEL_FORMAT
+    from raystudy.training.trial import load_targets as _load_targets
 
     class RunsCode:
         def __reduce__(self):

@@ -133,15 +133,11 @@ def test_dict_and_json_round_trips_and_differences():
     assert config.differences(config) == [] and other == TrainConfig.from_dict({**values, "seed": 4, "lr": 0.2})
 
 
-def test_from_dict_names_unknown_keys_and_reads_old_lgv_configs():
+def test_from_dict_names_unknown_keys():
     with pytest.raises(RaystudyError) as error:
         TrainConfig.from_dict({"epoch": 3, "lrate": 0.1})
     assert "unknown training setting(s): epoch, lrate; known: " in str(error.value)
     assert "batch_size" in str(error.value)
-    old = {"mechanism": "LGV", "lgv_base": "SAM", "magnitudes": {"rho": 0.05}}
-    assert TrainConfig.from_dict(old).mechanism == "SAM"
-    assert TrainConfig.from_dict({"lgv_base": "SAM", "mechanism": "IR"}).mechanism == "IR"
-    assert TrainConfig.from_dict({"lgv_base": "SAM"}).mechanism == "ST"
     assert TrainConfig.from_dict({"magnitudes": {"p": 0}, "mechanism": "LS"}).magnitudes == (("p", 0.0),)
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from conftest import BUCKET
 
-from raystudy import storage
-from raystudy.dashboard import optuna_storage_url
+from raystudy.cluster.dashboard import optuna_storage_url
 from raystudy.errors import RaystudyError
+from raystudy.persist import storage
 
 optuna = pytest.importorskip("optuna")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import SHARED_CIFAR
 
-from raystudy.data import (
+from raystudy.core.data import (
     CIFAR10_MEAN,
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -25,7 +25,7 @@ from raystudy.errors import RaystudyError
 
 @pytest.mark.skipif(not (SHARED_CIFAR / "test.npz").is_file(), reason="../shared/data/cifar10-jpeg is absent here")
 def test_packed_jpeg_reader_decodes_the_cifar10_test_set():
-    from raystudy.data import read_packed_jpeg
+    from raystudy.core.data import read_packed_jpeg
 
     split = read_packed_jpeg(SHARED_CIFAR / "test.npz")
     assert split.images.shape == (10000, 3, 32, 32) and split.images.dtype == torch.uint8
@@ -209,7 +209,7 @@ def test_synthetic_sizes_classes_and_seed_pass_through():
 
 
 def test_training_batches_are_augmented_when_asked_and_drop_the_last_partial_batch():
-    from raystudy.data import Split
+    from raystudy.core.data import Split
 
     torch.manual_seed(0)
     images = torch.randint(1, 255, (100, 3, 16, 16), dtype=torch.uint8)
@@ -314,7 +314,7 @@ def test_random_resized_crops_sample_boxes_inside_the_image_with_the_drawn_area_
     """On an image whose channels are its own x and y coordinates, bilinear resampling is exact, so
     each output reads back its box: inside the image, area fraction ~ U(0.08, 1) where it fits,
     log aspect ratio within log(3/4)..log(4/3), mirrored half of the time."""
-    from raystudy.data import random_resized_crop_flip
+    from raystudy.core.data import random_resized_crop_flip
 
     torch.manual_seed(0)
     n, side = 4000, 64
@@ -357,7 +357,7 @@ def test_augment_pads_cifar_sized_images_by_an_eighth_and_resizes_larger_ones():
     1), read from their width; wider ones take a random resized crop (border-padded: never a zero).
     On white images the padding shows as whole zero rows, as many as the largest vertical offset."""
     from raystudy.config.train import CIFAR_MAX_INPUT
-    from raystudy.data import augment
+    from raystudy.core.data import augment
 
     torch.manual_seed(0)
     for h, w, pad in [(32, 32, 4), (8, 8, 1), (8, 32, 4), (CIFAR_MAX_INPUT, CIFAR_MAX_INPUT, CIFAR_MAX_INPUT // 8)]:

@@ -13,8 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from raystudy.config.endpoint import EndpointSpec
-from raystudy.endpoints import (
+from raystudy.blackbox.client import (
     MAX_ANSWER_BYTES,
     MAX_CACHE_ENTRY_BYTES,
     MAX_RETRY_AFTER_S,
@@ -23,6 +22,7 @@ from raystudy.endpoints import (
     EndpointUnreachable,
     image_digest,
 )
+from raystudy.config.endpoint import EndpointSpec
 from raystudy.errors import RaystudyError
 
 NO_WAIT = lambda seconds: None  # noqa: E731  (rate and backoff waits)

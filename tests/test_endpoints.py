@@ -12,18 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from raystudy import storage
-from raystudy.checkpoint import save_model
+from raystudy.blackbox.client import AnswerCache, EndpointClient, EndpointUnreachable, RateLimiter, backoff_seconds
+from raystudy.blackbox.query import query_experiment, save_kept_images
+from raystudy.cluster.serve import Faults, Labeller, parse_burst
 from raystudy.config import EvalConfig
 from raystudy.config.endpoint import EndpointSpec, parse_endpoint
-from raystudy.data import make_synthetic
-from raystudy.endpoints import AnswerCache, EndpointClient, EndpointUnreachable, RateLimiter, backoff_seconds
+from raystudy.core.checkpoint import save_model
+from raystudy.core.data import make_synthetic
+from raystudy.core.models import build_model
 from raystudy.errors import RaystudyError
 from raystudy.metrics.hook import KeptImages, make_eval_set, measure_surrogate
-from raystudy.models import build_model
-from raystudy.query import query_experiment, save_kept_images
-from raystudy.record import ENDPOINT_ROWS_FILE, FINAL_FILE, MetricRow
-from raystudy.serve import Faults, Labeller, parse_burst
+from raystudy.persist import storage
+from raystudy.persist.record import ENDPOINT_ROWS_FILE, FINAL_FILE, MetricRow
 
 NO_WAIT = lambda seconds: None  # noqa: E731  (backoff and rate waits, in tests that count calls only)
 
@@ -310,22 +310,22 @@ def test_a_label_map_naming_no_class_of_the_dataset_is_one_line(white_box, serve
 
 
 def test_returned_labels_map_through_the_label_map_and_top_k():
-    from raystudy.query import class_sets
+    from raystudy.blackbox.query import class_sets
 
     classes = ("cat", "dog", "bird")
     mapped = EndpointSpec(name="a", url="http://x/", label_map=(("Kitten", ("cat",)), ("Pet", ("cat", "dog"))))
     assert class_sets(mapped, ["Kitten", "Sofa"], classes) == {0}
     assert class_sets(mapped, ["Pet"], classes) == {0, 1}
     assert class_sets(EndpointSpec(name="a", url="http://x/"), ["bird", "1", "sofa"], classes) == {2, 1}
-    from raystudy.endpoints import returned_labels
+    from raystudy.blackbox.client import returned_labels
 
     top1 = EndpointSpec(name="a", url="http://x/", top_k=1, labels_path="result.tags", label_key="name")
     assert returned_labels(top1, {"result": {"tags": [{"name": "b"}, {"name": "c"}]}}) == ["b"]
 
 
 def test_plan_counts_the_queries_and_their_cost_and_flags_a_budget_too_small():
+    from raystudy.budget.costs import endpoint_queries, render_endpoint_queries
     from raystudy.config import parse_space
-    from raystudy.plan import endpoint_queries, render_endpoint_queries
 
     space = {
         "name": "g",
@@ -356,9 +356,9 @@ def test_rekognition_labels_come_through_boto3_with_its_own_credentials(tmp_path
     (from the environment here), nothing of them is kept, and its labels map like any endpoint's."""
     from moto import mock_aws
 
-    from raystudy.query import class_sets
+    from raystudy.blackbox.query import class_sets
 
-    # A study on a local S3 server points AWS clients there (raystudy.storage): Rekognition must not follow.
+    # A study on a local S3 server points AWS clients there (raystudy.persist.storage): Rekognition must not follow.
     monkeypatch.setenv("RAYSTUDY_S3_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAREKOGNITIONTEST")

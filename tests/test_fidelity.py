@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raystudy.config import TrainConfig
+from raystudy.core.models import build_model
 from raystudy.mechanisms import get_mechanism, objective, soft_targets, training_step
 from raystudy.mechanisms.adversarial import L2PGD
 from raystudy.mechanisms.augmentation import CutMix, Mixup
@@ -25,8 +26,7 @@ from raystudy.mechanisms.sam import SAM
 from raystudy.mechanisms.step import soft_cross_entropy
 from raystudy.metrics import EvalConfig, LinfAttack, make_attack, smoothness
 from raystudy.metrics.attacks import PIXEL, round_to_8bit
-from raystudy.models import build_model
-from raystudy.train import _autocast
+from raystudy.training.loop import _autocast
 
 
 def tiny(classes=4, size=16, seed=0) -> nn.Module:
@@ -513,7 +513,7 @@ def test_fooling_rate_counts_every_sample():
 
 
 def test_eval_set_batches_and_device_copy_keep_every_field():
-    from raystudy.data import make_synthetic
+    from raystudy.core.data import make_synthetic
     from raystudy.metrics.hook import _batches, make_eval_set
 
     assert _batches(7, 3) == [slice(0, 3), slice(3, 6), slice(6, 7)]
@@ -636,7 +636,7 @@ def test_sam_restore_needs_an_ascent():
 
 def test_hook_against_the_surrogate_itself_and_the_quick_proxy():
     """A target identical to the surrogate: similarity 1, transfer = fooling; the proxy equals the hook's PGD ASR."""
-    from raystudy.data import make_synthetic
+    from raystudy.core.data import make_synthetic
     from raystudy.metrics import evaluate_surrogate, make_eval_set
     from raystudy.metrics.hook import quick_transfer_asr
 
@@ -732,7 +732,7 @@ def test_an_ensemble_is_attacked_one_member_per_step_in_a_seeded_order():
 
 
 def hook_setting():
-    from raystudy.data import make_synthetic
+    from raystudy.core.data import make_synthetic
     from raystudy.metrics import make_eval_set
 
     data = make_synthetic(32, 60, num_classes=4, image_size=8, seed=0)
@@ -814,8 +814,8 @@ def test_the_hook_hands_autoattack_its_budget_classes_seed_and_steps(monkeypatch
 
 
 def test_an_lgv_ensemble_surrogate_is_attacked_member_by_member():
+    from raystudy.core.models import Ensemble
     from raystudy.metrics import evaluate_surrogate
-    from raystudy.models import Ensemble
 
     eval_set, config = hook_setting()
     config = dataclasses.replace(config, budgets=(8,), modes=("untargeted",))
@@ -834,7 +834,7 @@ def test_an_lgv_ensemble_surrogate_is_attacked_member_by_member():
 
 
 def test_eval_set_sizes_and_target_class_draws():
-    from raystudy.data import make_synthetic
+    from raystudy.core.data import make_synthetic
     from raystudy.metrics import make_eval_set
 
     data = make_synthetic(32, 40, num_classes=5, image_size=8, seed=0)

@@ -14,8 +14,8 @@ import pytest
 
 from analysis import load_experiment, tidy_trials
 from analysis.findings import CONTRADICTED, NOT_ENOUGH, SUPPORTED, findings
-from raystudy.config import STUDY_RECORD, parse_space
-from raystudy.record import MetricRow, make_record
+from raystudy.config import STUDY_MANIFEST, parse_space
+from raystudy.persist.record import MetricRow, make_record
 
 TARGETS = ("t1", "t2", "t3")
 BUDGETS = (4, 8)
@@ -88,7 +88,7 @@ def write_world(root: Path, world=PAPER, attacks_asr=pgd_mi_dim, lgv=True, name=
     spec = parse_space(study, f"{name}.yaml")
     folder = root / name
     folder.mkdir(parents=True)
-    (folder / STUDY_RECORD).write_text(
+    (folder / STUDY_MANIFEST).write_text(
         json.dumps({"study": study, "source": f"{name}.yaml", "data": None, "targets": list(TARGETS)})
     )
     for i, plan in enumerate(spec.plans):

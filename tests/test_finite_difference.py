@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raystudy.config import TrainConfig
+from raystudy.core.models import build_model
 from raystudy.errors import RaystudyError
 from raystudy.mechanisms import objective, soft_targets, training_step
 from raystudy.mechanisms.activation_pattern import ActivationPattern
@@ -27,7 +28,6 @@ from raystudy.mechanisms.finite_difference import (
     penalty_parameter_gradient,
 )
 from raystudy.mechanisms.gradient_norms import InputGradientNorm, InputJacobianNorm, WeightGradientNorm
-from raystudy.models import build_model
 
 CLASSES, SIZE = 4, 16
 
@@ -245,11 +245,11 @@ def test_finite_difference_objective_reports_loss_parts():
 
 def test_training_with_finite_differences_runs_in_full_fp32():
     """TF32 (cuDNN's default for convolutions) would drown a 1e-3 step: the loop turns it off while
-    it trains (raystudy.precision), for finite differences and for input gradients alike (JR), and
+    it trains (raystudy.core.precision), for finite differences and for input gradients alike (JR), and
     restores the flags after."""
-    from raystudy.data import make_synthetic
-    from raystudy.precision import tf32_flags
-    from raystudy.train import train
+    from raystudy.core.data import make_synthetic
+    from raystudy.core.precision import tf32_flags
+    from raystudy.training.loop import train
 
     data = make_synthetic(128, 32, num_classes=CLASSES, image_size=SIZE, seed=0)
     common = dict(dataset="synthetic", model="tiny_cnn", epochs=1, batch_size=32, warmup_epochs=0, image_size=SIZE)

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from raystudy.data import augment, load_dataset
+from raystudy.core.data import augment, load_dataset
 
 pytestmark = pytest.mark.slow
 RAYSTUDY = [sys.executable, "-m", "raystudy"]
@@ -88,7 +88,7 @@ def test_imagenette_targets_and_study_run_with_timm_models(imagenette, tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     names = sorted(p.name for p in (storage / "in_targets" / "targets").iterdir())
     assert names == ["test_efficientnet_MU_p0.5.pt", "test_resnet.pt"]
-    from raystudy.checkpoint import load_model
+    from raystudy.core.checkpoint import load_model
 
     _, meta = load_model(storage / "in_targets" / "targets" / "test_efficientnet_MU_p0.5.pt")
     assert (

@@ -11,14 +11,14 @@ import pytest
 import torch
 import yaml
 
-from raystudy.checkpoint import load_model, save_model
 from raystudy.config import parse_space
 from raystudy.config.loaded import parse_loaded
-from raystudy.data import IMAGENET_MEAN, IMAGENET_STD, load_dataset
+from raystudy.core.checkpoint import load_model, save_model
+from raystudy.core.data import IMAGENET_MEAN, IMAGENET_STD, load_dataset
+from raystudy.core.models import build_model
+from raystudy.core.pretrained import load_loaded_model, model_meta, state_dict_sha256
 from raystudy.errors import RaystudyError
-from raystudy.loaded import load_loaded_model, model_meta, state_dict_sha256
 from raystudy.metrics.smoothness import input_hessian_top_eigenvalue
-from raystudy.models import build_model
 
 VIT = "test_vit.r160_in1k"  # timm's 0.4M-parameter test ViT (160 px): the real architecture code, tiny
 RESNET = "test_resnet.r160_in1k"

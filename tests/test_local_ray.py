@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # descending from it (the GCS, raylet, agents and workers it started), then shuts Ray down.
 PROBE = r"""
 import json, os, sys
-from raystudy.local_ray import init_local_ray, ray_token_file
+from raystudy.cluster.local_ray import init_local_ray, ray_token_file
 
 def listening_inodes():
     found = {}
@@ -79,7 +79,7 @@ def test_a_local_ray_listens_on_loopback_only_and_its_token_is_the_owners(tmp_pa
 
 
 def test_an_older_token_readable_by_others_is_made_the_owners(tmp_path, monkeypatch):
-    from raystudy.local_ray import keep_token_private, ray_token_file
+    from raystudy.cluster.local_ray import keep_token_private, ray_token_file
 
     monkeypatch.setenv("HOME", str(tmp_path))
     ray_token_file().parent.mkdir()
@@ -105,7 +105,7 @@ def test_a_local_ray_is_its_own_even_where_another_ray_runs(tmp_path):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     probe = (
-        "import ray\nfrom raystudy.local_ray import init_local_ray\n"
+        "import ray\nfrom raystudy.cluster.local_ray import init_local_ray\n"
         "init_local_ray(num_cpus=1, include_dashboard=False)\n"
         "print(ray.get_runtime_context().gcs_address)\nray.shutdown()\n"
     )

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from raystudy.core.models import build_model
 from raystudy.errors import RaystudyError
 from raystudy.mechanisms import MECHANISMS, get_mechanism, objective, parse_magnitudes, soft_targets, training_step
 from raystudy.mechanisms.adversarial import L2PGD
@@ -21,7 +22,6 @@ from raystudy.mechanisms.gradient_norms import (
 )
 from raystudy.mechanisms.sam import SAM
 from raystudy.mechanisms.step import soft_cross_entropy
-from raystudy.models import build_model
 
 ALL = ("ST", "MU", "CM", "CO", "LS", "AT", "IR", "JR", "ER", "SAM", "SAM&IR", "SAM&JR")
 

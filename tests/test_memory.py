@@ -1,4 +1,4 @@
-"""Memory planned before launch (raystudy.memory, `raystudy plan`): the per-image figures against a
+"""Memory planned before launch (raystudy.budget.memory, `raystudy plan`): the per-image figures against a
 direct count on the CPU, the shares and fixes, and the shipped studies against the shipped cluster."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import pytest
 import torch
 import yaml
 
-from raystudy import memory
-from raystudy.activation_memory import bytes_per_image, measure, saved_bytes
+from raystudy.budget import memory
 from raystudy.config import TrainConfig, load_space
-from raystudy.models import build_model
+from raystudy.core.activation_memory import bytes_per_image, measure, saved_bytes
+from raystudy.core.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,8 +124,8 @@ def test_shipped_gpu_studies_pack_on_the_shipped_workers_by_cpus_as_by_gpu_share
 def test_the_hook_starts_at_the_batch_planned_for_its_share_of_the_card(monkeypatch):
     from types import SimpleNamespace
 
-    from raystudy import trial
     from raystudy.config.study import TrialPlan
+    from raystudy.training import trial
 
     spec = load_space(ROOT / "search_spaces" / "table.yaml")
     plan = TrialPlan(TrainConfig.from_preset("fast", mechanism="ST", model="resnet18", dataset="cifar10"))
@@ -145,9 +145,9 @@ def test_a_trial_out_of_memory_with_the_same_settings_fails_at_once_and_a_new_ba
     import dataclasses
     import json
 
-    from raystudy import trial
     from raystudy.config.study import TrialPlan
     from raystudy.errors import OutOfGpuMemory
+    from raystudy.training import trial
 
     spec = load_space(ROOT / "search_spaces" / "table.yaml")
     plan = TrialPlan(TrainConfig.from_preset("fast", mechanism="ST"))
@@ -175,7 +175,7 @@ def test_a_local_study_that_cannot_fit_this_machines_gpu_is_refused_before_ray_s
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=23_028 << 20))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "NVIDIA A10G")
-    monkeypatch.setattr("raystudy.confirm.run_then_confirm", lambda *a, **k: pytest.fail("Ray was started"))
+    monkeypatch.setattr("raystudy.cluster.confirm.run_then_confirm", lambda *a, **k: pytest.fail("Ray was started"))
     # The command puts a local Ray on loopback through the environment: kept to this test, as a Ray
     # started later by another test from this process must not inherit it (tests/test_autoscaling.py).
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

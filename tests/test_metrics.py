@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from raystudy.config import TrainConfig
-from raystudy.data import make_synthetic
+from raystudy.core.data import make_synthetic
+from raystudy.core.models import build_model
 from raystudy.errors import RaystudyError
 from raystudy.metrics import (
     EvalConfig,
@@ -30,8 +31,7 @@ from raystudy.metrics import (
     smoothness,
     transfer_success,
 )
-from raystudy.models import build_model
-from raystudy.train import train
+from raystudy.training.loop import train
 
 
 class PerSampleQuadratic(nn.Module):
@@ -194,7 +194,7 @@ def trained(tmp_path_factory):
 
 @pytest.mark.slow
 def test_hook_returns_every_documented_key_with_finite_values(trained):
-    from raystudy.checkpoint import load_model
+    from raystudy.core.checkpoint import load_model
 
     root, paths = trained
     data = make_synthetic(512, 128, num_classes=10, image_size=16, seed=0)
@@ -243,7 +243,7 @@ def test_eval_set_is_fixed_per_seed_and_targets_differ_from_labels():
     assert (a.indices == b.indices).all() and torch.equal(a.target_classes, b.target_classes)
     assert (a.target_classes != a.labels).all() and len(set(a.target_classes.tolist())) > 1
     # The test split is sorted by class here, like the archives: a prefix (smoothness uses one) still mixes classes.
-    from raystudy.data import Split
+    from raystudy.core.data import Split
 
     ordered = Split(data.test.images, data.test.labels.sort().values)
     prefix = make_eval_set(ordered, 5, EvalConfig(n_eval=100, seed=0)).labels[:10]
@@ -285,7 +285,7 @@ def test_evaluate_command_and_its_errors(trained, tmp_path):
 
 def _smooth_ensemble() -> nn.Module:
     """Three small nets with smooth activations (their Hessians have the second-order term too), in float64."""
-    from raystudy.models import Ensemble
+    from raystudy.core.models import Ensemble
 
     torch.manual_seed(3)
     members = [

@@ -1,6 +1,7 @@
 """Experiments written by raystudy 0.1.0 (tests/data/experiments-0.1.0: a search and a grid, each
-interrupted after its first trial) are read and resumed by today's code: Ray's pickled state and
-the search's Optuna history name 0.1.0's module paths, which raystudy.migrate maps to today's."""
+interrupted after its first trial): both are analysed; the grid resumes (Ray's pickled state names
+0.1.0's module paths, which raystudy.persist.migrate maps to today's); the search is refused in
+one line that says how to finish it (its pickled searcher is 0.1.0's class)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from pathlib import Path
 
 import pytest
 from conftest import final_rows, run_raystudy
+
+from raystudy.errors import RaystudyError
+from raystudy.persist.migrate import MANIFEST_FORMAT
 
 OLD = Path(__file__).resolve().parent / "data" / "experiments-0.1.0" / "storage"
 
@@ -30,19 +34,32 @@ def test_an_old_experiment_is_analysed_as_written(old_storage, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("study", ["legacy_search", "legacy_grid"])
-def test_an_interrupted_0_1_0_experiment_resumes_and_finishes(old_storage, study):
-    before = {p.name for p in (old_storage / study).glob("trial_*")}
-    done = run_raystudy("resume", old_storage / study, "--num-cpus", 2)
+def test_an_interrupted_0_1_0_grid_resumes_and_finishes(old_storage):
+    study = old_storage / "legacy_grid"
+    before = {p.name for p in study.glob("trial_*")}
+    done = run_raystudy("resume", study, "--num-cpus", 2)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "2 of 2 trials finished" in done.stdout
-    finals = final_rows(old_storage / study)
+    finals = final_rows(study)
     assert set(finals) == before and all(len(rows) >= 1 for rows in finals.values()), finals
-    if study == "legacy_search":  # the history holds both trials, told once each
-        best = json.loads((old_storage / study / "best_config.json").read_text())
-        assert set(best["config"]) == {"rho", "lambda_jr"}
-        import optuna
+    manifest = json.loads((study / "raystudy-study.json").read_text())
+    assert manifest["format"] == MANIFEST_FORMAT and manifest["phases_done"] == ["tune"]
 
-        history = optuna.load_study(study_name=study, storage=f"sqlite:///{old_storage / study / 'optuna.db'}")
-        states = [t.state.name for t in history.get_trials(deepcopy=False)]
-        assert states == ["COMPLETE", "COMPLETE"], states
+
+def test_a_0_1_0_search_is_refused_in_one_line_saying_how_to_finish_it(old_storage):
+    from raystudy.cluster.experiment import Experiment
+
+    with pytest.raises(RaystudyError, match=r"started by raystudy 0.1.0.*git checkout v0.1.0.*raystudy analyze"):
+        Experiment.open(str(old_storage / "legacy_search"))
+    assert not list((old_storage / "legacy_search").glob("trial_*/raystudy-final.json"))[1:]  # nothing ran
+
+
+def test_old_module_paths_resolve_only_while_restoring():
+    import sys
+
+    from raystudy.persist import migrate
+
+    assert "raystudy.study" not in sys.modules
+    with migrate.old_module_paths():
+        assert sys.modules["raystudy.study"].trial_dirname.__module__ == "raystudy.cluster.experiment"
+    assert "raystudy.study" not in sys.modules

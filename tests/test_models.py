@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from raystudy.core.models import CIFAR_MODELS, Normalize, build_model
 from raystudy.errors import RaystudyError
-from raystudy.models import CIFAR_MODELS, Normalize, build_model
 
 
 @pytest.mark.parametrize("name", sorted(CIFAR_MODELS))

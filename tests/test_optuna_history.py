@@ -7,8 +7,8 @@ import pytest
 
 optuna = pytest.importorskip("optuna")
 
-from raystudy import optuna_history  # noqa: E402
-from raystudy.optuna_history import JournalMirror, fetch_journal, journal_storage, open_history  # noqa: E402
+from raystudy.persist import optuna_history  # noqa: E402
+from raystudy.persist.optuna_history import JournalMirror, fetch_journal, journal_storage, open_history  # noqa: E402
 
 
 def search(journal: str, trials: int, after_each=lambda: None) -> optuna.Study:
@@ -87,19 +87,40 @@ def test_what_the_segments_hold_ignores_unfinished_uploads(tmp_path):
     assert optuna_history.uploaded_bytes(str(remote)) == 7
 
 
-def test_a_trial_a_lost_driver_asked_for_is_failed_when_the_search_ends(tmp_path):
+def _orphan_search(tmp_path):
+    from raystudy.cluster.experiment import Experiment, history_of
     from raystudy.config import parse_space
-    from raystudy.study import _close_search_history
 
     experiment = tmp_path / "orphan"
     experiment.mkdir()
-    study = optuna.create_study(study_name="orphan", storage=f"sqlite:///{experiment / 'optuna.db'}")
-    study.tell(study.ask(), 1.0)
-    study.ask()  # asked, then the driver was lost before Ray recorded the trial
-    space = {"name": "orphan", "kind": "search", "targets": "t", "search": {"mechanism": "SAM", "num_samples": 2}}
+    space = {"name": "orphan", "kind": "search", "targets": "t", "search": {"mechanism": "SAM", "num_samples": 3}}
     space["search"]["params"] = {"rho": {"low": 0.01, "high": 0.5}}
-    _close_search_history(parse_space(space, "orphan.yaml"), str(experiment))
-    states = [
-        t.state for t in optuna.load_study(study_name="orphan", storage=f"sqlite:///{experiment / 'optuna.db'}").trials
-    ]
-    assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]
+    return history_of(Experiment(parse_space(space, "orphan.yaml"), space, str(experiment), {}))
+
+
+def _ray_result(rho: float, final: bool, value: float = 0.5, error=None):
+    from types import SimpleNamespace
+
+    metrics = {"final": 1, "asr/pgd/untargeted/8/mean": value} if final else {"final": 0, "epoch": 1}
+    return SimpleNamespace(config={"rho": rho}, metrics=metrics, error=error)
+
+
+def test_the_history_agrees_with_rays_results_when_a_tune_phase_ends(tmp_path):
+    from raystudy.cluster.searcher import reconcile
+
+    searcher = _orphan_search(tmp_path)
+    searcher.start()
+    study = searcher.study
+    study.tell(study.ask({"rho": optuna.distributions.FloatDistribution(0.01, 0.5)}), 0.9)
+    lost = study.ask()  # asked, then the driver was lost before Ray recorded the trial
+    lost.suggest_float("rho", 0.01, 0.5)
+    held = study.ask()  # asked, and Ray holds the trial, unfinished: a resume goes on with it
+    rho_held = held.suggest_float("rho", 0.01, 0.5)
+    # Ray finished a trial whose outcome the history lost (told after its last upload).
+    results = [_ray_result(rho_held, final=False), _ray_result(0.25, final=True, value=0.7)]
+    reconcile(searcher, results, "final")
+    trials = optuna.load_study(study_name="orphan", storage=f"sqlite:///{tmp_path / 'orphan' / 'optuna.db'}").trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "RUNNING", "COMPLETE"]
+    assert trials[3].params == {"rho": 0.25} and trials[3].values == [0.7]
+    reconcile(searcher, results, "final")  # told once: a second reconcile adds nothing
+    assert len(searcher.study.get_trials(deepcopy=False)) == 4

@@ -9,9 +9,9 @@ import pytest
 import yaml
 from test_cli import one_line_error, run
 
+from raystudy.budget.costs import packing_gain, plan_costs, quoted_h100, read_costs, render_plan, wall_seconds
 from raystudy.config import TrainConfig, load_space
 from raystudy.errors import RaystudyError
-from raystudy.plan import packing_gain, plan_costs, quoted_h100, read_costs, render_plan, wall_seconds
 
 SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 

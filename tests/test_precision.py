@@ -1,5 +1,5 @@
 """The device comes from the trial's resources and TF32 is set per phase, restored, and recorded
-(raystudy.precision). CUDA's presence is faked: these hold on any machine."""
+(raystudy.core.precision). CUDA's presence is faked: these hold on any machine."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from raystudy.config import EvalConfig, TrainConfig
+from raystudy.core.precision import CUDA_CONTEXT_BYTES, device_for_share, memory_fraction, tf32, tf32_flags
 from raystudy.errors import RaystudyError
-from raystudy.precision import CUDA_CONTEXT_BYTES, device_for_share, memory_fraction, tf32, tf32_flags
 
 
 @pytest.fixture
@@ -60,7 +60,7 @@ def tiny(mechanism: str, **overrides) -> TrainConfig:
 def test_training_sets_tf32_for_its_mechanism_and_leaves_the_flags_as_it_found_them(
     mechanism, expected, flags_restored
 ):
-    from raystudy.train import train
+    from raystudy.training.loop import train
 
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = True, False  # an odd state
     seen = []
@@ -71,7 +71,7 @@ def test_training_sets_tf32_for_its_mechanism_and_leaves_the_flags_as_it_found_t
 
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_training_leaves_cudnn_autotuning_and_deterministic_algorithms_as_it_found_them(deterministic):
-    from raystudy.train import train
+    from raystudy.training.loop import train
 
     before = (torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled())
     seen = []
@@ -114,7 +114,7 @@ class FlagRecorder(nn.Module):
 
 
 def test_the_hook_measures_in_fp32_whatever_the_training_left(flags_restored):
-    from raystudy.data import make_synthetic
+    from raystudy.core.data import make_synthetic
     from raystudy.metrics.hook import make_eval_set, measure_surrogate
 
     data = make_synthetic(16, 16, image_size=8, seed=0, num_classes=4)
@@ -128,7 +128,7 @@ def test_the_hook_measures_in_fp32_whatever_the_training_left(flags_restored):
 
 
 def test_the_record_names_the_accelerator_and_each_phases_precision():
-    from raystudy.train import versions
+    from raystudy.training.loop import versions
 
     record = versions(torch.device("cpu"), tiny("AT"))
     assert {"cuda", "cudnn", "torch"} <= set(record) and "gpu" not in record
@@ -137,9 +137,9 @@ def test_the_record_names_the_accelerator_and_each_phases_precision():
 
 
 def test_a_local_study_without_a_gpu_gives_its_trials_the_cpu(monkeypatch):
+    from raystudy.cluster.experiment import with_gpu_share
     from raystudy.config import load_space
-    from raystudy.precision import device_for_share
-    from raystudy.study import with_gpu_share
+    from raystudy.core.precision import device_for_share
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     spec = load_space(Path(__file__).resolve().parents[1] / "search_spaces" / "table.yaml")
@@ -150,7 +150,7 @@ def test_a_local_study_without_a_gpu_gives_its_trials_the_cpu(monkeypatch):
 
 def test_train_and_evaluate_name_a_missing_cuda_device_in_one_line(monkeypatch):
     from raystudy.errors import RaystudyError
-    from raystudy.train import pick_device
+    from raystudy.training.loop import pick_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert pick_device(None).type == "cpu" and pick_device("cpu").type == "cpu"

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import math
 
-from raystudy.record import (
+from raystudy.persist.record import (
     RECORD_FORMAT,
     MetricRow,
     flat,
-    is_finite,
-    legacy_rows,
     make_record,
     objective_rows,
     rows_of,
@@ -42,37 +40,12 @@ def test_a_record_is_exactly_its_parts_and_its_rows_come_back():
     assert math.isnan(record["metrics"][3]["value"])
     back = rows_of(record)
     assert back[:3] == ROWS[:3] and math.isnan(back[3].value)
-    assert rows_of({}) == [] and [is_finite(r) for r in back] == [True, True, True, False]
+    assert rows_of({}) == []
     assert MetricRow("x", None).to_dict() == {"name": "x", "value": None}  # a value is always kept
 
 
-def test_keys_and_their_migration_from_flat_results():
+def test_keys_of_rows():
     assert flat(ROWS[:3]) == {"asr/pgd/untargeted/8/vgg16": 0.5, "smoothness/mean": 3.0, "test_acc": 0.9}
-    result = {
-        "asr/pgd/untargeted/8/vgg16": 0.5,
-        "asr_all/dim/targeted/16/mean": 0.25,
-        "fooling/pgd/targeted/4": 0.7,
-        "smoothness/max": 9.0,
-        "seconds/similarity": 2.0,
-        "similarity/vgg16": 0.1,
-        "odd/one/two": 1.0,
-        "test_acc": 0.9,
-        "epoch": 3,
-        "done": True,
-        "trial_id": "abc",
-    }
-    assert legacy_rows(result) == [
-        MetricRow("asr", 0.5, attack="pgd", mode="untargeted", budget=8, target="vgg16"),
-        MetricRow("asr_all", 0.25, attack="dim", mode="targeted", budget=16, target="mean"),
-        MetricRow("fooling", 0.7, attack="pgd", mode="targeted", budget=4),
-        MetricRow("smoothness", 9.0, statistic="max"),
-        MetricRow("seconds", 2.0, statistic="similarity"),
-        MetricRow("similarity", 0.1, target="vgg16"),
-        MetricRow("odd/one/two", 1.0),
-        MetricRow("test_acc", 0.9),
-    ]
-    for row in legacy_rows(result):
-        assert legacy_rows({row.key: row.value}) == [row]  # key and migration are inverses
 
 
 def test_objective_and_held_out_rows_average_their_own_targets_only():

@@ -13,10 +13,10 @@ import pytest
 import yaml
 from conftest import final_rows, smoke_search
 
+from raystudy.cluster.experiment import find_targets
 from raystudy.config import parse_space
 from raystudy.errors import RaystudyError
-from raystudy.record import MetricRow, objective_rows
-from raystudy.study import check_targets
+from raystudy.persist.record import MetricRow, objective_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,7 +77,7 @@ def test_objective_targets_must_exist_and_leave_one_out(tmp_path, objective, mes
         (folder / f"{name}.pt").write_bytes(b"")
     spec = parse_space(search_space(objective_targets=objective), "held_out.yaml")
     with pytest.raises(RaystudyError, match=message):
-        check_targets(spec, str(tmp_path))
+        find_targets(spec, str(tmp_path), [])
 
 
 @pytest.mark.slow
@@ -135,7 +135,7 @@ def test_any_mechanism_search_samples_several_mechanisms_inside_their_ranges(smo
 
 
 def test_pareto_front_keeps_exactly_the_non_dominated_points():
-    from raystudy.study import pareto_front
+    from raystudy.cluster.outcome import pareto_front
 
     points = [[0.9, 0.1], [0.5, 0.5], [0.4, 0.4], [0.1, 0.9], [0.5, 0.5], [0.2, 0.95]]
     # [0.4, 0.4] is dominated by [0.5, 0.5], [0.1, 0.9] by [0.2, 0.95]; equal points dominate neither other
@@ -159,7 +159,7 @@ def test_multi_objective_settings_are_checked():
 
 @pytest.mark.slow
 def test_two_objective_search_writes_a_pareto_front_of_non_dominated_trials(smoke_storage, tmp_path):
-    from raystudy.study import pareto_front
+    from raystudy.cluster.outcome import pareto_front
 
     space = search_space(metric=["asr/pgd/untargeted/8/mean", "acc"], mode=["max", "max"], num_samples=4)
     space["name"] = "pareto_smoke"

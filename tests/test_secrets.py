@@ -15,7 +15,7 @@ import pytest
 import yaml
 from conftest import BUCKET, bucket_files, raystudy
 
-from raystudy.study import WORKER_ENVIRONMENT, is_credential, worker_runtime_env
+from raystudy.cluster.session import WORKER_ENVIRONMENT, is_credential, worker_runtime_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET_NAMES = (
@@ -44,7 +44,7 @@ def test_wandb_logging_actor_gets_no_key_in_its_runtime_env(monkeypatch):
     from ray.air.integrations import wandb as ray_wandb
     from ray.air.integrations.wandb import WandbLoggerCallback
 
-    from raystudy.tracking import _wandb_callback
+    from raystudy.cluster.tracking import _wandb_callback
 
     seen = []
     monkeypatch.setattr(ray_wandb, "wandb", ray_wandb.wandb or object())  # wandb itself is an optional extra

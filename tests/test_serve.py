@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raystudy.record import ENDPOINT_ROWS_FILE
+from raystudy.persist.record import ENDPOINT_ROWS_FILE
 
 pytestmark = pytest.mark.slow
 RAYSTUDY = [sys.executable, "-m", "raystudy"]

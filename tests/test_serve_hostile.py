@@ -26,11 +26,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from raystudy import serve
-from raystudy.checkpoint import save_model
+from raystudy.cluster import serve
+from raystudy.cluster.serve import Faults, Labeller, max_body_bytes
+from raystudy.core.checkpoint import save_model
+from raystudy.core.models import build_model
 from raystudy.errors import RaystudyError
-from raystudy.models import build_model
-from raystudy.serve import Faults, Labeller, max_body_bytes
 
 SIZE = 16  # the tiny model's input size
 CLASSES = ["ant", "bee", "cat", "dog"]

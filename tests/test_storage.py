@@ -9,8 +9,8 @@ import os
 import pytest
 from conftest import BUCKET
 
-from raystudy import storage
 from raystudy.errors import RaystudyError
+from raystudy.persist import storage
 
 REFUSED = OSError(
     "When reading information for key 'p/x': AWS Error NETWORK_CONNECTION during HeadObject: "

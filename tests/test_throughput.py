@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import throughput  # noqa: E402
 
 from raystudy.config import TrainConfig  # noqa: E402
-from raystudy.precision import tf32_flags  # noqa: E402
+from raystudy.core.precision import tf32_flags  # noqa: E402
 
 
 def test_each_step_runs_under_its_mechanisms_precision_and_leaves_the_flags_as_found():

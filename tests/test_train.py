@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from raystudy.checkpoint import LGV_DIR, METRICS_FILE, MODEL_FILE, load_model
 from raystudy.config import TrainConfig
+from raystudy.core.checkpoint import LGV_DIR, METRICS_FILE, MODEL_FILE, load_model
 from raystudy.errors import RaystudyError
-from raystudy.train import TrainingDiverged, learning_rate, train
+from raystudy.training.loop import TrainingDiverged, learning_rate, train
 
 
 def tiny_config(**overrides) -> TrainConfig:
@@ -77,7 +77,9 @@ def test_bad_settings_name_the_key():
         tiny_config(precision="fp8")
     with pytest.raises(RaystudyError, match="unknown training setting"):
         TrainConfig.from_dict({"epoch": 3})
-    with pytest.raises(RaystudyError, match="unknown mechanism 'LGV'"):  # a phase (raystudy.lgv), not a mechanism
+    with pytest.raises(
+        RaystudyError, match="unknown mechanism 'LGV'"
+    ):  # a phase (raystudy.training.lgv_ensemble), not a mechanism
         tiny_config(mechanism="LGV")
     with pytest.raises(RaystudyError, match="sam_bn='none'"):
         tiny_config(mechanism="SAM", sam_bn="none")
@@ -131,9 +133,9 @@ def test_resume_refuses_other_settings(tmp_path):
 
 
 def test_lgv_collects_snapshots_from_a_trained_model(tmp_path):
-    from raystudy.data import dataset_for
-    from raystudy.lgv import LgvPhase, collect
-    from raystudy.models import Ensemble
+    from raystudy.core.data import dataset_for
+    from raystudy.core.models import Ensemble
+    from raystudy.training.lgv_ensemble import LgvPhase, collect
 
     trained = tiny_config(epochs=1, mechanism="SAM")
     train(trained, out_dir=tmp_path / "base", log=None)
@@ -164,7 +166,7 @@ def test_lgv_collects_snapshots_from_a_trained_model(tmp_path):
 
 
 def test_lgv_phase_settings_are_checked_and_old_lgv_configs_still_read():
-    from raystudy.lgv import LgvPhase
+    from raystudy.training.lgv_ensemble import LgvPhase
 
     assert LgvPhase.parse(True) == LgvPhase() and LgvPhase.parse(False) is None
     assert LgvPhase.parse({"base": "SAM", "epochs": 5}) == LgvPhase(base="SAM", epochs=5)
@@ -174,9 +176,10 @@ def test_lgv_phase_settings_are_checked_and_old_lgv_configs_still_read():
         LgvPhase.parse({"epoch": 3})
     with pytest.raises(RaystudyError, match="models_per_epoch=0"):
         LgvPhase(models_per_epoch=0)
-    # A model file written when LGV was a mechanism: mechanism "LGV" with its base in lgv_base.
+    # A model file written when LGV was a mechanism (lgv_base, before 0.1.0's format) is refused, by name.
     old = {**tiny_config().to_dict(), "mechanism": "LGV", "lgv_base": "SAM", "magnitudes": {"rho": 0.05}}
-    assert TrainConfig.from_dict(old).mechanism == "SAM"
+    with pytest.raises(RaystudyError, match="unknown training setting.*lgv_base"):
+        TrainConfig.from_dict(old)
 
 
 def test_divergence_is_reported(tmp_path):
@@ -185,7 +188,7 @@ def test_divergence_is_reported(tmp_path):
 
 
 def test_lgv_snapshot_steps_are_spread_and_never_lost():
-    from raystudy.train import _snapshot_steps
+    from raystudy.training.loop import _snapshot_steps
 
     assert _snapshot_steps(195, 4) == {48, 97, 146, 194}  # CIFAR-10 at batch 256: the last ends the epoch
     assert _snapshot_steps(2, 4) == {0, 1}  # fewer steps than snapshots: one per step
@@ -194,8 +197,8 @@ def test_lgv_snapshot_steps_are_spread_and_never_lost():
 
 def test_accuracy_counts_every_batch_exactly():
     """A model that predicts the first pixel's value as the class: the accuracy is known sample by sample."""
-    from raystudy.data import Split
-    from raystudy.train import evaluate_accuracy
+    from raystudy.core.data import Split
+    from raystudy.training.loop import evaluate_accuracy
 
     class FirstPixel(torch.nn.Module):
         def forward(self, x):
@@ -211,7 +214,7 @@ def test_accuracy_counts_every_batch_exactly():
 
 
 def test_the_trained_model_normalizes_with_its_dataset_and_sam_trains_as_sam():
-    from raystudy.data import make_synthetic
+    from raystudy.core.data import make_synthetic
 
     config = tiny_config(epochs=1)
     data = make_synthetic(128, 64, image_size=16, seed=0)
@@ -229,8 +232,8 @@ def test_pretrained_fine_tuning_starts_from_the_cached_weights(tmp_path, monkeyp
     import timm
     from safetensors.torch import save_file
 
-    from raystudy.data import make_synthetic
-    from raystudy.train import _build
+    from raystudy.core.data import make_synthetic
+    from raystudy.training.loop import _build
 
     repo = tmp_path / "hub" / "models--timm--test_resnet.r160_in1k"
     (repo / "snapshots" / "0").mkdir(parents=True)
@@ -249,7 +252,7 @@ def test_pretrained_fine_tuning_starts_from_the_cached_weights(tmp_path, monkeyp
 
 
 def test_an_epochs_record_is_the_mean_of_its_steps_and_checkpoints_follow_checkpoint_every(tmp_path, monkeypatch):
-    from raystudy import train as train_module
+    from raystudy.training import loop as train_module
 
     steps = []
     real_step = train_module.training_step

@@ -1,4 +1,4 @@
-"""A trial runs without Ray (raystudy.trial.run_one_trial): trained, measured, reported through a
+"""A trial runs without Ray (raystudy.training.trial.run_one_trial): trained, measured, reported through a
 callback and kept, a second run reporting the kept result; the Ray trainable only adapts it."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from raystudy import storage
 from raystudy.config import TrainConfig, parse_space
-from raystudy.data import dataset_for
-from raystudy.record import FINAL_FILE
-from raystudy.train import train
-from raystudy.trial import FINAL_KEY, TrialContext, run_one_trial
+from raystudy.core.data import dataset_for
+from raystudy.persist import storage
+from raystudy.persist.record import FINAL_FILE
+from raystudy.training.loop import train
+from raystudy.training.trial import FINAL_KEY, TrialContext, run_one_trial
 
 ROOT = Path(__file__).resolve().parents[1]
 

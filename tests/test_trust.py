@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import yaml
 
+from raystudy.blackbox.query import ENDPOINT_SUFFIX, load_endpoints, save_endpoints
 from raystudy.config import parse_space
 from raystudy.config.endpoint import EndpointSpec, parse_endpoint, token_transport_ok
 from raystudy.errors import RaystudyError
-from raystudy.query import ENDPOINT_SUFFIX, load_endpoints, save_endpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -160,30 +160,34 @@ def stored_and_local(tmp_path: Path, stored_url: str, local_url: str) -> tuple[s
 
 
 def test_a_stored_endpoint_changed_from_the_users_file_is_refused_before_anything_is_sent(tmp_path, server):
-    from raystudy.study import query_endpoints
+    from raystudy.cluster.experiment import Experiment
+    from raystudy.cluster.phases import query_endpoints
 
     storage, local = stored_and_local(tmp_path, stored_url=server.url, local_url="https://labels.example.com/")
     study = {"name": "g", "dataset": "synthetic", "model": "tiny_cnn", "targets": "t", "trials": [{"mechanism": "ST"}]}
     spec = parse_space(study, str(tmp_path / "g.yaml"))
     with pytest.raises(RaystudyError, match="differs from .*t.yaml in url: nothing was sent"):
-        query_endpoints(spec, f"{storage}/g", targets_file=str(local))
+        query_endpoints(Experiment(spec, {}, f"{storage}/g", {}), targets_file=str(local))
     local.rename(tmp_path / "elsewhere.yaml")  # no file of the user's: the bucket alone sends nothing
     with pytest.raises(RaystudyError, match="give it with --targets-file"):
-        query_endpoints(spec, f"{storage}/g")
+        query_endpoints(Experiment(spec, {}, f"{storage}/g", {}))
     assert server.requests == []
 
 
 def test_the_users_own_endpoint_is_the_one_queried(tmp_path, server, monkeypatch):
-    from raystudy.study import query_endpoints
+    from raystudy.cluster.experiment import Experiment
+    from raystudy.cluster.phases import query_endpoints
 
     storage, local = stored_and_local(tmp_path, stored_url=server.url, local_url=server.url)
     spec = parse_space({"name": "g", "dataset": "synthetic", "targets": "t", "trials": [{"mechanism": "ST"}]}, "g.yaml")
     monkeypatch.setenv("RAYSTUDY_TOKEN_API", "t0ken")
-    assert query_endpoints(spec, f"{storage}/g", targets_file=str(local)) == 0  # confirmed (no images kept)
+    assert (
+        query_endpoints(Experiment(spec, {}, f"{storage}/g", {}), targets_file=str(local)) == 0
+    )  # confirmed (no images kept)
     planted = Path(storage) / "t" / "targets" / f"extra{ENDPOINT_SUFFIX}"
     planted.write_text(json.dumps({"name": "extra", "url": server.url}))
     with pytest.raises(RaystudyError, match="'extra' is stored with the targets but not named in"):
-        query_endpoints(spec, f"{storage}/g", targets_file=str(local))
+        query_endpoints(Experiment(spec, {}, f"{storage}/g", {}), targets_file=str(local))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +222,7 @@ def test_status_reads_records_and_no_pickle_of_the_experiment(tmp_path):
     out = subprocess.run([sys.executable, "-c", check, str(folder)], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "8 trials: 6 done, 1 failed, 1 missing" in out.stdout
-    assert "failed: SAM (rho=0.1), seed 1: raystudy.train.TrainingDiverged: training diverged" in out.stdout
+    assert "failed: SAM (rho=0.1), seed 1: raystudy.training.loop.TrainingDiverged: training diverged" in out.stdout
     assert "no ray" in out.stdout and not marker.exists()
 
 
@@ -233,7 +237,7 @@ def cifar_batches(folder: Path, extra: dict | None = None) -> None:
 
 
 def test_cifar_batches_are_read_with_arrays_only_and_a_planted_one_is_refused(tmp_path):
-    from raystudy.data import _read_cifar_batches
+    from raystudy.core.data import _read_cifar_batches
 
     cifar_batches(tmp_path / "good")
     train, test, classes = _read_cifar_batches(tmp_path / "good")
@@ -271,25 +275,25 @@ def test_resume_refuses_a_record_that_does_not_match_its_experiment(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
     from test_analysis_records import STUDY, VALUES, write_experiment
 
-    from raystudy.study import check_record_matches, resume_study
+    from raystudy.cluster.experiment import Experiment, check_manifest_matches
 
     folder = write_experiment(tmp_path, VALUES, skip=[("MU τ=5", 1)])
     spec = parse_space(STUDY, "hand.yaml")
-    check_record_matches(spec, str(folder))  # as written: it matches
+    check_manifest_matches(spec, str(folder))  # as written: it matches
     record = json.loads((folder / "raystudy-study.json").read_text())
     record["study"] = {**STUDY, "trials": [{"mechanism": "ST"}, {"mechanism": "SAM"}]}  # MU trials not in it
     (folder / "raystudy-study.json").write_text(json.dumps(record))
     with pytest.raises(RaystudyError, match="does not match the experiment"):
-        resume_study(str(folder))
+        Experiment.open(str(folder))
     record["study"] = STUDY
     (folder / "raystudy-study.json").write_text(json.dumps(record))
     moved = folder.rename(tmp_path / "other")
-    with pytest.raises(RaystudyError, match="its record is of study 'hand', not of this experiment"):
-        resume_study(str(moved))
+    with pytest.raises(RaystudyError, match="its manifest is of study 'hand', not of this experiment"):
+        Experiment.open(str(moved))
 
 
 def test_the_users_rate_and_budget_may_change_but_not_where_images_go(tmp_path, server):
-    from raystudy.query import confirmed_endpoints
+    from raystudy.blackbox.query import confirmed_endpoints
 
     stored = parse_endpoint({"name": "api", "url": server.url, "budget": 100, "rate": 5}, "stored")
     raised = parse_endpoint({"name": "api", "url": server.url, "budget": 5000, "rate": 2}, "t.yaml")
@@ -300,11 +304,11 @@ def test_the_users_rate_and_budget_may_change_but_not_where_images_go(tmp_path, 
 
 
 def test_planted_kept_images_are_one_line(tmp_path):
-    from raystudy.query import kept_trials
+    from raystudy.blackbox.query import kept_trials
 
     trial = tmp_path / "exp" / "trial_0"
     (trial / "adversarial").mkdir(parents=True)
-    from raystudy.record import FINAL_FILE
+    from raystudy.persist.record import FINAL_FILE
 
     (trial / FINAL_FILE).write_text("{}")
     (trial / "adversarial" / "clean.npz").write_bytes(b"PK\x03\x04 not a zip")
@@ -321,7 +325,7 @@ def test_planted_kept_images_are_one_line(tmp_path):
 
 
 def test_a_planted_journal_segment_name_is_not_a_segment(tmp_path):
-    from raystudy.optuna_history import fetch_journal, uploaded_bytes
+    from raystudy.persist.optuna_history import fetch_journal, uploaded_bytes
 
     (tmp_path / "000000000000000.log").write_bytes(b"line\n")
     (tmp_path / "x.log").write_bytes(b"planted\n")
@@ -349,10 +353,13 @@ def test_unreadable_trial_files_are_a_failed_trial_not_a_traceback(tmp_path):
 
 
 def test_an_optuna_storage_url_with_a_password_is_refused(tmp_path):
-    from raystudy.study import _optuna_storage
+    from raystudy.cluster.experiment import Experiment
 
+    study = {"name": "exp", "kind": "search", "targets": "t", "search": {"mechanism": "SAM", "num_samples": 2}}
+    study["search"]["params"] = {"rho": {"low": 0.01, "high": 0.5}}
+    url = "postgresql://user:s3cr3t@db.example/optuna"
     with pytest.raises(RaystudyError, match="--optuna-storage .* holds a user name or password") as err:
-        _optuna_storage(str(tmp_path / "exp"), "postgresql://user:s3cr3t@db.example/optuna")
+        Experiment.create(parse_space(study, "exp.yaml"), study, str(tmp_path), local=True, optuna_storage=url)
     assert "s3cr3t" not in str(err.value)
 
 
@@ -414,14 +421,14 @@ def test_a_bad_url_region_or_label_map_is_one_line(values, why):
     ],
 )
 def test_a_planted_best_config_is_one_line(best, why):
-    from raystudy.record import checked_best_config
+    from raystudy.persist.record import checked_best_config
 
     with pytest.raises(RaystudyError, match=f"best_config.json: not a search's best configuration \\({why}"):
         checked_best_config(best, "s3://b/exp/best_config.json")
 
 
 def test_a_best_config_as_written_passes_its_check():
-    from raystudy.record import checked_best_config
+    from raystudy.persist.record import checked_best_config
 
     single = {
         "config": {"trial": {"rho": 0.1}},
@@ -462,7 +469,7 @@ def test_a_best_config_as_written_passes_its_check():
         ({"endpoints": [1]}, "its endpoints must be a list of names"),
         ({"eval_indices": [0, -1]}, "its eval_indices must be a list of non-negative whole numbers"),
         ({"eval_target_classes": [0.5]}, "its eval_target_classes must be"),
-        ({"study": []}, "not a study record"),
+        ({"study": []}, "not a study manifest"),
     ],
 )
 def test_a_planted_study_record_is_one_line_in_analyze(tmp_path, change, why):
@@ -521,7 +528,7 @@ def test_a_huge_or_inflating_kept_image_set_is_refused_before_it_is_read(tmp_pat
     import io
     import zipfile
 
-    from raystudy import query
+    from raystudy.blackbox import query
 
     monkeypatch.setattr(query, "KEPT_SET_LIMIT", 1 << 20)
     buffer = io.BytesIO()
@@ -539,7 +546,7 @@ def test_a_huge_or_inflating_kept_image_set_is_refused_before_it_is_read(tmp_pat
 
 
 def test_a_search_history_larger_than_its_cap_is_one_line(tmp_path, monkeypatch):
-    from raystudy import optuna_history
+    from raystudy.persist import optuna_history
 
     monkeypatch.setattr(optuna_history, "HISTORY_LIMIT", 1000)
     (tmp_path / "segments").mkdir()
@@ -551,7 +558,7 @@ def test_a_search_history_larger_than_its_cap_is_one_line(tmp_path, monkeypatch)
 def test_a_targets_file_the_bucket_points_to_is_read_only_if_only_the_user_can_write_it(tmp_path):
     import os
 
-    from raystudy.study import users_endpoints
+    from raystudy.cluster.phases import users_endpoints
 
     targets = tmp_path / "mine"
     targets.mkdir(mode=0o755)
@@ -589,11 +596,12 @@ def test_resume_can_measure_at_another_evaluation_batch_and_nothing_else_changes
     from ray import tune
     from test_analysis_records import VALUES, write_experiment
 
-    from raystudy import study
+    from raystudy.cluster import experiment as study
+    from raystudy.cluster import phases
 
     folder = write_experiment(tmp_path, VALUES)
     seen = {}
-    monkeypatch.setattr(study, "_init_ray", lambda *args: None)
+    monkeypatch.setattr(study, "init_ray", lambda *args: None)
     monkeypatch.setattr(study, "_trainable", lambda spec, *args, **kwargs: seen.setdefault("spec", spec))
 
     class Restored:
@@ -605,8 +613,8 @@ def test_resume_can_measure_at_another_evaluation_batch_and_nothing_else_changes
         return Restored()
 
     monkeypatch.setattr(tune.Tuner, "restore", staticmethod(restore))
-    monkeypatch.setattr(study, "_finish", lambda *args: [])
-    study.resume_study(str(folder), eval_batch_size=16)
+    monkeypatch.setattr(phases, "_after_tune", lambda *args: None)
+    phases.resume(str(folder), study.RayOptions(), eval_batch_size=16)
     original = parse_space(json.loads((folder / "raystudy-study.json").read_text())["study"], "hand.yaml")
     assert seen["spec"].evaluation.batch_size == 16 and original.evaluation.batch_size == 250
     assert seen["spec"].plans == original.plans and seen["how"]["resume_errored"]  # a failed hook is measured again

@@ -12,7 +12,7 @@ below takes these objects, never raw dicts.
 from raystudy.config.evaluation import EvalConfig
 from raystudy.config.lgv import LGV_BASES, LgvPhase
 from raystudy.config.study import (
-    STUDY_RECORD,
+    STUDY_MANIFEST,
     SearchParam,
     SearchSpec,
     StudySpec,
@@ -29,7 +29,7 @@ __all__ = [
     "PRECISIONS",
     "PRESETS",
     "SAM_BN_MODES",
-    "STUDY_RECORD",
+    "STUDY_MANIFEST",
     "EvalConfig",
     "LgvPhase",
     "SearchParam",

@@ -1,4 +1,4 @@
-"""The LGV phase's settings (the phase itself runs in raystudy.lgv)."""
+"""The LGV phase's settings (the phase itself runs in raystudy.training.lgv_ensemble)."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ A trial (or target) entry names one with
     - {weights: runs/surrogate/model.pt}                                        # a raystudy model file
 
 Such a trial trains nothing: it goes straight to the trial-end hook (or, in a targets study, is
-saved as a target), and its record says where the weights came from (raystudy.loaded).
+saved as a target), and its record says where the weights came from (raystudy.core.pretrained).
 """
 
 from __future__ import annotations

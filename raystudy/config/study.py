@@ -73,7 +73,7 @@ from raystudy.errors import RaystudyError
 
 KINDS = ("grid", "targets", "search")
 IMAGENET_SIZED = ("imagenette", "imagenet")  # 224-pixel images: timm models
-STUDY_RECORD = "raystudy-study.json"  # written beside Ray's files in every experiment
+STUDY_MANIFEST = "raystudy-study.json"  # written beside Ray's files in every experiment
 TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)} - {
     "dataset",
     "model",
@@ -108,7 +108,9 @@ class TrialSpec:
     mechanism: str = "ST"
     magnitudes: tuple[tuple[str, float], ...] = ()
     model: str | None = None
-    lgv: LgvPhase | None = None  # after training, collect an LGV ensemble (raystudy.lgv) and attack with it
+    lgv: LgvPhase | None = (
+        None  # after training, collect an LGV ensemble (raystudy.training.lgv_ensemble) and attack with it
+    )
     train: tuple[tuple[str, Any], ...] = ()  # this trial's overrides of the study's training settings
     loaded: LoadedModel | None = None  # a model loaded, not trained (raystudy.config.loaded)
     endpoint: EndpointSpec | None = None  # targets studies: a black-box target (raystudy.config.endpoint)
@@ -306,8 +308,6 @@ class StudySpec:
         """The plan of a trial from the config Ray gave it (and recorded in params.json)."""
         if "plan" in config:
             return TrialPlan.from_dict(config["plan"])
-        if "trial" in config:  # experiments written before plans: {"trial": {mechanism, magnitudes, seed, ...}}
-            return _legacy_plan(self, config["trial"])
         return self.plan_for_sample(config)
 
     def search_corner(self, corner: str = "low") -> TrialPlan:
@@ -374,19 +374,6 @@ def _plans(spec, entries: tuple[TrialSpec, ...]) -> tuple[TrialPlan, ...]:
             name = target_name(config, len(spec.seeds)) if spec.kind == "targets" else None
             plans.append(TrialPlan(config, entry.lgv, name))
     return tuple(plans)
-
-
-def _legacy_plan(spec, trial: Mapping[str, Any]) -> TrialPlan:
-    """Migrate a trial config written before plans ({mechanism, magnitudes, seed, model, lgv, train})."""
-    config = _train_config(
-        spec,
-        trial["mechanism"],
-        trial.get("magnitudes", {}),
-        trial.get("model"),
-        int(trial["seed"]),
-        trial.get("train", {}),
-    )
-    return TrialPlan(config, LgvPhase.parse(trial.get("lgv")), trial.get("target_name"))
 
 
 class _Reader:
@@ -788,7 +775,7 @@ def _resources(values: Any, where: str) -> Resources:
     gpu = r.number("gpu", 0, 0, 8)
     custom = r.mapping("custom", {})
     r.finish()
-    if gpu > 1:  # a trial trains and measures on one device (raystudy.precision)
+    if gpu > 1:  # a trial trains and measures on one device (raystudy.core.precision)
         raise RaystudyError(f"{where}: resources: gpu={gpu:g} must be a fraction in [0, 1]: a trial uses one GPU")
     amount = Range(0, 10**9, whole=False, open_low=True)
     for name, value in custom.items():

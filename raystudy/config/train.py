@@ -127,9 +127,9 @@ def check_flag(key: str, value: Any) -> bool:
 
 
 # Images at most this many pixels wide are CIFAR-sized: the CIFAR model variants (3x3 stem, no early
-# down-sampling) and pad-and-crop augmentation (raystudy.data) apply to them.
+# down-sampling) and pad-and-crop augmentation (raystudy.core.data) apply to them.
 CIFAR_MAX_INPUT = 64
-# The CIFAR variants raystudy.models builds (for inputs of at most CIFAR_MAX_INPUT pixels); larger
+# The CIFAR variants raystudy.core.models builds (for inputs of at most CIFAR_MAX_INPUT pixels); larger
 # inputs take any timm model by name.
 CIFAR_MODEL_NAMES = ("densenet121", "inception_v3", "resnet18", "resnet50", "resnet8", "tiny_cnn", "vgg16", "vgg_small")
 PRECISIONS = ("fp32", "bf16")
@@ -329,9 +329,6 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
         values = dict(values)
-        if "lgv_base" in values:  # written before LGV became a phase: mechanism "LGV" trained with lgv_base
-            base = values.pop("lgv_base")
-            values["mechanism"] = base if values.get("mechanism") == "LGV" else values.get("mechanism", "ST")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

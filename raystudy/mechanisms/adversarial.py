@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from raystudy.mechanisms.model_state import eval_mode
 from raystudy.mechanisms.step import soft_cross_entropy
-from raystudy.modes import eval_mode
 
 
 def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:

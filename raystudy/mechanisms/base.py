@@ -100,7 +100,7 @@ class Recipe:
 @dataclass(frozen=True)
 class StepShape:
     """What one training step of a recipe does, known without building it: what precision and
-    memory planning ask (raystudy.precision, raystudy.memory), and what validation checks."""
+    memory planning ask (raystudy.core.precision, raystudy.budget.memory), and what validation checks."""
 
     adversary: bool
     has_penalties: bool

@@ -34,7 +34,7 @@ initialisation that a step of 1e-3 along the gradient moves it by a sixth of its
 The constants come from benchmarks/finite_difference_sweep.py (results/finite_difference_sweep.json):
 ResNet-18, VGG-16 and Inception-V3 (dropout) with BN in train mode, at initialisation, after one
 epoch and trained, against exact double backprop. Without the held pattern a ReLU network's cosine
-is far below 1 at every step. Training with these forms turns TF32 off (raystudy/train.py): its
+is far below 1 at every step. Training with these forms turns TF32 off (raystudy/training/loop.py): its
 10-bit mantissa is far coarser than the steps.
 """
 
@@ -56,8 +56,8 @@ from raystudy.mechanisms.gradient_norms import (
     ir_batch_factor,
     jr_batch_factor,
 )
+from raystudy.mechanisms.model_state import bn_running_stats_frozen
 from raystudy.mechanisms.step import soft_cross_entropy
-from raystudy.modes import bn_running_stats_frozen
 
 # Steps relative to the norm of what they perturb (module docstring): an image (per sample, so a
 # CIFAR-10 image of norm ~32 moves by ~1e-3 in L2) and the whole weight vector.

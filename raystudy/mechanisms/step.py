@@ -11,8 +11,8 @@ from torch import nn
 
 from raystudy.mechanisms.activation_pattern import ActivationPattern
 from raystudy.mechanisms.base import ForwardPass, Recipe
+from raystudy.mechanisms.model_state import bn_running_stats_frozen, twice_differentiable
 from raystudy.mechanisms.sam import SAM
-from raystudy.modes import bn_running_stats_frozen, twice_differentiable
 
 
 def soft_targets(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:

@@ -23,7 +23,7 @@ from torch import nn
 
 from raystudy.config.evaluation import ATTACKS, PIXEL
 from raystudy.errors import require_extra
-from raystudy.modes import eval_mode
+from raystudy.mechanisms.model_state import eval_mode
 
 __all__ = ["ATTACKS", "PIXEL", "LinfAttack", "autoattack", "make_attack", "round_to_8bit"]
 

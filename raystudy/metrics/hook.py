@@ -1,6 +1,6 @@
 """The trial-end hook: every metric of a trained surrogate against its targets.
 
-`measure_surrogate` returns `MetricRow`s with their dimensions (raystudy.record);
+`measure_surrogate` returns `MetricRow`s with their dimensions (raystudy.persist.record);
 `evaluate_surrogate` the same as a dict of flat names:
 
 Metric names (budgets are in 1/255 units, e.g. `8` = 8/255; `<t>` is a target's name):
@@ -33,16 +33,16 @@ import torch
 from torch import nn
 
 from raystudy.config.evaluation import MODES, EvalConfig  # noqa: F401 (MODES re-exported)
-from raystudy.data import Split, balanced_subset
+from raystudy.core.data import Split, balanced_subset
+from raystudy.core.models import Ensemble
+from raystudy.core.precision import tf32
 from raystudy.errors import OutOfGpuMemory, RaystudyError
+from raystudy.mechanisms.model_state import eval_mode
 from raystudy.metrics.asr import fooling_rate, transfer_success
 from raystudy.metrics.attacks import PIXEL, autoattack, make_attack
 from raystudy.metrics.similarity import gradient_cosine, input_gradients
 from raystudy.metrics.smoothness import smoothness
-from raystudy.models import Ensemble
-from raystudy.modes import eval_mode
-from raystudy.precision import tf32
-from raystudy.record import AGGREGATE_TARGETS, MetricRow, flat
+from raystudy.persist.record import AGGREGATE_TARGETS, MetricRow, flat
 
 
 @dataclass(frozen=True)
@@ -60,18 +60,24 @@ class EvalSet:
 
 def make_eval_set(test: Split, num_classes: int, config: EvalConfig) -> EvalSet:
     """The same images and target classes for every trial that uses the same config.seed."""
-    n = config.n_eval if config.n_eval is not None and config.n_eval < len(test) else None
-    indices = balanced_subset(test.labels, n, config.seed) if n else np.arange(len(test))
+    indices, targets = eval_indices(test.labels, num_classes, config)
+    subset = test.subset(indices)
+    return EvalSet(subset.images.cpu(), subset.labels.cpu(), targets, indices)
+
+
+def eval_indices(labels: torch.Tensor, num_classes: int, config: EvalConfig) -> tuple[np.ndarray, torch.Tensor]:
+    """(indices into the test split, targeted classes) of the evaluation images: from the labels
+    and config.seed alone, so the driver records them without the images (data.test_labels_for)."""
+    n = config.n_eval if config.n_eval is not None and config.n_eval < len(labels) else None
+    indices = balanced_subset(labels, n, config.seed) if n else np.arange(len(labels))
     # A seeded random order: the archives are sorted by class, and smoothness uses a prefix.
     indices = np.random.default_rng(config.seed).permutation(indices)
-    subset = test.subset(indices)
-    labels = subset.labels.cpu()
+    chosen = labels.cpu()[torch.as_tensor(indices, dtype=torch.long)]
     if config.target_classes == "next":
-        targets = (labels + 1) % num_classes
-    else:  # uniform over the other classes: y + U{1..m-1} mod m
-        offsets = torch.randint(1, num_classes, labels.shape, generator=torch.Generator().manual_seed(config.seed + 7))
-        targets = (labels + offsets) % num_classes
-    return EvalSet(subset.images.cpu(), labels, targets, indices)
+        return indices, (chosen + 1) % num_classes
+    # uniform over the other classes: y + U{1..m-1} mod m
+    offsets = torch.randint(1, num_classes, chosen.shape, generator=torch.Generator().manual_seed(config.seed + 7))
+    return indices, (chosen + offsets) % num_classes
 
 
 def _batches(n: int, size: int):
@@ -96,7 +102,7 @@ def evaluate_surrogate(
 
 @dataclass
 class KeptImages:
-    """What the hook hands to black-box targets (raystudy.query): the surrogate's clean predictions
+    """What the hook hands to black-box targets (raystudy.blackbox.query): the surrogate's clean predictions
     and every AE it crafted, as the 8-bit images the white-box targets were shown."""
 
     surrogate_clean: torch.Tensor | None = None
@@ -125,7 +131,7 @@ def measure_surrogate(
     data = eval_data.to(device)
     batch = config.batch_size
     while True:
-        # fp32 throughout (raystudy.precision): smoothness and similarity are input gradients
+        # fp32 throughout (raystudy.core.precision): smoothness and similarity are input gradients
         try:
             with eval_mode(surrogate), eval_mode(*targets.values(), frozen=True), tf32(False):
                 return _measure(surrogate, targets, data, dataclasses.replace(config, batch_size=batch), log, keep)
@@ -246,7 +252,7 @@ def quick_transfer_asr(
     device = next(surrogate.parameters()).device
     data = eval_data.to(device)
     x, y = data.images.float() / 255, data.labels
-    # fp32 as the hook measures, whatever the training phase that calls it allows (raystudy.precision)
+    # fp32 as the hook measures, whatever the training phase that calls it allows (raystudy.core.precision)
     with eval_mode(surrogate), eval_mode(*targets.values(), frozen=True), tf32(False):
         clean = {"surrogate": _predict(surrogate, x, config.batch_size)}
         clean.update({name: _predict(m, x, config.batch_size) for name, m in targets.items()})

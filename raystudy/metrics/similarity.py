@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raystudy.models import Ensemble
-from raystudy.modes import eval_mode
+from raystudy.core.models import Ensemble
+from raystudy.mechanisms.model_state import eval_mode
 
 
 def input_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from raystudy.config.evaluation import DEFAULT_ITERATIONS, DEFAULT_TOLERANCE
-from raystudy.models import Ensemble
-from raystudy.modes import eval_mode, twice_differentiable
+from raystudy.core.models import Ensemble
+from raystudy.mechanisms.model_state import eval_mode, twice_differentiable
 
 
 @dataclass(frozen=True)

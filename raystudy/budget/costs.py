@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from raystudy import memory
+from raystudy.budget import memory
 from raystudy.config import StudySpec, TrainConfig
 from raystudy.config.study import TrialPlan
 from raystudy.config.train import show
@@ -476,7 +476,7 @@ def _pixels(train: TrainConfig) -> int:
 
 
 def trial_memories(spec: StudySpec, target_plans: list[TrialPlan] | None) -> list[memory.TrialMemory]:
-    """Each setting's planned peak memory (raystudy.memory), once per label; `target_plans`: the
+    """Each setting's planned peak memory (raystudy.budget.memory), once per label; `target_plans`: the
     plans of the study's targets study (None: unknown, the hook is planned without targets)."""
     out: dict[str, memory.TrialMemory] = {}
     for plan in _memory_plans(spec):
@@ -525,7 +525,10 @@ def render_memory(
     it, the estimate, the share and the fix."""
     share = spec.resources.gpu
     cap = memory.share_bytes(share, card.memory) if share > 0 and card is not None else None
-    lines = ["", f"memory (planned per trial, {memory.ALLOCATOR_SLACK:.2f}x allocator slack; raystudy/memory.py):"]
+    lines = [
+        "",
+        f"memory (planned per trial, {memory.ALLOCATOR_SLACK:.2f}x allocator slack; raystudy/budget/memory.py):",
+    ]
     if cap is not None:
         lines.append(
             f"  share: gpu {share:g} of {memory.gib(card.memory)} ({card.what}) = {memory.gib(cap)} after the context"

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from raystudy import __version__
-from raystudy.checkpoint import (
+from raystudy.config import TrainConfig
+from raystudy.core.checkpoint import (
     LGV_DIR,
     METRICS_FILE,
     MODEL_FILE,
@@ -36,14 +37,13 @@ from raystudy.checkpoint import (
     save_model,
     save_train_state,
 )
-from raystudy.config import TrainConfig
-from raystudy.data import Dataset, dataset_for, eval_batches, random_batch, train_batches
+from raystudy.core.data import Dataset, dataset_for, eval_batches, random_batch, train_batches
+from raystudy.core.models import build_model
+from raystudy.core.precision import device_versions, phase_precision, tf32, tf32_allowed
 from raystudy.errors import RaystudyError
 from raystudy.mechanisms import training_step
+from raystudy.mechanisms.model_state import eval_mode
 from raystudy.mechanisms.sam import SAM
-from raystudy.models import build_model
-from raystudy.modes import eval_mode
-from raystudy.precision import device_versions, phase_precision, tf32, tf32_allowed
 
 
 class TrainingDiverged(RaystudyError):
@@ -166,7 +166,7 @@ def train(
         dataset = dataset.to(dev)
         model = _build(config, dataset, dev)
         recipe = config.recipe()
-        with tf32(tf32_allowed(recipe)):  # raystudy.precision: per phase, restored after
+        with tf32(tf32_allowed(recipe)):  # raystudy.core.precision: per phase, restored after
             return _train(config, dataset, model, recipe, dev, out, on_epoch_end, log)
 
 

@@ -68,7 +68,7 @@ def save_model(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
 
 def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild and load a model file written by `save_model` (eval mode)."""
-    from raystudy.models import build_model
+    from raystudy.core.models import build_model
 
     payload = safe_load(path, MODEL_FORMAT)
     meta = json.loads(payload["meta"])

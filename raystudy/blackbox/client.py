@@ -31,9 +31,9 @@ from urllib.parse import urljoin, urlsplit
 import requests
 import requests.adapters
 
-from raystudy import storage
 from raystudy.config.endpoint import EndpointSpec, token_transport_ok
 from raystudy.errors import RaystudyError, require_extra
+from raystudy.persist import storage
 
 CACHE_DIR = "endpoint-cache"
 RETRY_STATUSES = {429, 500, 502, 503, 504}

@@ -123,6 +123,43 @@ def dataset_for(config: "TrainConfig", data_path: str | None = None) -> Dataset:
     )
 
 
+def test_labels_for(config: "TrainConfig", data_path: str | None = None) -> tuple[torch.Tensor, int]:
+    """(labels, number of classes) of the test split `config` evaluates on, without decoding an
+    image: the evaluation images are chosen from labels and seeds alone (metrics.hook.eval_indices),
+    so the study driver records them without the data's pixels (a cluster's head node need not
+    hold the decoded set). A trial's `dataset_for(config).test.labels` are the same labels."""
+    path = data_path or config.data_path
+    if config.dataset == "synthetic":  # drawn, not read, and small
+        synthetic = dataset_for(config, data_path)
+        return synthetic.test.labels, synthetic.num_classes
+    if config.dataset == "cifar10":
+        labels, num_classes = _cifar10_test_labels(_resolve_path(path, required=False)), 10
+    elif config.dataset == "imagenette":
+        root = _resolve_path(path, required=True)
+        _check_imagenette_layout(root)
+        classes = _folder_classes(root / "train")
+        labels, num_classes = _folder_labels(root / "val", classes), len(classes)
+    elif config.dataset == "imagenet":
+        root = _resolve_path(path, required=True, layout=IMAGENET_COMPATIBLE_LAYOUT)
+        labels, num_classes = torch.tensor(_imagenet_rows(root)[1], dtype=torch.long), IMAGENET_CLASSES
+    else:
+        raise RaystudyError(f"unknown dataset {config.dataset!r}; known: {', '.join(DATASETS)}")
+    if config.n_test:  # as subsample() draws the test split
+        labels = labels[torch.as_tensor(balanced_subset(labels, config.n_test, config.data_seed + 1))]
+    return labels, num_classes
+
+
+def _cifar10_test_labels(path: Path | None) -> torch.Tensor:
+    """In _load_cifar10's order of layouts; python batches (raw arrays, nothing to decode) and the
+    download are read as it reads them."""
+    batches = path is None or (path / "cifar-10-batches-py").is_dir() or (path / "data_batch_1").is_file()
+    if not batches and (path / "test.npz").is_file() and (path / "train.npz").is_file():
+        return packed_labels(path / "test.npz")
+    if not batches and (path / "test").is_dir() and (path / "train").is_dir():
+        return _folder_labels(path / "test", _folder_classes(path / "train"))
+    return _load_cifar10(path).test.labels
+
+
 def subsample(ds: Dataset, n_train: int | None, n_test: int | None, seed: int) -> Dataset:
     train = ds.train.subset(balanced_subset(ds.train.labels, n_train, seed)) if n_train else ds.train
     test = ds.test.subset(balanced_subset(ds.test.labels, n_test, seed + 1)) if n_test else ds.test
@@ -305,9 +342,13 @@ def read_packed_jpeg(path: Path) -> Split:
         return torch.stack(decoded).numpy()
 
     images = _cached_array(f"packed-{path.stem}-{_fingerprint(path)}", decode)
+    return Split(torch.from_numpy(images), packed_labels(path))
+
+
+def packed_labels(path: Path) -> torch.Tensor:
+    """A packed-JPEG archive's labels alone (an npz member is read on its own: no image is read)."""
     with np.load(path, allow_pickle=False) as archive:
-        labels = torch.from_numpy(archive["labels"].astype(np.int64))
-    return Split(torch.from_numpy(images), labels)
+        return torch.from_numpy(archive["labels"].astype(np.int64))
 
 
 def _npz_classes(path: Path) -> list[str]:
@@ -321,17 +362,8 @@ def _npz_classes(path: Path) -> list[str]:
 
 def read_image_folder(root: Path, size: int | None, classes: list[str] | None = None) -> tuple[Split, list[str]]:
     """`root/<class>/<image>`; images resized (shorter side) and centre-cropped to `size` if given."""
-    classes = classes or sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not classes:
-        raise RaystudyError(f"{str(root)!r} has no class folders")
-    files = [
-        (f, label)
-        for label, c in enumerate(classes)
-        for f in sorted((root / c).glob("*"))
-        if f.suffix in IMAGE_SUFFIXES
-    ]
-    if not files:
-        raise RaystudyError(f"{str(root)!r} has no images ({', '.join(IMAGE_SUFFIXES[:3])}) in its class folders")
+    classes = classes or _folder_classes(root)
+    files = _folder_files(root, classes)
 
     def decode() -> np.ndarray:
         return torch.stack([_read_image(f, size) for f, _ in files]).numpy()
@@ -340,6 +372,30 @@ def read_image_folder(root: Path, size: int | None, classes: list[str] | None = 
     images = _cached_array(f"folder-{root.name}-{size}-{key}", decode)
     labels = torch.tensor([label for _, label in files], dtype=torch.long)
     return Split(torch.from_numpy(images), labels), classes
+
+
+def _folder_classes(root: Path) -> list[str]:
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise RaystudyError(f"{str(root)!r} has no class folders")
+    return classes
+
+
+def _folder_files(root: Path, classes: list[str]) -> list[tuple[Path, int]]:
+    """(image file, label) of `root/<class>/<image>`, in the order the split holds them."""
+    files = [
+        (f, label)
+        for label, c in enumerate(classes)
+        for f in sorted((root / c).glob("*"))
+        if f.suffix in IMAGE_SUFFIXES
+    ]
+    if not files:
+        raise RaystudyError(f"{str(root)!r} has no images ({', '.join(IMAGE_SUFFIXES[:3])}) in its class folders")
+    return files
+
+
+def _folder_labels(root: Path, classes: list[str]) -> torch.Tensor:
+    return torch.tensor([label for _, label in _folder_files(root, classes)], dtype=torch.long)
 
 
 def _read_image(path: Path, size: int | None) -> torch.Tensor:
@@ -355,9 +411,13 @@ def _read_image(path: Path, size: int | None) -> torch.Tensor:
     return image
 
 
-def _load_imagenette(path: Path) -> Dataset:
+def _check_imagenette_layout(path: Path) -> None:
     if not ((path / "train").is_dir() and (path / "val").is_dir()):
         raise RaystudyError(f"{str(path)!r} is not an ImageNette folder: expected train/<class>/ and val/<class>/")
+
+
+def _load_imagenette(path: Path) -> Dataset:
+    _check_imagenette_layout(path)
     train, classes = read_image_folder(path / "train", size=IMAGENETTE_SIZE)
     test, _ = read_image_folder(path / "val", size=IMAGENETTE_SIZE, classes=classes)
     return Dataset("imagenette", train, test, tuple(classes), IMAGENET_MEAN, IMAGENET_STD)
@@ -376,6 +436,20 @@ def load_imagenet_compatible(path: Path) -> Dataset:
     Labels are ImageNet-1k indices (TrueLabel - 1: the csv counts from the background class of
     1001-way Inception models); `categories.csv` (CategoryId, CategoryName), when present, names
     them. An evaluation set only: the training split is empty."""
+    files, labels = _imagenet_rows(path)
+
+    def decode() -> np.ndarray:
+        return torch.stack([_read_image(f, IMAGENETTE_SIZE) for f in files]).numpy()
+
+    key = hashlib.sha1("|".join(f"{f}:{f.stat().st_size}" for f in files).encode()).hexdigest()[:12]
+    images = torch.from_numpy(_cached_array(f"imagenet-compatible-{key}", decode))
+    test = Split(images, torch.tensor(labels, dtype=torch.long))
+    train = Split(images[:0], test.labels[:0])
+    return Dataset("imagenet", train, test, _imagenet_class_names(path), IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _imagenet_rows(path: Path) -> tuple[list[Path], list[int]]:
+    """(image files, labels) of an ImageNet-compatible folder, from its images.csv, checked."""
     import csv
 
     table = path / "images.csv"
@@ -399,15 +473,7 @@ def load_imagenet_compatible(path: Path) -> Dataset:
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise RaystudyError(f"{len(missing)} image(s) listed in images.csv are missing, e.g. {missing[0]!r}")
-
-    def decode() -> np.ndarray:
-        return torch.stack([_read_image(f, IMAGENETTE_SIZE) for f in files]).numpy()
-
-    key = hashlib.sha1("|".join(f"{f}:{f.stat().st_size}" for f in files).encode()).hexdigest()[:12]
-    images = torch.from_numpy(_cached_array(f"imagenet-compatible-{key}", decode))
-    test = Split(images, torch.tensor(labels, dtype=torch.long))
-    train = Split(images[:0], test.labels[:0])
-    return Dataset("imagenet", train, test, _imagenet_class_names(path), IMAGENET_MEAN, IMAGENET_STD)
+    return files, labels
 
 
 def _imagenet_class_names(path: Path) -> tuple[str, ...]:

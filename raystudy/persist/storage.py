@@ -12,6 +12,7 @@ import json
 import os
 import random
 import re
+import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -325,3 +326,12 @@ def check_writable(storage: str) -> None:
     write_bytes(probe, b"ok", outage_seconds=15)  # at the start, an unreachable store is more likely a typo
     fs, path = _resolve(probe)
     fs.delete_file(path)
+
+
+def only_user_writes(path: Path) -> bool:
+    """True if `path` and its folder belong to this user and neither is writable by others."""
+    try:
+        stats = [path.stat(), path.resolve().parent.stat()]
+    except OSError:
+        return False
+    return all(s.st_uid == os.getuid() and not s.st_mode & (stat.S_IWGRP | stat.S_IWOTH) for s in stats)

@@ -2,7 +2,7 @@
 the core loop (reporting every epoch, with a checkpoint every `checkpoint_every` epochs), then run
 the trial-end hook and report its metrics with the final result, through a `report` callback.
 
-`raystudy.trainable` is the Ray adapter around `run_one_trial`: it hands over Ray's checkpoint and
+`raystudy.cluster.trainable` is the Ray adapter around `run_one_trial`: it hands over Ray's checkpoint and
 reports to Ray; a test calls `run_one_trial` directly with a list as its report. A trial resumes
 from a restored checkpoint; one whose training had finished goes straight to the hook; one whose
 final result is already kept reports it again.
@@ -19,18 +19,20 @@ from typing import Any, Callable
 
 import torch
 
-from raystudy import lgv, memory, storage
-from raystudy.checkpoint import MODEL_FILE, load_model, save_model
+from raystudy.blackbox.query import load_endpoints, save_kept_images
+from raystudy.budget import memory
 from raystudy.config import EvalConfig, StudySpec, TrialPlan
 from raystudy.config.study import averaged_over_targets
+from raystudy.core.checkpoint import MODEL_FILE, load_model, save_model
+from raystudy.core.precision import device_for_share, memory_fraction
+from raystudy.core.pretrained import load_loaded_model, model_meta
 from raystudy.errors import OutOfGpuMemory, RaystudyError
-from raystudy.loaded import load_loaded_model, model_meta
 from raystudy.mechanisms import mechanism_label
 from raystudy.metrics.hook import KeptImages, make_eval_set, measure_surrogate, quick_transfer_asr
-from raystudy.precision import device_for_share, memory_fraction
-from raystudy.query import load_endpoints, save_kept_images
-from raystudy.record import FINAL_FILE, flat, make_record, objective_rows, targets_location, training_rows
-from raystudy.train import train, versions
+from raystudy.persist import storage
+from raystudy.persist.record import FINAL_FILE, flat, make_record, objective_rows, targets_location, training_rows
+from raystudy.training import lgv_ensemble as lgv
+from raystudy.training.loop import train, versions
 
 FINAL_KEY = "final"  # 1 on the result that carries the hook's metrics
 # report(metrics, state_path): every epoch's result with its checkpoint file (or None), then the final one.
@@ -121,7 +123,7 @@ def _train_and_measure(plan: TrialPlan, context: TrialContext, dataset, report: 
         # On the CPU while the surrogate trains: on the GPU only for the proxy and the hook.
         targets, target_models = load_targets(storage_path, study.targets, work, torch.device("cpu"))
         eval_set = make_eval_set(dataset.test, dataset.num_classes, study.evaluation)
-        # Black-box targets are queried after training (raystudy.query) with the images kept here.
+        # Black-box targets are queried after training (raystudy.blackbox.query) with the images kept here.
         kept = KeptImages() if load_endpoints(targets_location(storage_path, study.targets)) else None
     proxy = _proxy(study, dataset)
 
@@ -188,7 +190,7 @@ def _train_and_measure(plan: TrialPlan, context: TrialContext, dataset, report: 
 
 
 def share_device(study: StudySpec) -> torch.device:
-    """The trial's device, from its resources (raystudy.precision), and a stay within its share:
+    """The trial's device, from its resources (raystudy.core.precision), and a stay within its share:
     CPU threads, and GPU memory less the CUDA context's room when the GPU is shared."""
     torch.set_num_threads(max(1, int(study.resources.cpu)))
     device = device_for_share(study.resources.gpu)
@@ -243,7 +245,7 @@ def _out_of_memory_is(phase: str, plan: TrialPlan, study: StudySpec, device: tor
 
 def _hook_evaluation(study: StudySpec, plan: TrialPlan, dataset, target_models: list[str], device) -> EvalConfig:
     """The evaluation settings with the hook's batch planned to fit this trial's share of this card
-    (raystudy.memory; it still halves on an out-of-memory error); on the CPU, the study's."""
+    (raystudy.budget.memory; it still halves on an out-of-memory error); on the CPU, the study's."""
     if device.type != "cuda":
         return study.evaluation
     total = torch.cuda.get_device_properties(device).total_memory

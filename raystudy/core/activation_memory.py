@@ -4,7 +4,7 @@ What a training step or an input gradient holds beyond the weights is, to first 
 forward pass saves for backward, and that grows linearly with the batch. It is measured here by
 counting the distinct tensors autograd saves (`torch.autograd.graph.saved_tensors_hooks`; the
 weights, saved too, excluded) at two small batches: the difference per image is the slope, and
-`raystudy.memory` scales it to any batch. `benchmarks/activation_memory.py` writes the table that
+`raystudy.budget.memory` scales it to any batch. `benchmarks/activation_memory.py` writes the table that
 `raystudy plan` reads; `tests/test_memory.py` holds a scaled estimate against a direct count.
 """
 
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raystudy.models import build_model
+from raystudy.core.models import build_model
 
 
 def saved_bytes(model: nn.Module, images: torch.Tensor) -> int:

@@ -1,4 +1,4 @@
-"""The confirm phase of a search: its best configurations retrained with fresh seeds, beside baselines.
+"""What the confirm phase of a search computes: its best configurations retrained with fresh seeds, beside baselines.
 
 A search selects its winner on one seed (and, without objective targets, on the very targets it is
 scored on), so the winner's score is optimistic. With `search: {confirm: {top_k, seeds, baselines}}`
@@ -9,8 +9,8 @@ ordinary grid study `<search>_confirm` beside the search: resumable like any stu
 mean ± std over the seeds on the objective and the held-out targets, goes into the search's
 best_config.json under "confirmed" and into the report.
 
-Part of the study builder: it runs above raystudy.study (the CLI starts every study through
-`run_then_confirm` and `resume_then_confirm`), which never calls back into it.
+The phase itself (start or resume the grid, then record the summary) is raystudy.cluster.phases.
+No Ray here.
 """
 
 from __future__ import annotations
@@ -20,38 +20,13 @@ import json
 import statistics
 from typing import Any
 
-from raystudy import storage
-from raystudy.config import STUDY_RECORD, StudySpec, parse_space
+from raystudy.cluster.outcome import BEST_CONFIG, finished_trial, pareto_front
+from raystudy.config import StudySpec, parse_space
 from raystudy.config.study import SEARCHABLE_TRAIN_KEYS, TrialPlan, averaged_over_targets
-from raystudy.record import checked_best_config, objective_rows, rows_of
-from raystudy.study import BEST_CONFIG, FINAL_KEY, experiment_path, load_record, pareto_front, resume_study, run_study
+from raystudy.persist import storage
+from raystudy.persist.record import checked_best_config, objective_rows, rows_of
 
 CONFIRM_SUFFIX = "_confirm"
-
-
-def run_then_confirm(spec: StudySpec, raw: Any, storage_path: str, address=None, num_cpus=None, **options):
-    """Run a new study (raystudy.study.run_study; `options`: max_concurrent, optuna_storage,
-    trackers); a search with `confirm` goes on with its confirmation, whose results join its own."""
-    results = run_study(spec, raw, storage_path, address, num_cpus=num_cpus, **options)
-    experiment = experiment_path(spec, storage_path)
-    ray = {"address": address, "num_cpus": num_cpus, "targets_file": options.get("targets_file")}
-    return then_confirm(spec, raw, results, storage_path, experiment, **ray)
-
-
-def resume_then_confirm(experiment: str, address=None, num_cpus=None, targets_file=None, eval_batch_size=None):
-    """Finish an interrupted study, then (a search with `confirm`) its confirmation."""
-    results = resume_study(experiment, address, num_cpus, targets_file, eval_batch_size)
-    record = load_record(experiment)
-    spec = parse_space(record["study"], record["source"], record.get("data"))
-    location = storage.normalize(experiment)
-    ray = {"address": address, "num_cpus": num_cpus, "targets_file": targets_file}
-    return then_confirm(spec, record["study"], results, location.rsplit("/", 1)[0], location, **ray)
-
-
-def then_confirm(spec: StudySpec, raw: Any, results, storage_path: str, experiment: str, **ray) -> list:
-    if spec.kind != "search" or spec.search.confirm is None:
-        return list(results)
-    return list(results) + run_confirm(spec, raw, results, storage_path, experiment, **ray)
 
 
 def confirm_experiment(search_experiment: str) -> str:
@@ -63,9 +38,7 @@ def top_plans(spec: StudySpec, results) -> list[TrialPlan]:
     by its first objective, then the rest)."""
     search = spec.search
     metrics = search.objective_metrics
-    done = [
-        r for r in results if r.error is None and r.metrics.get(FINAL_KEY) == 1 and all(m in r.metrics for m in metrics)
-    ]
+    done = [r for r in results if finished_trial(r) and all(m in r.metrics for m in metrics)]
     sign = 1 if search.modes[0] == "max" else -1
     done.sort(key=lambda r: -sign * r.metrics[metrics[0]])
     if search.multi_objective:
@@ -103,28 +76,12 @@ def confirm_raw(spec: StudySpec, raw: dict[str, Any], plans: list[TrialPlan]) ->
     return out
 
 
-def run_confirm(spec: StudySpec, raw: dict[str, Any], results, storage_path: str, search_experiment: str, **ray):
-    """Start (or resume) the confirmation and record its summary; returns its results."""
-    plans = top_plans(spec, results)
-    if not plans:
-        print("confirm: no finished search trial to confirm")
-        return []
-    experiment = confirm_experiment(search_experiment)
-    print(f"confirm: retraining the top {len(plans)} with seeds {list(spec.search.confirm.seeds)} in {experiment}")
-    if storage.exists(storage.join(experiment, STUDY_RECORD)):
-        confirmed = resume_study(experiment, ray.get("address"), ray.get("num_cpus"), ray.get("targets_file"))
-    else:
-        grid_raw = confirm_raw(spec, raw, plans)
-        grid = parse_space(grid_raw, f"{spec.source} (confirm)", spec.data)
-        confirmed = run_study(
-            grid,
-            grid_raw,
-            storage_path,
-            ray.get("address"),
-            None,
-            ray.get("num_cpus"),
-            targets_file=ray.get("targets_file"),
-        )
+def confirm_spec(spec: StudySpec, grid_raw: dict[str, Any]) -> StudySpec:
+    return parse_space(grid_raw, f"{spec.source} (confirm)", spec.data)
+
+
+def record_summary(spec: StudySpec, plans: list[TrialPlan], confirmed, search_experiment: str, experiment: str):
+    """The confirmation's summary, into the search's best_config.json (and printed)."""
     summary = summarize(spec, plans, confirmed)
     location = storage.join(search_experiment, BEST_CONFIG)
     best = storage.read_json(location, limit=16 << 20, missing_ok=True)
@@ -132,7 +89,6 @@ def run_confirm(spec: StudySpec, raw: dict[str, Any], results, storage_path: str
     best["confirmed"] = {"experiment": experiment, "seeds": list(spec.search.confirm.seeds), "rows": summary}
     storage.write_bytes(location, json.dumps(best, indent=1).encode())
     print(render(summary))
-    return list(confirmed)
 
 
 def summarize(spec: StudySpec, plans: list[TrialPlan], confirmed) -> list[dict[str, Any]]:

@@ -1,5 +1,5 @@
 """The Ray Tune function trainable: the only code that reports to Ray, a thin adapter around
-`raystudy.trial.run_one_trial` (which runs a trial without Ray).
+`raystudy.training.trial.run_one_trial` (which runs a trial without Ray).
 
 It hands the trial Ray's latest checkpoint (unpacked into the trial's work folder) and its folder
 in the experiment, and reports each result through `tune.report`, with the epoch's checkpoint.
@@ -14,12 +14,12 @@ from typing import Any
 
 from ray import tune
 
-from raystudy import storage
-from raystudy.checkpoint import STATE_FILE
 from raystudy.config import StudySpec
-from raystudy.data import dataset_for
-from raystudy.record import targets_location  # noqa: F401 (the study builder reads it and FINAL_KEY here)
-from raystudy.trial import FINAL_KEY, TrialContext, run_one_trial, share_device, trial_folder  # noqa: F401
+from raystudy.core.checkpoint import STATE_FILE
+from raystudy.core.data import dataset_for
+from raystudy.persist import storage
+from raystudy.persist.record import targets_location  # noqa: F401 (the study builder reads it and FINAL_KEY here)
+from raystudy.training.trial import FINAL_KEY, TrialContext, run_one_trial, share_device, trial_folder  # noqa: F401
 
 
 def run_trial(config: dict[str, Any], study: StudySpec, storage_path: str) -> None:
@@ -46,7 +46,7 @@ def _report(metrics: dict[str, Any], state_path: Path | None, storage_path: str)
         tune.report(metrics)
         return
     # Ray uploads the checkpoint inside tune.report and fails the trial if the store is down: wait
-    # out an outage first (raystudy.storage retries with backoff), so it costs time, not a failure.
+    # out an outage first (raystudy.persist.storage retries with backoff), so it costs time, not a failure.
     storage.wait_until_reachable(storage_path)
     with tempfile.TemporaryDirectory(prefix="raystudy-ckpt-") as folder:
         shutil.copy2(state_path, Path(folder) / STATE_FILE)

@@ -83,9 +83,7 @@ def _mlflow_callback(study_name: str):
         """One MLflow run per trial, tagged with the trial's identity."""
 
         def log_trial_start(self, trial) -> None:
-            if trial in self._trial_runs:
-                return super().log_trial_start(trial)
-            study_tags = self.tags
+            study_tags = self.tags  # a restarted trial's run exists: Ray does not tag it again
             self.tags = {**study_tags, **trial_tags(trial.config)}
             try:
                 super().log_trial_start(trial)
@@ -103,25 +101,14 @@ def _mlflow_callback(study_name: str):
 
 
 def _wandb_callback(study_name: str):
-    from ray.air.integrations.wandb import WandbLoggerCallback
+    from raystudy.cluster.ray_internals import wandb_callback_class
 
     logged_in = bool(os.environ.get("WANDB_API_KEY")) or (Path.home() / ".netrc").is_file()
     os.environ.setdefault("WANDB_MODE", "online" if logged_in else "offline")  # Ray and wandb read it
 
-    class TaggedWandbLoggerCallback(WandbLoggerCallback):
+    class TaggedWandbLoggerCallback(wandb_callback_class()):
         def log_trial_start(self, trial) -> None:
             self.kwargs["tags"] = [f"{k}={v}" for k, v in trial_tags(trial.config).items()]
             super().log_trial_start(trial)
-
-        def _start_logging_actor(self, trial, exclude_results, **wandb_init_kwargs):
-            # Ray hands WANDB_API_KEY to its logging actor in a runtime_env, which the job table
-            # keeps and runtime_env_agent.log prints. The actor runs on this node (Ray places it
-            # here) and inherits the key from the environment Ray was started with instead.
-            key = os.environ.pop("WANDB_API_KEY", None)
-            try:
-                super()._start_logging_actor(trial, exclude_results, **wandb_init_kwargs)
-            finally:
-                if key is not None:
-                    os.environ["WANDB_API_KEY"] = key
 
     return TaggedWandbLoggerCallback(project=study_name)

@@ -1,5 +1,5 @@
 """`raystudy serve MODEL_FILE`: a model behind HTTP with Ray Serve, answering like an image-labelling
-service, a reference black-box target for the query phase (raystudy.query) and its tests.
+service, a reference black-box target for the query phase (raystudy.blackbox.query) and its tests.
 
 POST a PNG (the body, or JSON {"image": <base64>}): the answer is {"labels": [{"label": ..., "score":
 ...}, ...]}, the top-k classes by probability (names from the model file, else class indices), or
@@ -77,7 +77,7 @@ class Labeller:
     """The service's logic, without Ray Serve (tested directly): image bytes in, labels out."""
 
     def __init__(self, model_file: str, top_k: int, labels_only: bool, faults: Faults, request_log: str | None):
-        from raystudy.checkpoint import load_model
+        from raystudy.core.checkpoint import load_model
 
         self.model, meta = load_model(Path(model_file))
         self.size = meta["input_size"]
@@ -235,8 +235,8 @@ def serve_model(
     request_log: str | None = None,
     host: str = "127.0.0.1",
 ) -> None:
-    """Deploy on a local Ray (on loopback, raystudy.local_ray) and answer until interrupted."""
-    from raystudy.local_ray import init_local_ray, use_loopback
+    """Deploy on a local Ray (on loopback, raystudy.cluster.local_ray) and answer until interrupted."""
+    from raystudy.cluster.local_ray import init_local_ray, use_loopback
 
     if not 1 <= port <= 65535:  # refused before Ray starts, not by the HTTP proxy after
         raise RaystudyError(f"--port {port}: a TCP port is from 1 to 65535")

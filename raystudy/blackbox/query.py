@@ -4,7 +4,7 @@ A trial whose targets study names endpoints keeps, beside its final result, the 
 showed the white-box targets (`adversarial/clean.npz` and one `<attack>-<mode>-<budget>.npz` per
 AE set: 8-bit PNGs, the labels, target classes and the surrogate's clean predictions). The query
 phase (`raystudy query`, also run at the end of `raystudy run` and `resume`) sends them to every
-endpoint (raystudy.endpoints: rate limit, retries, answers kept and never paid twice), maps the
+endpoint (raystudy.blackbox.client: rate limit, retries, answers kept and never paid twice), maps the
 returned labels to the dataset's classes and writes ordinary metric rows (target = the endpoint's
 name) into `<trial>/raystudy-endpoint-rows.json`, which the analysis reads with the record.
 
@@ -24,14 +24,14 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from raystudy import storage
 from raystudy.config.endpoint import EndpointSpec, check_label_map
 from raystudy.errors import RaystudyError
+from raystudy.persist import storage
 
 if TYPE_CHECKING:
     import torch
 
-from raystudy.record import ADVERSARIAL_DIR, ENDPOINT_ROWS_FILE, FINAL_FILE, MetricRow
+from raystudy.persist.record import ADVERSARIAL_DIR, ENDPOINT_ROWS_FILE, FINAL_FILE, MetricRow
 
 CLEAN_SET = "clean"
 ENDPOINT_SUFFIX = ".endpoint.json"
@@ -256,7 +256,7 @@ def class_sets(spec: EndpointSpec, labels: list[str], class_names: tuple[str, ..
 
 def plan_queries(spec: EndpointSpec, trials: list[TrialImages], paid: set[str]) -> tuple[int, int]:
     """(distinct images the phase shows this endpoint, how many of them are not yet answered)."""
-    from raystudy.endpoints import image_digest
+    from raystudy.blackbox.client import image_digest
 
     digests = {image_digest(spec, png) for t in trials for png in t.clean + tuple(p for s in t.sets for p in s.pngs)}
     return len(digests), len(digests - paid)
@@ -270,7 +270,7 @@ def query_experiment(
     Returns the queries paid for now."""
     import time
 
-    from raystudy.endpoints import AnswerCache, EndpointClient
+    from raystudy.blackbox.client import AnswerCache, EndpointClient
 
     trials = kept_trials(experiment)
     if not trials or not endpoints:

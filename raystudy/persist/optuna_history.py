@@ -8,7 +8,7 @@ written when the journal has grown, after every write or at most every `interval
 uploaded over a whole search are the journal's size, not its size times the number of writes (the
 whole-database copies they replace). A driver lost between two uploads loses at most `interval`
 seconds of history: a resumed search adds the finished trials it lacks back from Ray's results
-(raystudy.study). No Ray here.
+(raystudy.cluster.experiment). No Ray here.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from raystudy import storage
 from raystudy.errors import RaystudyError
+from raystudy.persist import storage
 
 JOURNAL_DIR = "optuna-journal"
 # Seconds between uploads. 0: after every write (a suggestion, a result), so a lost driver loses

@@ -14,7 +14,6 @@ downstream takes a metric's name apart:
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Mapping
 
@@ -22,15 +21,15 @@ from raystudy.errors import RaystudyError
 
 RECORD_FORMAT = "raystudy-trial/1"
 FINAL_FILE = "raystudy-final.json"  # a trial's final result, kept in its folder of the experiment
-ENDPOINT_ROWS_FILE = "raystudy-endpoint-rows.json"  # its black-box targets' rows (raystudy.query), beside it
-ADVERSARIAL_DIR = "adversarial"  # the images its hook kept for the endpoints (raystudy.query), beside it
+ENDPOINT_ROWS_FILE = "raystudy-endpoint-rows.json"  # its black-box targets' rows (raystudy.blackbox.query), beside it
+ADVERSARIAL_DIR = "adversarial"  # the images its hook kept for the endpoints (raystudy.blackbox.query), beside it
 DIMENSIONS = ("attack", "mode", "budget", "statistic", "target")
 TARGETS_DIR = "targets"  # <storage>/<targets study>/targets/<name>.pt (and <name>.endpoint.json)
 
 
 def targets_location(storage_path: str, targets_study: str) -> str:
     """Where a targets study keeps its trained targets and endpoint specs."""
-    from raystudy import storage
+    from raystudy.persist import storage
 
     return storage.join(storage_path, targets_study, TARGETS_DIR)
 
@@ -124,66 +123,22 @@ def rows_of(record: Mapping[str, Any]) -> list[MetricRow]:
     return [MetricRow(**row) for row in record.get("metrics", [])]
 
 
-# Ray's bookkeeping in every result, and the identity columns: not metrics (old records only).
-_NOT_METRICS = {
-    "final",
-    "timestamp",
-    "time_this_iter_s",
-    "time_total_s",
-    "pid",
-    "training_iteration",
-    "time_since_restore",
-    "iterations_since_restore",
-    "done",
-    "seed",
-    "epoch",
-}
-
-
-def legacy_rows(result: Mapping[str, Any]) -> list[MetricRow]:
-    """Migrate the flat metrics of a final result written before records (read once, on load)."""
-    rows = []
-    for key, value in result.items():
-        if key in _NOT_METRICS or not isinstance(value, (int, float)) or isinstance(value, bool):
-            continue
-        rows.append(_row_from_key(key, float(value)))
-    return rows
-
-
-def _row_from_key(key: str, value: float) -> MetricRow:
-    parts = key.split("/")
-    name = parts[0]
-    if name in ("asr", "asr_all") and len(parts) == 5:
-        return MetricRow(name, value, attack=parts[1], mode=parts[2], budget=int(parts[3]), target=parts[4])
-    if name == "fooling" and len(parts) == 4:
-        return MetricRow(name, value, attack=parts[1], mode=parts[2], budget=int(parts[3]))
-    if name in ("smoothness", "seconds") and len(parts) == 2:
-        return MetricRow(name, value, statistic=parts[1])
-    if len(parts) == 2:  # acc/<t>, similarity/<t>, similarity_min/<t>, support/<t>
-        return MetricRow(name, value, target=parts[1])
-    return MetricRow(key, value)
-
-
-def is_finite(row: MetricRow) -> bool:
-    return not (isinstance(row.value, float) and math.isnan(row.value))
-
-
-def checked_study_record(record: Any, location: str) -> dict[str, Any]:
-    """A study record (`raystudy-study.json`) read back from storage: the shape checked here, the
+def checked_manifest(manifest: Any, location: str) -> dict[str, Any]:
+    """A study manifest (`raystudy-study.json`) read back from storage: the shape checked here, the
     study it holds by parse_space as any study file is."""
-    if not isinstance(record, dict) or not isinstance(record.get("study"), dict):
-        raise RaystudyError(f"{location}: not a study record (a JSON object holding the study it ran)")
-    for key in ("source", "data", "storage"):
-        if record.get(key) is not None and not isinstance(record[key], str):
-            raise RaystudyError(f"{location}: its {key} must be a path")
-    for key in ("targets", "endpoints"):  # names of the study's targets and of its endpoints
-        if record.get(key) is not None and not _is_list_of(record[key], str):
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("study"), dict):
+        raise RaystudyError(f"{location}: not a study manifest (a JSON object holding the study it ran)")
+    for key in ("source", "data", "storage", "format", "optuna_storage"):
+        if manifest.get(key) is not None and not isinstance(manifest[key], str):
+            raise RaystudyError(f"{location}: its {key} must be text")
+    for key in ("targets", "endpoints", "phases_done"):  # names of targets, endpoints, phases
+        if manifest.get(key) is not None and not _is_list_of(manifest[key], str):
             raise RaystudyError(f"{location}: its {key} must be a list of names")
     for key in ("eval_indices", "eval_target_classes"):  # the evaluation set: image and class indices
-        value = record.get(key)
+        value = manifest.get(key)
         if value is not None and not (_is_list_of(value, int) and all(0 <= i < 1 << 31 for i in value)):
             raise RaystudyError(f"{location}: its {key} must be a list of non-negative whole numbers")
-    return {**record, "source": record.get("source") or location, "data": record.get("data")}
+    return {**manifest, "source": manifest.get("source") or location, "data": manifest.get("data")}
 
 
 def checked_metric_rows(rows: Any, location: str) -> list[dict[str, Any]]:

@@ -1,7 +1,7 @@
 """A trial's peak GPU memory, planned before launch, against its share of a named card.
 
 Estimates come from each model's bytes saved for backward per image (MEASURED: measured on the CPU
-by `benchmarks/activation_memory.py`, `raystudy.activation_memory`) and its weights' bytes, scaled
+by `benchmarks/activation_memory.py`, `raystudy.core.activation_memory`) and its weights' bytes, scaled
 to the trial's batches:
 
 - training: weights, gradients and momentum (SAM: one more copy), the dataset kept on the device
@@ -30,7 +30,7 @@ from typing import Any, Sequence
 from raystudy.errors import RaystudyError
 
 GiB = 1 << 30
-CUDA_CONTEXT = 1 * GiB  # raystudy.precision.CUDA_CONTEXT_BYTES: kept out of each trial's cap
+CUDA_CONTEXT = 1 * GiB  # raystudy.core.precision.CUDA_CONTEXT_BYTES: kept out of each trial's cap
 ALLOCATOR_SLACK = 1.15  # the caching allocator's rounding and fragmentation
 # A double backward (exact IR/JR/ER, smoothness's HVPs) keeps the forward graph and the backward
 # graph built to differentiate it: about twice the forward's saved bytes, three with the forward.
@@ -215,7 +215,7 @@ def trial_memory(
 
 
 def share_bytes(gpu_share: float, card: float) -> float:
-    """What a trial with `gpu_share` of a `card`-byte GPU may allocate (raystudy.precision's cap)."""
+    """What a trial with `gpu_share` of a `card`-byte GPU may allocate (raystudy.core.precision's cap)."""
     return gpu_share * card - CUDA_CONTEXT
 
 

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from raystudy.checkpoint import load_model
 from raystudy.config.loaded import LoadedModel
+from raystudy.core.checkpoint import load_model
+from raystudy.core.models import Normalize, create_timm
 from raystudy.errors import RaystudyError
-from raystudy.models import Normalize, create_timm
 
 READ_CHUNK = 1 << 20
 
@@ -68,7 +68,7 @@ def _timm_model(loaded: LoadedModel, image_size: int) -> tuple[nn.Module, dict[s
 def model_meta(
     model: nn.Module, provenance: dict[str, Any], image_size: int, classes: tuple[str, ...] = ()
 ) -> dict[str, Any]:
-    """What `raystudy.checkpoint.load_model` needs to rebuild a loaded timm model from its saved file."""
+    """What `raystudy.core.checkpoint.load_model` needs to rebuild a loaded timm model from its saved file."""
     normalize = model[0]
     return {
         "classes": list(classes),

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from raystudy.config.train import CIFAR_MAX_INPUT, CIFAR_MODEL_NAMES, check_model_name
-from raystudy.data import CIFAR10_MEAN, CIFAR10_STD
+from raystudy.core.data import CIFAR10_MEAN, CIFAR10_STD
 from raystudy.errors import RaystudyError
 
 # Inputs at most CIFAR_MAX_INPUT pixels get the CIFAR variants (3x3 stem, no early down-sampling).

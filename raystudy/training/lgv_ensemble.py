@@ -4,7 +4,7 @@ LGV is a schedule, not a loss, so it is not a mechanism: from a trained surrogat
 base mechanism's update (ST's SGD, SAM or SAM&JR) at a constant learning rate and keep
 `models_per_epoch` snapshots per epoch (METHOD.md: lr 0.05, momentum 0.9, weight decay 1e-4,
 batch 256, 10 epochs, 4 per epoch: 40 models). The attack then uses one collected model per
-iteration. `collect` runs the ordinary epoch loop (`raystudy.train.train`) with that schedule.
+iteration. `collect` runs the ordinary epoch loop (`raystudy.training.loop.train`) with that schedule.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from raystudy.checkpoint import load_model
 from raystudy.config import TrainConfig
 from raystudy.config.lgv import LGV_BASES, LgvPhase
-from raystudy.data import Dataset
-from raystudy.models import Ensemble
+from raystudy.core.checkpoint import load_model
+from raystudy.core.data import Dataset
+from raystudy.core.models import Ensemble
 
 __all__ = ["LGV_BASES", "LgvPhase", "collect"]
 
@@ -32,7 +32,7 @@ def collect(
 ) -> Ensemble:
     """Fine-tune the model in `model_file` (trained with `trained`) per `phase`, saving snapshots
     under `out_dir/lgv/`, and load them as an ensemble. Resumes like any training run."""
-    from raystudy.train import pick_device, train
+    from raystudy.training.loop import pick_device, train
 
     config = phase.train_config(trained, str(model_file))
     if log is not None:

@@ -2,7 +2,7 @@
 
 A local experiment's `optuna.db` is opened in place, so a running search shows its new trials as
 they end; an experiment on a storage URI is shown from a copy of its history (the mirrored journal,
-raystudy.optuna_history) taken when the command starts (run it again for a newer one); an Optuna
+raystudy.persist.optuna_history) taken when the command starts (run it again for a newer one); an Optuna
 RDB URL (a search run with `--optuna-storage`) is opened as given. No Ray here.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from raystudy.errors import RaystudyError, require_extra
-from raystudy.optuna_history import open_history
+from raystudy.persist.optuna_history import open_history
 
 RDB_SCHEMES = ("sqlite://", "postgresql", "mysql", "oracle", "mssql")
 

@@ -1,0 +1,273 @@
+"""A search's sampler on Ray Tune's public `Searcher` interface, over Optuna's ask-and-tell API.
+
+Ray asks `suggest(trial_id)` for a configuration and reports `on_trial_complete`; the searcher asks
+Optuna for a trial (`Study.ask`), draws the space's values through the trial's `suggest_*` calls
+(the mechanism first in a search over several, then only its magnitudes), and tells Optuna the
+objective values of the trial's final result (`Study.tell`): a trial stopped early by ASHA is told
+PRUNED, a failed one FAIL, and a trial is told once. Nothing of Optuna's or Ray's internals is used.
+
+The Optuna history (sqlite beside a local experiment, a journal mirrored into one on a storage URI,
+or an RDB URL) is the durable state. What Ray pickles is where the history lives and which Ray
+trial is which Optuna trial; a driver restored on another machine fetches the experiment's copy.
+`reconcile` runs after every tune phase: a finished Ray trial the history lacks (told after the
+last upload before a driver was lost) is added back, and a trial asked by a lost driver that Ray
+never ran is marked failed. No torch here.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from ray.tune.search import Searcher
+
+from raystudy.config import StudySpec
+from raystudy.config.study import SearchParam
+from raystudy.persist import optuna_history, storage
+
+MECHANISM = "mechanism"
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The searched values in the order they are drawn. `mechanisms`: per mechanism its magnitude
+    ranges (a search over several; empty for one mechanism); `params`: always searched."""
+
+    mechanisms: tuple[tuple[str, tuple[SearchParam, ...]], ...]
+    params: tuple[SearchParam, ...]
+
+    @classmethod
+    def of(cls, spec: StudySpec) -> "SearchSpace":
+        search = spec.search
+        if not search.conditional:
+            return cls((), search.params)
+        return cls(tuple((m, search.magnitude_params(m, spec.dataset)) for m in search.mechanisms), search.params)
+
+    def drawn_params(self, mechanism: str | None) -> tuple[SearchParam, ...]:
+        return (dict(self.mechanisms)[mechanism] if self.mechanisms else ()) + self.params
+
+    def draw(self, trial) -> dict[str, Any]:
+        """The configuration of an asked Optuna trial."""
+        config: dict[str, Any] = {}
+        if self.mechanisms:
+            config[MECHANISM] = trial.suggest_categorical(MECHANISM, [m for m, _ in self.mechanisms])
+        for p in self.drawn_params(config.get(MECHANISM)):
+            if p.choices:
+                config[p.name] = trial.suggest_categorical(p.name, list(p.choices))
+            elif p.integer:
+                config[p.name] = trial.suggest_int(p.name, int(p.low), int(p.high), log=p.log)
+            else:
+                config[p.name] = trial.suggest_float(p.name, p.low, p.high, log=p.log)
+        return config
+
+    def distributions(self, config: dict[str, Any]) -> dict[str, Any]:
+        """Optuna's distributions of a configuration's values (to add a finished trial back)."""
+        import optuna.distributions as d
+
+        out: dict[str, Any] = {}
+        if self.mechanisms:
+            out[MECHANISM] = d.CategoricalDistribution([m for m, _ in self.mechanisms])
+        for p in self.drawn_params(config.get(MECHANISM)):
+            if p.choices:
+                out[p.name] = d.CategoricalDistribution(list(p.choices))
+            elif p.integer:
+                out[p.name] = d.IntDistribution(int(p.low), int(p.high), log=p.log)
+            else:
+                out[p.name] = d.FloatDistribution(p.low, p.high, log=p.log)
+        return out
+
+
+@dataclass(frozen=True)
+class HistoryPlace:
+    """Where a search's Optuna history lives: an RDB `url` as given (clusters run a database); else
+    sqlite beside a local experiment; else a journal on this machine mirrored into the experiment
+    (raystudy.persist.optuna_history), which a new driver machine fetches to resume."""
+
+    experiment: str
+    url: str | None = None
+
+    def exists(self) -> bool:
+        """Whether this history was written (an RDB URL is the user's to keep: taken as written)."""
+        if self.url:
+            return True
+        if self.mirrored:
+            local = optuna_history.local_journal(self.experiment)
+            remote = storage.join(self.experiment, optuna_history.JOURNAL_DIR)
+            return os.path.isfile(local) or bool(storage.list_files(remote, ".log"))
+        return os.path.isfile(os.path.join(self.experiment, storage.OPTUNA_DB))
+
+    @property
+    def mirrored(self) -> bool:
+        return self.url is None and storage.is_uri(self.experiment)
+
+    def open(self, fresh: bool):
+        """(Optuna storage, journal mirror or None). `fresh`: a new search (a journal left here by
+        an earlier, deleted experiment of the same URI must not lend it its trials); else the
+        experiment's copy is fetched to this machine."""
+        import optuna
+
+        if self.url:
+            return optuna.storages.RDBStorage(self.url), None
+        if not self.mirrored:
+            os.makedirs(self.experiment, exist_ok=True)
+            return optuna.storages.RDBStorage(f"sqlite:///{os.path.join(self.experiment, storage.OPTUNA_DB)}"), None
+        local = optuna_history.local_journal(self.experiment)
+        remote = storage.join(self.experiment, optuna_history.JOURNAL_DIR)
+        if fresh:
+            if os.path.exists(local):
+                os.remove(local)
+            uploaded = 0
+        else:
+            uploaded = optuna_history.fetch_journal(remote, local)
+        return optuna_history.journal_storage(local), optuna_history.JournalMirror(local, remote, uploaded=uploaded)
+
+
+class OptunaSearcher(Searcher):
+    def __init__(
+        self,
+        space: SearchSpace,
+        metrics: Sequence[str],
+        modes: Sequence[str],
+        study_name: str,
+        place: HistoryPlace,
+        seed: int,
+    ) -> None:
+        super().__init__(metric=None, mode=None)  # several objectives: Ray's single metric does not apply
+        self.space, self.metrics, self.modes = space, tuple(metrics), tuple(modes)
+        self.study_name, self.place, self.seed = study_name, place, seed
+        self.asked: dict[str, int] = {}  # Ray trial id -> Optuna trial number
+        self._study = self._mirror = None
+
+    # Ray pickles the searcher into the experiment (tuner.pkl, searcher-state-*.pkl): plain data only.
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_study", "_mirror")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _study=None, _mirror=None)
+
+    def start(self) -> None:
+        """Create the search's Optuna study (a new experiment); its history exists before any trial."""
+        self._open(fresh=True)
+        self.sync(force=True)
+
+    def _open(self, fresh: bool) -> None:
+        import optuna
+
+        history, self._mirror = self.place.open(fresh)
+        sampler = optuna.samplers.TPESampler(seed=self.seed)
+        directions = ["maximize" if mode == "max" else "minimize" for mode in self.modes]
+        self._study = optuna.create_study(
+            study_name=self.study_name, storage=history, sampler=sampler, directions=directions, load_if_exists=True
+        )
+
+    @property
+    def study(self):
+        if self._study is None:
+            self._open(fresh=False)
+        return self._study
+
+    def suggest(self, trial_id: str) -> dict[str, Any]:
+        trial = self.study.ask()
+        config = self.space.draw(trial)
+        self.asked[trial_id] = trial.number
+        self.sync()
+        return config
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        import optuna
+
+        result = result or {}
+        number = self._number_of(trial_id, result)
+        if number is None:
+            print(f"optuna: trial {trial_id} is not in the search's history; added back when the phase ends")
+            return
+        if self.study.get_trials(deepcopy=False)[number].state != optuna.trial.TrialState.RUNNING:
+            return  # told before: Ray restarted a finished trial and it reported its kept result again
+        values = [result.get(m) for m in self.metrics]
+        if error:
+            self.study.tell(number, state=optuna.trial.TrialState.FAIL)
+        elif any(v is None for v in values):  # stopped early by ASHA: no trial-end metrics
+            self.study.tell(number, state=optuna.trial.TrialState.PRUNED)
+        else:
+            self.study.tell(number, values)
+        self.sync()
+
+    def _number_of(self, trial_id: str, result: dict) -> int | None:
+        """The Optuna trial of a Ray trial. Ray restores the searcher from its last snapshot, which
+        may predate a trial's suggestion (found among the RUNNING trials by its values), or know a
+        trial the fetched history does not (asked after the last upload: unknown)."""
+        import optuna
+
+        trials = self.study.get_trials(deepcopy=False)
+        number = self.asked.pop(trial_id, None)
+        if number is not None and number < len(trials):
+            return number
+        config = _config_of(result)
+        running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+        return next((t.number for t in running if _same_values(t.params, config)), None)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__getstate__(), f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        """Ray's saved state names the old driver's history: the experiment's copy is fetched to
+        this machine when the history is first used."""
+        with open(checkpoint_path, "rb") as f:
+            self.__setstate__(pickle.load(f))
+
+    def sync(self, force: bool = False) -> None:
+        if self._mirror is not None:
+            self._mirror.sync(force=force)
+
+
+def _config_of(result: dict) -> dict[str, Any]:
+    return result.get("config") or {k[len("config/") :]: v for k, v in result.items() if k.startswith("config/")}
+
+
+def _same_values(params: dict[str, Any], config: dict[str, Any]) -> bool:
+    return bool(params) and all(config.get(k) == v for k, v in params.items())
+
+
+def reconcile(searcher: OptunaSearcher, results: Sequence[Any], final_key: str) -> None:
+    """After a tune phase, the history agrees with Ray's results: every finished Ray trial is a
+    finished Optuna trial (added back if the history lost it), and a RUNNING Optuna trial that no
+    unfinished Ray trial holds (asked by a lost driver before Ray recorded the trial) is failed.
+    Histories on an RDB URL are the user's: left alone."""
+    import optuna
+
+    if searcher.place.url:
+        return
+    study = searcher.study
+    trials = study.get_trials(deepcopy=False)
+    unfinished = [_config_of({"config": r.config}) for r in results if not _finished(r, final_key)]
+    running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    for trial in running:
+        if not any(_same_values(trial.params, c) for c in unfinished):
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+            print(f"optuna: trial {trial.number} was asked by a lost driver and never ran: marked failed")
+    complete = [t.params for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    for result in results:
+        metrics = result.metrics or {}
+        if not _finished(result, final_key) or not all(m in metrics for m in searcher.metrics):
+            continue
+        config = dict(result.config)
+        if any(_same_values(params, config) for params in complete):
+            continue
+        try:
+            distributions = searcher.space.distributions(config)
+            params = {name: config[name] for name in distributions}
+            values = [metrics[m] for m in searcher.metrics]
+            study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, values=values))
+        except (KeyError, ValueError) as err:
+            print(f"optuna: a finished trial could not be added back to the history ({err})")
+            continue
+        complete.append(params)
+        print(f"optuna: added back a finished trial the history had lost: {params}")
+    searcher.sync(force=True)
+
+
+def _finished(result, final_key: str) -> bool:
+    return result.error is None and (result.metrics or {}).get(final_key) == 1
