@@ -1,3 +1,3 @@
 """raystudy: a Ray Tune study of surrogate training for transfer attacks."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -368,3 +368,63 @@ def test_augment_pads_cifar_sized_images_by_an_eighth_and_resizes_larger_ones():
     for h, w in [(CIFAR_MAX_INPUT + 8, CIFAR_MAX_INPUT + 8), (16, 96)]:
         out = augment(torch.full((64, 3, h, w), 255, dtype=torch.uint8))
         assert out.shape == (64, 3, h, w) and torch.allclose(out, torch.ones_like(out), rtol=0, atol=1e-5), (h, w)
+
+
+def _layouts(tmp_path) -> dict[str, tuple[str, object]]:
+    """(dataset, data folder) of every layout: CIFAR batches, image folders, packed JPEG, ImageNette."""
+    import torchvision.io
+
+    write_cifar_batches(tmp_path / "tv" / "cifar-10-batches-py")
+    for split in ("train", "test"):
+        for c in ("cat", "dog", "owl"):
+            (tmp_path / "folder" / split / c).mkdir(parents=True)
+            for i in range(4):
+                torchvision.io.write_png(
+                    torch.full((3, 32, 32), 9 * i, dtype=torch.uint8), str(tmp_path / "folder" / split / c / f"{i}.png")
+                )
+    (tmp_path / "packed").mkdir()
+    for split, n in (("train", 30), ("test", 20)):
+        jpegs = [torchvision.io.encode_jpeg(torch.full((3, 32, 32), i, dtype=torch.uint8)).numpy() for i in range(n)]
+        offsets = np.cumsum([0] + [len(j) for j in jpegs])
+        labels = np.array([(7 * i) % 10 for i in range(n)])
+        classes = np.array([f"c{i}" for i in range(10)])
+        np.savez(
+            tmp_path / "packed" / f"{split}.npz",
+            jpeg=np.concatenate(jpegs),
+            offsets=offsets,
+            labels=labels,
+            classes=classes,
+        )
+    for split in ("train", "val"):
+        for c in ("n1", "n2"):
+            (tmp_path / "nette" / split / c).mkdir(parents=True)
+            for i in range(3):
+                torchvision.io.write_jpeg(
+                    torch.zeros((3, 40, 40), dtype=torch.uint8), str(tmp_path / "nette" / split / c / f"{i}.JPEG")
+                )
+    return {
+        "batches": ("cifar10", tmp_path / "tv"),
+        "folders": ("cifar10", tmp_path / "folder"),
+        "packed": ("cifar10", tmp_path / "packed"),
+        "imagenette": ("imagenette", tmp_path / "nette"),
+        "synthetic": ("synthetic", None),
+    }
+
+
+@pytest.mark.parametrize("layout", ["batches", "folders", "packed", "imagenette", "synthetic"])
+def test_the_drivers_test_labels_are_the_trials_without_decoding_an_image(tmp_path, monkeypatch, layout):
+    from raystudy.config import TrainConfig
+    from raystudy.core import data
+
+    dataset, path = _layouts(tmp_path)[layout]
+    n_test = {"batches": 10, "folders": 6, "packed": 10, "imagenette": 4, "synthetic": 16}[layout]
+    config = TrainConfig(dataset=dataset, n_test=n_test, n_train=None if dataset != "synthetic" else 32, data_seed=3)
+    trial = data.dataset_for(config, str(path) if path else None)
+
+    def no_decoding(*args):
+        raise AssertionError("an image was decoded")
+
+    monkeypatch.setattr(data, "_cached_array", no_decoding)
+    labels, num_classes = data.test_labels_for(config, str(path) if path else None)
+    assert torch.equal(labels, trial.test.labels) and num_classes == trial.num_classes
+    assert len(labels) == n_test

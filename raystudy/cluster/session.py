@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+from raystudy.cluster import ray_internals  # checks the Ray version before any Ray work
 from raystudy.cluster.local_ray import init_local_ray
 from raystudy.persist import storage
 
@@ -28,14 +29,12 @@ CREDENTIAL_MARKERS = ("SECRET", "TOKEN", "PASSWORD", "KEY")
 def init_ray(address: str | None, num_cpus: int | None) -> None:
     import ray
 
-    from raystudy.cluster.ray_internals import keep_credentials_out_of_trial_runtime_envs
-
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic table reporter with our columns
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # hook metrics exist only at the end
     if ray.is_initialized():
         return
     storage.configure_s3_endpoint()
-    keep_credentials_out_of_trial_runtime_envs(is_credential)
+    ray_internals.keep_credentials_out_of_trial_runtime_envs(is_credential)
     runtime_env = worker_runtime_env(os.environ)
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)

@@ -133,7 +133,7 @@ def test_labels_for(config: "TrainConfig", data_path: str | None = None) -> tupl
         synthetic = dataset_for(config, data_path)
         return synthetic.test.labels, synthetic.num_classes
     if config.dataset == "cifar10":
-        labels, num_classes = _cifar10_test_labels(_resolve_path(path, required=False)), 10
+        labels, num_classes = _cifar10_test_labels(_resolve_path(path, required=False))
     elif config.dataset == "imagenette":
         root = _resolve_path(path, required=True)
         _check_imagenette_layout(root)
@@ -149,15 +149,17 @@ def test_labels_for(config: "TrainConfig", data_path: str | None = None) -> tupl
     return labels, num_classes
 
 
-def _cifar10_test_labels(path: Path | None) -> torch.Tensor:
-    """In _load_cifar10's order of layouts; python batches (raw arrays, nothing to decode) and the
-    download are read as it reads them."""
+def _cifar10_test_labels(path: Path | None) -> tuple[torch.Tensor, int]:
+    """(labels, classes) in _load_cifar10's order of layouts; python batches (raw arrays, nothing to
+    decode) and the download are read as it reads them."""
     batches = path is None or (path / "cifar-10-batches-py").is_dir() or (path / "data_batch_1").is_file()
     if not batches and (path / "test.npz").is_file() and (path / "train.npz").is_file():
-        return packed_labels(path / "test.npz")
+        return packed_labels(path / "test.npz"), len(_npz_classes(path / "test.npz"))
     if not batches and (path / "test").is_dir() and (path / "train").is_dir():
-        return _folder_labels(path / "test", _folder_classes(path / "train"))
-    return _load_cifar10(path).test.labels
+        classes = _folder_classes(path / "train")
+        return _folder_labels(path / "test", classes), len(classes)
+    cifar = _load_cifar10(path)
+    return cifar.test.labels, cifar.num_classes
 
 
 def subsample(ds: Dataset, n_train: int | None, n_test: int | None, seed: int) -> Dataset:
