@@ -36,7 +36,7 @@ CACHE_FORMAT = 3  # one file per experiment, shared config and record kept once,
 
 
 @dataclass(frozen=True)
-class TrialRecord:
+class LoggedTrial:
     experiment: str
     trial_id: str
     config: dict[str, Any]  # the Ray config (grid: {"plan": {...}}; search: the sampled values)
@@ -55,7 +55,7 @@ class Experiment:
     name: str
     spec: StudySpec
     record: dict[str, Any]
-    trials: tuple[TrialRecord, ...]
+    trials: tuple[LoggedTrial, ...]
 
 
 def load_experiment(path: str, cache: Path | None = None) -> Experiment:
@@ -85,12 +85,12 @@ def load_experiment(path: str, cache: Path | None = None) -> Experiment:
 
 def _read_trials(
     location: str, experiment: str, kept: "_TrialCache", folders: list[str], no_endpoints: bool = False
-) -> list[TrialRecord]:
+) -> list[LoggedTrial]:
     """Every trial folder (one holding params.json) of the experiment's `folders`, in folder order.
     Settled trials (see _TrialCache) come from the cache; the others' files are listed (each
     folder, or the whole experiment when most are unsettled) and read. In a study without
     endpoints, finished trials are first read without listing them (see _read_finished)."""
-    trials: dict[str, TrialRecord | None] = {f: kept.settled(f) for f in folders}
+    trials: dict[str, LoggedTrial | None] = {f: kept.settled(f) for f in folders}
     unsettled = [f for f, trial in trials.items() if trial is None]
     if no_endpoints and len(unsettled) > READERS:
         trials.update(_read_finished(location, experiment, kept, unsettled))
@@ -103,7 +103,7 @@ def _read_trials(
     def fingerprint(folder: str) -> dict:
         return {name: [e.size, e.mtime_ns] for name, e in sorted(files[folder].items()) if name in TRIAL_FILES}
 
-    def read(folder: str) -> TrialRecord:
+    def read(folder: str) -> LoggedTrial:
         trial = _read_trial(location, experiment, folder, set(files[folder]))
         if trial.status == DONE:  # a finished trial never changes; others may go on
             # ... except for its endpoint rows, which the query phase may (re)write after it ended.
@@ -127,7 +127,7 @@ def _read_finished(location: str, experiment: str, kept: "_TrialCache", folders:
     included). Only for a study without endpoints: nothing is written into a finished trial's
     folder after its final result, so it is settled at once. Other folders map to None."""
 
-    def read(folder: str) -> TrialRecord | None:
+    def read(folder: str) -> LoggedTrial | None:
         result = storage.read_bytes(storage.join(location, folder, "result.json"), missing_ok=True)
         if result is None:
             return None  # not a trial, or one that has not reported yet: listed
@@ -189,21 +189,21 @@ class _TrialCache:
             self.kept = kept["trials"]
             self.same_experiment = kept.get("study") == self.study
 
-    def settled(self, folder: str) -> TrialRecord | None:
+    def settled(self, folder: str) -> LoggedTrial | None:
         entry = self.kept.get(folder)
         if entry is None or not entry["settled"] or not self.same_experiment:
             return None
         self.valid[folder] = entry
         return _expanded(entry["trial"])
 
-    def get(self, folder: str, fingerprint: dict) -> TrialRecord | None:
+    def get(self, folder: str, fingerprint: dict) -> LoggedTrial | None:
         entry = self.kept.get(folder)
         if entry is None or entry["fingerprint"] != fingerprint:
             return None
         self.valid[folder] = entry
         return _expanded(entry["trial"])
 
-    def put(self, folder: str, fingerprint: dict, trial: TrialRecord, settled: bool) -> None:
+    def put(self, folder: str, fingerprint: dict, trial: LoggedTrial, settled: bool) -> None:
         self.valid[folder] = {"fingerprint": fingerprint, "trial": _compact(trial), "settled": settled}
         self.new_entries = True
 
@@ -226,7 +226,7 @@ class _TrialCache:
 _CONFIG, _RECORD = "<the trial's config>", "<the trial's record>"
 
 
-def _compact(trial: TrialRecord) -> dict:
+def _compact(trial: LoggedTrial) -> dict:
     def shared(row: dict) -> dict:
         out = {k: (_CONFIG if k == "config" and v == trial.config else v) for k, v in row.items()}
         if "record" in out and out["record"] == trial.record:
@@ -237,7 +237,7 @@ def _compact(trial: TrialRecord) -> dict:
     return {**values, "final": shared(trial.final), "history": [shared(r) for r in trial.history]}
 
 
-def _expanded(values: dict) -> TrialRecord:
+def _expanded(values: dict) -> LoggedTrial:
     def restored(row: dict) -> dict:
         out = dict(row)
         if out.get("config") == _CONFIG:
@@ -247,12 +247,12 @@ def _expanded(values: dict) -> TrialRecord:
         return out
 
     history = tuple(restored(r) for r in values["history"])
-    return TrialRecord(**{**values, "final": restored(values["final"]), "history": history})
+    return LoggedTrial(**{**values, "final": restored(values["final"]), "history": history})
 
 
 def _read_trial(
     location: str, experiment: str, folder: str, present: set[str], result: bytes | None = None
-) -> TrialRecord:
+) -> LoggedTrial:
     """The trial in `folder`, whose files are `present`; `result`: its result.json, if already read.
     Files that are not what Ray and raystudy write (storage is not trusted) make a failed trial
     that says so, not a traceback of the whole analysis."""
@@ -262,10 +262,10 @@ def _read_trial(
         if isinstance(err, RaystudyError) and str(err).startswith("cannot "):
             raise  # the store is unreachable: not the trial's fault
         why = f"its files cannot be read as a trial's ({type(err).__name__}: {str(err)[:160]})"
-        return TrialRecord(experiment, folder, {}, FAILED, error=why, location=storage.join(location, folder))
+        return LoggedTrial(experiment, folder, {}, FAILED, error=why, location=storage.join(location, folder))
 
 
-def _parse_trial(location: str, experiment: str, folder: str, present: set[str], result: bytes | None) -> TrialRecord:
+def _parse_trial(location: str, experiment: str, folder: str, present: set[str], result: bytes | None) -> LoggedTrial:
     base = storage.join(location, folder)
     rows = []
     if result is None and "result.json" in present:
@@ -305,7 +305,7 @@ def _parse_trial(location: str, experiment: str, folder: str, present: set[str],
         where = storage.join(base, ENDPOINT_ROWS_FILE)
         extra = checked_metric_rows(storage.read_json(where), where)
         record = {**record, "metrics": list(record.get("metrics", [])) + extra}
-    return TrialRecord(experiment, str(trial_id), config, status, final, record, history, error, base)
+    return LoggedTrial(experiment, str(trial_id), config, status, final, record, history, error, base)
 
 
 _RECORD_MAPPINGS = ("identity", "plan", "study", "versions")  # a trial record's parts that are mappings
@@ -317,7 +317,7 @@ def _epoch(row: dict, index: int):
     return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else f"row{index}"
 
 
-def plan_of(spec: StudySpec, trial: TrialRecord) -> TrialPlan:
+def plan_of(spec: StudySpec, trial: LoggedTrial) -> TrialPlan:
     """The trial's plan: from its record when it finished, else from the config Ray recorded."""
     if trial.plan is not None:
         return trial.plan
@@ -326,7 +326,7 @@ def plan_of(spec: StudySpec, trial: TrialRecord) -> TrialPlan:
     return spec.plan_from_ray(trial.config)
 
 
-def _with_plan(spec: StudySpec, trial: TrialRecord) -> TrialRecord:
+def _with_plan(spec: StudySpec, trial: LoggedTrial) -> LoggedTrial:
     """The trial with its plan read once (every table asks for it). One that cannot be read is left
     to plan_of, which raises where a table needs that plan, as it did before plans were kept."""
     try:
@@ -335,20 +335,20 @@ def _with_plan(spec: StudySpec, trial: TrialRecord) -> TrialRecord:
         return trial
 
 
-def _written_before_records(trial: TrialRecord) -> TrialRecord:
+def _written_before_records(trial: LoggedTrial) -> LoggedTrial:
     """A finished trial without a record was written before records (before raystudy 0.1.0's
     release format): no longer read (raystudy.persist.migrate), shown as failed with the reason."""
     reason = "its final result holds no trial record (written before raystudy 0.1.0): not read"
     return dataclasses.replace(trial, status=FAILED, error=reason)
 
 
-def _missing(spec: StudySpec, trials: list[TrialRecord]) -> list[TrialRecord]:
+def _missing(spec: StudySpec, trials: list[LoggedTrial]) -> list[LoggedTrial]:
     """Grid points the study defines but no trial folder holds (a study stopped before starting them)."""
     if spec.kind == "search":
         return []
     seen = {t.plan for t in trials if t.plan is not None}  # plans compare as their keys do: not where the data is
     return [
-        TrialRecord(spec.name, f"missing-{i}", {"plan": plan.to_dict()}, MISSING, plan=plan)
+        LoggedTrial(spec.name, f"missing-{i}", {"plan": plan.to_dict()}, MISSING, plan=plan)
         for i, plan in enumerate(spec.plans)
         if plan not in seen
     ]

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analysis.records import DONE, Experiment, TrialRecord
+from analysis.records import DONE, Experiment, LoggedTrial
 from analysis.tables import label_order, trial_setting
 from raystudy.config import TrainConfig
 from raystudy.core.checkpoint import STATE_FILE, STATE_FORMAT, safe_load
@@ -51,7 +51,7 @@ def similarity_matrix(experiment: Experiment, n_images: int = 256, device: str =
     return matrix
 
 
-def _dataset(experiment: Experiment, trial: TrialRecord):
+def _dataset(experiment: Experiment, trial: LoggedTrial):
     return dataset_for(_config(trial), experiment.spec.data)
 
 
@@ -64,11 +64,11 @@ def _images(experiment: Experiment, dataset, n_images: int, device: str):
     return split.images.float().div(255).to(device), split.labels.to(device)
 
 
-def _config(trial: TrialRecord) -> TrainConfig:
+def _config(trial: LoggedTrial) -> TrainConfig:
     return TrainConfig.from_dict(trial.record["plan"]["train"])
 
 
-def _model(trial: TrialRecord, experiment: Experiment, dataset, device: str) -> torch.nn.Module:
+def _model(trial: LoggedTrial, experiment: Experiment, dataset, device: str) -> torch.nn.Module:
     """The trial's final weights: its last checkpoint (written at the last epoch)."""
     checkpoints = sorted(d for d in storage.list_dirs(trial.location) if d.startswith("checkpoint_"))
     if not checkpoints:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from analysis.records import FAILED, INCOMPLETE, MISSING, TrialRecord, load_experiment, plan_of
+from analysis.records import FAILED, INCOMPLETE, MISSING, LoggedTrial, load_experiment, plan_of
 from raystudy.config import StudySpec
 from raystudy.errors import RaystudyError
 
@@ -37,7 +37,7 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def describe(spec: StudySpec, trial: TrialRecord) -> str:
+def describe(spec: StudySpec, trial: LoggedTrial) -> str:
     """The trial's setting in words: its target's name, its loaded model, or mechanism and seed."""
     try:
         plan = plan_of(spec, trial)

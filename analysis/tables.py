@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from analysis.records import DONE, Experiment, TrialRecord, plan_of
+from analysis.records import DONE, Experiment, LoggedTrial, plan_of
 from raystudy.mechanisms import MECHANISMS, mechanism_label
 from raystudy.persist.record import DIMENSIONS, MetricRow, metric_key
 
@@ -40,7 +40,7 @@ BASELINE = "ST"
 BELOW_BASELINE_POINTS = 0.2  # ASR percentage points under ST that get marked
 
 
-def trial_setting(experiment: Experiment, trial: TrialRecord) -> dict:
+def trial_setting(experiment: Experiment, trial: LoggedTrial) -> dict:
     """The config columns of a trial: from its record when it finished, else from its recorded plan."""
     plan = plan_of(experiment.spec, trial)
     config = plan.train

@@ -74,7 +74,7 @@ def test_every_remote_operation_goes_through_the_retries(monkeypatch, no_sleep):
 
     monkeypatch.setattr(storage, "_resolve", lambda location: (Down(), "b/p"))
     monkeypatch.setattr(storage, "_object_reader", lambda location: None)  # pyarrow's reads: Down
-    monkeypatch.setattr(storage, "OUTAGE_SECONDS", 0.0)
+    monkeypatch.setenv("RAYSTUDY_STORAGE_OUTAGE_S", "0")
     for operation in (
         lambda: storage.read_bytes("s3://b/p"),
         lambda: storage.write_bytes("s3://b/p", b"x"),

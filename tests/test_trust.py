@@ -602,7 +602,7 @@ def test_resume_can_measure_at_another_evaluation_batch_and_nothing_else_changes
     folder = write_experiment(tmp_path, VALUES)
     seen = {}
     monkeypatch.setattr(study, "init_ray", lambda *args: None)
-    monkeypatch.setattr(study, "_trainable", lambda spec, *args, **kwargs: seen.setdefault("spec", spec))
+    monkeypatch.setattr(study, "_trainable", lambda exp, *args, **kwargs: seen.setdefault("spec", exp.spec))
 
     class Restored:
         def fit(self):

@@ -225,7 +225,7 @@ def tune(experiment: Experiment, ray: RayOptions, resume: bool):
 
     spec = experiment.spec
     init_ray(ray.address, ray.num_cpus)
-    trainable = _trainable(spec, experiment.storage_root, local=ray.address is None)
+    trainable = _trainable(experiment, local=ray.address is None)
     if resume:
         # 0.1.0 pickled this module's trial_dirname as raystudy.study's: Ray unpickles its state in
         # restore() and again, each trial's, when fit() starts.
@@ -327,21 +327,29 @@ def trial_dirname(trial) -> str:
     return trial_folder(trial.trial_id)
 
 
-def _trainable(spec: StudySpec, storage_root: str, local: bool):
+def _trainable(experiment: Experiment, local: bool):
     import ray
     from ray import tune as ray_tune
 
     from raystudy.cluster.ray_internals import function_trainable
     from raystudy.cluster.trainable import run_trial
 
+    spec = experiment.spec
     resources = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu, **dict(spec.resources.custom)}
     if local and spec.resources.gpu and not ray.cluster_resources().get("GPU"):
         print(
             f"no GPU on this machine: trials run on the CPU (the study asks for gpu={spec.resources.gpu:g})", flush=True
         )
         resources["gpu"] = 0
-    spec = with_gpu_share(spec, resources["gpu"])
-    function = ray_tune.with_parameters(run_trial, study=spec, storage_path=storage_root)
+    found = "targets" in experiment.manifest and spec.kind != "targets"  # a manifest written by 0.1.0 may lack it
+    endpoints = set(experiment.endpoints)
+    function = ray_tune.with_parameters(
+        run_trial,
+        study=with_gpu_share(spec, resources["gpu"]),
+        storage_path=experiment.storage_root,
+        target_names=tuple(t for t in experiment.targets if t not in endpoints) if found else None,
+        keep_images=bool(endpoints) if found else None,
+    )
     return ray_tune.with_resources(function_trainable(function, STATE_FILE), resources)
 
 

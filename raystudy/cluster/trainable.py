@@ -22,14 +22,24 @@ from raystudy.persist.record import targets_location  # noqa: F401 (the study bu
 from raystudy.training.trial import FINAL_KEY, TrialContext, run_one_trial, share_device, trial_folder  # noqa: F401
 
 
-def run_trial(config: dict[str, Any], study: StudySpec, storage_path: str) -> None:
+def run_trial(
+    config: dict[str, Any],
+    study: StudySpec,
+    storage_path: str,
+    target_names: tuple[str, ...] | None = None,
+    keep_images: bool | None = None,
+) -> None:
+    """One trial on a Ray worker; `target_names` and `keep_images`: what the experiment's manifest
+    says (the targets are not looked for again by every trial)."""
     plan = study.plan_from_ray(config)
     device = share_device(study)
     dataset = dataset_for(plan.train)
     work = Path(tempfile.mkdtemp(prefix="raystudy-trial-"))
     try:
         folder = storage.join(storage_path, study.name, trial_folder(tune.get_context().get_trial_id()))
-        context = TrialContext(study, storage_path, folder, work, device, restore=_restore_ray_checkpoint)
+        context = TrialContext(
+            study, storage_path, folder, work, device, _restore_ray_checkpoint, target_names, keep_images
+        )
         run_one_trial(plan, context, dataset, lambda metrics, state: _report(metrics, state, storage_path))
     finally:
         shutil.rmtree(work, ignore_errors=True)

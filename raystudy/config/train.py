@@ -134,7 +134,7 @@ CIFAR_MAX_INPUT = 64
 CIFAR_MODEL_NAMES = ("densenet121", "inception_v3", "resnet18", "resnet50", "resnet8", "tiny_cnn", "vgg16", "vgg_small")
 PRECISIONS = ("fp32", "bf16")
 SCHEDULES = ("cosine", "constant")
-SAM_BN_MODES = ("both", "first")  # which SAM passes update BatchNorm's running statistics
+SAM_BN_PASSES = ("both", "first")  # which SAM passes update BatchNorm's running statistics
 
 # METHOD.md's published recipe per dataset family ("faithful"). Every setting of a step is part of
 # the method: batch size and weight decay set how sharp the minimum is (smoothness is what the
@@ -231,7 +231,7 @@ class TrainConfig:
     init_checkpoint: str | None = _setting(None, "start from this model file (LGV's fine-tuning)", flag="--init")
     snapshots_per_epoch: int = _setting(0, "models saved along each epoch (LGV's collection)")
     sam_bn: str = _setting(
-        "both", "BN statistics updated by both SAM passes (published) or the first", choices=SAM_BN_MODES
+        "both", "BN statistics updated by both SAM passes (published) or the first", choices=SAM_BN_PASSES
     )
     penalty_gradient: str = _setting(
         "exact",
@@ -268,7 +268,7 @@ class TrainConfig:
         )
         _check(self.schedule in SCHEDULES, "schedule", self.schedule, f"must be one of {', '.join(SCHEDULES)}")
         _check(self.precision in PRECISIONS, "precision", self.precision, f"must be one of {', '.join(PRECISIONS)}")
-        _check(self.sam_bn in SAM_BN_MODES, "sam_bn", self.sam_bn, f"must be one of {', '.join(SAM_BN_MODES)}")
+        _check(self.sam_bn in SAM_BN_PASSES, "sam_bn", self.sam_bn, f"must be one of {', '.join(SAM_BN_PASSES)}")
         _check(
             self.penalty_gradient in PENALTY_GRADIENTS,
             "penalty_gradient",

@@ -237,9 +237,3 @@ class Ensemble(nn.Module):
         return torch.stack([m(x) for m in self.members]).mean(0)
 
 
-def freeze(model: nn.Module) -> nn.Module:
-    """Eval mode and no parameter gradients: how targets are used."""
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from raystudy.mechanisms.base import MechanismSpec, Param, Recipe, Traits, register
 
-# --- ST and LS: cross-entropy against (smoothed) one-hot targets ------------------------------------
+# --- ST and LS: cross-entropy against (smoothed) one-hot targets (registered in METHOD.md's order) ---
 
 SMOOTHING = Param(
     "p",
@@ -24,16 +24,6 @@ SMOOTHING = Param(
 )
 
 register(MechanismSpec("ST", "plain cross-entropy", (), lambda m, family: Recipe(), Traits()))
-register(
-    MechanismSpec(
-        "LS",
-        "label smoothing: 1-p on the label, p/(m-1) on each other class",
-        (SMOOTHING,),
-        lambda m, family: Recipe(label_smoothing=m["p"]),
-        Traits(),
-        tau5={"cifar10": {"p": 0.5}, "imagenette": {"p": 0.5}},
-    )
-)
 
 # --- MU, CM, CO: batch transforms (raystudy/mechanisms/augmentation.py) -----------------------------
 
@@ -98,6 +88,18 @@ register(
         tau5={"cifar10": {"size": 24}, "imagenette": {"size": 160}},
     )
 )
+
+register(
+    MechanismSpec(
+        "LS",
+        "label smoothing: 1-p on the label, p/(m-1) on each other class",
+        (SMOOTHING,),
+        lambda m, family: Recipe(label_smoothing=m["p"]),
+        Traits(),
+        tau5={"cifar10": {"p": 0.5}, "imagenette": {"p": 0.5}},
+    )
+)
+
 
 # --- AT: adversarial training on L2 PGD examples (raystudy/mechanisms/adversarial.py) ---------------
 

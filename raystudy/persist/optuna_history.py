@@ -23,9 +23,15 @@ from raystudy.errors import RaystudyError
 from raystudy.persist import storage
 
 JOURNAL_DIR = "optuna-journal"
-# Seconds between uploads. 0: after every write (a suggestion, a result), so a lost driver loses
-# nothing; more: fewer, larger segments, and up to that much history to recover from Ray's results.
-SYNC_INTERVAL_S = float(os.environ.get("RAYSTUDY_OPTUNA_SYNC_S", "0"))
+
+
+def sync_interval() -> float:
+    """Seconds between uploads (RAYSTUDY_OPTUNA_SYNC_S, read when a mirror is made). 0: after every
+    write (a suggestion, a result), so a lost driver loses nothing; more: fewer, larger segments,
+    and up to that much history to recover from Ray's results."""
+    return float(os.environ.get("RAYSTUDY_OPTUNA_SYNC_S", "0"))
+
+
 _SEGMENT = "{:015d}.log"
 
 
@@ -39,8 +45,9 @@ def journal_storage(path: str):
 class JournalMirror:
     """Uploads what a local journal file gained since the last upload, as one new segment."""
 
-    def __init__(self, local: str, remote: str, interval: float = SYNC_INTERVAL_S, uploaded: int = 0) -> None:
-        self.local, self.remote, self.interval = local, remote, interval
+    def __init__(self, local: str, remote: str, interval: float | None = None, uploaded: int = 0) -> None:
+        self.local, self.remote = local, remote
+        self.interval = sync_interval() if interval is None else interval
         self.uploaded = uploaded  # bytes of the local journal already in the experiment
         self.last_sync = 0.0
 

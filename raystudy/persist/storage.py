@@ -33,7 +33,7 @@ def configure_s3_endpoint() -> None:
     """`RAYSTUDY_S3_ENDPOINT=http://host:9000` (MinIO, Ceph, a local S3 server) becomes the standard
     AWS_ENDPOINT_URL, which pyarrow, Ray and boto3 all read for s3:// URIs."""
     endpoint = os.environ.get("RAYSTUDY_S3_ENDPOINT")
-    if endpoint:
+    if endpoint and os.environ.get("AWS_ENDPOINT_URL") != endpoint:
         os.environ["AWS_ENDPOINT_URL"] = endpoint
 
 
@@ -89,10 +89,10 @@ def _bucket_filesystem(root: str, settings: tuple) -> pafs.FileSystem:
 def _resolve(location: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path) of a location. An s3:// or gs:// bucket's filesystem is made once and
     shared (making one resolves the bucket's region: a request each time); it is thread-safe."""
-    configure_s3_endpoint()
     try:
         if not is_uri(location):  # absolute is enough to open it: resolving links costs a stat per part
             return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(location))
+        configure_s3_endpoint()
         scheme, _, rest = location.partition("://")
         if scheme in ("s3", "gs", "gcs"):
             bucket = rest.split("/", 1)[0]
@@ -103,9 +103,12 @@ def _resolve(location: str) -> tuple[pafs.FileSystem, str]:
         raise RaystudyError(f"cannot open storage {location!r}: {err}") from None
 
 
-# An object store that stops answering (a restart, a network blip, throttling) is waited out, with
-# exponential backoff and jitter, for up to this many seconds before an operation fails.
-OUTAGE_SECONDS = float(os.environ.get("RAYSTUDY_STORAGE_OUTAGE_S", "300"))
+def outage_seconds() -> float:
+    """How long an object store that stops answering (a restart, a network blip, throttling) is
+    waited out, with exponential backoff and jitter, before an operation fails (read when used)."""
+    return float(os.environ.get("RAYSTUDY_STORAGE_OUTAGE_S", "300"))
+
+
 # What a store that is down (not one that refuses us) says through pyarrow's S3 and GCS clients.
 _TRANSIENT = (
     "connection refused",
@@ -144,9 +147,9 @@ def is_transient(error: OSError) -> bool:
 
 def _retrying(what: str, location: str, operation, seconds: float | None = None):
     """Run a storage operation; on an object store, connection failures are retried with exponential
-    backoff and jitter for up to OUTAGE_SECONDS (a local folder is never retried). Other errors, and
-    an outage that lasts longer, are one-line errors."""
-    seconds = OUTAGE_SECONDS if seconds is None else seconds
+    backoff and jitter for up to outage_seconds() (a local folder is never retried). Other errors,
+    and an outage that lasts longer, are one-line errors."""
+    seconds = outage_seconds() if seconds is None else seconds
     delay, deadline, warned = 0.5, time.monotonic() + seconds, False
     while True:
         try:
@@ -155,9 +158,7 @@ def _retrying(what: str, location: str, operation, seconds: float | None = None)
             if not is_uri(location) or not is_transient(err) or time.monotonic() + delay > deadline:
                 raise RaystudyError(f"cannot {what} {location!r}: {err}") from None
             if not warned:
-                print(
-                    f"storage unreachable ({str(err)[:160]}); retrying for up to {OUTAGE_SECONDS:g} s", file=sys.stderr
-                )
+                print(f"storage unreachable ({str(err)[:160]}); retrying for up to {seconds:g} s", file=sys.stderr)
                 warned = True
             time.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(2 * delay, 30.0)

@@ -154,7 +154,7 @@ def train(
 ) -> TrainResult:
     """Train per `config`; resumes from `out_dir/checkpoint.pt` when present.
 
-    `on_epoch_end(record, checkpoint_path, model)` runs after every epoch; `checkpoint_path` is the
+    `on_epoch_end(epoch_stats, checkpoint_path, model)` runs after every epoch; `checkpoint_path` is the
     state written at that epoch, or None. Raises TrainingDiverged on a non-finite loss.
     """
     dev = pick_device(device)
@@ -199,17 +199,17 @@ def _train(config, dataset, model, recipe, dev, out, on_epoch_end, log) -> Train
     for epoch in range(start, config.epochs):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, epoch)
-        record = _run_epoch(config, dataset, model, recipe, optimizer, sam, autocast, epoch, out, snapshots)
+        epoch_stats = _run_epoch(config, dataset, model, recipe, optimizer, sam, autocast, epoch, out, snapshots)
         # at the training batch: a forward pass without a graph holds less than the step it follows
-        record["test_acc"] = evaluate_accuracy(model, dataset.test, config.batch_size, autocast=autocast)
-        history.append(record)
-        _say(log, _epoch_line(record, config.epochs))
+        epoch_stats["test_acc"] = evaluate_accuracy(model, dataset.test, config.batch_size, autocast=autocast)
+        history.append(epoch_stats)
+        _say(log, _epoch_line(epoch_stats, config.epochs))
         state_path = None
         if out is not None and ((epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs):
             state_path = out / STATE_FILE
             save_train_state(state_path, config, model, optimizer, epoch + 1, history)
         if on_epoch_end is not None:
-            on_epoch_end(record, state_path, model)
+            on_epoch_end(epoch_stats, state_path, model)
     if out is not None:
         save_model(out / MODEL_FILE, model, model_meta(config, dataset))
         (out / METRICS_FILE).write_text(
@@ -235,19 +235,19 @@ def _run_epoch(config, dataset, model, recipe, optimizer, sam, autocast, epoch, 
     if dataset.train.labels.is_cuda:
         torch.cuda.synchronize(dataset.train.labels.device)
     seconds = time.perf_counter() - started
-    record = {
+    epoch_stats = {
         "epoch": epoch + 1,
         "lr": optimizer.param_groups[0]["lr"],
         "seconds": seconds,
         "images_per_s": seen / seconds,
     }
-    record.update({k: float(v) / n_batches for k, v in sums.items() if k != "correct"})
-    record["train_acc"] = float(sums["correct"]) / seen
-    if not math.isfinite(record["loss"]):
+    epoch_stats.update({k: float(v) / n_batches for k, v in sums.items() if k != "correct"})
+    epoch_stats["train_acc"] = float(sums["correct"]) / seen
+    if not math.isfinite(epoch_stats["loss"]):
         raise TrainingDiverged(
-            f"training diverged at epoch {epoch + 1}: loss is {record['loss']} (lr {record['lr']:g})"
+            f"training diverged at epoch {epoch + 1}: loss is {epoch_stats['loss']} (lr {epoch_stats['lr']:g})"
         )
-    return record
+    return epoch_stats
 
 
 def _snapshot_steps(n_batches: int, per_epoch: int) -> set[int]:

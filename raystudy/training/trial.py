@@ -53,6 +53,10 @@ class TrialContext:
     # Unpacks the trial's latest checkpoint (checkpoint.pt) into `work` for train() to resume from;
     # called only when the trial trains or measures again (not to re-report a kept final result).
     restore: Callable[[Path], None] | None = None
+    # What the experiment found once when it was made (its manifest): the model targets' names and
+    # whether black-box endpoints want each trial's adversarial images. None: look in storage.
+    target_names: tuple[str, ...] | None = None
+    keep_images: bool | None = None
 
 
 def progress_columns(plan: TrialPlan) -> dict[str, Any]:
@@ -121,15 +125,20 @@ def _train_and_measure(plan: TrialPlan, context: TrialContext, dataset, report: 
     target_models: list[str] = []
     if study.kind != "targets":
         # On the CPU while the surrogate trains: on the GPU only for the proxy and the hook.
-        targets, target_models = load_targets(storage_path, study.targets, work, torch.device("cpu"))
+        targets, target_models = load_targets(
+            storage_path, study.targets, work, torch.device("cpu"), context.target_names
+        )
         eval_set = make_eval_set(dataset.test, dataset.num_classes, study.evaluation)
         # Black-box targets are queried after training (raystudy.blackbox.query) with the images kept here.
-        kept = KeptImages() if load_endpoints(targets_location(storage_path, study.targets)) else None
+        keep = context.keep_images
+        if keep is None:
+            keep = bool(load_endpoints(targets_location(storage_path, study.targets)))
+        kept = KeptImages() if keep else None
     proxy = _proxy(study, dataset)
 
-    def on_epoch_end(record: dict[str, float], state_path: Path | None, model: torch.nn.Module) -> None:
-        metrics = {**columns, **record, FINAL_KEY: 0}
-        if proxy is not None and int(record["epoch"]) % study.search.proxy_every == 0:
+    def on_epoch_end(epoch_stats: dict[str, float], state_path: Path | None, model: torch.nn.Module) -> None:
+        metrics = {**columns, **epoch_stats, FINAL_KEY: 0}
+        if proxy is not None and int(epoch_stats["epoch"]) % study.search.proxy_every == 0:
             budget = study.search.proxy_budget
             with on_device(targets, device), _out_of_memory_is("the ASHA proxy", plan, study, device):
                 metrics["proxy/asr"] = quick_transfer_asr(model, targets, proxy, study.evaluation, budget)
@@ -214,12 +223,14 @@ def on_device(models: dict[str, torch.nn.Module], device: torch.device):
             torch.cuda.empty_cache()
 
 
-def load_targets(storage_path: str, targets_study: str, work: Path, device) -> tuple[dict[str, torch.nn.Module], list]:
+def load_targets(
+    storage_path: str, targets_study: str, work: Path, device, known: tuple[str, ...] | None = None
+) -> tuple[dict[str, torch.nn.Module], list]:
     """Copy the targets from the storage path (any node can reach it) and load them weights-only;
-    with their architectures' names."""
+    with their architectures' names. `known`: their names, as the experiment found them (else listed)."""
     location = targets_location(storage_path, targets_study)
-    names = storage.list_files(location, ".pt")
-    if not names and not load_endpoints(location):
+    names = [f"{name}.pt" for name in known] if known is not None else storage.list_files(location, ".pt")
+    if not names and (known is not None or not load_endpoints(location)):
         raise RaystudyError(f"no targets under {location}")
     local = work / "targets"
     local.mkdir(parents=True, exist_ok=True)
