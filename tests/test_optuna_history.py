@@ -124,3 +124,17 @@ def test_the_history_agrees_with_rays_results_when_a_tune_phase_ends(tmp_path):
     assert trials[3].params == {"rho": 0.25} and trials[3].values == [0.7]
     reconcile(searcher, results, "final")  # told once: a second reconcile adds nothing
     assert len(searcher.study.get_trials(deepcopy=False)) == 4
+
+
+def test_a_journal_this_machine_extended_is_kept_and_its_tail_uploaded(tmp_path):
+    from raystudy.persist.optuna_history import resume_journal
+
+    remote, local = tmp_path / "segments", tmp_path / "local.log"
+    remote.mkdir()
+    (remote / "000000000000000.log").write_bytes(b"line1\n")
+    local.write_bytes(b"line1\nline2\n")  # the driver's last write, not uploaded before the phase ended
+    assert resume_journal(str(remote), str(local)) == 6 and local.read_bytes() == b"line1\nline2\n"
+    mirror = JournalMirror(str(local), str(remote), uploaded=6)
+    assert mirror.sync(force=True) == 6 and fetch_journal(str(remote), str(tmp_path / "again.log")) == 12
+    local.write_bytes(b"other\n")  # another experiment's journal once had this URI: replaced
+    assert resume_journal(str(remote), str(local)) == 12 and local.read_bytes() == b"line1\nline2\n"

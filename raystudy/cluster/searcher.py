@@ -105,7 +105,7 @@ class HistoryPlace:
     def open(self, fresh: bool):
         """(Optuna storage, journal mirror or None). `fresh`: a new search (a journal left here by
         an earlier, deleted experiment of the same URI must not lend it its trials); else the
-        experiment's copy is fetched to this machine."""
+        experiment's copy is fetched to this machine, unless this machine's journal extends it."""
         import optuna
 
         if self.url:
@@ -120,8 +120,10 @@ class HistoryPlace:
                 os.remove(local)
             uploaded = 0
         else:
-            uploaded = optuna_history.fetch_journal(remote, local)
-        return optuna_history.journal_storage(local), optuna_history.JournalMirror(local, remote, uploaded=uploaded)
+            uploaded = optuna_history.resume_journal(remote, local)
+        mirror = optuna_history.JournalMirror(local, remote, uploaded=uploaded)
+        mirror.sync(force=True)  # what this machine wrote and the experiment lacks goes up first
+        return optuna_history.journal_storage(local), mirror
 
 
 class OptunaSearcher(Searcher):

@@ -69,6 +69,29 @@ class JournalMirror:
 def fetch_journal(remote: str, local: str) -> int:
     """Rebuild a journal file from its segments (in offset order; a segment that overlaps what is
     already there adds only its new part; a gap ends it, as the journal's lines must stay in order)."""
+    data = journal_bytes(remote)
+    Path(local).parent.mkdir(parents=True, exist_ok=True)
+    Path(local).write_bytes(data)
+    return len(data)
+
+
+def resume_journal(remote: str, local: str) -> int:
+    """The journal to go on with on this machine; returns how many of its bytes the experiment holds.
+    A local journal that extends the experiment's (this machine's driver wrote it, and its last
+    writes may not be uploaded yet) is kept, its tail uploaded by the next sync; else the
+    experiment's copy replaces it."""
+    data = journal_bytes(remote)
+    if os.path.isfile(local) and os.path.getsize(local) >= len(data):
+        with open(local, "rb") as f:
+            if f.read(len(data)) == data:
+                return len(data)
+    Path(local).parent.mkdir(parents=True, exist_ok=True)
+    Path(local).write_bytes(data)
+    return len(data)
+
+
+def journal_bytes(remote: str) -> bytes:
+    """The journal its segments in the experiment make."""
     names = [name for name in storage.list_files(remote, ".log") if _is_segment(name)]
     with ThreadPoolExecutor(16) as pool:  # one request per segment: read them at once
         segments = list(pool.map(lambda name: _read_capped(storage.join(remote, name)), names))
@@ -81,9 +104,7 @@ def fetch_journal(remote: str, local: str) -> int:
         data += segment[len(data) - offset :]
         if len(data) > HISTORY_LIMIT:
             raise RaystudyError(f"{remote}: its journal holds more than {HISTORY_LIMIT >> 20} MiB: not read")
-    Path(local).parent.mkdir(parents=True, exist_ok=True)
-    Path(local).write_bytes(bytes(data))
-    return len(data)
+    return bytes(data)
 
 
 # A search's history from storage is untrusted: read up to this size (a 10,000-trial journal is
