@@ -3,6 +3,8 @@ copy costs the journal's size in bytes, not that size times the number of writes
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 
 optuna = pytest.importorskip("optuna")
@@ -98,10 +100,12 @@ def _orphan_search(tmp_path):
     return history_of(Experiment(parse_space(space, "orphan.yaml"), space, str(experiment), {}))
 
 
-def _ray_result(rho: float, final: bool, value: float = 0.5, error=None):
+def _ray_result(rho: float, final: bool, value: float = 0.5, error=None, stopped=False):
     from types import SimpleNamespace
 
     metrics = {"final": 1, "asr/pgd/untargeted/8/mean": value} if final else {"final": 0, "epoch": 1}
+    if stopped:
+        metrics["done"] = True
     return SimpleNamespace(config={"rho": rho}, metrics=metrics, error=error)
 
 
@@ -112,18 +116,34 @@ def test_the_history_agrees_with_rays_results_when_a_tune_phase_ends(tmp_path):
     searcher.start()
     study = searcher.study
     study.tell(study.ask({"rho": optuna.distributions.FloatDistribution(0.01, 0.5)}), 0.9)
-    lost = study.ask()  # asked, then the driver was lost before Ray recorded the trial
-    lost.suggest_float("rho", 0.01, 0.5)
-    held = study.ask()  # asked, and Ray holds the trial, unfinished: a resume goes on with it
-    rho_held = held.suggest_float("rho", 0.01, 0.5)
-    # Ray finished a trial whose outcome the history lost (told after its last upload).
-    results = [_ray_result(rho_held, final=False), _ray_result(0.25, final=True, value=0.7)]
+
+    def asked() -> float:
+        return study.ask().suggest_float("rho", 0.01, 0.5)
+
+    asked()  # asked, then the driver was lost before Ray recorded the trial: failed
+    held, finished, errored, stopped = asked(), asked(), asked(), asked()
+    results = [
+        _ray_result(held, final=False),  # Ray holds it, unfinished: a resume goes on with it
+        _ray_result(finished, final=True, value=0.6),  # told after the last upload: its values now
+        _ray_result(errored, final=False, error=RuntimeError("x")),
+        _ray_result(stopped, final=False, stopped=True),  # stopped by ASHA
+        _ray_result(0.25, final=True, value=0.7),  # a finished trial the history lacks: added back
+    ]
     reconcile(searcher, results, "final")
     trials = optuna.load_study(study_name="orphan", storage=f"sqlite:///{tmp_path / 'orphan' / 'optuna.db'}").trials
-    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "RUNNING", "COMPLETE"]
-    assert trials[3].params == {"rho": 0.25} and trials[3].values == [0.7]
-    reconcile(searcher, results, "final")  # told once: a second reconcile adds nothing
-    assert len(searcher.study.get_trials(deepcopy=False)) == 4
+    expected = ["COMPLETE", "FAIL", "RUNNING", "COMPLETE", "FAIL", "PRUNED", "COMPLETE"]
+    assert [t.state.name for t in trials] == expected
+    assert trials[3].values == [0.6] and trials[6].params == {"rho": 0.25} and trials[6].values == [0.7]
+    reconcile(searcher, results, "final")  # told once: a second reconcile changes nothing
+    assert [t.state.name for t in searcher.study.get_trials(deepcopy=False)] == expected
+
+
+def test_a_reopened_history_does_not_draw_its_first_values_again(tmp_path):
+    searcher = _orphan_search(tmp_path)
+    searcher.start()
+    first = [searcher.suggest(str(i))["rho"] for i in range(3)]
+    again = pickle.loads(pickle.dumps(searcher))  # a resumed driver: the history reopened from storage
+    assert again.suggest("3")["rho"] not in first
 
 
 def test_a_journal_this_machine_extended_is_kept_and_its_tail_uploaded(tmp_path):

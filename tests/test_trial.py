@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
 from raystudy.config import TrainConfig, parse_space
 from raystudy.core.data import dataset_for
+from raystudy.errors import RaystudyError
 from raystudy.persist import storage
 from raystudy.persist.record import FINAL_FILE
 from raystudy.training.loop import train
@@ -45,3 +47,12 @@ def test_a_trial_runs_without_ray_and_a_second_run_reports_what_it_kept(tmp_path
     again: list = []
     run_one_trial(plan, context, dataset_for(plan.train), lambda metrics, state: again.append(metrics))
     assert again == [final]  # restarted after it finished: the kept result, not a new training
+
+
+def test_targets_the_experiment_found_are_read_by_name_and_endpoints_alone_are_no_error(tmp_path):
+    from raystudy.training.trial import load_targets
+
+    # Only endpoints (black-box targets, no model file): the experiment found that when it was made.
+    assert load_targets(str(tmp_path), "t", tmp_path / "work", torch.device("cpu"), known=()) == ({}, [])
+    with pytest.raises(RaystudyError, match="no targets under"):  # looked for, and none
+        load_targets(str(tmp_path), "t", tmp_path / "work", torch.device("cpu"))

@@ -613,6 +613,7 @@ def test_resume_can_measure_at_another_evaluation_batch_and_nothing_else_changes
         return Restored()
 
     monkeypatch.setattr(tune.Tuner, "restore", staticmethod(restore))
+    monkeypatch.setattr(tune.Tuner, "can_restore", staticmethod(lambda *args, **kwargs: True))
     monkeypatch.setattr(phases, "_after_tune", lambda *args: None)
     phases.resume(str(folder), study.RayOptions(), eval_batch_size=16)
     original = parse_space(json.loads((folder / "raystudy-study.json").read_text())["study"], "hand.yaml")

@@ -218,15 +218,17 @@ class RayOptions:
     targets_file: str | None = None
 
 
-def tune(experiment: Experiment, ray: RayOptions, resume: bool):
-    """Run (or resume) the experiment's trials with Ray Tune; returns Ray's ResultGrid. A resumed
-    tune phase that is done only reads Ray's results (Tuner.restore(...).get_results())."""
+def tune(experiment: Experiment, ray: RayOptions):
+    """Run the experiment's trials with Ray Tune, or go on with them where Ray saved its state
+    (Tuner.restore: unfinished and errored trials go on); returns Ray's ResultGrid. A tune phase
+    that is done only reads Ray's results. An experiment whose Ray never started (a wrong
+    --address, the driver lost before) starts its trials now."""
     from ray import tune as ray_tune
 
     spec = experiment.spec
     init_ray(ray.address, ray.num_cpus)
     trainable = _trainable(experiment, local=ray.address is None)
-    if resume:
+    if ray_tune.Tuner.can_restore(experiment.location):
         # 0.1.0 pickled this module's trial_dirname as raystudy.study's: Ray unpickles its state in
         # restore() and again, each trial's, when fit() starts.
         with migrate.old_module_paths():

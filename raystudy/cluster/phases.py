@@ -1,7 +1,9 @@
 """A study as a pipeline of phases over one experiment: tune (the trials), confirm (a search's best
 configurations retrained with fresh seeds), query (the black-box endpoints). `run` makes the
-experiment and runs every phase; `resume` opens it and runs the same list, each phase skipping
-itself when it is done. What the CLI's run/targets/search/resume/query commands call.
+experiment and runs every phase; `resume` opens it and runs the same list. Tune and confirm are
+marked done in the manifest once all their trials ended, and are then not run again; the query
+phase runs each time (its answers are cached per image: nothing is asked twice). What the CLI's
+run/targets/search/resume/query commands call.
 """
 
 from __future__ import annotations
@@ -28,23 +30,24 @@ def run(spec: StudySpec, raw: Any, storage_path: str, ray: RayOptions, optuna_st
 
     tracking_callbacks(ray.trackers, spec.name)  # a missing tracker package fails before anything runs
     experiment = Experiment.create(spec, raw, storage_path, ray.address is None, optuna_storage)
-    return _run_phases(experiment, ray, resume=False)
+    return _run_phases(experiment, ray)
 
 
 def resume(location: str, ray: RayOptions, eval_batch_size: int | None = None) -> list:
     """Finish an interrupted study: unfinished and errored trials go on, finished ones stay; then the
     phases after it."""
-    return _run_phases(Experiment.open(location, eval_batch_size), ray, resume=True)
+    return _run_phases(Experiment.open(location, eval_batch_size), ray)
 
 
-def _run_phases(experiment: Experiment, ray: RayOptions, resume: bool) -> list:
+def _run_phases(experiment: Experiment, ray: RayOptions) -> list:
     spec = experiment.spec
     if spec.kind == "targets" and not spec.plans:  # endpoints only: saved when the experiment was made
         experiment.mark_done(TUNE)
         return []
-    results = tune(experiment, ray, resume)
+    results = tune(experiment, ray)
     _after_tune(experiment, results)
-    if outcome.all_finished(results):
+    expected = spec.search.num_samples if spec.kind == "search" else len(spec.plans)
+    if len(results) == expected and outcome.all_finished(results):  # an interrupted fit() returns too
         experiment.mark_done(TUNE)
     everything = list(results)
     if spec.kind == "search" and spec.search.confirm is not None:
@@ -68,6 +71,9 @@ def run_confirm(search: Experiment, results, ray: RayOptions) -> list:
     """The confirm phase: start (or resume) the confirmation grid beside the search and record its
     summary in the search's best_config.json; returns the confirmation's results."""
     spec = search.spec
+    if search.done(CONFIRM):
+        print(f"confirm: done ({confirm.confirm_experiment(search.location)})")
+        return []
     plans = confirm.top_plans(spec, results)
     if not plans:
         print("confirm: no finished search trial to confirm")
@@ -80,9 +86,10 @@ def run_confirm(search: Experiment, results, ray: RayOptions) -> list:
         grid_raw = confirm.confirm_raw(spec, search.raw, plans)
         grid_spec = confirm.confirm_spec(spec, grid_raw)
         grid = Experiment.create(grid_spec, grid_raw, search.storage_root, ray.address is None)
-    confirmed = _run_phases(grid, RayOptions(ray.address, ray.num_cpus, targets_file=ray.targets_file), grid.done(TUNE))
+    confirmed = _run_phases(grid, RayOptions(ray.address, ray.num_cpus, targets_file=ray.targets_file))
     confirm.record_summary(spec, plans, confirmed, search.location, location)
-    search.mark_done(CONFIRM)
+    if grid.done(TUNE):
+        search.mark_done(CONFIRM)
     return confirmed
 
 

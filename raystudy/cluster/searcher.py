@@ -155,13 +155,18 @@ class OptunaSearcher(Searcher):
         self.sync(force=True)
 
     def _open(self, fresh: bool) -> None:
+        """The history and its sampler. A reopened history's sampler is seeded with the seed plus
+        the trials it holds: the same seed again would draw the search's first values again."""
         import optuna
 
         history, self._mirror = self.place.open(fresh)
-        sampler = optuna.samplers.TPESampler(seed=self.seed)
         directions = ["maximize" if mode == "max" else "minimize" for mode in self.modes]
-        self._study = optuna.create_study(
-            study_name=self.study_name, storage=history, sampler=sampler, directions=directions, load_if_exists=True
+        study = optuna.create_study(
+            study_name=self.study_name, storage=history, directions=directions, load_if_exists=True
+        )
+        seed = self.seed + len(study.get_trials(deepcopy=False))
+        self._study = optuna.load_study(
+            study_name=self.study_name, storage=history, sampler=optuna.samplers.TPESampler(seed=seed)
         )
 
     @property
@@ -183,7 +188,7 @@ class OptunaSearcher(Searcher):
         result = result or {}
         number = self._number_of(trial_id, result)
         if number is None:
-            print(f"optuna: trial {trial_id} is not in the search's history; added back when the phase ends")
+            print(f"optuna: trial {trial_id} is not in the search's history; left to the end of the tune phase")
             return
         if self.study.get_trials(deepcopy=False)[number].state != optuna.trial.TrialState.RUNNING:
             return  # told before: Ray restarted a finished trial and it reported its kept result again
@@ -199,14 +204,16 @@ class OptunaSearcher(Searcher):
     def _number_of(self, trial_id: str, result: dict) -> int | None:
         """The Optuna trial of a Ray trial. Ray restores the searcher from its last snapshot, which
         may predate a trial's suggestion (found among the RUNNING trials by its values), or know a
-        trial the fetched history does not (asked after the last upload: unknown)."""
+        trial the fetched history does not (asked after the last upload: unknown), or hold a
+        number another trial has since taken in a shorter history (its values differ)."""
         import optuna
 
         trials = self.study.get_trials(deepcopy=False)
+        config = _config_of(result)
         number = self.asked.pop(trial_id, None)
         if number is not None and number < len(trials):
-            return number
-        config = _config_of(result)
+            if not config or _same_values(trials[number].params, config):
+                return number
         running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
         return next((t.number for t in running if _same_values(t.params, config)), None)
 
@@ -234,35 +241,36 @@ def _same_values(params: dict[str, Any], config: dict[str, Any]) -> bool:
 
 
 def reconcile(searcher: OptunaSearcher, results: Sequence[Any], final_key: str) -> None:
-    """After a tune phase, the history agrees with Ray's results: every finished Ray trial is a
-    finished Optuna trial (added back if the history lost it), and a RUNNING Optuna trial that no
-    unfinished Ray trial holds (asked by a lost driver before Ray recorded the trial) is failed.
-    Histories on an RDB URL are the user's: left alone."""
+    """After a tune phase, the history agrees with Ray's results. A RUNNING Optuna trial is told
+    what its Ray trial came to (finished: its values; errored: FAIL; stopped early: PRUNED), stays
+    RUNNING while its Ray trial has not ended (a resume goes on with it), and is failed when no Ray
+    trial holds it (asked by a lost driver before Ray recorded the trial). A finished Ray trial
+    the history lacks altogether (told after its last upload) is added back. Histories on an RDB
+    URL are the user's: left alone."""
     import optuna
 
     if searcher.place.url:
         return
     study = searcher.study
-    trials = study.get_trials(deepcopy=False)
-    unfinished = [_config_of({"config": r.config}) for r in results if not _finished(r, final_key)]
-    running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
-    for trial in running:
-        if not any(_same_values(trial.params, c) for c in unfinished):
-            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    outcomes = [(dict(r.config), _outcome(r, final_key, searcher.metrics)) for r in results]
+    states = optuna.trial.TrialState
+    for trial in study.get_trials(deepcopy=False, states=(states.RUNNING,)):
+        held = [outcome for config, outcome in outcomes if _same_values(trial.params, config)]
+        if not held:
+            study.tell(trial.number, state=states.FAIL)
             print(f"optuna: trial {trial.number} was asked by a lost driver and never ran: marked failed")
-    complete = [t.params for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    for result in results:
-        metrics = result.metrics or {}
-        if not _finished(result, final_key) or not all(m in metrics for m in searcher.metrics):
-            continue
-        config = dict(result.config)
-        if any(_same_values(params, config) for params in complete):
+        elif isinstance(held[0], list):
+            study.tell(trial.number, held[0])
+        elif held[0] is not None:
+            study.tell(trial.number, state=held[0])
+    complete = [t.params for t in study.get_trials(deepcopy=False, states=(states.COMPLETE,))]
+    for config, outcome in outcomes:
+        if not isinstance(outcome, list) or any(_same_values(params, config) for params in complete):
             continue
         try:
             distributions = searcher.space.distributions(config)
             params = {name: config[name] for name in distributions}
-            values = [metrics[m] for m in searcher.metrics]
-            study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, values=values))
+            study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, values=outcome))
         except (KeyError, ValueError) as err:
             print(f"optuna: a finished trial could not be added back to the history ({err})")
             continue
@@ -271,5 +279,17 @@ def reconcile(searcher: OptunaSearcher, results: Sequence[Any], final_key: str) 
     searcher.sync(force=True)
 
 
-def _finished(result, final_key: str) -> bool:
-    return result.error is None and (result.metrics or {}).get(final_key) == 1
+def _outcome(result, final_key: str, metrics: Sequence[str]):
+    """What a Ray trial came to: its objective values (finished), FAIL (errored or finished without
+    them), PRUNED (stopped early by the scheduler), or None (not ended: a resume goes on with it)."""
+    import optuna
+
+    values = result.metrics or {}
+    if result.error is not None:
+        return optuna.trial.TrialState.FAIL
+    if values.get(final_key) == 1:
+        found = [values.get(m) for m in metrics]
+        return found if all(v is not None for v in found) else optuna.trial.TrialState.FAIL
+    if values.get(final_key) == 0 and values.get("done") is True:
+        return optuna.trial.TrialState.PRUNED
+    return None

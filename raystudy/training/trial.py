@@ -229,8 +229,11 @@ def load_targets(
     """Copy the targets from the storage path (any node can reach it) and load them weights-only;
     with their architectures' names. `known`: their names, as the experiment found them (else listed)."""
     location = targets_location(storage_path, targets_study)
-    names = [f"{name}.pt" for name in known] if known is not None else storage.list_files(location, ".pt")
-    if not names and (known is not None or not load_endpoints(location)):
+    if known is not None:  # the experiment found them (and found targets at all) when it was made
+        names = [f"{name}.pt" for name in known]
+    else:
+        names = storage.list_files(location, ".pt")
+    if not names and known is None and not load_endpoints(location):
         raise RaystudyError(f"no targets under {location}")
     local = work / "targets"
     local.mkdir(parents=True, exist_ok=True)
