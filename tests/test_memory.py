@@ -175,7 +175,7 @@ def test_a_local_study_that_cannot_fit_this_machines_gpu_is_refused_before_ray_s
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=23_028 << 20))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "NVIDIA A10G")
-    monkeypatch.setattr("raystudy.cluster.confirm.run_then_confirm", lambda *a, **k: pytest.fail("Ray was started"))
+    monkeypatch.setattr("raystudy.cluster.phases.run", lambda *a, **k: pytest.fail("Ray was started"))
     # The command puts a local Ray on loopback through the environment: kept to this test, as a Ray
     # started later by another test from this process must not inherit it (tests/test_autoscaling.py).
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
