@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import final_rows, run_raystudy
+from conftest import final_rows, finished_once, run_raystudy
 
 from raystudy.errors import RaystudyError
 from raystudy.persist.migrate import MANIFEST_FORMAT
@@ -36,12 +36,13 @@ def test_an_old_experiment_is_analysed_as_written(old_storage, tmp_path):
 @pytest.mark.slow
 def test_an_interrupted_0_1_0_grid_resumes_and_finishes(old_storage):
     study = old_storage / "legacy_grid"
-    before = {p.name for p in study.glob("trial_*")}
+    (kept,) = final_rows(study).values()  # the trial that finished before the interruption
     done = run_raystudy("resume", study, "--num-cpus", 2)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "2 of 2 trials finished" in done.stdout
-    finals = final_rows(study)
-    assert set(finals) == before and all(len(rows) >= 1 for rows in finals.values()), finals
+    finals = final_rows(study)  # Ray's trial ids as 0.1.0 named them: the second trial went on, not anew
+    assert set(finals) == {"trial_6ab62_00000", "trial_6ab62_00001"} and all(finished_once(r) for r in finals.values())
+    assert finals["trial_6ab62_00000"][0]["record"] == kept[0]["record"]  # not trained again
     manifest = json.loads((study / "raystudy-study.json").read_text())
     assert manifest["format"] == MANIFEST_FORMAT and manifest["phases_done"] == ["tune"]
 
