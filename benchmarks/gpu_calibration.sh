@@ -99,7 +99,11 @@ mkdir -p "$REPORT"
 run raystudy plan "$SPACES/calibration_targets.yaml" ${PLAN[@]+"${PLAN[@]}"}
 run raystudy plan "$SPACES/calibration.yaml" ${PLAN[@]+"${PLAN[@]}"}
 start=$(date +%s)
-run python benchmarks/throughput.py "${THROUGHPUT[@]}" --json "$COSTS"
+if [ -f "$COSTS" ]; then  # a rerun finishes what is missing: delete the file to measure again
+    echo "step costs kept from an earlier run: $COSTS"
+else
+    run python benchmarks/throughput.py "${THROUGHPUT[@]}" --json "$COSTS"
+fi
 if [ -z "$DATA" ]; then
     echo "no CIFAR-10 given: the studies are skipped; rerun with --data DIR (cifar-10-batches-py, or the JPEG archive's folder)"
 else

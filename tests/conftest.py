@@ -39,24 +39,30 @@ def synthetic():
 
 
 ROOT = Path(__file__).resolve().parents[1]
+RAYSTUDY = [sys.executable, "-m", "raystudy"]
+# The smoke study (search_spaces/smoke.yaml): the tiny study most Ray tests vary; never modified in place.
+SMOKE = yaml.safe_load((ROOT / "search_spaces" / "smoke.yaml").read_text())
 
 
-def run_raystudy(*args, timeout=600):
-    return subprocess.run(
-        [sys.executable, "-m", "raystudy", *map(str, args)], capture_output=True, text=True, timeout=timeout
-    )
+def run_raystudy(*args, timeout=600, **kwargs) -> subprocess.CompletedProcess:
+    """The `raystudy` command in a subprocess, its output captured (`kwargs`: subprocess.run's)."""
+    return subprocess.run(RAYSTUDY + [str(a) for a in args], capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
 @pytest.fixture(scope="session")
 def smoke_storage(tmp_path_factory):
-    """A storage path with the smoke targets trained and the smoke study run (once per session)."""
+    """A storage path holding the smoke targets and the smoke study (search_spaces/smoke_targets.yaml,
+    smoke.yaml) as `raystudy targets` and `raystudy run` write them, written once per session in
+    this process without Ray (tests/world.py: each trial through the function Ray's trainable
+    wraps). Later tests add their experiments beside them. The smoke study through the command
+    line and Ray is test_study's."""
+    from world import write_experiment
+
     cache = tmp_path_factory.getbasetemp() / "cache"
     os.environ["RAYSTUDY_CACHE"] = str(cache)
     root = tmp_path_factory.mktemp("storage")
-    targets = run_raystudy("targets", ROOT / "search_spaces" / "smoke_targets.yaml", "--storage", root, "--num-cpus", 2)
-    assert targets.returncode == 0, targets.stdout[-3000:] + targets.stderr[-3000:]
-    study = run_raystudy("run", ROOT / "search_spaces" / "smoke.yaml", "--storage", root, "--num-cpus", 2)
-    assert study.returncode == 0, study.stdout[-3000:] + study.stderr[-3000:]
+    write_experiment(yaml.safe_load((ROOT / "search_spaces" / "smoke_targets.yaml").read_text()), root)
+    write_experiment(SMOKE, root)
     return root
 
 
@@ -79,7 +85,6 @@ def finished_once(final_rows: list[dict]) -> bool:
 
 
 BUCKET = "studies"
-RAYSTUDY = [sys.executable, "-m", "raystudy"]
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +114,9 @@ def s3(tmp_path_factory):
     server.stop()
 
 
-def raystudy(env: dict, *args, cwd: Path, home: Path, timeout=600) -> subprocess.CompletedProcess:
+def raystudy_in_env(env: dict, *args, cwd: Path, home: Path, timeout=600) -> subprocess.CompletedProcess:
+    """The `raystudy` command as a user of the S3 endpoint runs it: `env` on top of this process's,
+    its own HOME and working folder."""
     home.mkdir(parents=True, exist_ok=True)
     full = {**os.environ, **env, "HOME": str(home)}
     full.pop("AWS_ENDPOINT_URL", None)  # only RAYSTUDY_S3_ENDPOINT points at the server
@@ -118,18 +125,31 @@ def raystudy(env: dict, *args, cwd: Path, home: Path, timeout=600) -> subprocess
     )
 
 
-def bucket_files(env: dict, prefix: str, suffix: str = "") -> dict[str, bytes]:
-    """The objects under s3://studies/<prefix> (ending in `suffix`), read through the same S3 API;
-    one deleted between listing and reading (Ray drops old checkpoints) is left out."""
+def _client(env: dict):
     import boto3
 
-    client = boto3.client(
+    return boto3.client(
         "s3",
         endpoint_url=env["RAYSTUDY_S3_ENDPOINT"],
         aws_access_key_id="testing",
         aws_secret_access_key="testing",
         region_name="us-east-1",
     )
+
+
+def put_smoke_targets(env: dict, smoke_storage: Path, prefix: str) -> None:
+    """The session's trained smoke targets, copied to s3://studies/<prefix>/smoke_targets/targets/
+    (where a study on that storage finds them): tests of the cloud path that are not about
+    training targets there do not train them again (test_cloud does)."""
+    client = _client(env)
+    for path in (smoke_storage / "smoke_targets" / "targets").iterdir():
+        client.put_object(Bucket=BUCKET, Key=f"{prefix}/smoke_targets/targets/{path.name}", Body=path.read_bytes())
+
+
+def bucket_files(env: dict, prefix: str, suffix: str = "") -> dict[str, bytes]:
+    """The objects under s3://studies/<prefix> (ending in `suffix`), read through the same S3 API;
+    one deleted between listing and reading (Ray drops old checkpoints) is left out."""
+    client = _client(env)
     out = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
         for item in page.get("Contents", []):
@@ -155,8 +175,7 @@ def finals_in_bucket(env: dict, experiment: str) -> dict[str, list[dict]]:
 
 def smoke_search(name: str, epochs: int = 2, **search) -> dict:
     """The smoke study as a small seeded SAM&JR Optuna search (4 samples unless `search` says otherwise)."""
-    smoke = yaml.safe_load((ROOT / "search_spaces" / "smoke.yaml").read_text())
-    space = dict(smoke, name=name, kind="search", train={**smoke["train"], "epochs": epochs})
+    space = dict(SMOKE, name=name, kind="search", train={**SMOKE["train"], "epochs": epochs})
     space.pop("trials")
     space["evaluation"] = {"n_eval": 32, "budgets": [8], "modes": ["untargeted"], "smoothness_samples": 8}
     space["search"] = {

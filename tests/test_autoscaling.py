@@ -19,11 +19,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import SMOKE
 
 from analysis import load_experiment
 
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE = yaml.safe_load((ROOT / "search_spaces" / "smoke.yaml").read_text())
 IDLE_TIMEOUT_MINUTES = 0.2
 
 pytestmark = [pytest.mark.slow, pytest.mark.ends_every_ray]

@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ROOT
 
 from raystudy.config import load_space
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_calibration_studies_are_the_documented_ones():
@@ -48,6 +46,7 @@ def test_the_calibration_script_dry_runs_on_the_cpu(tmp_path):
         ["bash", ROOT / "benchmarks" / "gpu_calibration.sh"], capture_output=True, text=True, env=env, timeout=900
     )
     assert again.returncode == 0 and "raystudy resume" in again.stdout, again.stderr[-3000:]
+    assert "step costs kept from an earlier run" in again.stdout  # measured once
     assert yaml.safe_load((ROOT / "search_spaces" / "calibration.yaml").read_text())["resources"]["gpu"] == 0.25
 
 

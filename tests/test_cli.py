@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import torch
+from conftest import RAYSTUDY
 
 from raystudy.core.checkpoint import load_model
 
-RAYSTUDY = [sys.executable, "-m", "raystudy"]
 TINY = [
     "train",
     "--dataset",

@@ -11,15 +11,21 @@ import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BUCKET, RAYSTUDY, bucket_files, finals_in_bucket, finished_once, raystudy, smoke_search
+from conftest import (
+    BUCKET,
+    RAYSTUDY,
+    ROOT,
+    bucket_files,
+    finals_in_bucket,
+    finished_once,
+    raystudy_in_env,
+    smoke_search,
+)
 
 from raystudy.persist.optuna_history import journal_storage
-
-ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +33,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def targets(s3, tmp_path_factory):
     work = tmp_path_factory.mktemp("s3_driver")
-    out = raystudy(
+    out = raystudy_in_env(
         s3,
         "targets",
         ROOT / "search_spaces" / "smoke_targets.yaml",
@@ -43,7 +49,7 @@ def targets(s3, tmp_path_factory):
 
 
 def test_grid_study_status_and_analysis_through_s3(s3, targets, tmp_path):
-    out = raystudy(
+    out = raystudy_in_env(
         s3,
         "run",
         ROOT / "search_spaces" / "smoke.yaml",
@@ -63,9 +69,9 @@ def test_grid_study_status_and_analysis_through_s3(s3, targets, tmp_path):
     # Another machine (a fresh working directory and HOME) reads it all from the bucket.
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    status = raystudy(s3, "status", f"{targets}/smoke", cwd=elsewhere, home=elsewhere / "h")
+    status = raystudy_in_env(s3, "status", f"{targets}/smoke", cwd=elsewhere, home=elsewhere / "h")
     assert status.returncode == 0 and "5 trials: 5 done" in status.stdout, status.stderr[-2000:]
-    report = raystudy(
+    report = raystudy_in_env(
         s3, "analyze", f"{targets}/smoke", "--out", elsewhere / "report", cwd=elsewhere, home=elsewhere / "h"
     )
     assert report.returncode == 0, report.stderr[-2000:]
@@ -99,7 +105,7 @@ def test_search_survives_losing_its_driver(s3, targets, tmp_path):
 
     second = tmp_path / "second"
     second.mkdir()
-    out = raystudy(s3, "resume", f"{targets}/s3_search", "--num-cpus", 2, cwd=second, home=second / "home")
+    out = raystudy_in_env(s3, "resume", f"{targets}/s3_search", "--num-cpus", 2, cwd=second, home=second / "home")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     finals = finals_in_bucket(s3, "p/s3_search")
     assert len(finals) == 4 and all(finished_once(rows) for rows in finals.values())

@@ -13,10 +13,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from conftest import ROOT
 
 from raystudy.errors import RaystudyError
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def ray_schema() -> dict:

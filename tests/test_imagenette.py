@@ -5,23 +5,16 @@ a grid study with the trial-end hook, and the one-line error for missing pretrai
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import run_raystudy
 
 from raystudy.core.data import augment, load_dataset
 
-pytestmark = pytest.mark.slow
-RAYSTUDY = [sys.executable, "-m", "raystudy"]
 CLASSES = ("n01440764", "n02102040", "n02979186")
-
-
-def raystudy(*args, timeout=900):
-    return subprocess.run(RAYSTUDY + [str(a) for a in args], capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +53,11 @@ def space(path: Path, values: dict) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_imagenette_targets_and_study_run_with_timm_models(imagenette, tmp_path):
+    # Written without Ray (tests/world.py): the subject is ImageNette and timm's models.
+    from world import write_experiment
+
     storage = tmp_path / "storage"
     train = {"epochs": 1, "batch_size": 8, "pretrained": False}
     common = {
@@ -84,8 +81,7 @@ def test_imagenette_targets_and_study_run_with_timm_models(imagenette, tmp_path)
             ],
         },
     )
-    out = raystudy("targets", targets, "--storage", storage, "--data", imagenette, "--num-cpus", 2)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    write_experiment(yaml.safe_load(targets.read_text()), storage, data=str(imagenette))
     names = sorted(p.name for p in (storage / "in_targets" / "targets").iterdir())
     assert names == ["test_efficientnet_MU_p0.5.pt", "test_resnet.pt"]
     from raystudy.core.checkpoint import load_model
@@ -114,8 +110,7 @@ def test_imagenette_targets_and_study_run_with_timm_models(imagenette, tmp_path)
             },
         },
     )
-    out = raystudy("run", grid, "--storage", storage, "--data", imagenette, "--num-cpus", 2)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    write_experiment(yaml.safe_load(grid.read_text()), storage, data=str(imagenette))
     finals = [
         json.loads(line)
         for f in (storage / "in_table").glob("trial_*/result.json")
@@ -133,7 +128,7 @@ def test_imagenette_targets_and_study_run_with_timm_models(imagenette, tmp_path)
 
 def test_missing_pretrained_weights_is_one_line_naming_them(imagenette, tmp_path):
     # The ImageNette presets fine-tune from ImageNet weights; none can be fetched here.
-    out = raystudy(
+    out = run_raystudy(
         "train",
         "--dataset",
         "imagenette",

@@ -10,15 +10,14 @@ import re
 import subprocess
 import sys
 import tomllib
-from pathlib import Path
 
 import pytest
+from conftest import ROOT
 from packaging.version import Version
 
 from raystudy.config import EvalConfig
 from raystudy.errors import RaystudyError
 
-ROOT = Path(__file__).resolve().parents[1]
 # Fixed in requests 2.32.4 (.netrc credentials leaked to other hosts) and urllib3 2.5 (redirects
 # followed despite retries disabled, proxy handling): the oldest releases without those advisories.
 FLOORS = {"requests": "2.32.4", "urllib3": "2.5"}

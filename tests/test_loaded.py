@@ -177,15 +177,12 @@ def test_a_vit_has_an_input_hessian_and_trains_with_exact_ir():
 
 
 @pytest.mark.slow
-def test_a_study_of_loaded_surrogates_against_loaded_targets(hub_cache, tmp_path):
-    """Through Ray: a targets study saves loaded targets, a grid study of loaded ViTs (timm's hub
-    weights from the cache, and a local state dict) goes straight to the hook, and the records say
-    where each model's weights came from."""
-    import os
-    import subprocess
-    import sys
-
+def test_a_study_of_loaded_surrogates_against_loaded_targets(hub_cache, tmp_path, monkeypatch):
+    """A targets study saves loaded targets, a grid study of loaded ViTs (timm's hub weights from the
+    cache, and a local state dict) goes straight to the hook, and the records say where each
+    model's weights came from. Written without Ray (tests/world.py): loaded models are the subject."""
     import timm
+    from world import write_experiment
 
     from analysis.records import load_experiment
     from analysis.tables import tidy_trials
@@ -204,18 +201,10 @@ def test_a_study_of_loaded_surrogates_against_loaded_targets(hub_cache, tmp_path
         {"model": f"timm/{VIT}", "pretrained": True},
         {"model": f"timm/{VIT}", "weights": str(tmp_path / "vit_sam.pth")},
     ]
-    env = {**os.environ, "HF_HUB_CACHE": str(hub_cache.parents[3]), "HF_HUB_OFFLINE": "1"}
-    for name, space in (("targets", targets), ("run", grid)):
-        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(space))
-        out = subprocess.run(
-            [sys.executable, "-m", "raystudy", name, str(tmp_path / f"{name}.yaml"), "--storage", str(tmp_path / "s")]
-            + ["--num-cpus", "2"],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env=env,
-        )
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache.parents[3]))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for space in (targets, grid):
+        write_experiment(space, tmp_path / "s")
     experiment = load_experiment(str(tmp_path / "s" / "loaded_grid"))
     records = {t.record["identity"]["label"]: t.record for t in experiment.trials}
     assert set(records) == {VIT, "vit_sam"}

@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
 
 # Run in a fresh interpreter with its own HOME: lists the listening TCP sockets of every process
 # descending from it (the GCS, raylet, agents and workers it started), then shuts Ray down.
@@ -65,6 +64,7 @@ def probe(home: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="lists sockets through Linux's /proc")
 def test_a_local_ray_listens_on_loopback_only_and_its_token_is_the_owners(tmp_path):
     home = tmp_path / "home"
@@ -89,6 +89,7 @@ def test_an_older_token_readable_by_others_is_made_the_owners(tmp_path, monkeypa
     assert stat.S_IMODE(ray_token_file().stat().st_mode) == 0o600
 
 
+@pytest.mark.slow
 def test_a_local_ray_is_its_own_even_where_another_ray_runs(tmp_path):
     import signal
     import socket

@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import ROOT
 
 from raystudy.budget import memory
 from raystudy.config import TrainConfig, load_space
 from raystudy.core.activation_memory import bytes_per_image, measure, saved_bytes
 from raystudy.core.models import build_model
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("name, pixels", [("resnet8", 32), ("tiny_cnn", 16), ("vgg_small", 32)])

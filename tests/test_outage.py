@@ -1,4 +1,4 @@
-"""A 30-second outage of the object store in mid-study, through a loopback proxy in front of the
+"""An outage of the object store (OUTAGE_S) in mid-study, through a loopback proxy in front of the
 local S3 server: refused connections during a grid study, a store that stops answering during an
 Optuna search. Every trial finishes exactly once, with no manual resume."""
 
@@ -11,26 +11,30 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BUCKET, RAYSTUDY, bucket_files, finals_in_bucket, finished_once, raystudy, smoke_search
+from conftest import (
+    BUCKET,
+    RAYSTUDY,
+    SMOKE,
+    bucket_files,
+    finals_in_bucket,
+    finished_once,
+    put_smoke_targets,
+    smoke_search,
+)
 from outage_proxy import OutageProxy
 
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE = yaml.safe_load((ROOT / "search_spaces" / "smoke.yaml").read_text())
-OUTAGE_S = 30
+OUTAGE_S = 8  # past the storage backoff's first retries (0.5, 1, 2, 4 s): the outage is met and waited out
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def proxied(s3, tmp_path_factory):
+def proxied(s3, smoke_storage):
     """The targets in the bucket, and a proxy in front of the S3 server that the studies go through."""
     host, port = s3["RAYSTUDY_S3_ENDPOINT"].removeprefix("http://").split(":")
     proxy = OutageProxy((host, int(port)))
     env = {**s3, "RAYSTUDY_S3_ENDPOINT": proxy.endpoint, "RAYSTUDY_STORAGE_OUTAGE_S": "120"}
-    work = tmp_path_factory.mktemp("outage_targets")
-    targets = ROOT / "search_spaces" / "smoke_targets.yaml"
-    out = raystudy(env, "targets", targets, "--storage", f"s3://{BUCKET}/o", "--num-cpus", 2, cwd=work, home=work)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    put_smoke_targets(s3, smoke_storage, "o")
     return proxy, env
 
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 from raystudy.errors import RaystudyError
 
-ROOT = Path(__file__).resolve().parents[1]
 PRIVATE = ("ray.tune.execution", "ray.tune.trainable", "_start_logging_actor", "_trial_runs", "_ot_", "._storage")
 
 

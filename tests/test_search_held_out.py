@@ -18,8 +18,6 @@ from raystudy.config import parse_space
 from raystudy.errors import RaystudyError
 from raystudy.persist.record import MetricRow, objective_rows
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def asr(target: str, value: float, budget: int = 8) -> MetricRow:
     return MetricRow("asr", value, "pgd", "untargeted", budget, target=target)
@@ -78,28 +76,6 @@ def test_objective_targets_must_exist_and_leave_one_out(tmp_path, objective, mes
     spec = parse_space(search_space(objective_targets=objective), "held_out.yaml")
     with pytest.raises(RaystudyError, match=message):
         find_targets(spec, str(tmp_path), [])
-
-
-@pytest.mark.slow
-def test_search_optimizes_the_objective_targets_and_reports_the_held_out_ones(smoke_storage, tmp_path):
-    import optuna
-
-    stdout, finals = run_search(search_space(objective_targets=["tiny_cnn_s1"]), smoke_storage, tmp_path)
-    assert "selected on tiny_cnn_s1; tested on tiny_cnn_s2" in stdout
-    experiment = smoke_storage / "held_out_smoke"
-    assert len(finals) == 3
-    for r in finals:  # the objective is the named target's ASR, not the mean over both
-        assert r["asr/pgd/untargeted/8/objective"] == pytest.approx(r["asr/pgd/untargeted/8/tiny_cnn_s1"])
-        assert r["asr/pgd/untargeted/8/held_out"] == pytest.approx(r["asr/pgd/untargeted/8/tiny_cnn_s2"])
-    # The test can fail: the two targets' ASRs differ, so optimizing the mean would give other values.
-    assert any(r["asr/pgd/untargeted/8/tiny_cnn_s1"] != r["asr/pgd/untargeted/8/tiny_cnn_s2"] for r in finals)
-    study = optuna.load_study(study_name="held_out_smoke", storage=f"sqlite:///{experiment / 'optuna.db'}")
-    told = sorted(t.value for t in study.trials)
-    assert told == pytest.approx(sorted(r["asr/pgd/untargeted/8/objective"] for r in finals))
-    best = json.loads((experiment / "best_config.json").read_text())
-    assert best["selected_on"] == ["tiny_cnn_s1"] and best["tested_on"] == ["tiny_cnn_s2"]
-    winner = max(finals, key=lambda r: r["asr/pgd/untargeted/8/objective"])
-    assert best["held_out_value"] == pytest.approx(winner["asr/pgd/untargeted/8/tiny_cnn_s2"])
 
 
 def test_any_mechanism_search_draws_magnitudes_from_the_registry():

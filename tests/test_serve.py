@@ -7,20 +7,20 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import RAYSTUDY
 
 from raystudy.persist.record import ENDPOINT_ROWS_FILE
 
 pytestmark = pytest.mark.slow
-RAYSTUDY = [sys.executable, "-m", "raystudy"]
 SERVE_READY_S = 300
 
 
@@ -142,21 +142,18 @@ def test_a_served_target_behind_faults_killed_and_resumed(tmp_path):
     served, white = (float(table.loc["ST", (t, "8/255")].split()[0]) for t in ("served", "tiny_cnn"))
     assert abs(served - white) <= 100 / support + 1e-6
 
-    # Killed mid-query: a second surrogate's images; the run fails in one line and keeps its answers.
-    (storage / "bb").rename(tmp_path / "first")
+    # Killed mid-query: the same kept images asked again from scratch (answers and rows removed, no
+    # second training run); the query phase fails in one line and keeps its answers, and `resume`
+    # (its trials done) runs the query phase only and asks no image twice.
+    shutil.rmtree(storage / "bb" / "endpoint-cache")
+    (trial / ENDPOINT_ROWS_FILE).unlink()
     log.unlink()
-    grid["name"] = "bb2"
-    grid["evaluation"]["budgets"] = [4, 16]
-    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
     service = start_service(model, port, log, "--down-after", "40")
     driver = subprocess.Popen(
-        RAYSTUDY + ["run", str(tmp_path / "grid.yaml"), "--storage", str(storage), "--num-cpus", "2"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        RAYSTUDY + ["query", str(storage / "bb")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
-        deadline = time.time() + 900  # training and evaluation first, on a machine that may be busy
+        deadline = time.time() + 900  # on a machine that may be busy
         while not log.exists() or len(log.read_text().split()) < 40:  # then it answers 503 only
             assert driver.poll() is None, driver.communicate()
             assert time.time() < deadline, "the query phase did not reach 40 answers"
@@ -172,12 +169,13 @@ def test_a_served_target_behind_faults_killed_and_resumed(tmp_path):
     before = log.read_text().split()
     service = start_service(model, port, log)
     try:
-        out = run("resume", storage / "bb2", "--num-cpus", 2)
+        out = run("resume", storage / "bb", "--num-cpus", 2)
     finally:
         stop(service)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     answered = log.read_text().split()
-    assert len(before) == 40 and len(answered) == len(set(answered)) == 32 * 5
+    assert len(before) == 40 and len(answered) == len(set(answered)) == 32 * 3
+    assert json.loads((trial / ENDPOINT_ROWS_FILE).read_text()) == endpoint_rows  # the same answers, the same rows
 
 
 def _record(trial: Path) -> dict:

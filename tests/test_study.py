@@ -8,27 +8,17 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import final_rows, finished_once
+from conftest import RAYSTUDY, ROOT, SMOKE, final_rows, finished_once, run_raystudy
 
 from raystudy.config import load_space, parse_space
 from raystudy.errors import RaystudyError
 
-ROOT = Path(__file__).resolve().parents[1]
 SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))
-RAYSTUDY = [sys.executable, "-m", "raystudy"]
-SMOKE = yaml.safe_load((ROOT / "search_spaces" / "smoke.yaml").read_text())
-
-pytestmark = pytest.mark.slow
-
-
-def raystudy(*args, timeout=600, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(RAYSTUDY + [str(a) for a in args], capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
 @pytest.mark.parametrize("path", SPACES, ids=[p.name for p in SPACES])
@@ -75,14 +65,14 @@ def test_broken_search_spaces_fail_with_the_expected_message(changes, message):
 def test_validate_command_reports_one_line(tmp_path):
     broken = tmp_path / "broken.yaml"
     broken.write_text(yaml.safe_dump(variant(trials=[{"mechanism": "XX"}])))
-    out = raystudy("validate", broken)
+    out = run_raystudy("validate", broken)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "unknown mechanism 'XX'" in out.stderr
-    assert raystudy("validate", *SPACES).returncode == 0
+    assert run_raystudy("validate", *SPACES).returncode == 0
 
 
 @pytest.fixture(scope="module")
 def storage(smoke_storage):
-    """Storage with the smoke targets trained and the smoke study run (see conftest)."""
+    """Storage with the smoke targets trained and the smoke study written (see conftest)."""
     assert sorted(p.name for p in (smoke_storage / "smoke_targets" / "targets").iterdir()) == [
         "tiny_cnn_s1.pt",
         "tiny_cnn_s2.pt",
@@ -102,13 +92,19 @@ def write_space(tmp_path, name, **changes) -> Path:
 
 
 def test_run_refuses_without_targets(tmp_path):
-    out = raystudy("run", ROOT / "search_spaces" / "smoke.yaml", "--storage", tmp_path / "empty")
+    out = run_raystudy("run", ROOT / "search_spaces" / "smoke.yaml", "--storage", tmp_path / "empty")
     assert out.returncode == 2 and "raystudy targets search_spaces/smoke_targets.yaml" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
 
 
-def test_smoke_study_reports_the_hook_metrics_for_every_trial(storage):
-    finals = final_results(storage / "smoke")
+@pytest.mark.slow
+def test_the_smoke_study_through_the_command_line_reports_the_hook_metrics_for_every_trial(storage, tmp_path):
+    # The README's first command, on the session's targets: Ray runs every trial, then `status`.
+    root = tmp_path / "storage"
+    shutil.copytree(storage / "smoke_targets", root / "smoke_targets")
+    out = run_raystudy("run", ROOT / "search_spaces" / "smoke.yaml", "--storage", root, "--num-cpus", 2)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    finals = final_results(root / "smoke")
     assert len(finals) == 5 and all(len(rows) == 1 for rows in finals.values())
     mechanisms = sorted(rows[0]["mechanism"] for rows in finals.values())
     assert mechanisms == ["MU", "MU", "SAM", "SAM&JR", "ST"]
@@ -142,14 +138,16 @@ def test_smoke_study_reports_the_hook_metrics_for_every_trial(storage):
         ]
         by_mode = {m["mode"]: m["value"] for m in asr if m["attack"] == "pgd"}
         assert by_mode["untargeted"] == r["asr/pgd/untargeted/8/mean"] and set(by_mode) == {"untargeted", "targeted"}
-    record = json.loads((storage / "smoke" / "raystudy-study.json").read_text())
+    record = json.loads((root / "smoke" / "raystudy-study.json").read_text())
     assert len(record["eval_indices"]) == 64 and record["targets"] == ["tiny_cnn_s1", "tiny_cnn_s2"]
-    status = raystudy("status", storage / "smoke")
+    assert record["phases_done"] == ["tune"]
+    status = run_raystudy("status", root / "smoke")
     assert status.returncode == 0 and "5 trials: 5 done" in status.stdout
-    again = raystudy("run", ROOT / "search_spaces" / "smoke.yaml", "--storage", storage)
+    again = run_raystudy("run", ROOT / "search_spaces" / "smoke.yaml", "--storage", root)
     assert again.returncode == 2 and "raystudy resume" in again.stderr
 
 
+@pytest.mark.slow
 def test_optuna_search_finds_a_best_config_inside_the_bounds(storage, tmp_path):
     import optuna
 
@@ -173,7 +171,7 @@ def test_optuna_search_finds_a_best_config_inside_the_bounds(storage, tmp_path):
             "grace_period": 1,
         },
     )
-    out = raystudy("search", space, "--storage", storage, "--num-cpus", 2)
+    out = run_raystudy("search", space, "--storage", storage, "--num-cpus", 2)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     best = json.loads((storage / "optuna_smoke" / "best_config.json").read_text())
     assert 0.01 <= best["config"]["rho"] <= 0.5 and 1e-6 <= best["config"]["lambda_jr"] <= 1.0
@@ -196,6 +194,7 @@ def test_optuna_search_finds_a_best_config_inside_the_bounds(storage, tmp_path):
     assert epochs and all(0 <= r["proxy/asr"] <= 1 for r in epochs)
 
 
+@pytest.mark.slow
 def test_killed_driver_resumes_and_every_trial_finishes_exactly_once(storage, tmp_path):
     trials = [
         {"mechanism": "ST"},
@@ -236,7 +235,7 @@ def test_killed_driver_resumes_and_every_trial_finishes_exactly_once(storage, tm
                 shutil.rmtree(old)
             stale_named += 1
     assert stale_named >= 1
-    out = raystudy("resume", experiment, "--num-cpus", 2)
+    out = run_raystudy("resume", experiment, "--num-cpus", 2)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     finals = final_results(experiment)
     assert len(finals) == 6 and all(finished_once(rows) for rows in finals.values()), {
@@ -267,35 +266,27 @@ def unfinished_checkpoints(experiment: Path) -> dict[Path, list[Path]]:
     return found
 
 
-def test_a_diverging_trial_fails_with_its_reason_and_the_others_complete(storage, tmp_path):
+@pytest.mark.slow
+def test_a_diverging_trial_fails_with_its_reason_and_an_lgv_trial_attacks_with_its_ensemble(storage, tmp_path):
+    # One grid: Ray's failure handling (one trial's error, the others go on) and the LGV phase.
     space = write_space(
         tmp_path,
-        "diverge_smoke",
+        "diverge_lgv_smoke",
         max_failures=0,
-        trials=[{"mechanism": "ST"}, {"mechanism": "SAM", "train": {"lr": 1.0e12}}],
-    )
-    out = raystudy("run", space, "--storage", storage, "--num-cpus", 2)
-    assert out.returncode == 1
-    assert "1 of 2 trials finished" in out.stdout and "diverged" in out.stdout
-    finals = final_results(storage / "diverge_smoke")
-    assert sorted(len(rows) for rows in finals.values()) == [0, 1]
-    status = raystudy("status", storage / "diverge_smoke")
-    assert "1 done, 1 failed" in status.stdout and "training diverged" in status.stdout
-
-
-def test_lgv_trial_attacks_with_its_ensemble(storage, tmp_path):
-    space = write_space(
-        tmp_path,
-        "lgv_smoke",
-        trials=[{"mechanism": "SAM", "lgv": True}],
+        trials=[{"mechanism": "SAM", "train": {"lr": 1.0e12}}, {"mechanism": "SAM", "lgv": True}],
         train={**SMOKE["train"], "epochs": 1},
         evaluation={"n_eval": 32, "budgets": [8], "smoothness_samples": 8},
     )
-    out = raystudy("run", space, "--storage", storage, "--num-cpus", 2)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    out = run_raystudy("run", space, "--storage", storage, "--num-cpus", 2)
+    assert out.returncode == 1
+    assert "1 of 2 trials finished" in out.stdout and "diverged" in out.stdout
     assert "LGV: 10 epochs at lr 0.05 with SAM, 4 models per epoch" in out.stdout + out.stderr
-    (rows,) = final_results(storage / "lgv_smoke").values()
-    assert len(rows) == 1 and "asr/pgd/untargeted/8/mean" in rows[0]
+    finals = final_results(storage / "diverge_lgv_smoke")
+    assert sorted(len(rows) for rows in finals.values()) == [0, 1]
+    (lgv,) = [rows[0] for rows in finals.values() if rows]
+    assert lgv["record"]["plan"]["lgv"] and "asr/pgd/untargeted/8/mean" in lgv
+    status = run_raystudy("status", storage / "diverge_lgv_smoke")
+    assert "1 done, 1 failed" in status.stdout and "training diverged" in status.stdout
 
 
 @pytest.mark.parametrize(

@@ -6,17 +6,11 @@ from __future__ import annotations
 import os
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE = yaml.safe_load((ROOT / "search_spaces" / "smoke.yaml").read_text())
-RAYSTUDY = [sys.executable, "-m", "raystudy"]
-
-pytestmark = pytest.mark.slow
+from conftest import RAYSTUDY, ROOT, SMOKE
 
 
 def tensorboard_scalars(event_file: Path) -> dict[str, list[float]]:
@@ -49,6 +43,7 @@ def run_tracked(smoke_storage, tmp_path, trackers: str, env=None) -> subprocess.
     )
 
 
+@pytest.mark.slow
 def test_mlflow_and_tensorboard_hold_the_trial(smoke_storage, tmp_path, monkeypatch):
     out = run_tracked(smoke_storage, tmp_path, "mlflow,tensorboard")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -73,6 +68,7 @@ def test_mlflow_and_tensorboard_hold_the_trial(smoke_storage, tmp_path, monkeypa
     assert len(scalars["ray/tune/test_acc"]) >= epochs and "ray/tune/asr/pgd/untargeted/8/mean" in scalars
 
 
+@pytest.mark.slow
 def test_wandb_writes_an_offline_run(smoke_storage, tmp_path):
     pytest.importorskip("wandb")
     env = {"WANDB_DIR": str(tmp_path), "WANDB_API_KEY": "", "HOME": str(tmp_path)}

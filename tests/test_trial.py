@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import ROOT
 
 from raystudy.config import TrainConfig, parse_space
 from raystudy.core.data import dataset_for
@@ -17,8 +18,6 @@ from raystudy.persist import storage
 from raystudy.persist.record import FINAL_FILE
 from raystudy.training.loop import train
 from raystudy.training.trial import FINAL_KEY, TrialContext, run_one_trial
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_trial_runs_without_ray_and_a_second_run_reports_what_it_kept(tmp_path):

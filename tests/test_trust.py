@@ -14,13 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import ROOT, run_raystudy
 
 from raystudy.blackbox.query import ENDPOINT_SUFFIX, load_endpoints, save_endpoints
 from raystudy.config import parse_space
 from raystudy.config.endpoint import EndpointSpec, parse_endpoint, token_transport_ok
 from raystudy.errors import RaystudyError
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class CountingServer:
@@ -56,12 +55,6 @@ def server():
     s = CountingServer()
     yield s
     s.close()
-
-
-def raystudy(*args, cwd=ROOT, env=None):
-    return subprocess.run(
-        [sys.executable, "-m", "raystudy.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env
-    )
 
 
 def one_error_line(out) -> str:
@@ -143,7 +136,7 @@ def test_a_planted_endpoint_file_is_one_line_and_nothing_is_sent(tmp_path, serve
     grid.mkdir()
     study = {"name": "g", "dataset": "synthetic", "model": "tiny_cnn", "targets": "t", "trials": [{"mechanism": "ST"}]}
     (grid / "raystudy-study.json").write_text(json.dumps({"study": study, "source": "g.yaml", "data": None}))
-    line = one_error_line(raystudy("query", grid))
+    line = one_error_line(run_raystudy("query", grid))
     assert why in line and server.requests == []
     assert not (tmp_path / "escaped").exists() and not list(tmp_path.rglob("endpoint-cache"))
 
@@ -255,7 +248,7 @@ def test_cifar_batches_are_read_with_arrays_only_and_a_planted_one_is_refused(tm
 
 @pytest.mark.parametrize("uri", ["s3://AKIAEXAMPLE:s3cr3t@bucket/p", "s3://bucket/p?access_key=A&secret_key=s3cr3t"])
 def test_a_storage_uri_holding_credentials_is_one_line_that_does_not_show_them(uri, tmp_path):
-    line = one_error_line(raystudy("run", ROOT / "search_spaces" / "smoke.yaml", "--storage", uri, cwd=tmp_path))
+    line = one_error_line(run_raystudy("run", ROOT / "search_spaces" / "smoke.yaml", "--storage", uri, cwd=tmp_path))
     assert "give credentials through the environment" in line and "s3cr3t" not in line
 
 

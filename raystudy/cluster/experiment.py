@@ -225,7 +225,12 @@ def tune(experiment: Experiment, ray: RayOptions):
     --address, the driver lost before) starts its trials now."""
     from ray import tune as ray_tune
 
+    from raystudy.cluster.trainable import run_trial
+
     spec = experiment.spec
+    if experiment.done("tune"):  # Ray's results as saved: no Ray started, nothing run
+        with migrate.old_module_paths():
+            return ray_tune.Tuner.restore(experiment.location, trainable=run_trial).get_results()
     init_ray(ray.address, ray.num_cpus)
     trainable = _trainable(experiment, local=ray.address is None)
     if ray_tune.Tuner.can_restore(experiment.location):
@@ -235,7 +240,7 @@ def tune(experiment: Experiment, ray: RayOptions):
             tuner = ray_tune.Tuner.restore(
                 experiment.location, trainable=trainable, resume_unfinished=True, resume_errored=True
             )
-            return tuner.get_results() if experiment.done("tune") else tuner.fit()
+            return tuner.fit()
     from raystudy.cluster.tracking import tracking_callbacks
 
     scheduler = searcher = None
