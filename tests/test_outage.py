@@ -23,7 +23,7 @@ from conftest import (
 )
 from outage_proxy import OutageProxy
 
-OUTAGE_S = 8  # past the storage backoff's first retries (0.5, 1, 2, 4 s): the outage is met and waited out
+OUTAGE_S = 15  # past the storage backoff's first retries (0.5, 1, 2, 4, 8 s): sure to meet a trial's report
 
 pytestmark = pytest.mark.slow
 

@@ -93,23 +93,6 @@ def test_any_mechanism_search_draws_magnitudes_from_the_registry():
         parse_space(search_space(mechanism=["MU", "SAM+JR"], params={}), "bad.yaml")
 
 
-@pytest.mark.slow
-def test_any_mechanism_search_samples_several_mechanisms_inside_their_ranges(smoke_storage, tmp_path):
-    space = search_space(mechanism=["ST", "MU", "LS", "CO"], params={}, num_samples=5)
-    space["name"] = "any_smoke"
-    space["train"]["epochs"] = 1
-    _, finals = run_search(space, smoke_storage, tmp_path)
-    assert len(finals) == 5
-    identities = [r["record"]["identity"] for r in finals]
-    assert len({i["mechanism"] for i in identities}) >= 2
-    ranges = {"MU": ("p", 0.1, 0.9), "LS": ("p", 0.1, 0.5), "CO": ("size", 8, 24)}
-    for identity in identities:
-        if identity["mechanism"] in ranges:
-            name, low, high = ranges[identity["mechanism"]]
-            assert low <= identity["magnitudes"][name] <= high
-            assert identity["mechanism"] != "CO" or float(identity["magnitudes"]["size"]).is_integer()
-
-
 def test_pareto_front_keeps_exactly_the_non_dominated_points():
     from raystudy.cluster.outcome import pareto_front
 
@@ -134,12 +117,25 @@ def test_multi_objective_settings_are_checked():
 
 
 @pytest.mark.slow
-def test_two_objective_search_writes_a_pareto_front_of_non_dominated_trials(smoke_storage, tmp_path):
+def test_a_two_objective_search_over_several_mechanisms(smoke_storage, tmp_path):
+    """One search, two subjects: the mechanism is searched (each sample's magnitudes inside its own
+    registered range), and two objectives make a Pareto front of non-dominated trials."""
     from raystudy.cluster.outcome import pareto_front
 
-    space = search_space(metric=["asr/pgd/untargeted/8/mean", "acc"], mode=["max", "max"], num_samples=4)
+    space = search_space(mechanism=["ST", "MU", "LS", "CO"], params={}, num_samples=5)
+    space["search"].update(metric=["asr/pgd/untargeted/8/mean", "acc"], mode=["max", "max"])
     space["name"] = "pareto_smoke"
+    space["train"]["epochs"] = 1
     _, finals = run_search(space, smoke_storage, tmp_path)
+    assert len(finals) == 5
+    identities = [r["record"]["identity"] for r in finals]
+    assert len({i["mechanism"] for i in identities}) >= 2
+    ranges = {"MU": ("p", 0.1, 0.9), "LS": ("p", 0.1, 0.5), "CO": ("size", 8, 24)}
+    for identity in identities:
+        if identity["mechanism"] in ranges:
+            name, low, high = ranges[identity["mechanism"]]
+            assert low <= identity["magnitudes"][name] <= high
+            assert identity["mechanism"] != "CO" or float(identity["magnitudes"]["size"]).is_integer()
     experiment = smoke_storage / "pareto_smoke"
     table = [[r["asr/pgd/untargeted/8/mean"], r["acc"]] for r in finals]
     expected = sorted(table[i] for i in pareto_front(table, ["max", "max"]))

@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import RAYSTUDY
+from world import write_experiment
 
+from raystudy.blackbox.query import load_endpoints
 from raystudy.persist.record import ENDPOINT_ROWS_FILE
 
 pytestmark = pytest.mark.slow
@@ -112,9 +114,10 @@ def test_a_served_target_behind_faults_killed_and_resumed(tmp_path):
     grid["evaluation"] = {"n_eval": 32, "budgets": [8], "smoothness_samples": 8, "steps": 5}
     for name, space in (("targets", targets), ("grid", grid)):
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(space))
-    out = run("targets", tmp_path / "targets.yaml", "--storage", storage, "--num-cpus", 2)
-    assert out.returncode == 0 and "1 endpoint target(s) saved: served" in out.stdout, out.stderr[-2000:]
+    # The targets written without Ray (tests/world.py): the served model and the endpoint beside it.
+    write_experiment(targets, storage)
     model = storage / "bb_targets" / "targets" / "tiny_cnn.pt"
+    assert model.is_file() and [e.name for e in load_endpoints(str(model.parent))] == ["served"]
     log = tmp_path / "answered.log"
     service = start_service(model, port, log, "--burst-429", "10:2", "--every-500", "13")
     try:

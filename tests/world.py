@@ -2,11 +2,12 @@
 whose subject is not Ray (the analysis of a second grid, models that are not the smoke ones). Each
 trial runs through raystudy.training.trial.run_one_trial, the function Ray's trainable wraps, and
 its results are logged as Ray's JSON logger logs them (result.json rows holding the config, and
-params.json), beside the study manifest that Experiment.create writes."""
+params.json) with its checkpoints as Ray keeps them, beside the study manifest that Experiment.create writes."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 
 from raystudy.cluster.experiment import Experiment
 from raystudy.config import parse_space
+from raystudy.core.checkpoint import STATE_FILE
 from raystudy.core.data import dataset_for
 from raystudy.training.trial import FINAL_KEY, TrialContext, run_one_trial, trial_folder
 
@@ -34,6 +36,10 @@ def write_experiment(raw: dict, storage: Path, source: str = "world.yaml", data:
             row = {**metrics, "config": config, "trial_id": trial_id, "done": metrics.get(FINAL_KEY) == 1}
             with open(folder / "result.json", "a") as log:
                 log.write(json.dumps(row) + "\n")
+            if state_path is not None:  # as Ray keeps a reported checkpoint: checkpoint_<n>/checkpoint.pt
+                kept = folder / f"checkpoint_{len(list(folder.glob('checkpoint_*'))):06d}"
+                kept.mkdir()
+                shutil.copy2(state_path, kept / STATE_FILE)
 
         with tempfile.TemporaryDirectory(prefix="world-trial-") as work:
             context = TrialContext(spec, str(storage), str(folder), Path(work), torch.device("cpu"))
