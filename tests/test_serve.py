@@ -115,7 +115,7 @@ def test_a_served_target_behind_faults_killed_and_resumed(tmp_path):
     for name, space in (("targets", targets), ("grid", grid)):
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(space))
     # The targets written without Ray (tests/world.py): the served model and the endpoint beside it.
-    write_experiment(targets, storage)
+    write_experiment(targets, storage, source=str(tmp_path / "targets.yaml"))  # where the query phase reads it
     model = storage / "bb_targets" / "targets" / "tiny_cnn.pt"
     assert model.is_file() and [e.name for e in load_endpoints(str(model.parent))] == ["served"]
     log = tmp_path / "answered.log"

@@ -22,8 +22,8 @@ from raystudy.training.trial import FINAL_KEY, TrialContext, run_one_trial, tria
 
 def write_experiment(raw: dict, storage: Path, source: str = "world.yaml", data: str | None = None) -> Path:
     """The experiment of study `raw` (a grid or targets study) under `storage`, every trial run here;
-    `data`: the data folder (`--data`)."""
-    spec = parse_space(raw, str(storage / source), data)
+    `source`: the study file it came from (relative: beside the storage); `data`: the data folder (`--data`)."""
+    spec = parse_space(raw, str(storage / source), data)  # an absolute `source` stays as it is
     experiment = Experiment.create(spec, raw, str(storage), local=True)
     for i, plan in enumerate(spec.plans):
         trial_id = f"world_{i:05d}"
