@@ -21,7 +21,7 @@ from raystudy.persist import storage
 from raystudy.persist.record import targets_location
 from raystudy.training.trial import FINAL_KEY
 
-TUNE, CONFIRM, QUERY = "tune", "confirm", "query"
+TUNE, CONFIRM = "tune", "confirm"  # the phases a manifest marks done (the query phase runs each time)
 
 
 def run(spec: StudySpec, raw: Any, storage_path: str, ray: RayOptions, optuna_storage: str | None = None) -> list:
