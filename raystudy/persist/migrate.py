@@ -53,8 +53,8 @@ def check_resumable(manifest: dict[str, Any], location: str) -> None:
     if version == "0.1.0" and manifest["study"].get("kind") == "search":
         raise RaystudyError(
             f"{location} is a search started by raystudy 0.1.0, whose Optuna searcher this version cannot restore: "
-            "finish it with raystudy 0.1.0 (git checkout v0.1.0 && pip install -e .), or analyse it as it "
-            f"is (`raystudy analyze {location}`)"
+            "finish it with raystudy 0.1.0 (git checkout v0.1.0, commit 7b95841; pip install -e .), or analyse it "
+            f"as it is (`raystudy analyze {location}`)"
         )
 
 
