@@ -271,15 +271,20 @@ def wait_until_reachable(location: str) -> None:
 
 def list_files(location: str, suffix: str = "") -> list[str]:
     """Names of the files directly in a folder (empty if it does not exist)."""
+    infos, _ = _listing(location)
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(suffix))
+
+
+def _listing(location: str, recursive: bool = False) -> tuple[list[pafs.FileInfo], str]:
+    """(entries of a folder, its path on its filesystem); none if the folder does not exist."""
     fs, path = _resolve(location)
 
     def listing() -> list[pafs.FileInfo]:
         if fs.get_file_info(path).type != pafs.FileType.Directory:
             return []
-        return fs.get_file_info(pafs.FileSelector(path))
+        return fs.get_file_info(pafs.FileSelector(path, recursive=recursive))
 
-    infos = _retrying("list", location, listing)
-    return sorted(i.base_name for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(suffix))
+    return _retrying("list", location, listing), path
 
 
 @dataclass(frozen=True)
@@ -292,14 +297,7 @@ class FileEntry:
 def list_tree(location: str) -> list[FileEntry]:
     """Every file under a folder, at any depth, from one recursive listing (on an object store a
     few paginated requests, not one per file); empty if the folder does not exist."""
-    fs, path = _resolve(location)
-
-    def listing() -> list[pafs.FileInfo]:
-        if fs.get_file_info(path).type != pafs.FileType.Directory:
-            return []
-        return fs.get_file_info(pafs.FileSelector(path, recursive=True))
-
-    infos = _retrying("list", location, listing)
+    infos, path = _listing(location, recursive=True)
     prefix = path.rstrip("/") + "/"
     return [
         FileEntry(i.path[len(prefix) :] if i.path.startswith(prefix) else i.base_name, i.size, i.mtime_ns)
@@ -310,14 +308,7 @@ def list_tree(location: str) -> list[FileEntry]:
 
 def list_dirs(location: str) -> list[str]:
     """Names of the folders directly in a folder (empty if it does not exist)."""
-    fs, path = _resolve(location)
-
-    def listing() -> list[pafs.FileInfo]:
-        if fs.get_file_info(path).type != pafs.FileType.Directory:
-            return []
-        return fs.get_file_info(pafs.FileSelector(path))
-
-    infos = _retrying("list", location, listing)
+    infos, _ = _listing(location)
     return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
 
 
