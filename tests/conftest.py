@@ -18,9 +18,61 @@ import yaml
 SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg"
 
 
+MAX_WORKERS = 4  # test processes (pytest-xdist's `-n auto`, pyproject's addopts): each may start a Ray
+
+
+def pytest_xdist_auto_num_workers(config):
+    """One test process per core, at most MAX_WORKERS: every Ray end-to-end test starts Ray processes
+    of its own, and more of them at once than cores only makes each slower."""
+    return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
+
+
+# The files of the longest Ray end-to-end tests, longest first (about 100 s down to 40 s each on 2
+# busy cores): they start first, so the test processes end together on quick tests.
+LONGEST_FIRST = (
+    "test_serve.py",
+    "test_calibration.py",
+    "test_autoscaling.py",
+    "test_search_confirm.py",
+    "test_outage.py",
+    "test_local_ray.py",
+    "test_cloud.py",
+    "test_study.py",
+    "test_cluster.py",
+)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `ends_every_ray` (they run `ray stop --force`) go last, after every other Ray."""
-    items.sort(key=lambda item: item.get_closest_marker("ends_every_ray") is not None)
+    """Longest first (LONGEST_FIRST, then the other Ray end-to-end tests, marked slow, then the quick
+    ones): pytest-xdist's worksteal hands each process the next test from the front of its queue and
+    lets an idle one take from the back, so the last tests to start are the quick ones."""
+
+    def rank(item) -> tuple[int, int]:
+        if item.get_closest_marker("slow") is None:
+            return (2, 0)
+        name = item.path.name
+        return (0, LONGEST_FIRST.index(name)) if name in LONGEST_FIRST else (1, 0)
+
+    items.sort(key=rank)
+
+
+def torch_threads() -> int:
+    """The cores per test process: torch's threads spin while they wait, so more threads than cores
+    (two test processes of two threads each on two cores) slows every test down."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, min(2, (os.cpu_count() or 1) // workers))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_home(tmp_path_factory):
+    """A HOME of this test process's own: Ray 2.60 keeps a local cluster's token in ~/.ray, and two
+    test processes starting local Rays at once must not write one another's token (nor the user's)."""
+    home = tmp_path_factory.mktemp("home")
+    previous = os.environ.get("HOME")
+    os.environ["HOME"] = str(home)
+    yield home
+    if previous is not None:
+        os.environ["HOME"] = previous
 
 
 @pytest.fixture(autouse=True)
@@ -28,7 +80,7 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     # Every test writes decoded data into a throw-away cache, never the user's.
     monkeypatch.setenv("RAYSTUDY_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
     monkeypatch.delenv("RAYSTUDY_DATA", raising=False)
-    torch.set_num_threads(2)
+    torch.set_num_threads(torch_threads())
 
 
 @pytest.fixture
@@ -47,6 +99,34 @@ SMOKE = yaml.safe_load((ROOT / "search_spaces" / "smoke.yaml").read_text())
 def run_raystudy(*args, timeout=600, **kwargs) -> subprocess.CompletedProcess:
     """The `raystudy` command in a subprocess, its output captured (`kwargs`: subprocess.run's)."""
     return subprocess.run(RAYSTUDY + [str(a) for a in args], capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def raystudy_here(*args, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The `raystudy` command run in this process, for commands that refuse or finish before any Ray
+    or training starts: the same exit status and output as `run_raystudy`, without the 3 s a new
+    interpreter spends importing torch. `env` is added to the environment and `cwd` entered for the
+    call; both are restored after it, with whatever the command set (Ray's loopback setting)."""
+    import contextlib
+    import io
+
+    from raystudy.cli import main
+
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        os.environ.update(env or {})
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as exit:  # argparse's errors and --help
+                code = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(saved_cwd)
+    return subprocess.CompletedProcess(["raystudy", *map(str, args)], code or 0, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session")

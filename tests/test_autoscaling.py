@@ -4,17 +4,20 @@ scaling from 0: trials asking for half a GPU wait for workers, run on them, fini
 killed mid-trial (a lost spot instance) costs its trials a restart from their last checkpoint; the
 workers are gone again after the idle timeout.
 
-`AutoscalingCluster.start()` runs `ray stop --force`, which ends every Ray on this machine: the test
-is marked `ends_every_ray`, which tests/conftest.py orders after every other test."""
+The cluster is started as Ray's `AutoscalingCluster` starts it, on a port of its own, and stopped by
+ending its own processes (they carry a marker in their environment): `AutoscalingCluster` runs
+`ray stop --force`, which would end every other test's Ray too."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -25,47 +28,86 @@ from analysis import load_experiment
 
 IDLE_TIMEOUT_MINUTES = 0.2
 
-pytestmark = [pytest.mark.slow, pytest.mark.ends_every_ray]
+pytestmark = pytest.mark.slow
 
 
-def fake_multinode_cluster(worker_types: dict):
-    """Ray's AutoscalingCluster with the base config its pip wheel does not ship."""
-    from ray.cluster_utils import AutoscalingCluster
+class FakeMultinodeCluster:
+    """Ray's fake multi-node autoscaling cluster (ray.cluster_utils.AutoscalingCluster's config and
+    start command) on its own port, its processes marked so that only they are stopped."""
 
-    class Cluster(AutoscalingCluster):
-        def _generate_config(self, head_resources, worker_node_types, autoscaler_v2=False, **config_kwargs):
-            return {
-                "cluster_name": "fake_multinode",
-                "max_workers": sum(t["max_workers"] for t in worker_node_types.values()),
-                "provider": {
-                    "type": "fake_multinode",
-                    "use_node_id_as_ip": True,
-                    "disable_node_updaters": True,
-                    "disable_launch_config_check": True,
-                },
-                "available_node_types": {
-                    **worker_node_types,
-                    "ray.head.default": {"resources": dict(head_resources), "node_config": {}, "max_workers": 0},
-                },
-                "head_node_type": "ray.head.default",
-                "auth": {"ssh_user": "ubuntu"},
-                "upscaling_speed": 1.0,
-                "idle_timeout_minutes": IDLE_TIMEOUT_MINUTES,
-                "docker": {},
-                "file_mounts": {},
-                "cluster_synced_files": [],
-                "file_mounts_sync_continuously": False,
-                "rsync_exclude": [],
-                "rsync_filter": [],
-                "initialization_commands": [],
-                "setup_commands": [],
-                "head_setup_commands": [],
-                "worker_setup_commands": [],
-                "head_start_ray_commands": [],
-                "worker_start_ray_commands": [],
-            }
+    def __init__(self, head_cpus: int, worker_types: dict):
+        import ray
 
-    return Cluster(head_resources={"CPU": 2}, worker_node_types=worker_types)
+        with socket.socket() as s:
+            s.bind(("", 0))
+            self.port = s.getsockname()[1]
+        # Where the fake nodes look for the head (the provider's `gcs_address`): this machine's
+        # address as Ray sees it, which the head binds to.
+        self.address = f"{ray.util.get_node_ip_address()}:{self.port}"
+        self.marker = f"RAYSTUDY_TEST_CLUSTER={uuid.uuid4().hex}"
+        self.head_cpus = head_cpus
+        self.config = {
+            "cluster_name": "fake_multinode",
+            "max_workers": sum(t["max_workers"] for t in worker_types.values()),
+            "provider": {
+                "type": "fake_multinode",
+                "gcs_address": self.address,
+                "use_node_id_as_ip": True,
+                "disable_node_updaters": True,
+                "disable_launch_config_check": True,
+            },
+            "available_node_types": {
+                **worker_types,
+                "ray.head.default": {"resources": {"CPU": head_cpus}, "node_config": {}, "max_workers": 0},
+            },
+            "head_node_type": "ray.head.default",
+            "auth": {"ssh_user": "ubuntu"},
+            "upscaling_speed": 1.0,
+            "idle_timeout_minutes": IDLE_TIMEOUT_MINUTES,
+            "docker": {},
+            "file_mounts": {},
+            "cluster_synced_files": [],
+            "file_mounts_sync_continuously": False,
+            "rsync_exclude": [],
+            "rsync_filter": [],
+            "initialization_commands": [],
+            "setup_commands": [],
+            "head_setup_commands": [],
+            "worker_setup_commands": [],
+            "head_start_ray_commands": [],
+            "worker_start_ray_commands": [],
+        }
+
+    def start(self, folder: Path, env: dict) -> None:
+        config = folder / "autoscaling.json"
+        config.write_text(json.dumps(self.config))
+        # To a file, not a pipe: the daemons `ray start` leaves behind would hold a pipe open.
+        log = (folder / "ray_start.log").open("w")
+        key, value = self.marker.split("=")
+        env = {
+            **env,
+            "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+            "RAY_FAKE_CLUSTER": "1",
+            key: value,
+        }
+        env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # the nodes on this machine's address, as above
+        command = [
+            sys.executable,
+            "-m",
+            "ray.scripts.scripts",
+            "start",
+            "--head",
+            f"--port={self.port}",
+            f"--num-cpus={self.head_cpus}",
+        ]
+        subprocess.run(command + [f"--autoscaling-config={config}"], env=env, check=True, stdout=log, stderr=log)
+
+    def shutdown(self) -> None:
+        """SIGKILL every process of this cluster: the head's, the monitor's and the fake nodes'."""
+        killed = kill_marked(self.marker.encode())
+        while killed:
+            time.sleep(0.2)
+            killed = kill_marked(self.marker.encode())
 
 
 def gpu_workers() -> list[str]:
@@ -78,7 +120,11 @@ def gpu_workers() -> list[str]:
 def kill_node(node_id: str) -> int:
     """SIGKILL every process of a fake node (its raylet and its workers, which carry the node's id
     in their environment), as a vanished spot instance takes them all at once."""
-    marker = f"RAY_OVERRIDE_NODE_ID_FOR_TESTING={node_id}".encode()
+    return kill_marked(f"RAY_OVERRIDE_NODE_ID_FOR_TESTING={node_id}".encode())
+
+
+def kill_marked(marker: bytes) -> int:
+    """SIGKILL every process of this user with `marker` (NAME=VALUE) in its environment."""
     killed = 0
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -128,8 +174,8 @@ def test_trials_scale_workers_up_from_zero_survive_a_lost_worker_and_scale_down(
     )
     path = tmp_path / "autoscaled.yaml"
     path.write_text(yaml.safe_dump(space))
-    cluster = fake_multinode_cluster(
-        {"gpu_worker": {"resources": {"CPU": 2, "GPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2}}
+    cluster = FakeMultinodeCluster(
+        2, {"gpu_worker": {"resources": {"CPU": 2, "GPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2}}
     )
     # The fake GPUs schedule the trials; they train on the CPU (raystudy.core.precision).
     env = {
@@ -137,15 +183,25 @@ def test_trials_scale_workers_up_from_zero_survive_a_lost_worker_and_scale_down(
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "RAYSTUDY_DEVICE": "cpu",
     }
-    os.environ["PATH"] = env["PATH"]  # `ray start` / `ray stop` from this environment
+    monkeypatch.setenv("PATH", env["PATH"])  # the fake nodes' processes from this environment
     monkeypatch.setenv("RAYSTUDY_DEVICE", "cpu")  # the fake nodes started below inherit it
-    cluster.start()
+    cluster.start(tmp_path, env)
     try:
-        ray.init(address="auto", log_to_driver=False)
+        ray.init(address=cluster.address, log_to_driver=False)
         counts = [(0.0, len(gpu_workers()))]
         start = time.time()
         driver = subprocess.Popen(
-            [sys.executable, "-m", "raystudy", "run", str(path), "--storage", str(smoke_storage), "--address", "auto"],
+            [
+                sys.executable,
+                "-m",
+                "raystudy",
+                "run",
+                str(path),
+                "--storage",
+                str(smoke_storage),
+                "--address",
+                cluster.address,
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 
 import torch
-from conftest import RAYSTUDY
+from conftest import raystudy_here
 
 from raystudy.core.checkpoint import load_model
 
@@ -29,8 +29,8 @@ TINY = [
 ]
 
 
-def run(*args, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(RAYSTUDY + list(args), capture_output=True, text=True, timeout=300, **kwargs)
+def run(*args) -> subprocess.CompletedProcess:
+    return raystudy_here(*args)
 
 
 def test_mechanisms_lists_the_twelve_and_the_lgv_phase():

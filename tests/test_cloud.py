@@ -2,15 +2,20 @@
 way a user reaches MinIO (`RAYSTUDY_S3_ENDPOINT` plus the standard AWS variables); no credentials,
 no network. Targets, checkpoints, results, the study record, status, analysis and the Optuna
 search's history all live in the bucket; a search whose driver dies is resumed from another
-working directory and HOME."""
+working directory and HOME. The targets and the grid run with recognizable fake credentials around
+(tests/test_secrets.py): no value is found in Ray's session folder, the bucket, the report or the
+MLflow files."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -21,9 +26,11 @@ from conftest import (
     bucket_files,
     finals_in_bucket,
     finished_once,
+    put_smoke_targets,
     raystudy_in_env,
     smoke_search,
 )
+from test_secrets import fake_secrets, files_holding, objects_holding
 
 from raystudy.persist.optuna_history import journal_storage
 
@@ -31,10 +38,19 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def targets(s3, tmp_path_factory):
-    work = tmp_path_factory.mktemp("s3_driver")
+def secrets(s3):
+    """The S3 environment with fake secrets, a short Ray temp folder (socket paths are short), and
+    the driver's working folder of the targets."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))
+    values = fake_secrets()
+    yield {**s3, **values, "RAY_TMPDIR": str(ray_tmp)}, list(values.values()), ray_tmp
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def train_targets(env: dict, values: list[str], work: Path) -> str:
+    """`raystudy targets` (the smoke targets) into s3://studies/p, with the secrets around."""
     out = raystudy_in_env(
-        s3,
+        env,
         "targets",
         ROOT / "search_spaces" / "smoke_targets.yaml",
         "--storage",
@@ -45,41 +61,57 @@ def targets(s3, tmp_path_factory):
         home=work / "home",
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert not [v for v in values if v in out.stdout + out.stderr]
     return f"s3://{BUCKET}/p"
 
 
-def test_grid_study_status_and_analysis_through_s3(s3, targets, tmp_path):
+def test_targets_grid_status_and_analysis_through_s3_and_no_secret_anywhere(secrets, tmp_path):
+    env, values, ray_tmp = secrets
+    targets = train_targets(env, values, tmp_path / "targets_driver")
     out = raystudy_in_env(
-        s3,
+        env,
         "run",
         ROOT / "search_spaces" / "smoke.yaml",
         "--storage",
         targets,
         "--num-cpus",
         2,
+        "--log-to",
+        "mlflow",
         cwd=tmp_path,
         home=tmp_path / "h",
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    files = bucket_files(s3, "p/")
+    files = bucket_files(env, "p/")
     assert {"p/smoke_targets/targets/tiny_cnn_s1.pt", "p/smoke/raystudy-study.json"} <= set(files)
-    finals = finals_in_bucket(s3, "p/smoke")
+    finals = finals_in_bucket(env, "p/smoke")
     assert any("/checkpoint_" in key for key in files)
     assert len(finals) == 5 and all(len(rows) == 1 for rows in finals.values())
     # Another machine (a fresh working directory and HOME) reads it all from the bucket.
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    status = raystudy_in_env(s3, "status", f"{targets}/smoke", cwd=elsewhere, home=elsewhere / "h")
+    status = raystudy_in_env(env, "status", f"{targets}/smoke", cwd=elsewhere, home=elsewhere / "h")
     assert status.returncode == 0 and "5 trials: 5 done" in status.stdout, status.stderr[-2000:]
     report = raystudy_in_env(
-        s3, "analyze", f"{targets}/smoke", "--out", elsewhere / "report", cwd=elsewhere, home=elsewhere / "h"
+        env, "analyze", f"{targets}/smoke", "--out", elsewhere / "report", cwd=elsewhere, home=elsewhere / "h"
     )
     assert report.returncode == 0, report.stderr[-2000:]
     assert (elsewhere / "report" / "report.md").is_file() and "5 done" in report.stdout + report.stderr
+    # No secret anywhere: the output, Ray's session folder (logs included), the report, the MLflow
+    # files and the driver's folder, any object in the bucket.
+    assert not [v for v in values if v in out.stdout + out.stderr + status.stdout + report.stdout + report.stderr]
+    assert (tmp_path / "mlruns").is_dir()
+    assert list(ray_tmp.rglob("runtime_env_agent.log")), "the Ray session folder was not where expected"
+    assert files_holding(ray_tmp, values) == []
+    assert files_holding(tmp_path, values) == []
+    assert objects_holding(env, "p/", values) == []
 
 
-def test_search_survives_losing_its_driver(s3, targets, tmp_path):
+def test_search_survives_losing_its_driver(s3, smoke_storage, tmp_path):
     import optuna
+
+    put_smoke_targets(s3, smoke_storage, "q")  # the session's; training targets on S3 is the test above
+    targets = f"s3://{BUCKET}/q"
 
     space = smoke_search("s3_search", epochs=4)
     path = tmp_path / "s3_search.yaml"
@@ -96,22 +128,22 @@ def test_search_survives_losing_its_driver(s3, targets, tmp_path):
         start_new_session=True,
     )
     deadline = time.time() + 300
-    while time.time() < deadline and sum(bool(rows) for rows in finals_in_bucket(s3, "p/s3_search").values()) < 1:
+    while time.time() < deadline and sum(bool(rows) for rows in finals_in_bucket(s3, "q/s3_search").values()) < 1:
         time.sleep(1)
     os.killpg(driver.pid, signal.SIGKILL)  # the driver machine is gone, with its local Ray and files
     driver.wait()
-    done_before = {name for name, rows in finals_in_bucket(s3, "p/s3_search").items() if rows}
+    done_before = {name for name, rows in finals_in_bucket(s3, "q/s3_search").items() if rows}
     assert 1 <= len(done_before) < 4, "the kill should land mid-search"
 
     second = tmp_path / "second"
     second.mkdir()
     out = raystudy_in_env(s3, "resume", f"{targets}/s3_search", "--num-cpus", 2, cwd=second, home=second / "home")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    finals = finals_in_bucket(s3, "p/s3_search")
+    finals = finals_in_bucket(s3, "q/s3_search")
     assert len(finals) == 4 and all(finished_once(rows) for rows in finals.values())
     # The search's history came back from the bucket: the Optuna study holds the 4 trials, complete.
-    segments = bucket_files(s3, "p/s3_search/optuna-journal/")
-    assert segments and not bucket_files(s3, "p/s3_search/optuna.db")  # an append-only journal, no database copies
+    segments = bucket_files(s3, "q/s3_search/optuna-journal/")
+    assert segments and not bucket_files(s3, "q/s3_search/optuna.db")  # an append-only journal, no database copies
     journal = tmp_path / "journal.log"
     journal.write_bytes(b"".join(body for _, body in sorted(segments.items())))
     study = optuna.load_study(study_name="s3_search", storage=journal_storage(str(journal)))
@@ -121,5 +153,5 @@ def test_search_survives_losing_its_driver(s3, targets, tmp_path):
     assert states.count(optuna.trial.TrialState.COMPLETE) == 4 and optuna.trial.TrialState.RUNNING not in states
     # Every byte was uploaded once: the segments add up to the journal (O(trials) bytes in all).
     assert sum(len(body) for body in segments.values()) == journal.stat().st_size
-    best = json.loads(bucket_files(s3, "p/s3_search/best_config.json")["p/s3_search/best_config.json"])
+    best = json.loads(bucket_files(s3, "q/s3_search/best_config.json")["q/s3_search/best_config.json"])
     assert best["value"] == pytest.approx(max(t.value for t in study.trials if t.value is not None))

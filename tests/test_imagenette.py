@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import run_raystudy
+from conftest import raystudy_here
 
 from raystudy.core.data import augment, load_dataset
 
@@ -128,7 +128,7 @@ def test_imagenette_targets_and_study_run_with_timm_models(imagenette, tmp_path)
 
 def test_missing_pretrained_weights_is_one_line_naming_them(imagenette, tmp_path):
     # The ImageNette presets fine-tune from ImageNet weights; none can be fetched here.
-    out = run_raystudy(
+    out = raystudy_here(
         "train",
         "--dataset",
         "imagenette",

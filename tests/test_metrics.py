@@ -7,11 +7,10 @@ import copy
 import dataclasses
 import importlib.util
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import raystudy_here
 from torch import nn
 
 from raystudy.config import TrainConfig
@@ -252,34 +251,16 @@ def test_eval_set_is_fixed_per_seed_and_targets_differ_from_labels():
     assert torch.equal(following.target_classes, (following.labels + 1) % 5)
 
 
-@pytest.mark.slow
 def test_evaluate_command_and_its_errors(trained, tmp_path):
     root, paths = trained
     (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
-    base = [sys.executable, "-m", "raystudy", "evaluate", "--n-eval", "20", "--budgets", "8"]
-    ok = subprocess.run(
-        base
-        + [
-            "--surrogate",
-            str(paths["surrogate"]),
-            "--targets",
-            f"{paths['t1']},{paths['t2']}",
-            "--out",
-            str(tmp_path / "m.json"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    base = ["evaluate", "--n-eval", "20", "--budgets", "8"]
+    targets = f"{paths['t1']},{paths['t2']}"
+    ok = raystudy_here(*base, "--surrogate", paths["surrogate"], "--targets", targets, "--out", tmp_path / "m.json")
     assert ok.returncode == 0, ok.stderr
     assert "pgd/untargeted/8" in ok.stdout and (tmp_path / "m.json").is_file()
     for surrogate in (tmp_path / "missing.pt", tmp_path / "corrupt.pt"):
-        bad = subprocess.run(
-            base + ["--surrogate", str(surrogate), "--targets", str(paths["t1"])],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        bad = raystudy_here(*base, "--surrogate", surrogate, "--targets", paths["t1"])
         assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
 
 

@@ -1,6 +1,6 @@
-"""An outage of the object store (OUTAGE_S) in mid-study, through a loopback proxy in front of the
-local S3 server: refused connections during a grid study, a store that stops answering during an
-Optuna search. Every trial finishes exactly once, with no manual resume."""
+"""Outages of the object store (OUTAGE_S each) in mid-study, through a loopback proxy in front of the
+local S3 server: an Optuna search meets refused connections, then a store that stops answering.
+Every trial finishes exactly once and the search's history reaches the bucket, with no manual resume."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import yaml
 from conftest import (
     BUCKET,
     RAYSTUDY,
-    SMOKE,
     bucket_files,
     finals_in_bucket,
     finished_once,
@@ -38,8 +37,15 @@ def proxied(s3, smoke_storage):
     return proxy, env
 
 
-def run_through_outage(s3, proxy, env, space: dict, tmp_path: Path, verb: str, outage) -> subprocess.CompletedProcess:
-    """Start the study, cut the store once a trial has checkpointed, bring it back OUTAGE_S later."""
+def checkpoints(s3, prefix: str) -> set[str]:
+    return {k for k in bucket_files(s3, prefix) if "/checkpoint_" in k}
+
+
+def run_through_outages(
+    s3, proxy, env, space: dict, tmp_path: Path, verb: str, *outages
+) -> subprocess.CompletedProcess:
+    """Start the study; for each outage: wait for a new checkpoint in the bucket (trials are running
+    and writing), cut the store that way, bring it back OUTAGE_S later."""
     path = tmp_path / f"{space['name']}.yaml"
     path.write_text(yaml.safe_dump(space))
     driver = subprocess.Popen(
@@ -50,36 +56,31 @@ def run_through_outage(s3, proxy, env, space: dict, tmp_path: Path, verb: str, o
         stderr=subprocess.STDOUT,
         text=True,
     )
-    deadline = time.time() + 300
     prefix = f"o/{space['name']}/"
-    while time.time() < deadline and not any("/checkpoint_" in k for k in bucket_files(s3, prefix)):
-        time.sleep(0.5)
-    assert sum(bool(rows) for rows in finals_in_bucket(s3, prefix.rstrip("/")).values()) < len(
-        space.get("trials", [1] * 9)
-    )
-    outage()
-    time.sleep(OUTAGE_S)
-    proxy.recover()
+    seen: set[str] = set()
+    for outage in outages:
+        deadline = time.time() + 300
+        while time.time() < deadline and not checkpoints(s3, prefix) - seen:
+            time.sleep(0.5)
+        seen = checkpoints(s3, prefix)
+        assert seen and driver.poll() is None, "the study should still run when the store goes"
+        assert (
+            sum(bool(rows) for rows in finals_in_bucket(s3, prefix.rstrip("/")).values())
+            < space["search"]["num_samples"]
+        )
+        outage()
+        time.sleep(OUTAGE_S)
+        proxy.recover()
     output, _ = driver.communicate(timeout=900)
     return subprocess.CompletedProcess(driver.args, driver.returncode, output, "")
 
 
-def test_a_grid_study_rides_out_refused_connections(s3, proxied, tmp_path):
+def test_a_search_rides_out_refused_connections_then_a_store_that_stops_answering(s3, proxied, tmp_path):
     proxy, env = proxied
-    space = dict(SMOKE, name="refused", trials=[{"mechanism": m} for m in ("ST", "SAM", "LS", "CO")])
-    space["train"] = {**SMOKE["train"], "epochs": 6}
-    out = run_through_outage(s3, proxy, env, space, tmp_path, "run", proxy.refuse)
+    space = smoke_search("outages_search", epochs=6)
+    out = run_through_outages(s3, proxy, env, space, tmp_path, "search", proxy.refuse, proxy.hang)
     assert out.returncode == 0, out.stdout[-4000:]
-    rows = finals_in_bucket(s3, "o/refused")
+    rows = finals_in_bucket(s3, "o/outages_search")
     assert len(rows) == 4 and all(finished_once(r) for r in rows.values()), rows.keys()
-    assert "storage unreachable" in out.stdout  # the outage was met, and waited out
-
-
-def test_a_search_rides_out_a_store_that_stops_answering(s3, proxied, tmp_path):
-    proxy, env = proxied
-    space = smoke_search("hung_search", epochs=6)
-    out = run_through_outage(s3, proxy, env, space, tmp_path, "search", proxy.hang)
-    assert out.returncode == 0, out.stdout[-4000:]
-    rows = finals_in_bucket(s3, "o/hung_search")
-    assert len(rows) == 4 and all(finished_once(r) for r in rows.values()), rows.keys()
-    assert bucket_files(s3, "o/hung_search/optuna-journal/")  # the search's history reached the bucket
+    assert "storage unreachable" in out.stdout  # the outages were met, and waited out
+    assert bucket_files(s3, "o/outages_search/optuna-journal/")  # the search's history reached the bucket

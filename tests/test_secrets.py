@@ -1,7 +1,8 @@
 """No secret leaves the driver through Ray: with recognizable fake credentials in the environment, a
-study on a local S3 server (local Ray, then a two-node Ray over loopback) still reads and writes the
-bucket, and the secret values are nowhere in the Ray session folder (logs included), the GCS job
-table, any object in the bucket, the report or the tracking files."""
+study on a local S3 server still reads and writes the bucket, and the secret values are nowhere in
+the Ray session folder (logs included), the GCS job table or any object in the bucket. With a local
+Ray (targets, a grid with MLflow, status and the report too) in tests/test_cloud.py; here a two-node
+Ray over loopback, and the pieces that decide what reaches the workers."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BUCKET, ROOT, SMOKE, bucket_files, put_smoke_targets, raystudy_in_env
+from conftest import BUCKET, SMOKE, bucket_files, put_smoke_targets, raystudy_in_env
 
 from raystudy.cluster.session import WORKER_ENVIRONMENT, is_credential, worker_runtime_env
 
@@ -92,26 +93,6 @@ def small_study(tmp_path: Path, name: str) -> Path:
 
 
 @pytest.mark.slow
-def test_secrets_stay_out_of_ray_the_bucket_and_the_report_with_a_local_ray(secret_env, tmp_path):
-    env, secrets, ray_tmp = secret_env
-    storage = f"s3://{BUCKET}/secrets_local"
-    targets = ROOT / "search_spaces" / "smoke_targets.yaml"
-    for args in (
-        ("targets", targets, "--storage", storage, "--num-cpus", 2),
-        ("run", small_study(tmp_path, "secret_study"), "--storage", storage, "--num-cpus", 2, "--log-to", "mlflow"),
-        ("analyze", f"{storage}/secret_study", "--out", tmp_path / "report"),
-    ):
-        out = raystudy_in_env(env, *args, cwd=tmp_path, home=tmp_path / "home")
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        assert not [v for v in secrets if v in out.stdout + out.stderr]
-    assert (tmp_path / "report" / "report.md").is_file() and (tmp_path / "mlruns").is_dir()
-    assert list(ray_tmp.rglob("runtime_env_agent.log")), "the Ray session folder was not where expected"
-    assert files_holding(ray_tmp, secrets) == []
-    assert files_holding(tmp_path, secrets) == []  # report, mlruns, the driver's working folder
-    assert objects_holding(env, "secrets_local/", secrets) == []
-
-
-@pytest.mark.slow
 def test_secrets_stay_out_of_the_job_table_on_a_two_node_ray(secret_env, smoke_storage, tmp_path, monkeypatch):
     from ray._raylet import GcsClient
     from ray.cluster_utils import Cluster
@@ -127,7 +108,7 @@ def test_secrets_stay_out_of_the_job_table_on_a_two_node_ray(secret_env, smoke_s
     try:
         cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
         cluster.wait_for_nodes()
-        # The targets as trained once this session (the local-Ray test trains them with secrets around).
+        # The targets as trained once this session (test_cloud trains them on S3 with secrets around).
         put_smoke_targets(env, smoke_storage, "secrets_cluster")
         args = ("run", small_study(tmp_path, "secret_cluster"), "--storage", storage, "--address", cluster.address)
         out = raystudy_in_env(env, *args, cwd=tmp_path, home=tmp_path)

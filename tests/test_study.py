@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import RAYSTUDY, ROOT, SMOKE, final_rows, finished_once, run_raystudy
+from conftest import RAYSTUDY, ROOT, SMOKE, final_rows, finished_once, raystudy_here, run_raystudy
 
 from raystudy.config import load_space, parse_space
 from raystudy.errors import RaystudyError
@@ -65,9 +65,9 @@ def test_broken_search_spaces_fail_with_the_expected_message(changes, message):
 def test_validate_command_reports_one_line(tmp_path):
     broken = tmp_path / "broken.yaml"
     broken.write_text(yaml.safe_dump(variant(trials=[{"mechanism": "XX"}])))
-    out = run_raystudy("validate", broken)
+    out = raystudy_here("validate", broken)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "unknown mechanism 'XX'" in out.stderr
-    assert run_raystudy("validate", *SPACES).returncode == 0
+    assert raystudy_here("validate", *SPACES).returncode == 0
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def write_space(tmp_path, name, **changes) -> Path:
 
 
 def test_run_refuses_without_targets(tmp_path):
-    out = run_raystudy("run", ROOT / "search_spaces" / "smoke.yaml", "--storage", tmp_path / "empty")
+    out = raystudy_here("run", ROOT / "search_spaces" / "smoke.yaml", "--storage", tmp_path / "empty")
     assert out.returncode == 2 and "raystudy targets search_spaces/smoke_targets.yaml" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
 

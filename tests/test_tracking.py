@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import RAYSTUDY, ROOT, SMOKE
+from conftest import RAYSTUDY, ROOT, SMOKE, raystudy_here
 
 
 def tensorboard_scalars(event_file: Path) -> dict[str, list[float]]:
@@ -78,12 +78,6 @@ def test_wandb_writes_an_offline_run(smoke_storage, tmp_path):
 
 
 def test_unknown_tracker_is_a_one_line_error(tmp_path):
-    out = subprocess.run(
-        RAYSTUDY
-        + ["run", str(ROOT / "search_spaces" / "smoke.yaml"), "--storage", str(tmp_path), "--log-to", "mlflow,comet"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = raystudy_here("run", ROOT / "search_spaces" / "smoke.yaml", "--storage", tmp_path, "--log-to", "mlflow,comet")
     assert out.returncode == 2 and "unknown tracker(s) comet; valid: tensorboard, mlflow, wandb" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1

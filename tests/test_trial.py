@@ -55,3 +55,33 @@ def test_targets_the_experiment_found_are_read_by_name_and_endpoints_alone_are_n
     assert load_targets(str(tmp_path), "t", tmp_path / "work", torch.device("cpu"), known=()) == ({}, [])
     with pytest.raises(RaystudyError, match="no targets under"):  # looked for, and none
         load_targets(str(tmp_path), "t", tmp_path / "work", torch.device("cpu"))
+
+
+def _measured(experiment: Path) -> dict[str, dict[str, float]]:
+    """Per trial label, its final record's metrics other than the timings."""
+    out = {}
+    for path in experiment.glob("trial_*/result.json"):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        record = next(r["record"] for r in reversed(rows) if r.get(FINAL_KEY) == 1)
+        out[record["identity"]["label"]] = {
+            json.dumps({k: v for k, v in m.items() if k != "value"}, sort_keys=True): m["value"]
+            for m in record["metrics"]
+            if m["name"] not in ("seconds", "images_per_s")
+        }
+    return out
+
+
+def test_a_trial_measures_the_same_after_other_trials_in_its_process(smoke_storage):
+    """What Ray's reuse of trial processes (`reuse_actors=True`) relies on: a trial run after others
+    in the same process (other mechanisms, which leave their own RNG draws, BN passes and caches
+    behind) reports every metric exactly as it does on its own."""
+    from conftest import SMOKE
+    from world import write_experiment
+
+    small = {"epochs": 1, "n_train": 128}
+    alone = dict(SMOKE, name="reuse_alone", trials=[{"mechanism": "SAM&JR"}], train={**SMOKE["train"], **small})
+    after = dict(alone, name="reuse_after", trials=[{"mechanism": "MU"}, {"mechanism": "CO"}, {"mechanism": "SAM&JR"}])
+    first = _measured(write_experiment(after, smoke_storage))
+    second = _measured(write_experiment(alone, smoke_storage))
+    (label,) = second
+    assert len(second[label]) > 40 and first[label] == second[label]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, run_raystudy
+from conftest import ROOT, raystudy_here
 
 from raystudy.blackbox.query import ENDPOINT_SUFFIX, load_endpoints, save_endpoints
 from raystudy.config import parse_space
@@ -136,7 +136,7 @@ def test_a_planted_endpoint_file_is_one_line_and_nothing_is_sent(tmp_path, serve
     grid.mkdir()
     study = {"name": "g", "dataset": "synthetic", "model": "tiny_cnn", "targets": "t", "trials": [{"mechanism": "ST"}]}
     (grid / "raystudy-study.json").write_text(json.dumps({"study": study, "source": "g.yaml", "data": None}))
-    line = one_error_line(run_raystudy("query", grid))
+    line = one_error_line(raystudy_here("query", grid))
     assert why in line and server.requests == []
     assert not (tmp_path / "escaped").exists() and not list(tmp_path.rglob("endpoint-cache"))
 
@@ -248,7 +248,7 @@ def test_cifar_batches_are_read_with_arrays_only_and_a_planted_one_is_refused(tm
 
 @pytest.mark.parametrize("uri", ["s3://AKIAEXAMPLE:s3cr3t@bucket/p", "s3://bucket/p?access_key=A&secret_key=s3cr3t"])
 def test_a_storage_uri_holding_credentials_is_one_line_that_does_not_show_them(uri, tmp_path):
-    line = one_error_line(run_raystudy("run", ROOT / "search_spaces" / "smoke.yaml", "--storage", uri, cwd=tmp_path))
+    line = one_error_line(raystudy_here("run", ROOT / "search_spaces" / "smoke.yaml", "--storage", uri, cwd=tmp_path))
     assert "give credentials through the environment" in line and "s3cr3t" not in line
 
 
