@@ -110,11 +110,26 @@ class FakeMultinodeCluster:
             killed = kill_marked(self.marker.encode())
 
 
-def gpu_workers() -> list[str]:
-    """Node ids of the live worker nodes with (fake) GPUs, as the cluster sees them."""
-    import ray
-
-    return [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU", 0) > 0]
+def gpu_workers(marker: bytes) -> list[str]:
+    """Node ids of the live fake GPU worker nodes of this cluster: their raylets, read from /proc
+    (this process never joins the cluster, so its Ray state, token included, plays no part)."""
+    nodes = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z" or not (
+                proc / "exe"
+            ).resolve().name == "raylet":
+                continue
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue
+        if marker in environ and b"RAY_NODE_TYPE_NAME=gpu_worker" in environ:
+            nodes += [
+                e.split(b"=", 1)[1].decode() for e in environ if e.startswith(b"RAY_OVERRIDE_NODE_ID_FOR_TESTING=")
+            ]
+    return nodes
 
 
 def kill_node(node_id: str) -> int:
@@ -162,8 +177,6 @@ def node_of_running_trial(experiment: Path, epochs: int) -> str | None:
 
 
 def test_trials_scale_workers_up_from_zero_survive_a_lost_worker_and_scale_down(smoke_storage, tmp_path, monkeypatch):
-    import ray
-
     space = dict(
         SMOKE,
         name="autoscaled",
@@ -187,8 +200,8 @@ def test_trials_scale_workers_up_from_zero_survive_a_lost_worker_and_scale_down(
     monkeypatch.setenv("RAYSTUDY_DEVICE", "cpu")  # the fake nodes started below inherit it
     cluster.start(tmp_path, env)
     try:
-        ray.init(address=cluster.address, log_to_driver=False)
-        counts = [(0.0, len(gpu_workers()))]
+        marker = cluster.marker.encode()
+        counts = [(0.0, len(gpu_workers(marker)))]
         start = time.time()
         driver = subprocess.Popen(
             [
@@ -210,7 +223,7 @@ def test_trials_scale_workers_up_from_zero_survive_a_lost_worker_and_scale_down(
         experiment = smoke_storage / "autoscaled"
         killed = None
         while driver.poll() is None and time.time() - start < 480:
-            counts.append((time.time() - start, len(gpu_workers())))
+            counts.append((time.time() - start, len(gpu_workers(marker))))
             if killed is None:
                 killed = node_of_running_trial(experiment, epochs=6)
                 if killed is not None:
@@ -220,12 +233,11 @@ def test_trials_scale_workers_up_from_zero_survive_a_lost_worker_and_scale_down(
         assert driver.returncode == 0, output[-4000:]
         assert killed is not None, "the worker should be lost mid-study"
         deadline = time.time() + 120  # idle timeout (12 s) plus the autoscaler's reaction
-        while time.time() < deadline and gpu_workers():
-            counts.append((time.time() - start, len(gpu_workers())))
+        while time.time() < deadline and gpu_workers(marker):
+            counts.append((time.time() - start, len(gpu_workers(marker))))
             time.sleep(1)
-        counts.append((time.time() - start, len(gpu_workers())))
+        counts.append((time.time() - start, len(gpu_workers(marker))))
     finally:
-        ray.shutdown()
         cluster.shutdown()
 
     workers = [n for _, n in counts]
