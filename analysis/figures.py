@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis.tables import BASELINE, label_order, wide  # noqa: E402
+from raystudy.config.sampler import IMPORTANCE_SEED  # noqa: E402
 from raystudy.persist.optuna_history import open_history  # noqa: E402
 from raystudy.persist.record import MetricRow  # noqa: E402
 
@@ -126,7 +127,9 @@ def _study_figures(optuna, study, spec, out: Path) -> list[tuple[str, Path]]:
     ]
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if len(complete) >= 2 and len({k for t in complete for k in t.params}) >= 1:
-        ax = plots.plot_param_importances(study, **first)
+        # The evaluator named, not Optuna's default (fANOVA up to Optuna 4, PED-ANOVA from 5), and seeded.
+        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=IMPORTANCE_SEED)
+        ax = plots.plot_param_importances(study, evaluator=evaluator, **first)
         figures.append(("parameter importances", _save_axes(ax, out / f"optuna_importances_{spec.name}.png")))
     if multi and len(names) <= 3 and complete:
         ax = plots.plot_pareto_front(study, target_names=names)

@@ -17,6 +17,7 @@ from analysis.figures import magnitude_curves, optuna_figures
 from analysis.findings import findings, findings_table
 from analysis.records import Experiment, load_experiment
 from analysis.tables import accuracy_table, correlation_table, headline_table, metric_gaps, tidy_trials
+from raystudy.config.sampler import IMPORTANCE_EVALUATOR, IMPORTANCE_SEED
 from raystudy.errors import RaystudyError
 from raystudy.persist import storage
 from raystudy.persist.record import checked_best_config
@@ -338,6 +339,11 @@ def _similarity_matrix(
         report.paragraph("No experiment holds trials of one architecture with different seeds: nothing to draw.")
 
 
+def _sampler_statement(search) -> str:
+    options = ", ".join(f"{k}={v}" for k, v in search.sampler.options)
+    return f"Optuna's {search.sampler.name} sampler ({options or 'no options'}; seed {search.seed})"
+
+
 def _optuna(report: Report, experiments: list[Experiment], tidy: pd.DataFrame, out: Path) -> None:
     for experiment in (e for e in experiments if e.spec.kind == "search"):
         figures = optuna_figures(experiment, tidy, out)
@@ -348,7 +354,8 @@ def _optuna(report: Report, experiments: list[Experiment], tidy: pd.DataFrame, o
         report.paragraph(
             f"The objective is {search.objective_metric} ({search.mode}imized) "
             f"over {', '.join(p.name for p in search.params)}: its value per trial in "
-            "order with the best so far, and each parameter's importance (fANOVA)."
+            f"order with the best so far, and each parameter's importance ({IMPORTANCE_EVALUATOR}, seed "
+            f"{IMPORTANCE_SEED}). Samples drawn by {_sampler_statement(search)}."
         )
         report.paragraph(_selection_statement(experiment))
         for _, path in figures:

@@ -175,6 +175,17 @@ def test_optuna_search_finds_a_best_config_inside_the_bounds(storage, tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     best = json.loads((storage / "optuna_smoke" / "best_config.json").read_text())
     assert 0.01 <= best["config"]["rho"] <= 0.5 and 1e-6 <= best["config"]["lambda_jr"] <= 1.0
+    # What drew the samples is recorded with the search: the sampler's every setting, seed, Optuna version.
+    manifest = json.loads((storage / "optuna_smoke" / "raystudy-study.json").read_text())
+    assert best["search_settings"] == manifest["search_settings"]
+    assert best["search_settings"]["sampler"] == {
+        "name": "tpe",
+        "n_startup_trials": 10,
+        "n_ei_candidates": 24,
+        "constant_liar": True,
+        "group": False,
+    }
+    assert best["search_settings"]["seed"] == 0 and best["search_settings"]["optuna"] == optuna.__version__
     assert "best asr/pgd/untargeted/8/mean" in out.stdout
     study = optuna.load_study(study_name="optuna_smoke", storage=f"sqlite:///{storage / 'optuna_smoke' / 'optuna.db'}")
     states = [t.state for t in study.trials]

@@ -21,6 +21,7 @@ from raystudy.blackbox.query import load_endpoints, save_endpoints
 from raystudy.cluster import searcher as search
 from raystudy.cluster.session import init_ray
 from raystudy.config import STUDY_MANIFEST, StudySpec, parse_space
+from raystudy.config.sampler import search_settings
 from raystudy.core.checkpoint import STATE_FILE
 from raystudy.errors import RaystudyError
 from raystudy.persist import migrate, storage
@@ -98,6 +99,8 @@ class Experiment:
         }
         if spec.kind != "targets":
             manifest.update(_evaluation_images(spec))
+        if spec.search is not None:  # what draws the samples, written out (raystudy/config/sampler.py)
+            manifest["search_settings"] = search_settings(spec.search.sampler, spec.search.seed)
         experiment = cls(spec, raw, location, manifest)
         experiment._write_manifest()
         return experiment
@@ -286,7 +289,9 @@ def history_of(experiment: Experiment) -> search.OptunaSearcher:
     place = search.HistoryPlace(experiment.location, experiment.manifest.get("optuna_storage"))
     metrics = spec.search.objective_metrics
     modes = spec.search.modes if spec.search.multi_objective else (spec.search.mode,)
-    return search.OptunaSearcher(search.SearchSpace.of(spec), metrics, modes, spec.name, place, spec.search.seed)
+    return search.OptunaSearcher(
+        search.SearchSpace.of(spec), metrics, modes, spec.name, place, spec.search.seed, spec.search.sampler
+    )
 
 
 def _search_setup(experiment: Experiment):

@@ -7,6 +7,7 @@ import json
 from typing import Any, Sequence
 
 from raystudy.config import StudySpec
+from raystudy.config.sampler import search_settings
 from raystudy.config.study import TrialPlan
 from raystudy.persist import storage
 from raystudy.training.trial import FINAL_KEY
@@ -83,6 +84,7 @@ def write_best(spec: StudySpec, results, experiment: str) -> None:
                 f"\n  selected on {', '.join(search.objective_targets)}; tested on {', '.join(held_out)}: "
                 f"{search.held_out_metric} = {held[0]:.4f}"
             )
+    summary["search_settings"] = search_settings(search.sampler, search.seed)
     storage.write_bytes(storage.join(experiment, BEST_CONFIG), json.dumps(summary, indent=1).encode())
     print(f"{line}\n(saved to {storage.join(experiment, BEST_CONFIG)})")
 

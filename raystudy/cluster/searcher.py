@@ -24,6 +24,7 @@ from typing import Any, Sequence
 from ray.tune.search import Searcher
 
 from raystudy.config import StudySpec
+from raystudy.config.sampler import SamplerSpec
 from raystudy.config.study import SearchParam
 from raystudy.persist import optuna_history, storage
 
@@ -126,6 +127,24 @@ class HistoryPlace:
         return optuna_history.journal_storage(local), mirror
 
 
+def build_sampler(spec: SamplerSpec, seed: int):
+    """The Optuna sampler of `spec`, every resolved setting passed explicitly, seeded."""
+    import warnings
+
+    import optuna
+
+    kinds = {
+        "tpe": optuna.samplers.TPESampler,
+        "cmaes": optuna.samplers.CmaEsSampler,
+        "gp": optuna.samplers.GPSampler,
+        "random": optuna.samplers.RandomSampler,
+        "qmc": optuna.samplers.QMCSampler,
+    }
+    with warnings.catch_warnings():  # `group` and QMC are marked experimental: chosen knowingly
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return kinds[spec.name](seed=seed, **dict(spec.options))
+
+
 class OptunaSearcher(Searcher):
     def __init__(
         self,
@@ -135,10 +154,11 @@ class OptunaSearcher(Searcher):
         study_name: str,
         place: HistoryPlace,
         seed: int,
+        sampler: SamplerSpec = SamplerSpec(),
     ) -> None:
         super().__init__(metric=None, mode=None)  # several objectives: Ray's single metric does not apply
         self.space, self.metrics, self.modes = space, tuple(metrics), tuple(modes)
-        self.study_name, self.place, self.seed = study_name, place, seed
+        self.study_name, self.place, self.seed, self.sampler = study_name, place, seed, sampler
         self.asked: dict[str, int] = {}  # Ray trial id -> Optuna trial number
         self._study = self._mirror = None
 
@@ -147,6 +167,9 @@ class OptunaSearcher(Searcher):
         return {k: v for k, v in self.__dict__.items() if k not in ("_study", "_mirror")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # A search started before samplers were named drew with Optuna's TPE defaults of the time,
+        # which SamplerSpec() writes out.
+        state.setdefault("sampler", SamplerSpec())
         self.__dict__.update(state, _study=None, _mirror=None)
 
     def start(self) -> None:
@@ -166,7 +189,7 @@ class OptunaSearcher(Searcher):
         )
         seed = self.seed + len(study.get_trials(deepcopy=False))
         self._study = optuna.load_study(
-            study_name=self.study_name, storage=history, sampler=optuna.samplers.TPESampler(seed=seed)
+            study_name=self.study_name, storage=history, sampler=build_sampler(self.sampler, seed)
         )
 
     @property

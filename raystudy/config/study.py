@@ -53,6 +53,7 @@ from raystudy.config.endpoint import EndpointSpec, parse_endpoint
 from raystudy.config.evaluation import EvalConfig
 from raystudy.config.lgv import LGV_BASES, LgvPhase
 from raystudy.config.loaded import LoadedModel, parse_loaded
+from raystudy.config.sampler import SamplerSpec, check_sampler_fits, parse_sampler
 from raystudy.config.train import (
     FINITE,
     MAX_NAME,
@@ -205,6 +206,8 @@ class SearchSpec:
     # choice and each one's magnitudes come from the registry's ranges (conditional on the choice).
     mechanisms: tuple[str, ...] = ()
     confirm: ConfirmSpec | None = None
+    # Optuna's sampler with every setting raystudy relies on resolved (raystudy.config.sampler).
+    sampler: SamplerSpec = SamplerSpec()
 
     @property
     def conditional(self) -> bool:
@@ -810,6 +813,7 @@ def _search(values: Any, where: str) -> SearchSpec:
         grace_period=r.integer("grace_period", 1, 1, 10_000),
         objective_targets=r.items("objective_targets", (), MAX_ITEMS, check_name),
         confirm=_confirm(r.get("confirm", None, dict), where),
+        sampler=parse_sampler(r.get("sampler", None, (str, dict)), f"{where}: search"),
     )
     r.finish()
     _check_search(search, where)
@@ -850,6 +854,7 @@ def _check_search(search: SearchSpec, where: str) -> None:
         raise RaystudyError(f"{where}: search: metric lists a metric twice")
     if not search.params and not search.conditional:
         raise RaystudyError(f"{where}: search: params is empty")
+    check_sampler_fits(search.sampler, len(search.metrics), search.conditional, f"{where}: search")
     confirm = search.confirm
     if confirm is not None and confirm.top_k > search.num_samples:
         raise RaystudyError(f"{where}: search: confirm: top_k={confirm.top_k} exceeds num_samples={search.num_samples}")
