@@ -184,3 +184,11 @@ def _dependencies() -> list[str]:
     import tomllib
 
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+
+
+def test_every_node_starts_with_token_authentication_and_the_same_token():
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token ray start" in c for c in starts if "ray start" in c)
+    assert config["file_mounts"]["/home/ubuntu/.ray/auth_token"] == "~/.ray/auth_token"  # one token, from the user
+    assert not [k for k in yaml.safe_dump(config).split() if "AUTH_TOKEN=" in k]  # no token in the config

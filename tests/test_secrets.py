@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -92,34 +97,87 @@ def small_study(tmp_path: Path, name: str) -> Path:
     return path
 
 
-@pytest.mark.slow
-def test_secrets_stay_out_of_the_job_table_on_a_two_node_ray(secret_env, smoke_storage, tmp_path, monkeypatch):
-    from ray._raylet import GcsClient
-    from ray.cluster_utils import Cluster
+def start_node(env: dict, log: Path, *args: str) -> subprocess.Popen:
+    """`ray start --block` (a head or a worker on 127.0.0.1) in a session of its own, ended with it."""
+    command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--num-cpus=1"]
+    command += ["--node-ip-address=127.0.0.1", *args]
+    with log.open("a") as out:
+        return subprocess.Popen(command, env=env, stdout=out, stderr=out, start_new_session=True)
 
-    env, secrets, ray_tmp = secret_env
-    # The nodes are started as a provider would start them: with the credentials in their
-    # environment (an instance profile stands in for them on a real cluster).
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    storage = f"s3://{BUCKET}/secrets_cluster"
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1"})
+
+def stop_node(node: subprocess.Popen) -> None:
     try:
-        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
-        cluster.wait_for_nodes()
+        os.killpg(node.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    node.wait()
+
+
+JOB_TABLE = """
+import sys
+from ray._raylet import GcsClient
+jobs = GcsClient(address=sys.argv[1]).get_all_job_info()
+sys.stdout.buffer.write(b"".join(job.SerializeToString() for job in jobs.values()))
+"""
+
+
+@pytest.mark.slow
+def test_secrets_and_the_ray_token_stay_out_of_the_job_table_on_a_two_node_ray_with_token_auth(
+    secret_env, smoke_storage, tmp_path
+):
+    """A two-node Ray with token authentication on (`RAY_AUTH_MODE=token`, the token given as Ray
+    reads it from the environment), its nodes started as a provider starts them, with the
+    credentials in their environment (an instance profile stands in for them on a real cluster).
+    A study runs there through `--address`; a client with another token is refused; the token, like
+    the cloud keys, is nowhere: job table, session folder (logs included), bucket, records."""
+    env, secrets, ray_tmp = secret_env
+    token = "rsfakeraytoken" + uuid.uuid4().hex
+    cluster_env = {
+        **os.environ,
+        **env,
+        "HOME": str(tmp_path / "home"),
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # every node and the driver on 127.0.0.1
+    }
+    secrets = [*secrets, token]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    storage = f"s3://{BUCKET}/secrets_cluster"
+    log = tmp_path / "nodes.log"
+    nodes = [start_node(cluster_env, log, "--head", f"--port={address.split(':')[1]}", "--include-dashboard=false")]
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", int(address.split(":")[1])), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        nodes.append(start_node(cluster_env, log, f"--address={address}"))
         # The targets as trained once this session (test_cloud trains them on S3 with secrets around).
         put_smoke_targets(env, smoke_storage, "secrets_cluster")
-        args = ("run", small_study(tmp_path, "secret_cluster"), "--storage", storage, "--address", cluster.address)
-        out = raystudy_in_env(env, *args, cwd=tmp_path, home=tmp_path)
+        run_env = {k: v for k, v in cluster_env.items() if k != "HOME"}
+        args = ("run", small_study(tmp_path, "secret_cluster"), "--storage", storage, "--address", address)
+        out = raystudy_in_env(run_env, *args, cwd=tmp_path, home=tmp_path / "home")
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        jobs = GcsClient(address=cluster.address).get_all_job_info()
-        assert len(jobs) >= 1  # the driver is in the table
-        table = b"".join(job.SerializeToString() for job in jobs.values())
-        assert b"RAYSTUDY_CACHE" in table  # the non-secret settings did travel in the runtime_env
-        assert [v for v in secrets if v.encode() in table] == []
+        assert not [v for v in secrets if v in out.stdout + out.stderr]
+        table = subprocess.run([sys.executable, "-c", JOB_TABLE, address], env=cluster_env, capture_output=True)
+        assert table.returncode == 0, table.stderr[-2000:]
+        assert b"RAYSTUDY_CACHE" in table.stdout  # the driver is in the table, its non-secret settings with it
+        assert [v for v in secrets if v.encode() in table.stdout] == []
+        wrong = subprocess.run(
+            [sys.executable, "-c", JOB_TABLE, address],
+            env={**cluster_env, "RAY_AUTH_TOKEN": "not-the-token"},
+            capture_output=True,
+            timeout=120,
+        )
+        assert wrong.returncode != 0 and b"InvalidAuthToken" in wrong.stderr  # token authentication is on
     finally:
-        cluster.shutdown()
+        for node in reversed(nodes):
+            stop_node(node)
     assert files_holding(ray_tmp, secrets) == []
+    assert files_holding(tmp_path, secrets) == []  # the driver's folder, its HOME
     assert objects_holding(env, "secrets_cluster/", secrets) == []
     assert len(bucket_files(env, "secrets_cluster/secret_cluster/", "/result.json")) == 2  # S3 worked
