@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis.tables import BASELINE, label_order, wide  # noqa: E402
-from raystudy.config.sampler import IMPORTANCE_SEED  # noqa: E402
+from raystudy.config.sampler import IMPORTANCE_SETTINGS  # noqa: E402
 from raystudy.persist.optuna_history import open_history  # noqa: E402
 from raystudy.persist.record import MetricRow  # noqa: E402
 
@@ -127,8 +127,8 @@ def _study_figures(optuna, study, spec, out: Path) -> list[tuple[str, Path]]:
     ]
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if len(complete) >= 2 and len({k for t in complete for k in t.params}) >= 1:
-        # The evaluator named, not Optuna's default (fANOVA up to Optuna 4, PED-ANOVA from 5), and seeded.
-        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=IMPORTANCE_SEED)
+        # The evaluator named with its settings, not Optuna's default (raystudy/config/sampler.py).
+        evaluator = optuna.importance.PedAnovaImportanceEvaluator(**IMPORTANCE_SETTINGS)
         ax = plots.plot_param_importances(study, evaluator=evaluator, **first)
         figures.append(("parameter importances", _save_axes(ax, out / f"optuna_importances_{spec.name}.png")))
     if multi and len(names) <= 3 and complete:

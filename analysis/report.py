@@ -17,7 +17,7 @@ from analysis.figures import magnitude_curves, optuna_figures
 from analysis.findings import findings, findings_table
 from analysis.records import Experiment, load_experiment
 from analysis.tables import accuracy_table, correlation_table, headline_table, metric_gaps, tidy_trials
-from raystudy.config.sampler import IMPORTANCE_EVALUATOR, IMPORTANCE_SEED
+from raystudy.config.sampler import IMPORTANCE_EVALUATOR, IMPORTANCE_SETTINGS
 from raystudy.errors import RaystudyError
 from raystudy.persist import storage
 from raystudy.persist.record import checked_best_config
@@ -354,8 +354,9 @@ def _optuna(report: Report, experiments: list[Experiment], tidy: pd.DataFrame, o
         report.paragraph(
             f"The objective is {search.objective_metric} ({search.mode}imized) "
             f"over {', '.join(p.name for p in search.params)}: its value per trial in "
-            f"order with the best so far, and each parameter's importance ({IMPORTANCE_EVALUATOR}, seed "
-            f"{IMPORTANCE_SEED}). Samples drawn by {_sampler_statement(search)}."
+            f"order with the best so far, and each parameter's importance ({IMPORTANCE_EVALUATOR}: "
+            f"{', '.join(f'{k}={v}' for k, v in IMPORTANCE_SETTINGS.items())}). "
+            f"Samples drawn by {_sampler_statement(search)}."
         )
         report.paragraph(_selection_statement(experiment))
         for _, path in figures:

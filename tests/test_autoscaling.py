@@ -195,6 +195,10 @@ def test_trials_scale_workers_up_from_zero_survive_a_lost_worker_and_scale_down(
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "RAYSTUDY_DEVICE": "cpu",
+        # Token authentication on, said to the nodes and the driver: Ray 2.60 turns it on by itself
+        # only for a cluster it finds on its own (no address), not for a driver given `--address`.
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": uuid.uuid4().hex,  # the cluster's token, as a provider hands it to every node
     }
     monkeypatch.setenv("PATH", env["PATH"])  # the fake nodes' processes from this environment
     monkeypatch.setenv("RAYSTUDY_DEVICE", "cpu")  # the fake nodes started below inherit it

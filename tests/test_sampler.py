@@ -59,7 +59,12 @@ def test_the_defaults_are_written_out_and_recorded():
     settings = search_settings(chosen, 7)
     assert settings["sampler"]["name"] == "qmc" and settings["seed"] == 7
     assert settings["optuna"] == importlib.metadata.version("optuna")
-    assert settings["importance_evaluator"] == {"name": "fANOVA", "seed": 0}
+    assert settings["importance_evaluator"] == {
+        "name": "PED-ANOVA",
+        "target_quantile": 0.1,
+        "region_quantile": 1.0,
+        "evaluate_on_local": True,
+    }
 
 
 def test_the_sampler_is_built_with_the_written_out_settings():
