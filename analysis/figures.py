@@ -129,7 +129,11 @@ def _study_figures(optuna, study, spec, out: Path) -> list[tuple[str, Path]]:
     if len(complete) >= 2 and len({k for t in complete for k in t.params}) >= 1:
         # The evaluator named with its settings, not Optuna's default (raystudy/config/sampler.py).
         evaluator = optuna.importance.PedAnovaImportanceEvaluator(**IMPORTANCE_SETTINGS)
-        ax = plots.plot_param_importances(study, evaluator=evaluator, **first)
+        importance = dict(first)
+        if multi:  # PED-ANOVA takes a given target as lower-is-better: a maximized objective negated
+            sign = -1.0 if spec.search.modes[0] == "max" else 1.0
+            importance["target"] = lambda t: sign * t.values[0]
+        ax = plots.plot_param_importances(study, evaluator=evaluator, **importance)
         figures.append(("parameter importances", _save_axes(ax, out / f"optuna_importances_{spec.name}.png")))
     if multi and len(names) <= 3 and complete:
         ax = plots.plot_pareto_front(study, target_names=names)

@@ -339,9 +339,21 @@ def _similarity_matrix(
         report.paragraph("No experiment holds trials of one architecture with different seeds: nothing to draw.")
 
 
-def _sampler_statement(search) -> str:
-    options = ", ".join(f"{k}={v}" for k, v in search.sampler.options)
-    return f"Optuna's {search.sampler.name} sampler ({options or 'no options'}; seed {search.seed})"
+def _sampler_statement(experiment: Experiment) -> str:
+    """What drew the samples, as the experiment's manifest recorded it (read from storage: only
+    plain names and numbers are shown)."""
+    settings = experiment.record.get("search_settings")
+    sampler = settings.get("sampler") if isinstance(settings, dict) else None
+    if not isinstance(sampler, dict) or not isinstance(sampler.get("name"), str):
+        return (
+            "Optuna's TPE sampler with the defaults of the Optuna that ran the search "
+            "(not recorded: the search was started before raystudy recorded its sampler)"
+        )
+    plain = (str, int, float, bool, type(None))
+    options = ", ".join(f"{k}={v}" for k, v in sampler.items() if k != "name" and isinstance(v, plain))
+    version = settings.get("optuna") if isinstance(settings.get("optuna"), str) else "unknown"
+    seed = settings.get("seed") if isinstance(settings.get("seed"), int) else "unknown"
+    return f"Optuna {version}'s {sampler['name']} sampler ({options or 'no options'}; seed {seed})"
 
 
 def _optuna(report: Report, experiments: list[Experiment], tidy: pd.DataFrame, out: Path) -> None:
@@ -356,7 +368,7 @@ def _optuna(report: Report, experiments: list[Experiment], tidy: pd.DataFrame, o
             f"over {', '.join(p.name for p in search.params)}: its value per trial in "
             f"order with the best so far, and each parameter's importance ({IMPORTANCE_EVALUATOR}: "
             f"{', '.join(f'{k}={v}' for k, v in IMPORTANCE_SETTINGS.items())}). "
-            f"Samples drawn by {_sampler_statement(search)}."
+            f"Samples drawn by {_sampler_statement(experiment)}."
         )
         report.paragraph(_selection_statement(experiment))
         for _, path in figures:

@@ -24,7 +24,14 @@ MAX_WORKERS = 4  # test processes (pytest-xdist's `-n auto`, pyproject's addopts
 def pytest_xdist_auto_num_workers(config):
     """One test process per core, at most MAX_WORKERS: every Ray end-to-end test starts Ray processes
     of its own, and more of them at once than cores only makes each slower."""
-    return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):  # pytest-xdist's own override
+        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
+    return max(1, min(usable_cores(), MAX_WORKERS))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity: a container's or taskset's limit)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 # The files of the longest Ray end-to-end tests, longest first (about 100 s down to 40 s each on 2
@@ -60,7 +67,7 @@ def torch_threads() -> int:
     """The cores per test process: torch's threads spin while they wait, so more threads than cores
     (two test processes of two threads each on two cores) slows every test down."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    return max(1, min(2, (os.cpu_count() or 1) // workers))
+    return max(1, min(2, usable_cores() // workers))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -71,7 +78,9 @@ def _own_home(tmp_path_factory):
     previous = os.environ.get("HOME")
     os.environ["HOME"] = str(home)
     yield home
-    if previous is not None:
+    if previous is None:
+        os.environ.pop("HOME", None)
+    else:
         os.environ["HOME"] = previous
 
 

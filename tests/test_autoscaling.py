@@ -202,8 +202,9 @@ def test_trials_scale_workers_up_from_zero_survive_a_lost_worker_and_scale_down(
     }
     monkeypatch.setenv("PATH", env["PATH"])  # the fake nodes' processes from this environment
     monkeypatch.setenv("RAYSTUDY_DEVICE", "cpu")  # the fake nodes started below inherit it
-    cluster.start(tmp_path, env)
+    driver = None
     try:
+        cluster.start(tmp_path, env)
         marker = cluster.marker.encode()
         counts = [(0.0, len(gpu_workers(marker)))]
         start = time.time()
@@ -242,6 +243,9 @@ def test_trials_scale_workers_up_from_zero_survive_a_lost_worker_and_scale_down(
             time.sleep(1)
         counts.append((time.time() - start, len(gpu_workers(marker))))
     finally:
+        if driver is not None and driver.poll() is None:  # a failed assertion: the driver goes too
+            driver.kill()
+            driver.wait()
         cluster.shutdown()
 
     workers = [n for _, n in counts]

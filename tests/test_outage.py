@@ -58,20 +58,24 @@ def run_through_outages(
     )
     prefix = f"o/{space['name']}/"
     seen: set[str] = set()
-    for outage in outages:
-        deadline = time.time() + 300
-        while time.time() < deadline and not checkpoints(s3, prefix) - seen:
-            time.sleep(0.5)
-        seen = checkpoints(s3, prefix)
-        assert seen and driver.poll() is None, "the study should still run when the store goes"
-        assert (
-            sum(bool(rows) for rows in finals_in_bucket(s3, prefix.rstrip("/")).values())
-            < space["search"]["num_samples"]
-        )
-        outage()
-        time.sleep(OUTAGE_S)
-        proxy.recover()
-    output, _ = driver.communicate(timeout=900)
+    try:
+        for outage in outages:
+            deadline = time.time() + 300
+            while time.time() < deadline and not checkpoints(s3, prefix) - seen:
+                time.sleep(0.5)
+            new = checkpoints(s3, prefix) - seen
+            assert new and driver.poll() is None, "trials should be writing when the store goes"
+            seen |= new
+            finals = sum(bool(rows) for rows in finals_in_bucket(s3, prefix.rstrip("/")).values())
+            assert finals < space["search"]["num_samples"]
+            outage()
+            time.sleep(OUTAGE_S)
+            proxy.recover()
+        output, _ = driver.communicate(timeout=900)
+    finally:
+        if driver.poll() is None:  # a failed assertion: the driver and its Ray go too
+            driver.kill()
+            driver.communicate()
     return subprocess.CompletedProcess(driver.args, driver.returncode, output, "")
 
 

@@ -46,6 +46,7 @@ def test_the_defaults_are_written_out_and_recorded():
         "name": "tpe",
         "n_startup_trials": 10,
         "n_ei_candidates": 24,
+        "multivariate": True,
         "constant_liar": True,
         "group": False,
     }
@@ -74,7 +75,7 @@ def test_the_sampler_is_built_with_the_written_out_settings():
 
     tpe = build_sampler(SamplerSpec(), 3)
     assert isinstance(tpe, optuna.samplers.TPESampler)
-    assert (tpe._n_startup_trials, tpe._n_ei_candidates, tpe._constant_liar) == (10, 24, True)
+    assert (tpe._n_startup_trials, tpe._n_ei_candidates, tpe._constant_liar, tpe._multivariate) == (10, 24, True, True)
     cmaes = build_sampler(parse_sampler({"name": "cmaes", "popsize": 6}, "w"), 3)
     assert isinstance(cmaes, optuna.samplers.CmaEsSampler) and cmaes._popsize == 6
 
@@ -97,6 +98,8 @@ def search_file(**search) -> dict:
         ({"name": "cmaes", "popsize": -1}, "popsize=-1 must be positive"),
         ({"name": "qmc", "qmc_type": "lhs"}, "qmc_type='lhs'; valid: sobol, halton"),
         (["tpe"], "search: sampler=['tpe'] must be str/dict"),
+        ({"name": ["tpe"]}, "unknown sampler ['tpe']; valid: tpe"),
+        ({"name": "tpe", "group": True, "multivariate": False}, "group needs multivariate: true"),
     ],
 )
 def test_a_bad_sampler_is_one_line(sampler, message):

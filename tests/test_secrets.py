@@ -149,11 +149,12 @@ def test_secrets_and_the_ray_token_stay_out_of_the_job_table_on_a_two_node_ray_w
     nodes = [start_node(cluster_env, log, "--head", f"--port={address.split(':')[1]}", "--include-dashboard=false")]
     try:
         deadline = time.time() + 120
-        while time.time() < deadline:
+        while True:
             try:
                 socket.create_connection(("127.0.0.1", int(address.split(":")[1])), timeout=1).close()
                 break
             except OSError:
+                assert time.time() < deadline, "the head did not start: " + log.read_text()[-2000:]
                 time.sleep(0.5)
         nodes.append(start_node(cluster_env, log, f"--address={address}"))
         # The targets as trained once this session (test_cloud trains them on S3 with secrets around).

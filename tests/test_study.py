@@ -182,6 +182,7 @@ def test_optuna_search_finds_a_best_config_inside_the_bounds(storage, tmp_path):
         "name": "tpe",
         "n_startup_trials": 10,
         "n_ei_candidates": 24,
+        "multivariate": True,
         "constant_liar": True,
         "group": False,
     }

@@ -4,6 +4,8 @@ callback and kept, a second run reporting the kept result; the Ray trainable onl
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,6 +84,11 @@ def test_a_trial_measures_the_same_after_other_trials_in_its_process(smoke_stora
     alone = dict(SMOKE, name="reuse_alone", trials=[{"mechanism": "SAM&JR"}], train={**SMOKE["train"], **small})
     after = dict(alone, name="reuse_after", trials=[{"mechanism": "MU"}, {"mechanism": "CO"}, {"mechanism": "SAM&JR"}])
     first = _measured(write_experiment(after, smoke_storage))
-    second = _measured(write_experiment(alone, smoke_storage))
+    # On its own: in a new interpreter, where nothing ran before it.
+    code = "import json, sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); from world import "
+    code += "write_experiment; write_experiment(json.loads(sys.argv[2]), Path(sys.argv[3]))"
+    here = str(Path(__file__).parent)
+    subprocess.run([sys.executable, "-c", code, here, json.dumps(alone), str(smoke_storage)], check=True, timeout=600)
+    second = _measured(smoke_storage / "reuse_alone")
     (label,) = second
     assert len(second[label]) > 40 and first[label] == second[label]

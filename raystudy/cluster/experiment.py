@@ -267,7 +267,9 @@ def tune(experiment: Experiment, ray: RayOptions):
             # trial skips a new process's imports (and on a GPU its CUDA start), about 3 s a trial
             # on a CPU. Every trial seeds its draws and sets its threads, precision and memory share
             # itself, so its metrics do not depend on the process (README "Trials share processes").
-            reuse_actors=True,
+            # Not where trials differ in `deterministic`: cuBLAS reads its workspace setting once
+            # per process, so a deterministic trial after another would not be deterministic.
+            reuse_actors=len({plan.train.deterministic for plan in spec.plans}) <= 1,
         ),
         run_config=ray_tune.RunConfig(
             name=spec.name,

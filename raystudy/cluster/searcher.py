@@ -24,7 +24,7 @@ from typing import Any, Sequence
 from ray.tune.search import Searcher
 
 from raystudy.config import StudySpec
-from raystudy.config.sampler import SamplerSpec
+from raystudy.config.sampler import UNRECORDED_TPE_OPTIONS, SamplerSpec
 from raystudy.config.study import SearchParam
 from raystudy.persist import optuna_history, storage
 
@@ -167,9 +167,9 @@ class OptunaSearcher(Searcher):
         return {k: v for k, v in self.__dict__.items() if k not in ("_study", "_mirror")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # A search started before samplers were named drew with Optuna's TPE defaults of the time,
-        # which SamplerSpec() writes out.
-        state.setdefault("sampler", SamplerSpec())
+        # A search started before samplers were named: Optuna's TPE with the installed defaults,
+        # as it was built then (its settings were not recorded).
+        state.setdefault("sampler", SamplerSpec("tpe", UNRECORDED_TPE_OPTIONS))
         self.__dict__.update(state, _study=None, _mirror=None)
 
     def start(self) -> None:
@@ -187,7 +187,8 @@ class OptunaSearcher(Searcher):
         study = optuna.create_study(
             study_name=self.study_name, storage=history, directions=directions, load_if_exists=True
         )
-        seed = self.seed + len(study.get_trials(deepcopy=False))
+        # QMC's sequence is keyed by its seed and goes on from the trials the study holds: same seed.
+        seed = self.seed if self.sampler.name == "qmc" else self.seed + len(study.get_trials(deepcopy=False))
         self._study = optuna.load_study(
             study_name=self.study_name, storage=history, sampler=build_sampler(self.sampler, seed)
         )

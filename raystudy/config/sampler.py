@@ -1,4 +1,4 @@
-"""The Optuna sampler of a search (`search: {sampler: {name: tpe, ...options}}`), every setting
+"""The Optuna sampler of a search (`search: {sampler: {name: cmaes, popsize: 8}}`), every setting
 raystudy relies on written out: Optuna's own defaults change between versions (Optuna 5 turned
 TPE's `constant_liar` on), and a seeded search file must draw the same samples wherever it runs.
 The resolved settings are recorded with the experiment (manifest, `best_config.json`) beside the
@@ -19,6 +19,7 @@ SAMPLER_OPTIONS: dict[str, dict[str, tuple[Any, tuple[type, ...]]]] = {
     "tpe": {
         "n_startup_trials": (10, (int,)),
         "n_ei_candidates": (24, (int,)),
+        "multivariate": (True, (bool,)),  # Optuna 5 decides by itself (True for one objective)
         "constant_liar": (True, (bool,)),
         "group": (False, (bool,)),
     },
@@ -49,7 +50,10 @@ SAMPLER_OPTIONS: dict[str, dict[str, tuple[Any, tuple[type, ...]]]] = {
 IMPORTANCE_EVALUATOR = "PED-ANOVA"
 IMPORTANCE_SETTINGS = {"target_quantile": 0.1, "region_quantile": 1.0, "evaluate_on_local": True}
 ONE_OBJECTIVE_ONLY = ("cmaes",)
-FIXED_SPACE_ONLY = ("cmaes", "qmc")  # a conditional (mechanism-dependent) space falls back to random
+FIXED_SPACE_ONLY = ("cmaes", "qmc")  # they would draw a conditional (mechanism-dependent) space at random
+# A search whose record names no sampler (started before samplers were named): Optuna's TPE with
+# the installed Optuna's defaults, as it was built then; its settings are not known.
+UNRECORDED_TPE_OPTIONS: tuple[tuple[str, Any], ...] = ()
 QMC_TYPES = ("sobol", "halton")
 
 
@@ -72,7 +76,7 @@ def parse_sampler(values: Any, where: str) -> SamplerSpec:
         raise RaystudyError(f"{where}: sampler must be a name or a mapping with a name")
     given = dict(values)
     name = given.pop("name", "tpe")
-    if name not in SAMPLER_OPTIONS:
+    if not isinstance(name, str) or name not in SAMPLER_OPTIONS:
         raise RaystudyError(f"{where}: unknown sampler {name!r}; valid: {', '.join(SAMPLER_OPTIONS)}")
     known = SAMPLER_OPTIONS[name]
     unknown = sorted(map(str, set(given) - set(known)))
@@ -98,6 +102,8 @@ def parse_sampler(values: Any, where: str) -> SamplerSpec:
             require_extra("cmaes", "cmaes", "the sampler cmaes")
         except RaystudyError as err:
             raise RaystudyError(f"{where}: {err}") from None
+    if name == "tpe" and options["group"] and not options["multivariate"]:
+        raise RaystudyError(f"{where}: sampler tpe: group needs multivariate: true")
     if name == "tpe" and options["n_startup_trials"] < 1:
         raise RaystudyError(f"{where}: sampler tpe: n_startup_trials must be at least 1")
     return SamplerSpec(name, tuple(options.items()))
