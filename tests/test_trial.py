@@ -91,4 +91,9 @@ def test_a_trial_measures_the_same_after_other_trials_in_its_process(smoke_stora
     subprocess.run([sys.executable, "-c", code, here, json.dumps(alone), str(smoke_storage)], check=True, timeout=600)
     second = _measured(smoke_storage / "reuse_alone")
     (label,) = second
-    assert len(second[label]) > 40 and first[label] == second[label]
+    # Equal to float32 rounding: this test process ran other tests before (they may leave torch
+    # with other kernel choices than a new interpreter's), which moves a reduction by an ulp; a
+    # leaked draw, BN statistic or setting moves the metrics by far more. (Between Ray's reused
+    # trial actors, which run raystudy trials only, the smoke study's metrics were bit-identical.)
+    assert len(second[label]) > 40 and first[label].keys() == second[label].keys()
+    assert first[label] == {k: pytest.approx(v, rel=1e-5, abs=1e-7) for k, v in second[label].items()}
