@@ -371,8 +371,13 @@ def _optuna(report: Report, experiments: list[Experiment], tidy: pd.DataFrame, o
             f"Samples drawn by {_sampler_statement(experiment)}."
         )
         report.paragraph(_selection_statement(experiment))
+        known = _warm_start_table(experiment)
+        if known is not None:
+            report.paragraph(_warm_start_statement(experiment, len(known)))
         for _, path in figures:
             report.image(path)
+        if known is not None and len(known):
+            report.table(known)
         front = _pareto_table(experiment)
         if front is not None:
             report.table(front)
@@ -383,6 +388,45 @@ def _optuna(report: Report, experiments: list[Experiment], tidy: pd.DataFrame, o
                 f"{confirmed['seeds']}, next to baselines trained with the same seeds; mean ± std over seeds."
             )
             report.table(_confirmed_table(confirmed["rows"]))
+
+
+def _warm_start_statement(experiment: Experiment, known: int) -> str:
+    """What a warm-started search knew before its first suggestion (its manifest's `warm_start`)."""
+    entry = experiment.record["warm_start"]
+    parts = []
+    for source in entry.get("sources", []):
+        skipped = ", ".join(f"{n} {reason}" for reason, n in source.get("skipped", {}).items())
+        parts.append(
+            f"{source['experiment']}: {source['added']} of {source['trials']}"
+            + (f" (skipped: {skipped})" if skipped else "")
+        )
+    return (
+        f"Warm start: the sampler knew {known} finished trial(s) of earlier experiments before its first "
+        f"suggestion ({'; '.join(parts) or 'none named'}). They were not retrained: they are the first "
+        f"{known} trials of the history below and the table after it, and the winner above is chosen among "
+        "the search's own trials."
+    )
+
+
+def _warm_start_table(experiment: Experiment) -> pd.DataFrame | None:
+    """The warm start's trials, best first, each with its experiment and trial (None: no warm start)."""
+    entry = experiment.record.get("warm_start")
+    if not entry:
+        return None
+    search = experiment.spec.search
+    rows = [
+        {
+            "warm start from": t["experiment"],
+            "trial": t["trial_id"],
+            **t["params"],
+            **dict(zip(search.objective_metrics, t["values"])),
+        }
+        for t in entry.get("trials", [])
+    ]
+    table = pd.DataFrame(rows)
+    if len(table):
+        table = table.sort_values(search.objective_metric, ascending=search.mode == "min", kind="stable")
+    return table
 
 
 def _best_config(experiment: Experiment) -> dict | None:

@@ -32,20 +32,9 @@ OBJECTIVE = "asr/pgd/untargeted/8/mean"
 
 
 def smoke_search(n_eval: int) -> dict:
-    """The smoke study as the SAM&JR search of tests/conftest.py's smoke_search, on `n_eval` images."""
-    space = yaml.safe_load((ROOT / "search_spaces" / "smoke.yaml").read_text())
-    space.update(name="sampler_comparison", kind="search")
-    space.pop("trials")
-    space["evaluation"] = {"n_eval": n_eval, "budgets": [8], "modes": ["untargeted"], "smoothness_samples": 8}
-    space["search"] = {
-        "mechanism": "SAM&JR",
-        "num_samples": 4,
-        "seed": 0,
-        "params": {
-            "rho": {"low": 0.01, "high": 0.5, "log": True},
-            "lambda_jr": {"low": 1e-6, "high": 1.0, "log": True},
-        },
-    }
+    """The smoke search (search_spaces/smoke_optuna.yaml) on `n_eval` images."""
+    space = yaml.safe_load((ROOT / "search_spaces" / "smoke_optuna.yaml").read_text())
+    space.update(name="sampler_comparison", evaluation={**space["evaluation"], "n_eval": n_eval})
     return space
 
 

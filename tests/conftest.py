@@ -155,6 +155,24 @@ def smoke_storage(tmp_path_factory):
     return root
 
 
+# A grid a warm-started search starts from (tests/test_warm_start.py, test_study's search): SAM&JR at
+# two radii inside smoke_search's ranges and ST outside them, trained and measured as smoke_search is.
+WARM_GRID_RADII = (0.05, 0.2)
+
+
+@pytest.fixture(scope="session")
+def warm_grid(smoke_storage) -> Path:
+    """The grid above, written once per test process beside the smoke study (tests/world.py)."""
+    from world import write_experiment
+
+    space = smoke_search("warm_grid")
+    space.pop("search")
+    space.update(
+        kind="grid", trials=[{"mechanism": "SAM&JR", "magnitudes": {"rho": list(WARM_GRID_RADII)}}, {"mechanism": "ST"}]
+    )
+    return write_experiment(space, smoke_storage)
+
+
 def final_rows(experiment: Path) -> dict[str, list[dict]]:
     """Per trial folder of a local experiment, the results that carry the hook's metrics (final == 1)."""
     import json
@@ -263,18 +281,9 @@ def finals_in_bucket(env: dict, experiment: str) -> dict[str, list[dict]]:
 
 
 def smoke_search(name: str, epochs: int = 2, **search) -> dict:
-    """The smoke study as a small seeded SAM&JR Optuna search (4 samples unless `search` says otherwise)."""
-    space = dict(SMOKE, name=name, kind="search", train={**SMOKE["train"], "epochs": epochs})
-    space.pop("trials")
-    space["evaluation"] = {"n_eval": 32, "budgets": [8], "modes": ["untargeted"], "smoothness_samples": 8}
-    space["search"] = {
-        "mechanism": "SAM&JR",
-        "num_samples": 4,
-        "seed": 0,
-        "params": {
-            "rho": {"low": 0.01, "high": 0.5, "log": True},
-            "lambda_jr": {"low": 1e-6, "high": 1.0, "log": True},
-        },
-        **search,
-    }
+    """The smoke search (search_spaces/smoke_optuna.yaml: a small seeded SAM&JR Optuna search) named
+    `name`, with `epochs` and the `search` keys given."""
+    space = yaml.safe_load((ROOT / "search_spaces" / "smoke_optuna.yaml").read_text())
+    space.update(name=name, train={**space["train"], "epochs": epochs})
+    space["search"].update(search)
     return space

@@ -13,9 +13,20 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import RAYSTUDY, ROOT, SMOKE, final_rows, finished_once, raystudy_here, run_raystudy
+from conftest import (
+    RAYSTUDY,
+    ROOT,
+    SMOKE,
+    WARM_GRID_RADII,
+    final_rows,
+    finished_once,
+    raystudy_here,
+    run_raystudy,
+    smoke_search,
+)
 
 from raystudy.config import load_space, parse_space
+from raystudy.config.sampler import SamplerSpec
 from raystudy.errors import RaystudyError
 
 SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))
@@ -148,29 +159,14 @@ def test_the_smoke_study_through_the_command_line_reports_the_hook_metrics_for_e
 
 
 @pytest.mark.slow
-def test_optuna_search_finds_a_best_config_inside_the_bounds(storage, tmp_path):
+def test_optuna_search_finds_a_best_config_inside_the_bounds(storage, warm_grid, tmp_path):
     import optuna
 
-    space = write_space(
-        tmp_path,
-        "optuna_smoke",
-        kind="search",
-        trials=None,
-        train={**SMOKE["train"], "epochs": 2},
-        evaluation={"n_eval": 32, "budgets": [8], "modes": ["untargeted"], "smoothness_samples": 8},
-        search={
-            "mechanism": "SAM&JR",
-            "num_samples": 4,
-            "seed": 0,
-            "params": {
-                "rho": {"low": 0.01, "high": 0.5, "log": True},
-                "lambda_jr": {"low": 1e-6, "high": 1.0, "log": True},
-            },
-            "proxy_every": 1,
-            "proxy_n_eval": 20,
-            "grace_period": 1,
-        },
-    )
+    # The smoke search with ASHA on a proxy; the grid's two SAM&JR trials are known to its sampler
+    # before it suggests anything.
+    space = tmp_path / "optuna_smoke.yaml"
+    search = smoke_search("optuna_smoke", proxy_every=1, proxy_n_eval=20, grace_period=1, warm_start=[str(warm_grid)])
+    space.write_text(yaml.safe_dump(search))
     out = run_raystudy("search", space, "--storage", storage, "--num-cpus", 2)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     best = json.loads((storage / "optuna_smoke" / "best_config.json").read_text())
@@ -178,21 +174,19 @@ def test_optuna_search_finds_a_best_config_inside_the_bounds(storage, tmp_path):
     # What drew the samples is recorded with the search: the sampler's every setting, seed, Optuna version.
     manifest = json.loads((storage / "optuna_smoke" / "raystudy-study.json").read_text())
     assert best["search_settings"] == manifest["search_settings"]
-    assert best["search_settings"]["sampler"] == {
-        "name": "tpe",
-        "n_startup_trials": 10,
-        "n_ei_candidates": 24,
-        "multivariate": True,
-        "constant_liar": True,
-        "group": False,
-    }
+    assert best["search_settings"]["sampler"] == SamplerSpec().to_dict()  # written out: test_sampler
     assert best["search_settings"]["seed"] == 0 and best["search_settings"]["optuna"] == optuna.__version__
     assert "best asr/pgd/untargeted/8/mean" in out.stdout
     study = optuna.load_study(study_name="optuna_smoke", storage=f"sqlite:///{storage / 'optuna_smoke' / 'optuna.db'}")
-    states = [t.state for t in study.trials]
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    # The warm start's trials come first, complete and marked; Ray trained only the search's four.
+    assert "warm start: 2 of 3 trial(s)" in out.stdout and "skipped: 1 another mechanism" in out.stdout
+    known, searched = study.trials[:2], study.trials[2:]
+    assert all(t.user_attrs.get("warm_start_trial") for t in known) and not any(t.user_attrs for t in searched)
+    assert sorted(t.params["rho"] for t in known) == sorted(WARM_GRID_RADII)
+    states = [t.state for t in searched]
+    complete = [t for t in searched if t.state == optuna.trial.TrialState.COMPLETE]
     # Every trial is in the study: complete, or pruned where ASHA stopped it on the proxy.
-    assert len(study.trials) == 4 and set(states) <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
+    assert len(searched) == 4 and set(states) <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
     assert complete and all(0.01 <= t.params["rho"] <= 0.5 and 1e-6 <= t.params["lambda_jr"] <= 1 for t in study.trials)
     assert best["value"] == pytest.approx(max(t.value for t in complete))
     assert sum(bool(rows) for rows in final_results(storage / "optuna_smoke").values()) == len(complete)

@@ -19,6 +19,7 @@ from typing import Any
 
 from raystudy.blackbox.query import load_endpoints, save_endpoints
 from raystudy.cluster import searcher as search
+from raystudy.cluster import warm_start
 from raystudy.cluster.session import init_ray
 from raystudy.config import STUDY_MANIFEST, StudySpec, parse_space
 from raystudy.config.sampler import search_settings
@@ -101,6 +102,8 @@ class Experiment:
             manifest.update(_evaluation_images(spec))
         if spec.search is not None:  # what draws the samples, written out (raystudy/config/sampler.py)
             manifest["search_settings"] = search_settings(spec.search.sampler, spec.search.seed)
+        if spec.search is not None and spec.search.warm_start:  # read once: a resume reads the manifest
+            manifest["warm_start"] = warm_start.select(spec, manifest)
         experiment = cls(spec, raw, location, manifest)
         experiment._write_manifest()
         return experiment
@@ -303,6 +306,10 @@ def _search_setup(experiment: Experiment):
     spec = experiment.spec
     searcher = history_of(experiment)
     searcher.start()
+    known = warm_start.from_manifest(experiment.manifest)
+    if known:  # before Ray asks for the first trial; a driver that restarts the search adds none twice
+        added = searcher.add_known(known)
+        print(f"warm start: {added} finished trial(s) of earlier experiments added to the search's history")
     scheduler = None
     if spec.search.proxy_every:
         # stop_last_trials=False: a trial that survives every rung must still reach its trial-end

@@ -11,7 +11,8 @@ or an RDB URL) is the durable state. What Ray pickles is where the history lives
 trial is which Optuna trial; a driver restored on another machine fetches the experiment's copy.
 `reconcile` runs after every tune phase: a finished Ray trial the history lacks (told after the
 last upload before a driver was lost) is added back, and a trial asked by a lost driver that Ray
-never ran is marked failed. No torch here.
+never ran is marked failed. A warm start's trials (raystudy.cluster.warm_start) are added to the
+history as completed trials before the first suggestion (`add_known`). No torch here.
 """
 
 from __future__ import annotations
@@ -24,11 +25,14 @@ from typing import Any, Sequence
 from ray.tune.search import Searcher
 
 from raystudy.config import StudySpec
-from raystudy.config.sampler import UNRECORDED_TPE_OPTIONS, SamplerSpec
+from raystudy.config.sampler import CMAES_WARM_START_MIN, UNRECORDED_TPE_OPTIONS, SamplerSpec
 from raystudy.config.study import SearchParam
+from raystudy.errors import RaystudyError
 from raystudy.persist import optuna_history, storage
 
 MECHANISM = "mechanism"
+# The user attributes that mark a trial of an earlier experiment (a warm start's) in the history.
+KNOWN_EXPERIMENT, KNOWN_TRIAL = "warm_start_experiment", "warm_start_trial"
 
 
 @dataclass(frozen=True)
@@ -127,8 +131,9 @@ class HistoryPlace:
         return optuna_history.journal_storage(local), mirror
 
 
-def build_sampler(spec: SamplerSpec, seed: int):
-    """The Optuna sampler of `spec`, every resolved setting passed explicitly, seeded."""
+def build_sampler(spec: SamplerSpec, seed: int, source_trials: Sequence[Any] = ()):
+    """The Optuna sampler of `spec`, every resolved setting passed explicitly, seeded. CMA-ES draws
+    its first generation from `source_trials` (a warm start's) where there are enough of them."""
     import warnings
 
     import optuna
@@ -142,7 +147,10 @@ def build_sampler(spec: SamplerSpec, seed: int):
     }
     with warnings.catch_warnings():  # `group` and QMC are marked experimental: chosen knowingly
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return kinds[spec.name](seed=seed, **dict(spec.options))
+        extra = {}
+        if spec.name == "cmaes" and len(source_trials) >= CMAES_WARM_START_MIN:
+            extra["source_trials"] = list(source_trials)
+        return kinds[spec.name](seed=seed, **dict(spec.options), **extra)
 
 
 class OptunaSearcher(Searcher):
@@ -160,17 +168,17 @@ class OptunaSearcher(Searcher):
         self.space, self.metrics, self.modes = space, tuple(metrics), tuple(modes)
         self.study_name, self.place, self.seed, self.sampler = study_name, place, seed, sampler
         self.asked: dict[str, int] = {}  # Ray trial id -> Optuna trial number
-        self._study = self._mirror = None
+        self._study = self._mirror = self._history = None
 
     # Ray pickles the searcher into the experiment (tuner.pkl, searcher-state-*.pkl): plain data only.
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_study", "_mirror")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_study", "_mirror", "_history")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # A search started before samplers were named: Optuna's TPE with the installed defaults,
         # as it was built then (its settings were not recorded).
         state.setdefault("sampler", SamplerSpec("tpe", UNRECORDED_TPE_OPTIONS))
-        self.__dict__.update(state, _study=None, _mirror=None)
+        self.__dict__.update(state, _study=None, _mirror=None, _history=None)
 
     def start(self) -> None:
         """Create the search's Optuna study (a new experiment); its history exists before any trial."""
@@ -178,20 +186,66 @@ class OptunaSearcher(Searcher):
         self.sync(force=True)
 
     def _open(self, fresh: bool) -> None:
-        """The history and its sampler. A reopened history's sampler is seeded with the seed plus
-        the trials it holds: the same seed again would draw the search's first values again."""
+        """The history and its sampler."""
         import optuna
 
         history, self._mirror = self.place.open(fresh)
+        self._history = history
         directions = ["maximize" if mode == "max" else "minimize" for mode in self.modes]
-        study = optuna.create_study(
-            study_name=self.study_name, storage=history, directions=directions, load_if_exists=True
-        )
+        optuna.create_study(study_name=self.study_name, storage=history, directions=directions, load_if_exists=True)
+        self._load(history)
+
+    def _load(self, history) -> None:
+        """The study with its sampler, built for the trials the history holds now. A reopened
+        history's sampler is seeded with the seed plus the search's own trials: the same seed again
+        would draw the search's first values again (a warm start's trials were never drawn)."""
+        import optuna
+
+        trials = optuna.load_study(study_name=self.study_name, storage=history).get_trials(deepcopy=False)
+        known = [t for t in trials if KNOWN_EXPERIMENT in t.user_attrs]
         # QMC's sequence is keyed by its seed and goes on from the trials the study holds: same seed.
-        seed = self.seed if self.sampler.name == "qmc" else self.seed + len(study.get_trials(deepcopy=False))
-        self._study = optuna.load_study(
-            study_name=self.study_name, storage=history, sampler=build_sampler(self.sampler, seed)
-        )
+        seed = self.seed if self.sampler.name == "qmc" else self.seed + len(trials) - len(known)
+        sampler = build_sampler(self.sampler, seed, source_trials=known)
+        self._study = optuna.load_study(study_name=self.study_name, storage=history, sampler=sampler)
+
+    def add_known(self, trials: Sequence[Any]) -> int:
+        """A warm start's trials (raystudy.cluster.warm_start.KnownTrial) into the history as
+        completed trials, marked with their experiment and trial, each once; then the sampler is
+        built again, so that its first suggestion already knows them. Returns how many were added."""
+        import optuna
+
+        study = self.study
+        held = {
+            (t.user_attrs.get(KNOWN_EXPERIMENT), t.user_attrs.get(KNOWN_TRIAL))
+            for t in study.get_trials(deepcopy=False)
+        }
+        added = 0
+        for known in trials:
+            if (known.experiment, known.trial_id) in held:
+                continue  # added by an earlier driver of this search
+            try:
+                distributions = self.space.distributions(known.params)
+                frozen = optuna.trial.create_trial(
+                    params={name: known.params[name] for name in distributions},
+                    distributions=distributions,
+                    values=list(known.values),
+                    user_attrs={KNOWN_EXPERIMENT: known.experiment, KNOWN_TRIAL: known.trial_id},
+                )
+            except (KeyError, ValueError) as err:
+                raise RaystudyError(
+                    f"warm start: trial {known.trial_id} of {known.experiment} does not fit this search ({err}): "
+                    "its manifest was changed?"
+                ) from None
+            study.add_trial(frozen)
+            added += 1
+        if self.sampler.name == "cmaes" and 0 < len(trials) < CMAES_WARM_START_MIN:
+            print(
+                f"warm start: CMA-ES draws its first generation from the best 10% of at least "
+                f"{CMAES_WARM_START_MIN} known trials; with {len(trials)} it starts from the middle of the space"
+            )
+        self._load(self._history)
+        self.sync(force=True)
+        return added
 
     @property
     def study(self):
@@ -287,7 +341,12 @@ def reconcile(searcher: OptunaSearcher, results: Sequence[Any], final_key: str) 
             study.tell(trial.number, held[0])
         elif held[0] is not None:
             study.tell(trial.number, state=held[0])
-    complete = [t.params for t in study.get_trials(deepcopy=False, states=(states.COMPLETE,))]
+    # The search's own finished trials (a warm start's are not Ray's to add back).
+    complete = [
+        t.params
+        for t in study.get_trials(deepcopy=False, states=(states.COMPLETE,))
+        if KNOWN_EXPERIMENT not in t.user_attrs
+    ]
     for config, outcome in outcomes:
         if not isinstance(outcome, list) or any(_same_values(params, config) for params in complete):
             continue

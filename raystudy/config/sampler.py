@@ -55,6 +55,12 @@ FIXED_SPACE_ONLY = ("cmaes", "qmc")  # they would draw a conditional (mechanism-
 # the installed Optuna's defaults, as it was built then; its settings are not known.
 UNRECORDED_TPE_OPTIONS: tuple[tuple[str, Any], ...] = ()
 QMC_TYPES = ("sobol", "halton")
+# Samplers that learn from finished trials, and so from a warm start's (random and QMC draw the
+# same points whatever is known). CMA-ES takes them as its source trials (WS-CMA-ES, Optuna's
+# `source_trials`), from which it draws its first generation: from the best 10% of them, so it
+# needs at least CMAES_WARM_START_MIN; fewer leave its first generation at the middle of the space.
+LEARNS_FROM_TRIALS = ("tpe", "cmaes", "gp")
+CMAES_WARM_START_MIN = 10
 
 
 @dataclass(frozen=True)
@@ -109,8 +115,17 @@ def parse_sampler(values: Any, where: str) -> SamplerSpec:
     return SamplerSpec(name, tuple(options.items()))
 
 
-def check_sampler_fits(sampler: SamplerSpec, objectives: int, conditional: bool, where: str) -> None:
+def check_sampler_fits(
+    sampler: SamplerSpec, objectives: int, conditional: bool, where: str, warm_start: bool = False
+) -> None:
     """One line where the sampler cannot search this space as asked."""
+    if warm_start and sampler.name not in LEARNS_FROM_TRIALS:
+        raise RaystudyError(
+            f"{where}: sampler {sampler.name} draws its samples whatever trials are known: warm_start "
+            f"would change nothing; use {', '.join(LEARNS_FROM_TRIALS)}"
+        )
+    if warm_start and sampler.name == "cmaes" and dict(sampler.options)["use_separable_cma"]:
+        raise RaystudyError(f"{where}: sampler cmaes: warm_start needs use_separable_cma: false (Optuna's rule)")
     if objectives > 1 and sampler.name in ONE_OBJECTIVE_ONLY:
         raise RaystudyError(f"{where}: sampler {sampler.name} optimizes one objective; use tpe, gp, random or qmc")
     if conditional and sampler.name in FIXED_SPACE_ONLY:

@@ -208,6 +208,9 @@ class SearchSpec:
     confirm: ConfirmSpec | None = None
     # Optuna's sampler with every setting raystudy relies on resolved (raystudy.config.sampler).
     sampler: SamplerSpec = SamplerSpec()
+    # Earlier experiments (local folders or storage URIs) whose finished trials inside this space
+    # the sampler is told before its first suggestion (raystudy.cluster.warm_start).
+    warm_start: tuple[str, ...] = ()
 
     @property
     def conditional(self) -> bool:
@@ -266,6 +269,15 @@ def _sampled(key: str, value: Any) -> Any:
     return round(value) if key == "epochs" and isinstance(value, float) and math.isfinite(value) else value
 
 
+def _inside(param: SearchParam, value: Any) -> bool:
+    """Whether a value is one the search draws for `param`."""
+    if param.choices:
+        return value in param.choices
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        return False
+    return param.low <= value <= param.high and (not param.integer or float(value).is_integer())
+
+
 def averaged_over_targets(metric: str) -> bool:
     return metric.startswith(("asr/", "asr_all/")) and metric.endswith("/mean")
 
@@ -306,6 +318,37 @@ class StudySpec:
             mechanism = search.mechanism
             magnitudes = {k: v for k, v in values.items() if k not in SEARCHABLE_TRAIN_KEYS}
         return TrialPlan(_train_config(self, mechanism, magnitudes, self.model, self.seeds[0], overrides))
+
+    def sample_of_plan(self, plan: TrialPlan) -> tuple[dict[str, Any] | None, str]:
+        """The search's values that make `plan` (the inverse of plan_for_sample), and "", or None and
+        why the plan lies outside this search. The seed is not compared: it is not searched, and a
+        trial of another seed is another draw of the same configuration."""
+        search = self.search
+        mechanism = plan.train.mechanism
+        searched = search.mechanisms if search.conditional else (search.mechanism,)
+        if plan.loaded is not None or mechanism not in searched:
+            return None, "another mechanism"
+        values: dict[str, Any] = {"mechanism": mechanism} if search.conditional else {}
+        params = search.params + (search.magnitude_params(mechanism, self.dataset) if search.conditional else ())
+        magnitudes = dict(plan.train.magnitudes)
+        for p in params:
+            if p.name in SEARCHABLE_TRAIN_KEYS:
+                value = getattr(plan.train, p.name)
+            else:
+                value = magnitudes.get(p.name.split(".", 1)[-1] if search.conditional else p.name)
+            if not _inside(p, value):
+                return None, "outside the searched ranges"
+            values[p.name] = int(value) if p.integer else value
+        rebuilt = self.plan_for_sample(values)
+        rebuilt = dataclasses.replace(rebuilt, train=dataclasses.replace(rebuilt.train, seed=plan.train.seed))
+        if rebuilt.key() != plan.key():
+            theirs, ours = plan.to_dict(), rebuilt.to_dict()
+            differ = sorted(
+                k for k in set(theirs["train"]) | set(ours["train"]) if theirs["train"].get(k) != ours["train"].get(k)
+            )
+            differ += [k for k in ("lgv", "target_name") if theirs.get(k) != ours.get(k)]
+            return None, f"trained otherwise ({', '.join(k for k in differ if k != 'data_path') or 'plan'} differ)"
+        return values, ""
 
     def plan_from_ray(self, config: Mapping[str, Any]) -> TrialPlan:
         """The plan of a trial from the config Ray gave it (and recorded in params.json)."""
@@ -814,10 +857,19 @@ def _search(values: Any, where: str) -> SearchSpec:
         objective_targets=r.items("objective_targets", (), MAX_ITEMS, check_name),
         confirm=_confirm(r.get("confirm", None, dict), where),
         sampler=parse_sampler(r.get("sampler", None, (str, dict)), f"{where}: search"),
+        warm_start=r.items("warm_start", (), MAX_FEW, _experiment_location),
     )
     r.finish()
     _check_search(search, where)
     return search
+
+
+def _experiment_location(key: str, value: Any) -> str:
+    """An experiment a search starts from: a local folder or a storage URI, not empty."""
+    location = check_text(key, value, max_length=MAX_TEXT)
+    if not location.strip():
+        raise RaystudyError(f"{key}: an experiment's folder or storage URI, not empty")
+    return location
 
 
 def _param(name: str, values: Any, where: str) -> SearchParam:
@@ -854,7 +906,11 @@ def _check_search(search: SearchSpec, where: str) -> None:
         raise RaystudyError(f"{where}: search: metric lists a metric twice")
     if not search.params and not search.conditional:
         raise RaystudyError(f"{where}: search: params is empty")
-    check_sampler_fits(search.sampler, len(search.metrics), search.conditional, f"{where}: search")
+    check_sampler_fits(
+        search.sampler, len(search.metrics), search.conditional, f"{where}: search", bool(search.warm_start)
+    )
+    if len(set(search.warm_start)) != len(search.warm_start):
+        raise RaystudyError(f"{where}: search: warm_start lists an experiment twice")
     confirm = search.confirm
     if confirm is not None and confirm.top_k > search.num_samples:
         raise RaystudyError(f"{where}: search: confirm: top_k={confirm.top_k} exceeds num_samples={search.num_samples}")

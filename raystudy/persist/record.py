@@ -14,6 +14,7 @@ downstream takes a metric's name apart:
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Mapping
 
@@ -138,7 +139,45 @@ def checked_manifest(manifest: Any, location: str) -> dict[str, Any]:
         value = manifest.get(key)
         if value is not None and not (_is_list_of(value, int) and all(0 <= i < 1 << 31 for i in value)):
             raise RaystudyError(f"{location}: its {key} must be a list of non-negative whole numbers")
+    if manifest.get("warm_start") is not None:
+        _check_warm_start(manifest["warm_start"], location)
     return {**manifest, "source": manifest.get("source") or location, "data": manifest.get("data")}
+
+
+def _check_warm_start(entry: Any, location: str) -> None:
+    """A search manifest's `warm_start` (raystudy.cluster.warm_start): per earlier experiment its
+    counts; per trial kept its experiment, id, searched values and finite objective values."""
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise RaystudyError(f"{location}: its warm_start is not one ({what})")
+
+    need(isinstance(entry, dict), "a mapping")
+    sources, trials = entry.get("sources", []), entry.get("trials", [])
+    need(isinstance(sources, list) and isinstance(trials, list), "sources and trials must be lists")
+    for source in sources:
+        need(isinstance(source, dict) and isinstance(source.get("experiment"), str), "a source's experiment")
+        need(all(_is_count(source.get(k)) for k in ("trials", "added")), "a source's counts")
+        skipped = source.get("skipped", {})
+        need(
+            isinstance(skipped, dict) and all(isinstance(k, str) and _is_count(v) for k, v in skipped.items()),
+            "skipped",
+        )
+    for trial in trials:
+        need(
+            isinstance(trial, dict) and _is_list_of([trial.get("experiment"), trial.get("trial_id")], str),
+            "a trial's name",
+        )
+        params = trial.get("params")
+        need(
+            isinstance(params, dict) and all(isinstance(v, (str, int, float)) for v in params.values()),
+            "a trial's params",
+        )
+        values = trial.get("values")
+        need(
+            _is_list_of(values, (int, float)) and bool(values) and all(math.isfinite(v) for v in values),
+            "a trial's values",
+        )
 
 
 def checked_metric_rows(rows: Any, location: str) -> list[dict[str, Any]]:
@@ -205,6 +244,10 @@ def checked_best_config(best: Any, location: str) -> dict[str, Any]:
                     need(value is None or _is_number(value), f"a confirmed row's {key}")
             need(isinstance(row.get("held_out_metric", ""), str), "a confirmed row's held_out_metric")
     return best
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _is_number(value: Any) -> bool:
