@@ -402,9 +402,9 @@ def _warm_start_statement(experiment: Experiment, known: int) -> str:
         )
     return (
         f"Warm start: the sampler knew {known} finished trial(s) of earlier experiments before its first "
-        f"suggestion ({'; '.join(parts) or 'none named'}). They were not retrained: they are the first "
-        f"{known} trials of the history below and the table after it, and the winner above is chosen among "
-        "the search's own trials."
+        f"suggestion ({'; '.join(parts) or 'none named'}). They were not retrained: the table after the figures "
+        f"lists them; in the figures drawn from the Optuna history they are its first {known} trials; the "
+        "winner above is chosen among the search's own trials."
     )
 
 

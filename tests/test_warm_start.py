@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 
 import pytest
 import yaml
@@ -16,7 +17,14 @@ from test_searcher import METRIC, searcher_of
 from raystudy.cluster import searcher as searcher_module
 from raystudy.cluster.experiment import Experiment, _search_setup, history_of
 from raystudy.cluster.searcher import KNOWN_EXPERIMENT, KNOWN_TRIAL
-from raystudy.cluster.warm_start import KnownTrial, _objective_value, from_manifest
+from raystudy.cluster.warm_start import (
+    OTHER_TARGET_MODELS,
+    OTHER_TARGETS,
+    KnownTrial,
+    _objective_value,
+    from_manifest,
+    settings_of,
+)
 from raystudy.config import parse_space
 from raystudy.errors import RaystudyError
 from raystudy.persist.record import MetricRow, checked_manifest
@@ -167,10 +175,80 @@ def test_trials_measured_otherwise_or_on_other_targets_are_skipped_and_counted(w
     assert _objective_value(spec, {"targets": ["a", "c"]}, rows, metric, set()) == (None, "measured on other targets")
     # A black-box target's rows, added to the record after the trial, are not among the hook's targets.
     assert _objective_value(spec, {"targets": ["a"]}, rows, metric, {"b"}) == (0.6, "")
+    # This search's black-box targets are not among the hook's either.
+    api = [*rows, MetricRow("asr", 0.9, "pgd", "targeted", 8, target="api")]
+    assert _objective_value(spec, {"targets": ["a", "b", "api"], "endpoints": ["api"]}, api, metric, {"api"}) == (
+        0.6,
+        "",
+    )
+    only_mean = [r for r in rows if r.target == "mean"]
+    assert _objective_value(spec, {"targets": ["a", "b"]}, only_mean, metric, set()) == (None, OTHER_TARGETS)
     nan = [dataclasses.replace(r, value=math.nan) for r in rows]
     assert (
         _objective_value(spec, {"targets": ["a", "b"]}, nan, metric, set())[1] == f"with {metric} not a finite number"
     )
+
+
+def test_only_the_settings_a_metric_depends_on_must_agree(warm_grid, capsys):
+    assert "target_classes" not in settings_of("asr/pgd/untargeted/8/mean")
+    assert "target_classes" in settings_of("asr/pgd/targeted/8/mean")
+    assert "autoattack_steps" in settings_of("asr/autoattack/untargeted/8/mean")
+    assert "autoattack_steps" not in settings_of("asr/pgd/untargeted/8/mean")
+    assert settings_of("test_acc") == () and "power_iterations" in settings_of("smoothness/mean")
+    # How targeted classes are chosen does not change an untargeted objective: the grid's trials count.
+    next_classes, _ = created(
+        "next_classes", warm_grid.parent, capsys, {"target_classes": "next"}, warm_start=[str(warm_grid)]
+    )
+    assert len(from_manifest(next_classes.manifest)) == 2
+
+
+def test_the_targets_must_be_the_same_models_not_only_the_same_names(warm_grid, tmp_path, capsys):
+    """A search in another storage with a byte-for-byte copy of the targets takes the grid's trials;
+    with other target files of the same names, none."""
+    for changed in (False, True):
+        root = tmp_path / f"changed_{changed}"
+        shutil.copytree(warm_grid.parent / "smoke_targets", root / "smoke_targets")
+        if changed:
+            target = next((root / "smoke_targets" / "targets").glob("*.pt"))
+            target.write_bytes(target.read_bytes() + b"\0")
+        experiment, printed = created("elsewhere", root, capsys, warm_start=[str(warm_grid)])
+        skipped = experiment.manifest["warm_start"]["sources"][0]["skipped"]
+        assert len(from_manifest(experiment.manifest)) == (0 if changed else 2)
+        assert skipped == ({OTHER_TARGET_MODELS: 2, "another mechanism": 1} if changed else {"another mechanism": 1})
+
+
+def test_an_experiment_named_twice_is_one_line(warm_grid, capsys):
+    with pytest.raises(RaystudyError, match="are the same experiment: name it once"):
+        created("twice", warm_grid.parent, capsys, warm_start=[str(warm_grid), str(warm_grid) + "/"])
+
+
+def test_a_restarted_driver_of_a_search_on_a_storage_uri_adds_nothing_twice(tmp_path):
+    """The history mirrored into the experiment (a storage URI): a driver that starts the search
+    again goes on with it rather than a fresh one, so the known trials are there once."""
+    space = {"name": "s", "kind": "search", "targets": "t", "search": {"mechanism": "SAM", "num_samples": 4}}
+    space["search"]["params"] = {"rho": {"low": 0.01, "high": 0.5, "log": True}}
+    experiment = Experiment(parse_space(space, "s.yaml"), space, f"file://{tmp_path}/s", {})
+    known = [KnownTrial("/grid", f"t{i}", {"rho": 0.05 * (i + 1)}, (0.1 * i,)) for i in range(3)]
+    for asked in (2, 0):  # the first driver is lost after asking two trials
+        searcher = history_of(experiment)
+        searcher.start()
+        searcher.add_known(known)
+        for i in range(asked):
+            searcher.suggest(f"r{i}")
+    trials = history_of(experiment).study.get_trials(deepcopy=False)
+    assert [t.user_attrs.get(KNOWN_TRIAL) for t in trials] == ["t0", "t1", "t2", None, None]
+
+
+def test_cmaes_takes_known_trials_of_a_space_with_choices(tmp_path):
+    """CMA-ES searches the numeric values and draws the choices apart: its source trials are the
+    known trials without their choices."""
+    params = {"rho": {"low": 0.01, "high": 0.5, "log": True}, "lr": {"choices": [0.01, 0.05]}}
+    searcher = searcher_of(tmp_path, sampler="cmaes", params=params)
+    searcher.add_known(
+        [KnownTrial("/g", f"t{i}", {"rho": 0.01 + 0.04 * i, "lr": 0.05}, (float(i),)) for i in range(10)]
+    )
+    config = searcher.suggest("r0")
+    assert 0.01 <= config["rho"] <= 0.5 and config["lr"] in (0.01, 0.05)
 
 
 def test_the_known_trials_are_checked_where_they_are_read_back(tmp_path):
@@ -179,6 +257,8 @@ def test_the_known_trials_are_checked_where_they_are_read_back(tmp_path):
     assert checked_manifest({**base, "warm_start": {"trials": [good]}}, "m.json")
     for bad in (
         {**good, "values": [math.nan]},
+        {**good, "values": [10**400]},
+        {**good, "params": {"rho": True}},
         {**good, "values": []},
         {**good, "params": {"rho": [1]}},
         {**good, "trial_id": 3},
@@ -194,6 +274,8 @@ def test_the_known_trials_are_checked_where_they_are_read_back(tmp_path):
     searcher = searcher_of(tmp_path)
     with pytest.raises(RaystudyError, match="does not fit this search"):
         searcher.add_known([KnownTrial("/x", "t1", {"rho": 5.0}, (0.5,))])
+    with pytest.raises(RaystudyError, match="2 objective values for 1 objective"):
+        searcher.add_known([KnownTrial("/x", "t2", {"rho": 0.1}, (0.5, 0.7))])
 
 
 def test_cmaes_draws_its_first_generation_from_the_known_trials(tmp_path):

@@ -103,6 +103,13 @@ class HistoryPlace:
             return os.path.isfile(local) or bool(storage.list_files(remote, ".log"))
         return os.path.isfile(os.path.join(self.experiment, storage.OPTUNA_DB))
 
+    def in_experiment(self) -> bool:
+        """Whether the experiment already holds this history (a journal mirror: uploaded segments;
+        a journal this machine kept of an earlier, deleted experiment of the same URI does not count)."""
+        if self.mirrored:
+            return bool(storage.list_files(storage.join(self.experiment, optuna_history.JOURNAL_DIR), ".log"))
+        return self.exists()
+
     @property
     def mirrored(self) -> bool:
         return self.url is None and storage.is_uri(self.experiment)
@@ -181,8 +188,10 @@ class OptunaSearcher(Searcher):
         self.__dict__.update(state, _study=None, _mirror=None, _history=None)
 
     def start(self) -> None:
-        """Create the search's Optuna study (a new experiment); its history exists before any trial."""
-        self._open(fresh=True)
+        """Create the search's Optuna study (a new experiment); its history exists before any trial.
+        A driver that starts the search again (lost before Ray saved the experiment) goes on with the
+        history the experiment holds: the trials the lost driver asked are failed by `reconcile`."""
+        self._open(fresh=not self.place.in_experiment())
         self.sync(force=True)
 
     def _open(self, fresh: bool) -> None:
@@ -205,7 +214,7 @@ class OptunaSearcher(Searcher):
         known = [t for t in trials if KNOWN_EXPERIMENT in t.user_attrs]
         # QMC's sequence is keyed by its seed and goes on from the trials the study holds: same seed.
         seed = self.seed if self.sampler.name == "qmc" else self.seed + len(trials) - len(known)
-        sampler = build_sampler(self.sampler, seed, source_trials=known)
+        sampler = build_sampler(self.sampler, seed, source_trials=_numeric_part(known))
         self._study = optuna.load_study(study_name=self.study_name, storage=history, sampler=sampler)
 
     def add_known(self, trials: Sequence[Any]) -> int:
@@ -224,6 +233,8 @@ class OptunaSearcher(Searcher):
             if (known.experiment, known.trial_id) in held:
                 continue  # added by an earlier driver of this search
             try:
+                if len(known.values) != len(self.metrics):
+                    raise ValueError(f"{len(known.values)} objective values for {len(self.metrics)} objective(s)")
                 distributions = self.space.distributions(known.params)
                 frozen = optuna.trial.create_trial(
                     params={name: known.params[name] for name in distributions},
@@ -231,12 +242,13 @@ class OptunaSearcher(Searcher):
                     values=list(known.values),
                     user_attrs={KNOWN_EXPERIMENT: known.experiment, KNOWN_TRIAL: known.trial_id},
                 )
-            except (KeyError, ValueError) as err:
+            except (KeyError, ValueError, TypeError, OverflowError) as err:
                 raise RaystudyError(
                     f"warm start: trial {known.trial_id} of {known.experiment} does not fit this search ({err}): "
                     "its manifest was changed?"
                 ) from None
             study.add_trial(frozen)
+            held.add((known.experiment, known.trial_id))
             added += 1
         if self.sampler.name == "cmaes" and 0 < len(trials) < CMAES_WARM_START_MIN:
             print(
@@ -308,6 +320,27 @@ class OptunaSearcher(Searcher):
     def sync(self, force: bool = False) -> None:
         if self._mirror is not None:
             self._mirror.sync(force=force)
+
+
+def _numeric_part(trials: Sequence[Any]) -> list[Any]:
+    """The trials with their categorical values left out: CMA-ES searches the numeric values (its
+    source trials must have exactly its space's distributions; it draws choices independently)."""
+    import optuna
+
+    def numeric(trial):
+        kept = {
+            k: d
+            for k, d in trial.distributions.items()
+            if not isinstance(d, optuna.distributions.CategoricalDistribution)
+        }
+        return optuna.trial.create_trial(
+            params={k: trial.params[k] for k in kept},
+            distributions=kept,
+            values=trial.values,
+            user_attrs=trial.user_attrs,
+        )
+
+    return [numeric(t) for t in trials]
 
 
 def _config_of(result: dict) -> dict[str, Any]:

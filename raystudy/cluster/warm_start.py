@@ -19,21 +19,30 @@ measured on other targets, or has an objective that is not a finite number. No R
 
 from __future__ import annotations
 
-import math
+import hashlib
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from raystudy.config import StudySpec
 from raystudy.config.evaluation import EvalConfig
+from raystudy.config.study import averaged_over_targets
 from raystudy.errors import RaystudyError
 from raystudy.persist import storage
-from raystudy.persist.record import AGGREGATE_TARGETS, MetricRow, flat, objective_rows, rows_of
+from raystudy.persist.record import (
+    AGGREGATE_TARGETS,
+    MetricRow,
+    finite_number,
+    flat,
+    objective_rows,
+    rows_of,
+    targets_location,
+)
 
 # The evaluation settings each metric's value depends on (the others choose which metrics exist,
 # or how fast they are computed). A metric not named here depends on all of them.
 IMAGES = ("n_eval", "seed")
-ATTACK_SETTINGS = IMAGES + ("steps", "step_size", "random_start", "target_classes", "autoattack_steps")
+ATTACK_SETTINGS = IMAGES + ("steps", "step_size", "random_start")
 MEASURED_BY: dict[str, tuple[str, ...]] = {
     "acc": IMAGES,
     "similarity": IMAGES,
@@ -48,6 +57,19 @@ MEASURED_BY: dict[str, tuple[str, ...]] = {
 SELECTION_ONLY = ("budgets", "attacks", "modes", "batch_size")
 EVERY_SETTING = tuple(f for f in EvalConfig.__dataclass_fields__ if f not in SELECTION_ONLY)
 NOT_FINISHED = "not finished"
+OTHER_TARGETS = "measured on other targets"
+OTHER_TARGET_MODELS = "measured on other target models (same names, other files)"
+
+
+def settings_of(metric: str) -> tuple[str, ...]:
+    """The evaluation settings a metric's value depends on: a targeted attack's also on how its
+    classes are chosen, AutoAttack's on its steps."""
+    settings = MEASURED_BY.get(metric.split("/", 1)[0], EVERY_SETTING)
+    if settings is ATTACK_SETTINGS:
+        parts = metric.split("/")
+        settings += ("target_classes",) if "targeted" in parts else ()
+        settings += ("autoattack_steps",) if "autoattack" in parts else ()
+    return settings
 
 
 @dataclass(frozen=True)
@@ -73,16 +95,23 @@ def select(spec: StudySpec, manifest: Mapping[str, Any]) -> dict[str, Any]:
     images) is `manifest`: per earlier experiment its counts, and every trial kept. One line each."""
     from analysis.records import load_experiment
 
-    sources, kept = [], []
+    sources, kept, seen = [], [], {}
     for given in spec.search.warm_start:
-        earlier = load_experiment(storage.normalize(given), cache=None)
+        location = storage.normalize(given)
+        if location in seen:
+            raise RaystudyError(f"warm_start: {given} and {seen[location]} are the same experiment: name it once")
+        seen[location] = given
+        earlier = load_experiment(location, cache=None)
         if earlier.spec.kind == "targets":
             raise RaystudyError(f"warm_start: {given} is a targets study: its models are targets, not surrogates")
         measured_otherwise = _measured_otherwise(spec, manifest, earlier)
+        other_models = not _same_target_models(spec, manifest, earlier)
         skipped: Counter[str] = Counter()
         added = 0
         for trial in earlier.trials:
             known, reason = _judge(spec, manifest, earlier, trial, measured_otherwise)
+            if known is not None and other_models:
+                known, reason = None, OTHER_TARGET_MODELS
             if known is None:
                 skipped[reason] += 1
             else:
@@ -128,11 +157,31 @@ def _judge(spec: StudySpec, manifest, earlier, trial, measured_otherwise: dict[s
     return KnownTrial(earlier.path, trial.trial_id, params, tuple(values)), ""
 
 
+def _same_target_models(spec: StudySpec, manifest, earlier) -> bool:
+    """Whether the earlier experiment attacked the very target models this search attacks: the same
+    targets study in the same storage, or target files of the same names with the same bytes (an
+    experiment copied to another storage)."""
+    ours = targets_location(manifest["storage"], spec.targets)
+    their_storage = earlier.record.get("storage") or earlier.path.rsplit("/", 1)[0]
+    theirs = targets_location(their_storage, earlier.spec.targets)
+    if ours == theirs:
+        return True
+    names = [t for t in manifest.get("targets") or [] if t not in set(manifest.get("endpoints") or [])]
+    return all(_digest(storage.join(ours, f"{n}.pt")) == _digest(storage.join(theirs, f"{n}.pt")) for n in names)
+
+
+def _digest(location: str) -> str | None:
+    entry = storage.file_entry(location)
+    if entry is None:
+        return None
+    return f"{entry.size}:" + hashlib.sha256(storage.read_bytes(location)).hexdigest()
+
+
 def _measured_otherwise(spec: StudySpec, manifest, earlier) -> dict[str, str]:
     """Per objective metric: "" where the earlier experiment measured it as this search does, else why not."""
     out = {}
     for metric in spec.search.metrics:
-        settings = MEASURED_BY.get(metric.split("/", 1)[0], EVERY_SETTING)
+        settings = settings_of(metric)
         differ = [s for s in settings if getattr(spec.evaluation, s) != getattr(earlier.spec.evaluation, s)]
         if settings and manifest.get("eval_indices") != earlier.record.get("eval_indices"):
             differ.append("evaluation images")
@@ -154,18 +203,22 @@ def _objective_value(spec: StudySpec, manifest, rows: list[MetricRow], metric: s
         if r.target is not None and r.target not in AGGREGATE_TARGETS and r.key.rsplit("/", 1)[0] == family
     } - their_endpoints
     value = flat(rows).get(metric)
-    if metric.endswith("/mean") and per_target:
+    if averaged_over_targets(metric) or (metric.endswith("/mean") and per_target):
+        # The hook's means are over the white-box targets; the black-box ones are queried after.
+        hooks_targets = set(manifest.get("targets") or []) - set(manifest.get("endpoints") or [])
         objective_targets = spec.search.objective_targets
-        if objective_targets and metric.startswith(("asr/", "asr_all/")):
+        if value is not None and not per_target:
+            return None, OTHER_TARGETS
+        if objective_targets and averaged_over_targets(metric):
             if not set(objective_targets) <= per_target:
-                return None, "measured on other targets"
+                return None, OTHER_TARGETS
             mean = [r for r in objective_rows(rows, metric, objective_targets) if r.target == "objective"]
             value = mean[0].value if mean else None
-        elif per_target != set(manifest.get("targets") or []):
-            return None, "measured on other targets"
+        elif value is not None and per_target != hooks_targets:
+            return None, OTHER_TARGETS
     if value is None:
         return None, f"without {metric}"
-    if not math.isfinite(value):
+    if not finite_number(value):
         return None, f"with {metric} not a finite number"
     return float(value), ""
 

@@ -326,7 +326,9 @@ class StudySpec:
         search = self.search
         mechanism = plan.train.mechanism
         searched = search.mechanisms if search.conditional else (search.mechanism,)
-        if plan.loaded is not None or mechanism not in searched:
+        if plan.loaded is not None:
+            return None, "a loaded model"
+        if mechanism not in searched:
             return None, "another mechanism"
         values: dict[str, Any] = {"mechanism": mechanism} if search.conditional else {}
         params = search.params + (search.magnitude_params(mechanism, self.dataset) if search.conditional else ())
@@ -340,7 +342,10 @@ class StudySpec:
                 return None, "outside the searched ranges"
             values[p.name] = int(value) if p.integer else value
         rebuilt = self.plan_for_sample(values)
-        rebuilt = dataclasses.replace(rebuilt, train=dataclasses.replace(rebuilt.train, seed=plan.train.seed))
+        # Not searched, and not what the trial came to: its seed, how often it kept a checkpoint,
+        # whether its kernels were deterministic.
+        same = {k: getattr(plan.train, k) for k in ("seed", "checkpoint_every", "deterministic")}
+        rebuilt = dataclasses.replace(rebuilt, train=dataclasses.replace(rebuilt.train, **same))
         if rebuilt.key() != plan.key():
             theirs, ours = plan.to_dict(), rebuilt.to_dict()
             differ = sorted(

@@ -170,12 +170,12 @@ def _check_warm_start(entry: Any, location: str) -> None:
         )
         params = trial.get("params")
         need(
-            isinstance(params, dict) and all(isinstance(v, (str, int, float)) for v in params.values()),
+            isinstance(params, dict) and all(isinstance(v, str) or finite_number(v) for v in params.values()),
             "a trial's params",
         )
         values = trial.get("values")
         need(
-            _is_list_of(values, (int, float)) and bool(values) and all(math.isfinite(v) for v in values),
+            isinstance(values, list) and bool(values) and all(map(finite_number, values)),
             "a trial's values",
         )
 
@@ -191,7 +191,7 @@ def checked_metric_rows(rows: Any, location: str) -> list[dict[str, Any]]:
             isinstance(row, dict)
             and set(row) <= {"name", "value", *DIMENSIONS}
             and isinstance(row.get("name"), str)
-            and _is_number(row.get("value"))
+            and (_is_number(row.get("value")) and (isinstance(row["value"], float) or finite_number(row["value"])))
             and all(row.get(d) is None or isinstance(row[d], str) for d in DIMENSIONS if d != "budget")
             and (row.get("budget") is None or (isinstance(row["budget"], int) and not isinstance(row["budget"], bool)))
         )
@@ -244,6 +244,16 @@ def checked_best_config(best: Any, location: str) -> dict[str, Any]:
                     need(value is None or _is_number(value), f"a confirmed row's {key}")
             need(isinstance(row.get("held_out_metric", ""), str), "a confirmed row's held_out_metric")
     return best
+
+
+def finite_number(value: Any) -> bool:
+    """A number a float holds, not infinite or NaN (JSON's integers have no bound: 1e400 as digits)."""
+    if not _is_number(value):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def _is_count(value: Any) -> bool:
