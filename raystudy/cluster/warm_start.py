@@ -139,9 +139,9 @@ def _judge(spec: StudySpec, manifest, earlier, trial, measured_otherwise: dict[s
         return None, NOT_FINISHED
     try:
         plan = plan_of(earlier.spec, trial)
+        params, why = spec.sample_of_plan(plan)
     except (RaystudyError, KeyError, TypeError, ValueError, AttributeError):
         return None, "with a plan that cannot be read"
-    params, why = spec.sample_of_plan(plan)
     if params is None:
         return None, why
     rows = rows_of(trial.record)
