@@ -106,6 +106,11 @@ def test_measured_costs_scale_per_image_and_use_the_finite_difference_rows(tmp_p
     assert st.cost_source == "measured"  # ST has no penalty: its one step, whatever penalty_gradient says
     # The hook: 1000 evaluation images (twice the benchmark's), the same 6 attack runs.
     assert st.hook_seconds == pytest.approx(2 * (1.0 + 10.0 + 2.0 + 30.0))
+    # Targeted attacks of 300 steps (`targeted_steps`): each targeted run 15 times a measured 20-step run.
+    raw["evaluation"] = {**raw["evaluation"], "targeted_steps": 300}
+    path.write_text(yaml.safe_dump(raw))
+    long_targeted = plan_costs(load_space(path), costs)[0]
+    assert long_targeted.hook_seconds == pytest.approx(2 * (1.0 + 10.0 + 2.0 + 30.0 * (20 + 300) / 40))
     # Costs without finite-difference rows: estimated at the quoted 2.5 ST steps, and said so.
     exact_only = read_costs(benchmark_json(tmp_path, with_fd=False))
     _, ir_estimated = plan_costs(load_space(path), exact_only)

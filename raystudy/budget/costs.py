@@ -245,14 +245,18 @@ def hook_seconds(spec: StudySpec, costs: StepCosts, st_step: float, batch_size: 
     ev = spec.evaluation
     n = ev.n_eval or 10_000
     runs = len(ev.attacks) * len(ev.modes) * len(ev.budgets)
+    # Targeted attacks may take their own, longer schedule (`targeted_steps`): the attack steps of
+    # every run, against `steps` in each (what measured timings were taken at).
+    attack_steps = len(ev.attacks) * len(ev.budgets) * sum(ev.steps_for(mode) for mode in ev.modes)
     if costs.hook_seconds:
         scale = n / costs.hook_n_eval
         parts = costs.hook_seconds
         fixed = sum(parts.get(p, 0.0) for p in ("accuracy", "smoothness", "similarity"))
         attacks = sum(v for p, v in parts.items() if p not in ("accuracy", "smoothness", "similarity"))
-        return scale * (fixed + attacks * runs / max(1, costs.hook_attack_runs))
+        longer = attack_steps / max(1, runs * ev.steps)
+        return scale * (fixed + attacks * runs * longer / max(1, costs.hook_attack_runs))
     per_image = st_step / batch_size
-    iterations = runs * ev.steps + 2 * ev.power_iterations + 5  # + clean passes and target gradients
+    iterations = attack_steps + 2 * ev.power_iterations + 5  # + clean passes and target gradients
     return n * iterations * per_image
 
 

@@ -42,7 +42,7 @@ from raystudy.persist.record import (
 # The evaluation settings each metric's value depends on (the others choose which metrics exist,
 # or how fast they are computed). A metric not named here depends on all of them.
 IMAGES = ("n_eval", "seed")
-ATTACK_SETTINGS = IMAGES + ("steps", "step_size", "random_start")
+ATTACK_SETTINGS = IMAGES + ("steps", "step_size", "random_start", "loss")
 MEASURED_BY: dict[str, tuple[str, ...]] = {
     "acc": IMAGES,
     "similarity": IMAGES,
@@ -54,7 +54,7 @@ MEASURED_BY: dict[str, tuple[str, ...]] = {
     "support": ATTACK_SETTINGS,
     "test_acc": (),
 }
-SELECTION_ONLY = ("budgets", "attacks", "modes", "batch_size")
+SELECTION_ONLY = ("budgets", "attacks", "modes", "batch_size", "defenses")
 EVERY_SETTING = tuple(f for f in EvalConfig.__dataclass_fields__ if f not in SELECTION_ONLY)
 NOT_FINISHED = "not finished"
 OTHER_TARGETS = "measured on other targets"
@@ -67,7 +67,7 @@ def settings_of(metric: str) -> tuple[str, ...]:
     settings = MEASURED_BY.get(metric.split("/", 1)[0], EVERY_SETTING)
     if settings is ATTACK_SETTINGS:
         parts = metric.split("/")
-        settings += ("target_classes",) if "targeted" in parts else ()
+        settings += ("target_classes", "targeted_steps") if "targeted" in parts else ()
         settings += ("autoattack_steps",) if "autoattack" in parts else ()
     return settings
 

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from raystudy.config.defense import defense_name, parse_defense
 from raystudy.config.train import MAX_SEED, Range, check_flag, check_text, show
 from raystudy.errors import RaystudyError, require_extra
 
 ATTACKS = ("pgd", "mi", "di", "dim", "autoattack")
+# The iterative attacks' loss: cross-entropy (METHOD.md, the published code) or the logit loss of
+# the targeted-transfer literature (Zhao et al. 2021: the target class's logit, raised).
+LOSSES = ("ce", "logit")
+MAX_DEFENSES = 16
 MODES = ("untargeted", "targeted")
 TARGET_CLASS_RULES = ("random", "next")
 PIXEL = 1 / 255
@@ -26,6 +31,7 @@ LIMITS: dict[str, Range] = {
     "power_tolerance": Range(0, 1, whole=False),
     "batch_size": Range(1, 65_536),
     "autoattack_steps": Range(1, 10_000),
+    "targeted_steps": Range(1, 10_000),
 }
 
 
@@ -45,6 +51,14 @@ class EvalConfig:
     power_tolerance: float = DEFAULT_TOLERANCE
     batch_size: int = 250
     autoattack_steps: int = 100  # the reference setting; fewer only for quick checks
+    loss: str = "ce"  # the iterative attacks' loss (LOSSES)
+    targeted_steps: int | None = None  # targeted attacks' steps (None: `steps`); the logit loss is run ~300
+    # Input-transformation defenses (raystudy.config.defense): each target is also measured through each.
+    defenses: tuple[str, ...] = ()
+
+    def steps_for(self, mode: str) -> int:
+        """The iterative attacks' steps in this mode."""
+        return self.targeted_steps if mode == "targeted" and self.targeted_steps is not None else self.steps
 
     def check_installed(self) -> None:
         """Refuse, before anything runs, an attack whose optional package is missing (reading an
@@ -64,6 +78,9 @@ class EvalConfig:
             raise RaystudyError(f"budgets {self.budgets!r} must be whole numbers of 1/255 in (0, 255]")
         if self.target_classes not in TARGET_CLASS_RULES:
             raise RaystudyError(f"target_classes={self.target_classes!r}; known: {', '.join(TARGET_CLASS_RULES)}")
+        if self.loss not in LOSSES:
+            raise RaystudyError(f"loss={self.loss!r}; known: {', '.join(LOSSES)}")
+        self._check_defenses()
         for key in ("n_eval", "smoothness_samples"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise RaystudyError(f"{key}={getattr(self, key)} must be >= 1")
@@ -76,10 +93,19 @@ class EvalConfig:
             if len(set(getattr(self, key))) != len(getattr(self, key)):
                 raise RaystudyError(f"{key}={show(list(getattr(self, key)))} lists a value twice")
 
+    def _check_defenses(self) -> None:
+        """Each defense valid, written as its canonical name (the target columns' suffix), once."""
+        if not isinstance(self.defenses, (tuple, list)) or len(self.defenses) > MAX_DEFENSES:
+            raise RaystudyError(f"defenses must be a list of at most {MAX_DEFENSES} defenses (jpeg:75, bits:4, ...)")
+        names = tuple(defense_name(parse_defense(d)) for d in self.defenses)
+        if len(set(names)) != len(names):
+            raise RaystudyError(f"defenses={show(list(self.defenses))} lists a defense twice")
+        object.__setattr__(self, "defenses", names)
+
     def _check_types(self) -> None:
         """Every field of its type, before any comparison meets a wrong one."""
         for key, limits in LIMITS.items():
-            if getattr(self, key) is not None or key not in ("n_eval", "smoothness_samples"):
+            if getattr(self, key) is not None or key not in ("n_eval", "smoothness_samples", "targeted_steps"):
                 limits.check_kind(key, getattr(self, key))
         for key in ("budgets", "attacks", "modes"):
             if not isinstance(getattr(self, key), (tuple, list)):
@@ -88,4 +114,5 @@ class EvalConfig:
             for value in getattr(self, key):
                 check_text(key, value)
         check_text("target_classes", self.target_classes)
+        check_text("loss", self.loss)
         check_flag("random_start", self.random_start)

@@ -5,7 +5,8 @@
     DI  = LinfAttack(eps, diversity_prob=0.7)               Xie et al. 2019
     DIM = LinfAttack(eps, momentum=0.9, diversity_prob=0.7)
 
-Settings follow METHOD.md (the published code): cross-entropy loss, surrogate in eval mode,
+Settings follow METHOD.md (the published code): cross-entropy loss (or, as an option, the logit
+loss of the targeted-transfer literature), surrogate in eval mode,
 projection onto the eps-ball and [0, 1] after each step, targeted attacks descend the loss of the
 target class, and the AEs are rounded to 8-bit pixels before they are shown to anyone.
 AutoAttack (standard) comes from torchattacks, configured to the reference settings.
@@ -38,6 +39,7 @@ class LinfAttack:
     diversity_prob: float = 0.0  # DI: probability of the resize-and-pad input transform per step
     resize_range: tuple[float, float] = (0.75, 1.5)
     round_to_8bit: bool = True
+    loss: str = "ce"  # ce: cross-entropy (METHOD.md); logit: the logit of the true or target class
 
     def __call__(
         self,
@@ -64,7 +66,7 @@ class LinfAttack:
             model = models[order[step % len(order)]]
             delta.requires_grad_(True)
             logits = model(self._diversify(x + delta, generator))
-            loss = F.cross_entropy(logits, y if target is None else target, reduction="sum")
+            loss = self._loss(logits, y if target is None else target)
             (grad,) = torch.autograd.grad(loss, delta)
             if self.momentum:
                 grad = self.momentum * direction + grad / grad.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
@@ -74,6 +76,14 @@ class LinfAttack:
             delta = (x + delta).clamp(0, 1) - x
         adversarial = x + delta
         return round_to_8bit(adversarial, x, self.eps) if self.round_to_8bit else adversarial.detach()
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """What the attack ascends (untargeted, labels y) or descends (targeted, the target classes).
+        The logit loss is minus the class's logit: descending it raises the target's logit without
+        the softmax's saturation, which is why long targeted schedules use it (Zhao et al. 2021)."""
+        if self.loss == "logit":
+            return -logits.gather(1, labels[:, None]).sum()
+        return F.cross_entropy(logits, labels, reduction="sum")
 
     def _diversify(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """DI in the published code's form, one draw per iteration for the whole batch.
@@ -101,7 +111,12 @@ class LinfAttack:
 
 
 def make_attack(
-    name: str, eps: float, steps: int = 20, step_size: float = 2 * PIXEL, random_start: bool = False
+    name: str,
+    eps: float,
+    steps: int = 20,
+    step_size: float = 2 * PIXEL,
+    random_start: bool = False,
+    loss: str = "ce",
 ) -> LinfAttack:
     options = {
         "pgd": {},
@@ -111,7 +126,7 @@ def make_attack(
     }
     if name not in options:
         raise ValueError(f"unknown iterative attack {name!r}; known: {', '.join(options)}")
-    return LinfAttack(eps, steps, step_size, random_start, **options[name])
+    return LinfAttack(eps, steps, step_size, random_start, loss=loss, **options[name])
 
 
 def autoattack(

@@ -11,6 +11,8 @@ Metric names (budgets are in 1/255 units, e.g. `8` = 8/255; `<t>` is a target's 
     asr/<attack>/<mode>/<budget>/<t>    Definition 3 ASR (samples both models get right); and /mean
     asr_all/<attack>/<mode>/<budget>/<t> the published code's ASR over all samples; and /mean
     support/<t>                         samples both the surrogate and <t> classify correctly
+<t> also names each target behind each of the evaluation's defenses (`resnet50+jpeg:75`: accuracy,
+ASR, support; no similarity, whose gradients are not taken through a defense; not in the means).
     fooling/<attack>/<mode>/<budget>    fraction of AEs that fool the surrogate itself
     seconds/<part>                      wall time of each part (accuracy, smoothness, similarity, <attack>)
 with <attack> in pgd, mi, di, dim, autoattack and <mode> in untargeted, targeted (AutoAttack is
@@ -32,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from raystudy.config.defense import parse_defense
 from raystudy.config.evaluation import MODES, EvalConfig  # noqa: F401 (MODES re-exported)
 from raystudy.core.data import Split, balanced_subset
 from raystudy.core.models import Ensemble
@@ -40,6 +43,7 @@ from raystudy.errors import OutOfGpuMemory, RaystudyError
 from raystudy.mechanisms.model_state import eval_mode
 from raystudy.metrics.asr import fooling_rate, transfer_success
 from raystudy.metrics.attacks import PIXEL, autoattack, make_attack
+from raystudy.metrics.defenses import defended
 from raystudy.metrics.similarity import gradient_cosine, input_gradients
 from raystudy.metrics.smoothness import smoothness
 from raystudy.persist.record import AGGREGATE_TARGETS, MetricRow, flat
@@ -163,11 +167,14 @@ def _measure(surrogate, targets, data: EvalSet, config: EvalConfig, log, keep: K
     rows: list[MetricRow] = []
     clock = lambda part: _timed(rows, part, log, x.device)  # noqa: E731
 
+    behind = defended_targets(targets, config)
     with clock("accuracy"):
         clean = {"surrogate": _predict(surrogate, x, config.batch_size)}
-        clean.update({name: _predict(m, x, config.batch_size) for name, m in targets.items()})
+        clean.update({name: _predict(m, x, config.batch_size) for name, m in {**targets, **behind}.items()})
         rows.append(MetricRow("acc", float((clean["surrogate"] == y).float().mean())))
-        rows += [MetricRow("acc", float((clean[name] == y).float().mean()), target=name) for name in targets]
+        rows += [
+            MetricRow("acc", float((clean[name] == y).float().mean()), target=name) for name in {**targets, **behind}
+        ]
         if keep is not None:
             keep.surrogate_clean = clean["surrogate"].cpu()
     with clock("smoothness"):
@@ -189,7 +196,7 @@ def _measure(surrogate, targets, data: EvalSet, config: EvalConfig, log, keep: K
                 for budget in config.budgets:
                     target_classes = goal if mode == "targeted" else None
                     rows += _transfer(
-                        surrogate, targets, x, y, target_classes, attack, mode, budget, clean, config, keep
+                        surrogate, targets, x, y, target_classes, attack, mode, budget, clean, config, keep, behind
                     )
     return _support_once(rows)
 
@@ -235,7 +242,8 @@ def _craft(surrogate, x, y, goal, attack, budget, config, generator) -> torch.Te
                 for s in _batches(len(x), config.batch_size)
             ]
         )
-    crafter = make_attack(attack, eps, config.steps, config.step_size, config.random_start)
+    mode = "untargeted" if goal is None else "targeted"
+    crafter = make_attack(attack, eps, config.steps_for(mode), config.step_size, config.random_start, config.loss)
     models = list(surrogate.members) if isinstance(surrogate, Ensemble) else surrogate  # LGV: one member per step
     return torch.cat(
         [
@@ -260,8 +268,21 @@ def quick_transfer_asr(
     return next(row.value for row in rows if row.name == "asr" and row.target == "mean")
 
 
-def _transfer(surrogate, targets, x, y, goal, attack, mode, budget, clean, config, keep=None) -> list[MetricRow]:
-    """AEs crafted once for this (attack, mode, budget), then shown to every target."""
+def defended_targets(targets: Mapping[str, nn.Module], config: EvalConfig) -> dict[str, nn.Module]:
+    """Each target behind each of the evaluation's defenses, as `<target>+<defense>`."""
+    out = {}
+    for i, name in enumerate(config.defenses):
+        steps = parse_defense(name)
+        for target_name, target in targets.items():
+            out[f"{target_name}+{name}"] = defended(target, steps, config.seed + 101 * (i + 1))
+    return out
+
+
+def _transfer(
+    surrogate, targets, x, y, goal, attack, mode, budget, clean, config, keep=None, behind=None
+) -> list[MetricRow]:
+    """AEs crafted once for this (attack, mode, budget), then shown to every target, and to every
+    target behind each defense (`behind`: not in the means, which stay over the targets as they are)."""
     generator = torch.Generator().manual_seed(config.seed + budget)
     adversarial = _craft(surrogate, x, y, goal, attack, budget, config, generator)
     if keep is not None:  # exact: the attacks round their AEs to 8-bit pixels
@@ -272,7 +293,7 @@ def _transfer(surrogate, targets, x, y, goal, attack, mode, budget, clean, confi
         name: transfer_success(
             y, clean["surrogate"], clean[name], _predict(target, adversarial, config.batch_size), goal
         )
-        for name, target in targets.items()
+        for name, target in {**targets, **(behind or {})}.items()
     }
     for name, count in counts.items():
         rows += [
@@ -281,7 +302,7 @@ def _transfer(surrogate, targets, x, y, goal, attack, mode, budget, clean, confi
             MetricRow("support", float(count.support), target=name),
         ]
     for kind in ("asr", "asr_all"):
-        values = [getattr(c, kind) for c in counts.values() if not math.isnan(getattr(c, kind))]
+        values = [getattr(c, kind) for n, c in counts.items() if n in targets and not math.isnan(getattr(c, kind))]
         rows.append(MetricRow(kind, float(np.mean(values)) if values else float("nan"), target="mean", **where))
     return rows
 
