@@ -47,7 +47,8 @@ MEASURED_BY: dict[str, tuple[str, ...]] = {
     "acc": IMAGES,
     "similarity": IMAGES,
     "similarity_min": IMAGES,
-    "smoothness": IMAGES + ("smoothness_samples", "power_iterations", "power_tolerance"),
+    "smoothness": IMAGES
+    + ("smoothness_samples", "power_iterations", "power_tolerance", "smoothness_method", "lanczos_iterations"),
     "asr": ATTACK_SETTINGS,
     "asr_all": ATTACK_SETTINGS,
     "fooling": ATTACK_SETTINGS,

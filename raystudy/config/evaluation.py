@@ -19,6 +19,11 @@ PIXEL = 1 / 255
 # Power iteration for smoothness: iterations, and the relative change at which a sample has converged.
 DEFAULT_ITERATIONS = 20
 DEFAULT_TOLERANCE = 1e-3
+# Smoothness estimators: power iteration (the dominant eigenvalue, stopping early) or Lanczos (the
+# largest eigenvalue from a Krylov basis of LANCZOS_ITERATIONS Hessian-vector products, as the
+# published code's ARPACK call computes it).
+SMOOTHNESS_METHODS = ("power", "lanczos")
+LANCZOS_ITERATIONS = 40
 MAX_IMAGES = 100_000  # evaluation images (ImageNet's validation split has 50,000)
 # What a study file may give each numeric setting (None, where a field allows it, is checked apart).
 LIMITS: dict[str, Range] = {
@@ -32,6 +37,7 @@ LIMITS: dict[str, Range] = {
     "batch_size": Range(1, 65_536),
     "autoattack_steps": Range(1, 10_000),
     "targeted_steps": Range(1, 10_000),
+    "lanczos_iterations": Range(2, 1_000),
 }
 
 
@@ -49,6 +55,8 @@ class EvalConfig:
     smoothness_samples: int | None = None  # None = every evaluation image
     power_iterations: int = DEFAULT_ITERATIONS
     power_tolerance: float = DEFAULT_TOLERANCE
+    smoothness_method: str = "power"  # SMOOTHNESS_METHODS
+    lanczos_iterations: int = LANCZOS_ITERATIONS
     batch_size: int = 250
     autoattack_steps: int = 100  # the reference setting; fewer only for quick checks
     loss: str = "ce"  # the iterative attacks' loss (LOSSES)
@@ -78,6 +86,8 @@ class EvalConfig:
             raise RaystudyError(f"budgets {self.budgets!r} must be whole numbers of 1/255 in (0, 255]")
         if self.target_classes not in TARGET_CLASS_RULES:
             raise RaystudyError(f"target_classes={self.target_classes!r}; known: {', '.join(TARGET_CLASS_RULES)}")
+        if self.smoothness_method not in SMOOTHNESS_METHODS:
+            raise RaystudyError(f"smoothness method {self.smoothness_method!r}; known: {', '.join(SMOOTHNESS_METHODS)}")
         if self.loss not in LOSSES:
             raise RaystudyError(f"loss={self.loss!r}; known: {', '.join(LOSSES)}")
         self._check_defenses()
@@ -115,4 +125,5 @@ class EvalConfig:
                 check_text(key, value)
         check_text("target_classes", self.target_classes)
         check_text("loss", self.loss)
+        check_text("smoothness_method", self.smoothness_method)
         check_flag("random_start", self.random_start)

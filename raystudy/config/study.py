@@ -806,7 +806,7 @@ def _train(values: Any, where: str) -> tuple[tuple[str, Any], ...]:
 def _evaluation(values: Any, where: str) -> EvalConfig:
     if not isinstance(values, Mapping):
         raise RaystudyError(f"{where}: evaluation must be a mapping of evaluation settings")
-    values = _mapping(values, f"{where}: evaluation")
+    values = _smoothness_shorthand(_mapping(values, f"{where}: evaluation"), f"{where}: evaluation")
     known = {f.name for f in dataclasses.fields(EvalConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -818,6 +818,24 @@ def _evaluation(values: Any, where: str) -> EvalConfig:
         return EvalConfig(**kwargs)
     except RaystudyError as err:
         raise RaystudyError(f"{where}: evaluation: {err}") from None
+
+
+def _smoothness_shorthand(values: dict[str, Any], where: str) -> dict[str, Any]:
+    """`smoothness: {method: lanczos, iterations: 40}` as the flat settings it stands for."""
+    if "smoothness" not in values:
+        return values
+    values = dict(values)
+    given = values.pop("smoothness")
+    if not isinstance(given, Mapping) or set(given) - {"method", "iterations"}:
+        raise RaystudyError(f"{where}: smoothness must be a mapping {{method: power|lanczos, iterations: N}}")
+    method = given.get("method", "power")
+    flat = {"smoothness_method": method}
+    if "iterations" in given:
+        flat["lanczos_iterations" if method == "lanczos" else "power_iterations"] = given["iterations"]
+    twice = sorted(set(flat) & set(values))
+    if twice:
+        raise RaystudyError(f"{where}: smoothness and {', '.join(twice)} both given: give one")
+    return {**values, **flat}
 
 
 def _resources(values: Any, where: str) -> Resources:

@@ -180,7 +180,15 @@ def _measure(surrogate, targets, data: EvalSet, config: EvalConfig, log, keep: K
     with clock("smoothness"):
         k = min(config.smoothness_samples or len(x), len(x))
         values = smoothness(
-            surrogate, x[:k], y[:k], config.batch_size, config.power_iterations, config.power_tolerance, config.seed
+            surrogate,
+            x[:k],
+            y[:k],
+            config.batch_size,
+            config.power_iterations,
+            config.power_tolerance,
+            config.seed,
+            config.smoothness_method,
+            config.lanczos_iterations,
         )
         rows += [
             MetricRow("smoothness", float(values.mean()), statistic="mean"),
