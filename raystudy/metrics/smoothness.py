@@ -101,7 +101,8 @@ def input_hessian_lanczos(
     kept). A sample whose Krylov space closes early (an exact invariant subspace) keeps its exact
     value, and the loop ends when every sample's has: for a piecewise-linear (ReLU, max-pool)
     network the input Hessian of cross-entropy is J^T S J with J constant nearby, of rank at most
-    (classes - 1), so Lanczos is exact after that many products. Same conventions as `input_hessian_top_eigenvalue` (eval mode, summed per-sample loss).
+    (classes - 1), so Lanczos is exact after that many products. Same conventions as
+    `input_hessian_top_eigenvalue` (eval mode, summed per-sample loss).
     """
     if start is None:
         start = torch.randn(x.shape, generator=generator, device="cpu")
