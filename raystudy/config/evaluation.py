@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from raystudy.config.defense import defense_name, parse_defense
+from raystudy.config.torchattack import canonical, check_attack, is_torchattack
 from raystudy.config.train import MAX_SEED, Range, check_flag, check_text, show
 from raystudy.errors import RaystudyError, require_extra
 
@@ -63,6 +65,8 @@ class EvalConfig:
     targeted_steps: int | None = None  # targeted attacks' steps (None: `steps`); the logit loss is run ~300
     # Input-transformation defenses (raystudy.config.defense): each target is also measured through each.
     defenses: tuple[str, ...] = ()
+    # torchattack's attacks' own options (raystudy.config.torchattack), per attack: ((attack, ((k, v), ...)), ...)
+    attack_options: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
 
     def steps_for(self, mode: str) -> int:
         """The iterative attacks' steps in this mode."""
@@ -73,12 +77,23 @@ class EvalConfig:
         experiment that used it needs no package: this is not part of validation)."""
         if "autoattack" in self.attacks:
             require_extra("torchattacks", "autoattack", "the attack autoattack")
+        for attack in filter(is_torchattack, self.attacks):
+            require_extra("torchattack", "torchattack", f"the attack {attack}")
+
+    def options_of(self, attack: str) -> dict[str, Any]:
+        """A torchattack attack's own options, as the study gave them."""
+        return dict(dict(self.attack_options).get(attack, ()))
 
     def __post_init__(self) -> None:
         self._check_types()
-        bad = [a for a in self.attacks if a not in ATTACKS]
+        object.__setattr__(self, "attacks", tuple(canonical(a) if is_torchattack(a) else a for a in self.attacks))
+        bad = [a for a in self.attacks if a not in ATTACKS and not is_torchattack(a)]
         if bad or not self.attacks:
-            raise RaystudyError(f"unknown attack(s) {', '.join(bad) or '(none)'}; known: {', '.join(ATTACKS)}")
+            raise RaystudyError(
+                f"unknown attack(s) {', '.join(bad) or '(none)'}; known: {', '.join(ATTACKS)}, "
+                "or torchattack/<Name> (the extra torchattack)"
+            )
+        self._check_attack_options()
         if not self.modes or any(m not in MODES for m in self.modes):
             raise RaystudyError(f"modes {self.modes!r}: each must be one of {', '.join(MODES)}")
         whole = all(isinstance(b, int) and not isinstance(b, bool) for b in self.budgets)
@@ -102,6 +117,34 @@ class EvalConfig:
         for key in ("budgets", "attacks", "modes"):
             if len(set(getattr(self, key))) != len(getattr(self, key)):
                 raise RaystudyError(f"{key}={show(list(getattr(self, key)))} lists a value twice")
+
+    def _check_attack_options(self) -> None:
+        """Options only for torchattack's attacks in `attacks`, each valid for its attack; stored as
+        sorted pairs. Such an attack takes the cross-entropy of its own implementation."""
+        given = self.attack_options
+        if isinstance(given, dict):
+            given = tuple(given.items())
+        if not isinstance(given, (tuple, list)):
+            raise RaystudyError("attack_options must map attacks to their options ({torchattack/SSA: {...}})")
+        resolved = {}
+        for attack, options in given:
+            name = canonical(attack) if isinstance(attack, str) and is_torchattack(attack) else attack
+            if name not in self.attacks or not is_torchattack(name):
+                raise RaystudyError(
+                    f"attack_options: {attack!r} is not one of the evaluation's torchattack attacks "
+                    "(raystudy's own take steps, step_size, random_start and loss from the evaluation)"
+                )
+            options = dict(options) if isinstance(options, (dict, tuple, list)) else None
+            if options is None:
+                raise RaystudyError(f"attack_options: {attack}: its options must be a mapping")
+            check_attack(name, options, models=())
+            resolved[name] = tuple(sorted(options.items()))
+        for name in filter(is_torchattack, self.attacks):
+            if name not in resolved:
+                check_attack(name, {}, models=())
+        if self.loss != "ce" and any(map(is_torchattack, self.attacks)):
+            raise RaystudyError(f"loss: {self.loss} is raystudy's attacks' option; torchattack's use their own loss")
+        object.__setattr__(self, "attack_options", tuple(sorted(resolved.items())))
 
     def _check_defenses(self) -> None:
         """Each defense valid, written as its canonical name (the target columns' suffix), once."""

@@ -54,6 +54,7 @@ from raystudy.config.evaluation import EvalConfig
 from raystudy.config.lgv import LGV_BASES, LgvPhase
 from raystudy.config.loaded import LoadedModel, parse_loaded
 from raystudy.config.sampler import SamplerSpec, check_sampler_fits, parse_sampler
+from raystudy.config.torchattack import check_attack, is_torchattack
 from raystudy.config.train import (
     FINITE,
     MAX_NAME,
@@ -820,6 +821,14 @@ def _evaluation(values: Any, where: str) -> EvalConfig:
         raise RaystudyError(f"{where}: evaluation: {err}") from None
 
 
+def _check_attacks_fit(spec: "StudySpec") -> None:
+    """torchattack's attacks that need something of the surrogate (a ViT), against the study's models."""
+    models = {spec.model} | {plan.train.model for plan in spec.plans if plan.loaded is None}
+    input_size = 224 if spec.dataset in IMAGENET_SIZED else dict(spec.train).get("image_size", 32)
+    for attack in filter(is_torchattack, spec.evaluation.attacks):
+        check_attack(attack, spec.evaluation.options_of(attack), models, input_size)
+
+
 def _smoothness_shorthand(values: dict[str, Any], where: str) -> dict[str, Any]:
     """`smoothness: {method: lanczos, iterations: 40}` as the flat settings it stands for."""
     if "smoothness" not in values:
@@ -1018,6 +1027,7 @@ def _validate(spec: StudySpec, entries: tuple[TrialSpec, ...], where: str) -> St
             )
         if spec.search is not None:
             _validate_search(spec)
+        _check_attacks_fit(spec)
     except RaystudyError as err:
         raise RaystudyError(f"{where}: {err}") from None
     except (TypeError, ValueError) as err:  # e.g. epochs: ten

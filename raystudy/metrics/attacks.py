@@ -15,6 +15,7 @@ AutoAttack (standard) comes from torchattacks, configured to the reference setti
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -26,7 +27,7 @@ from raystudy.config.evaluation import ATTACKS, PIXEL
 from raystudy.errors import require_extra
 from raystudy.mechanisms.model_state import eval_mode
 
-__all__ = ["ATTACKS", "PIXEL", "LinfAttack", "autoattack", "make_attack", "round_to_8bit"]
+__all__ = ["ATTACKS", "PIXEL", "LinfAttack", "autoattack", "make_attack", "round_to_8bit", "torchattack_examples"]
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,67 @@ def autoattack(
         ]
         adversarial = torchattacks.MultiAttack(parts)(x, y)
     return round_to_8bit(adversarial, x, eps)
+
+
+def torchattack_examples(
+    surrogate: nn.Module,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    targeted: bool,
+    attack: str,
+    eps: float,
+    steps: int,
+    step_size: float,
+    options: dict,
+    seed: int,
+    batch_size: int,
+    num_classes: int,
+) -> torch.Tensor:
+    """AEs of one of torchattack's attacks (`torchattack.<Name>`, raystudy.config.torchattack) on
+    `surrogate`: budget, steps, step size (its `alpha`) and mode from raystudy's settings, `labels`
+    the true classes (untargeted) or the target classes (targeted). It runs on a frozen copy of the
+    surrogate (some attacks hook the modules they attack, or step parameter gradients), seeded
+    (torchattack draws from the global generators: seeded here, then left as they were), and its AEs
+    are rounded to 8-bit pixels as raystudy's own attacks' are."""
+    import copy
+    import inspect
+
+    require_extra("torchattack", "torchattack", f"the attack {attack}")
+    from torchattack import create_attack
+    from torchattack.attack import ATTACK_REGISTRY
+
+    name = attack.split(".", 1)[1]
+    accepted = inspect.signature(ATTACK_REGISTRY[name].__init__).parameters
+    model = copy.deepcopy(surrogate).eval().requires_grad_(False)
+    given = {"eps": eps, "steps": steps, "alpha": step_size, "targeted": targeted, "num_classes": num_classes}
+    kwargs = {k: v for k, v in given.items() if k in accepted}
+    crafter = create_attack(name, model=model, normalize=None, device=x.device, **kwargs, **options)
+    with _seeded_global_generators(seed, x.device):
+        adversarial = torch.cat(
+            [crafter(x[i : i + batch_size], labels[i : i + batch_size]).detach() for i in range(0, len(x), batch_size)]
+        )
+    return round_to_8bit(adversarial, x, eps)
+
+
+@contextmanager
+def _seeded_global_generators(seed: int, device: torch.device):
+    """torch's, numpy's and Python's global generators seeded for the block (torchattack draws from
+    all three: BSR shuffles with `random`, splits with numpy), then put back as they were."""
+    import random
+
+    import numpy as np
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
 def round_to_8bit(adversarial: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:

@@ -36,13 +36,14 @@ from torch import nn
 
 from raystudy.config.defense import parse_defense
 from raystudy.config.evaluation import MODES, EvalConfig  # noqa: F401 (MODES re-exported)
+from raystudy.config.torchattack import has_targeted_mode, is_torchattack
 from raystudy.core.data import Split, balanced_subset
 from raystudy.core.models import Ensemble
 from raystudy.core.precision import tf32
 from raystudy.errors import OutOfGpuMemory, RaystudyError
 from raystudy.mechanisms.model_state import eval_mode
 from raystudy.metrics.asr import fooling_rate, transfer_success
-from raystudy.metrics.attacks import PIXEL, autoattack, make_attack
+from raystudy.metrics.attacks import PIXEL, autoattack, make_attack, torchattack_examples
 from raystudy.metrics.defenses import defended
 from raystudy.metrics.similarity import gradient_cosine, input_gradients
 from raystudy.metrics.smoothness import smoothness
@@ -201,6 +202,8 @@ def _measure(surrogate, targets, data: EvalSet, config: EvalConfig, log, keep: K
             for mode in config.modes:
                 if attack == "autoattack" and mode == "targeted":
                     continue  # AutoAttack's targeted parts still aim at misclassification
+                if is_torchattack(attack) and mode == "targeted" and not has_targeted_mode(attack):
+                    continue  # an attack torchattack implements untargeted only
                 for budget in config.budgets:
                     target_classes = goal if mode == "targeted" else None
                     rows += _transfer(
@@ -251,6 +254,26 @@ def _craft(surrogate, x, y, goal, attack, budget, config, generator) -> torch.Te
             ]
         )
     mode = "untargeted" if goal is None else "targeted"
+    if is_torchattack(attack):
+        with torch.no_grad():
+            num_classes = surrogate(x[:1]).shape[1]
+        labels = y if goal is None else goal
+        options = config.options_of(attack)
+        steps, seed = config.steps_for(mode), config.seed + budget
+        return torchattack_examples(
+            surrogate,
+            x,
+            labels,
+            goal is not None,
+            attack,
+            eps,
+            steps,
+            config.step_size,
+            options,
+            seed,
+            config.batch_size,
+            num_classes,
+        )
     crafter = make_attack(attack, eps, config.steps_for(mode), config.step_size, config.random_start, config.loss)
     models = list(surrogate.members) if isinstance(surrogate, Ensemble) else surrogate  # LGV: one member per step
     return torch.cat(

@@ -1,0 +1,130 @@
+"""Transfer attacks from torchattack (the optional extra `torchattack`, pinned at TORCHATTACK_VERSION),
+named in a study's evaluation as `torchattack/<Name>` (`torchattack/SSA`, `torchattack/BSR`, ...),
+with their own options under `attack_options: {torchattack/SSA: {num_spectrum: 10}}`.
+
+What each attack takes is written out here from torchattack's registry (`REGISTRY`; a test holds it
+against the installed package), so a study file is validated without importing torch. Budget,
+steps, step size and targeted mode come from the study's evaluation settings as for raystudy's own
+attacks (raystudy.metrics.hook); the AEs are rounded to 8-bit pixels and measured the same way. In
+metric names an attack is `torchattack.<Name>` (a metric's parts are separated by `/`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from raystudy.errors import RaystudyError
+
+TORCHATTACK_VERSION = "1.7.2"
+PREFIXES = ("torchattack/", "torchattack.")
+CANONICAL = "torchattack."
+# name -> (torchattack's category, whether it has a targeted mode, the options a study may give).
+# The options raystudy sets itself are not among them (SET_BY_RAYSTUDY).
+REGISTRY: dict[str, tuple[str, bool, tuple[str, ...]]] = {
+    "ATT": ("GRADIENT_VIT", True, ("hook_cfg", "decay", "lambd")),
+    "Admix": ("COMMON", True, ("decay", "portion", "size", "num_classes")),
+    "BFA": ("COMMON", True, ("decay", "eta", "num_ens", "feature_layer_cfg", "num_classes")),
+    "BIA": ("GENERATIVE", False, ("weights", "checkpoint_path")),
+    "BPA": ("COMMON", True, ("hook_cfg", "decay")),
+    "BSR": ("COMMON", True, ("decay", "num_scale", "num_block")),
+    "CDA": ("GENERATIVE", False, ("weights", "checkpoint_path", "inception")),
+    "DANAA": ("COMMON", False, ("decay", "num_ens", "scale", "lr", "feature_layer_cfg")),
+    "DIFGSM": ("COMMON", True, ("decay", "resize_rate", "diversity_prob")),
+    "DR": ("COMMON", False, ("decay", "feature_layer_cfg")),
+    "DeCoWA": ("COMMON", True, ("decay", "mesh_width", "mesh_height", "rho", "num_warping", "noise_scale")),
+    "DeepFool": ("NON_EPS", False, ("overshoot", "num_classes")),
+    "FDA": ("COMMON", False, ("decay", "random_start")),
+    "FGSM": ("COMMON", True, ()),
+    "FIA": ("COMMON", False, ("decay", "num_ens", "feature_layer_cfg", "drop_rate")),
+    "GAMA": ("GENERATIVE", False, ("weights", "checkpoint_path")),
+    "GRA": ("COMMON", True, ("beta", "eta", "num_neighbors", "decay")),
+    "GeoDA": ("NON_EPS", False, ("input_shape", "epsilon", "p", "max_queries", "sub_dim", "tol", "sigma", "mu")),
+    "IFGSM": ("COMMON", True, ()),
+    "ILPD": ("COMMON", False, ("decay", "sigma", "coef", "feature_layer_cfg")),
+    "L2T": ("COMMON", True, ("decay", "num_scale")),
+    "LTP": ("GENERATIVE", False, ("weights", "checkpoint_path", "inception")),
+    "MIFGSM": ("COMMON", True, ("decay",)),
+    "MIG": ("COMMON", True, ("decay", "s_factor")),
+    "MuMoDIG": ("COMMON", False, ("decay", "n_trans", "n_base", "n_interpolate", "region_num", "lambd")),
+    "NAA": ("COMMON", False, ("decay", "num_ens", "feature_layer_cfg")),
+    "NIFGSM": ("COMMON", True, ("decay",)),
+    "PGD": ("COMMON", True, ("random_start",)),
+    "PGDL2": ("COMMON", True, ("random_start",)),
+    "PNAPatchOut": ("GRADIENT_VIT", True, ("hook_cfg", "decay", "pna_skip", "pna_patchout")),
+    "SGM": ("COMMON", True, ("hook_cfg", "decay", "gamma")),
+    "SINIFGSM": ("COMMON", True, ("decay", "m")),
+    "SSA": ("COMMON", True, ("decay", "num_spectrum", "rho")),
+    "SSP": ("COMMON", True, ("ssp_layer",)),
+    "TGR": ("GRADIENT_VIT", True, ("hook_cfg", "decay")),
+    "TIFGSM": ("COMMON", True, ("decay", "kern_len", "n_sig")),
+    "VDC": ("GRADIENT_VIT", True, ("hook_cfg", "decay", "sample_num_batches")),
+    "VMIFGSM": ("COMMON", True, ("decay", "n", "beta")),
+    "VNIFGSM": ("COMMON", True, ("decay", "n", "beta")),
+}
+# Set from the evaluation settings (eps, steps, alpha = step_size, targeted = the mode), the
+# surrogate (model, normalize: raystudy's models normalize their own input) and the dataset.
+SET_BY_RAYSTUDY = ("eps", "steps", "alpha", "targeted", "clip_min", "clip_max", "model", "normalize", "device")
+FROM_DATASET = ("num_classes",)
+# Why an attack cannot run on a raystudy surrogate: by category, then by name.
+REFUSED_CATEGORIES = {
+    "GENERATIVE": "a generative attack: it crafts with a pretrained generator, not with the surrogate",
+    "NON_EPS": "not an attack within an L-inf budget",
+}
+REFUSED = {
+    "PGDL2": "an L2 attack (the study's budgets are L-inf)",
+    "SGM": "it hooks torchvision's ResNet/DenseNet module names (relu, layerX.Y), which raystudy's models "
+    "lack: its skip-gradient weighting would silently not apply",
+    "BPA": "it hooks torchvision's ResNet module names, which raystudy's models lack",
+    "SSP": "it downloads torchvision's pretrained VGG-16 as its feature extractor",
+}
+VIT_ONLY = "it hooks the attention blocks of a ViT surrogate (model: vit_...)"
+# Attacks that draw their noise or crops at 224 x 224: ImageNet-sized inputs only.
+SIZE_224_ONLY = ("SSA", "L2T")
+NEEDS_OPTION = {"feature_layer_cfg": "the name of one of the surrogate's layers (e.g. 1.4 for ResNet-8's second block)"}
+
+
+def is_torchattack(attack: str) -> bool:
+    return attack.startswith(PREFIXES)
+
+
+def canonical(attack: str) -> str:
+    """`torchattack/SSA` or `torchattack.SSA` -> `torchattack.SSA` (one line if the name is unknown)."""
+    name = attack[len("torchattack/") :]
+    if name not in REGISTRY:
+        raise RaystudyError(f"unknown torchattack attack {name!r}; valid: {', '.join(sorted(REGISTRY, key=str.lower))}")
+    return CANONICAL + name
+
+
+def check_attack(attack: str, options: dict[str, Any], models: Iterable[str], input_size: int | None = None) -> None:
+    """One line where the attack cannot run on these surrogate models (of `input_size` pixels,
+    None: not known yet) with these options."""
+    name = attack[len(CANONICAL) :]
+    category, _, accepted = REGISTRY[name]
+    why = REFUSED_CATEGORIES.get(category) or REFUSED.get(name)
+    if why:
+        raise RaystudyError(f"attack {attack} cannot run here: {why}")
+    if category == "GRADIENT_VIT":
+        others = sorted({m for m in models if not m.startswith("vit")})
+        if others:
+            raise RaystudyError(f"attack {attack} cannot attack {', '.join(others)}: {VIT_ONLY}")
+    if name in SIZE_224_ONLY and input_size not in (None, 224):
+        raise RaystudyError(
+            f"attack {attack} draws its noise at 224 x 224 pixels (torchattack {TORCHATTACK_VERSION}): "
+            f"it cannot attack {input_size}-pixel images"
+        )
+    unknown = sorted(set(options) - set(accepted) - set(FROM_DATASET))
+    if unknown:
+        raystudy_sets = [k for k in unknown if k in SET_BY_RAYSTUDY]
+        hint = f" ({', '.join(raystudy_sets)}: from the evaluation settings)" if raystudy_sets else ""
+        valid = ", ".join(o for o in accepted if o not in FROM_DATASET) or "none"
+        raise RaystudyError(f"attack {attack}: unknown option(s) {', '.join(unknown)}{hint}; valid: {valid}")
+    for option, what in NEEDS_OPTION.items():
+        if option in accepted and not options.get(option):
+            raise RaystudyError(f"attack {attack} needs the option {option}: {what}")
+    for key, value in options.items():
+        if not isinstance(value, (int, float, str, bool)):
+            raise RaystudyError(f"attack {attack}: option {key}={value!r} must be a number, text or true/false")
+
+
+def has_targeted_mode(attack: str) -> bool:
+    return REGISTRY[attack[len(CANONICAL) :]][1]
