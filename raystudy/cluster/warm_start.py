@@ -70,6 +70,7 @@ def settings_of(metric: str) -> tuple[str, ...]:
         parts = metric.split("/")
         settings += ("target_classes", "targeted_steps") if "targeted" in parts else ()
         settings += ("autoattack_steps",) if "autoattack" in parts else ()
+        settings += ("attack_options",) if any(p.startswith("torchattack.") for p in parts) else ()
     return settings
 
 
