@@ -26,7 +26,7 @@ import scipy.special
 
 from analysis.tables import _pearson, _r2, wide
 from raystudy.mechanisms import get_mechanism
-from raystudy.persist.record import AGGREGATE_TARGETS, MetricRow
+from raystudy.persist.record import AGGREGATE_TARGETS, MetricRow, is_defended
 
 SUPPORTED, CONTRADICTED, INCONCLUSIVE, NOT_ENOUGH = "supported", "not supported", "inconclusive", "not enough trials"
 REPORTED = "reported"  # a figure shown beside the checks (F6's R²), not a check
@@ -143,7 +143,8 @@ class _Data:
             rows = rows[(rows.name == "smoothness") & (rows.statistic == "mean")]
         else:
             rows = rows[rows.name == metric]
-        rows = rows[~rows.target.isin(AGGREGATE_TARGETS)]
+        # The targets as they are: a defended target's column is checked apart (not paired with them).
+        rows = rows[~rows.target.isin(AGGREGATE_TARGETS) & ~rows.target.map(is_defended)]
         keys = list(zip(rows.seed, rows.target.fillna("-"), rows.budget.fillna(-1).astype(int)))
         return pd.Series(rows.value.to_numpy(float), index=pd.MultiIndex.from_tuples(keys) if keys else None)
 

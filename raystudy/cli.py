@@ -212,7 +212,8 @@ def _attack_order(key: str) -> tuple:
     from raystudy.config.evaluation import ATTACKS, MODES
 
     _, attack, mode, budget = key.split("/")
-    return ATTACKS.index(attack), MODES.index(mode), int(budget)
+    known = ATTACKS.index(attack) if attack in ATTACKS else len(ATTACKS)  # torchattack's after raystudy's
+    return known, attack, MODES.index(mode), int(budget)
 
 
 def _int_list(text: str, flag: str) -> tuple:
@@ -223,7 +224,9 @@ def _int_list(text: str, flag: str) -> tuple:
 
 
 def _str_list(text: str) -> tuple:
-    return tuple(v.strip().lower() for v in text.split(",") if v.strip())
+    """Comma-separated names, lower case (torchattack's attack names keep their case: torchattack/BSR)."""
+    names = (v.strip() for v in text.split(",") if v.strip())
+    return tuple(v if v.lower().startswith("torchattack") else v.lower() for v in names)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -108,16 +108,21 @@ def test_median_smoothing_matches_scipy_and_removes_salt():
 
 
 def test_resize_and_pad_is_seeded_and_places_the_resized_image():
-    x = images(side=32)
-    first = [ResizePad(331 / 299, seed=3)(x) for _ in range(2)]
-    again = ResizePad(331 / 299, seed=3)
-    assert torch.equal(again(x), first[0])  # the same seed, the same draws
-    other = ResizePad(331 / 299, seed=4)
-    assert any(not torch.equal(other(x), ResizePad(331 / 299, seed=3)(x)) for _ in range(5))
-    assert first[0].shape[-1] == math.floor(32 * 331 / 299)
-    # Exactly one resized copy of the batch, zero-padded: its non-zero bounding box is a square of side in [32, 35).
-    rows = first[0].abs().sum(dim=(0, 1, 3)).nonzero()
-    assert 32 <= int(rows.max() - rows.min()) + 1 < 35
+    x = images(n=6, side=32)
+    out = ResizePad(331 / 299, seed=3)(x)
+    assert torch.equal(ResizePad(331 / 299, seed=3)(x), out)  # the same seed, the same draws
+    assert not torch.equal(ResizePad(331 / 299, seed=4)(x), out)
+    # An image's draws depend on the seed and the image alone: not on its batch or its place in it.
+    assert torch.equal(ResizePad(331 / 299, seed=3)(x.flip(0)), out.flip(0))
+    assert torch.equal(ResizePad(331 / 299, seed=3)(x[2:3]), out[2:3])
+    assert out.shape[-1] == math.floor(32 * 331 / 299)
+    for image, padded in zip(x, out):  # the image resized to a side in [32, 35), the rest zeros
+        rows, cols = padded.abs().sum(dim=(0, 2)).nonzero(), padded.abs().sum(dim=(0, 1)).nonzero()
+        new = int(rows.max() - rows.min()) + 1
+        assert 32 <= new < 35 and int(cols.max() - cols.min()) + 1 == new
+        top, left = int(rows.min()), int(cols.min())
+        expected = torch.nn.functional.interpolate(image[None], size=(new, new), mode="bilinear", align_corners=False)
+        assert torch.equal(padded[:, top : top + new, left : left + new], expected[0])
 
 
 def test_a_defended_target_refuses_gradients_through_a_defense_that_has_none():
@@ -190,3 +195,15 @@ def test_the_logit_loss_raises_the_target_logit_and_targeted_attacks_take_their_
     hook_module._craft(model, x, y, None, "pgd", 8, config, torch.Generator())
     hook_module._craft(model, x, y, target, "pgd", 8, config, torch.Generator())
     assert [(a[2], a[5]) for a in made] == [(3, "logit"), (7, "logit")]
+
+
+def test_defended_columns_stay_out_of_the_objective_and_held_out_means():
+    from raystudy.persist.record import MetricRow, is_defended, objective_rows
+
+    rows = [
+        MetricRow("asr", value, "pgd", "untargeted", 8, target=target)
+        for value, target in ((0.5, "t1"), (0.7, "t2"), (0.1, "t1+jpeg:75"), (0.1, "t2+bits:4+median:3"))
+    ]
+    means = {r.target: r.value for r in objective_rows(rows, "asr/pgd/untargeted/8/mean", ["t1"])}
+    assert means == {"objective": 0.5, "held_out": 0.7}
+    assert is_defended("t2+bits:4+median:3") and not is_defended("vgg16_JR_lambda1e+06") and not is_defended("t1")

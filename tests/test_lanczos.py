@@ -90,3 +90,19 @@ def test_a_relu_networks_input_hessian_is_exact_after_classes_minus_one_products
     short = input_hessian_lanczos(model, x, y, iterations=4, generator=torch.Generator().manual_seed(0))
     long = input_hessian_lanczos(model, x, y, iterations=40, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(short, long, rtol=1e-10)
+
+
+def test_a_sample_whose_krylov_space_closes_early_keeps_its_value_whatever_its_batch():
+    """Sample 0's space closes after two products (two distinct eigenvalues), sample 1's after
+    four: sample 0's largest eigenvalue (-1) is the same in the batch as alone, as ARPACK's "LA"."""
+    a = torch.stack(
+        [torch.diag(torch.tensor([-1.0, -1.0, -2.0, -2.0])), torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0]))]
+    )
+    model, x = PerSampleQuadratic(a.double()), torch.randn(2, 4, dtype=torch.float64)
+    start = torch.randn(2, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    batched = input_hessian_lanczos(model, x, torch.zeros(2), iterations=6, loss_fn=quadratic_loss, start=start)
+    first = PerSampleQuadratic(a[:1].double())
+    alone = input_hessian_lanczos(first, x[:1], torch.zeros(1), iterations=6, loss_fn=quadratic_loss, start=start[:1])
+    assert torch.allclose(batched, torch.tensor([-1.0, 4.0], dtype=torch.float64)) and torch.allclose(
+        alone, batched[:1]
+    )

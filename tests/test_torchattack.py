@@ -47,7 +47,17 @@ SPACE = {"name": "s", "kind": "grid", "targets": "t", "trials": [{"mechanism": "
         ({"attacks": ["torchattack/SGM"]}, "cannot run here: it hooks torchvision's ResNet/DenseNet module names"),
         ({"attacks": ["torchattack/PGDL2"]}, "an L2 attack"),
         ({"attacks": ["torchattack/CDA"]}, "a generative attack"),
-        ({"attacks": ["torchattack/TGR"]}, "cannot attack resnet18: it hooks the attention blocks of a ViT"),
+        ({"attacks": ["torchattack/TGR"]}, "it hooks the blocks of a bare timm ViT"),
+        (
+            {"attacks": ["torchattack/Admix"], "attack_options": {"torchattack/Admix": {"num_classes": 5}}},
+            "(num_classes: from",
+        ),
+        (
+            {"attacks": ["torchattack/BSR"], "attack_options": {"torchattack/BSR": {"decay": float("nan")}}},
+            "must be a finite number",
+        ),
+        ({"attacks": ["torchattack/BSR"], "attack_options": ["torchattack/BSR"]}, "attack_options must map attacks"),
+        ({"attacks": ["torchattack/BSR"], "attack_options": {"torchattack/BSR": [1]}}, "its options must be a mapping"),
         ({"attacks": ["torchattack/FIA"]}, "needs the option feature_layer_cfg"),
         ({"attacks": ["torchattack/SSA"]}, "draws its noise at 224 x 224 pixels"),
         (
@@ -56,7 +66,7 @@ SPACE = {"name": "s", "kind": "grid", "targets": "t", "trials": [{"mechanism": "
         ),
         (
             {"attacks": ["torchattack/BSR"], "attack_options": {"torchattack/BSR": {"steps": 5}}},
-            "(steps: from the evaluation settings)",
+            "(steps: from the evaluation settings and the data)",
         ),
         ({"attacks": ["pgd"], "attack_options": {"pgd": {"decay": 1}}}, "is not one of the evaluation's torchattack"),
         ({"attacks": ["torchattack/BSR"], "loss": "logit"}, "torchattack's use their own loss"),
@@ -166,3 +176,31 @@ def test_the_hook_measures_torchattacks_newer_attacks_like_its_own(world):
     assert {k: v for k, v in again.items() if not k.startswith("seconds")} == {
         k: v for k, v in rows.items() if not k.startswith("seconds")
     }
+
+
+def test_what_only_running_shows_is_one_line_before_anything_trains():
+    from raystudy.metrics.attacks import check_torchattack_runs
+
+    space = {
+        **SPACE,
+        "dataset": "synthetic",
+        "model": "tiny_cnn",
+        "train": {"image_size": 16},
+        "evaluation": {
+            "attacks": ["torchattack/FIA"],
+            "attack_options": {"torchattack/FIA": {"feature_layer_cfg": "9.nope"}},
+        },
+    }
+    with pytest.raises(RaystudyError, match=r"attack torchattack.FIA with .* does not run on tiny_cnn \(untargeted\)"):
+        check_torchattack_runs(parse_space(space, "s.yaml"))
+    space["evaluation"]["attack_options"]["torchattack/FIA"]["feature_layer_cfg"] = "1.features.3"
+    check_torchattack_runs(parse_space(space, "s.yaml"))
+    search = {
+        **space,
+        "kind": "search",
+        "search": {"mechanism": "SAM", "num_samples": 2, "params": {"rho": {"low": 0.01, "high": 0.5}}},
+    }
+    search.pop("trials")
+    search["search"]["metric"] = "asr/torchattack.FIA/targeted/8/mean"
+    with pytest.raises(RaystudyError, match="torchattack implements torchattack.FIA untargeted only"):
+        parse_space(search, "s.yaml")

@@ -256,7 +256,8 @@ def hook_seconds(spec: StudySpec, costs: StepCosts, st_step: float, batch_size: 
         longer = attack_steps / max(1, runs * ev.steps)
         return scale * (fixed + attacks * runs * longer / max(1, costs.hook_attack_runs))
     per_image = st_step / batch_size
-    iterations = attack_steps + 2 * ev.power_iterations + 5  # + clean passes and target gradients
+    smoothness = ev.lanczos_iterations if ev.smoothness_method == "lanczos" else ev.power_iterations
+    iterations = attack_steps + 2 * smoothness + 5  # + clean passes and target gradients
     return n * iterations * per_image
 
 

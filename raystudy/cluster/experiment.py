@@ -23,6 +23,7 @@ from raystudy.cluster import warm_start
 from raystudy.cluster.session import init_ray
 from raystudy.config import STUDY_MANIFEST, StudySpec, parse_space
 from raystudy.config.sampler import search_settings
+from raystudy.config.torchattack import is_torchattack
 from raystudy.core.checkpoint import STATE_FILE
 from raystudy.errors import RaystudyError
 from raystudy.persist import migrate, storage
@@ -68,6 +69,10 @@ class Experiment:
         """A new experiment: refuses one that exists (resume it instead), finds the targets once,
         saves a targets study's endpoints and writes the manifest."""
         spec.evaluation.check_installed()
+        if spec.kind != "targets" and any(map(is_torchattack, spec.evaluation.attacks)):
+            from raystudy.metrics.attacks import check_torchattack_runs
+
+            check_torchattack_runs(spec)  # one step of each on a model without weights: seconds
         storage.check_writable(storage_path)
         root = storage.normalize(storage_path)
         location = storage.join(root, spec.name)

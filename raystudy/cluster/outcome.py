@@ -10,6 +10,7 @@ from raystudy.config import StudySpec
 from raystudy.config.sampler import search_settings
 from raystudy.config.study import TrialPlan
 from raystudy.persist import storage
+from raystudy.persist.record import is_defended
 from raystudy.training.trial import FINAL_KEY
 
 BEST_CONFIG = "best_config.json"
@@ -102,7 +103,8 @@ def pareto_front(values: list[list[float]], modes: Sequence[str]) -> list[int]:
 
 def _target_names(metrics: dict[str, Any]) -> list[str]:
     """The targets a trial's hook measured (from its support/<target> counts)."""
-    return sorted(k.split("/", 1)[1] for k in metrics if k.startswith("support/"))
+    names = (k.split("/", 1)[1] for k in metrics if k.startswith("support/"))
+    return sorted(name for name in names if not is_defended(name))
 
 
 def describe(config: dict[str, Any]) -> str:

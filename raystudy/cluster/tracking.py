@@ -94,7 +94,8 @@ def _mlflow_callback(study_name: str):
             # The config is the run's parameters and the record a JSON structure: neither is a metric.
             # '/' becomes '.': MLflow's file store makes each '/' a folder, and `acc` (a file) would
             # clash with `acc/<target>` (a folder).
-            metrics = {k.replace("/", "."): v for k, v in result.items() if k not in _NOT_METRICS}
+            # MLflow's names take no `+` (a target behind a defense, `t1+jpeg:75`): written `t1__jpeg:75`.
+            metrics = {k.replace("/", ".").replace("+", "__"): v for k, v in result.items() if k not in _NOT_METRICS}
             super().log_trial_result(iteration, trial, metrics)
 
     return TaggedMLflowLoggerCallback(tracking_uri=uri, experiment_name=study_name, tags={"study": study_name})

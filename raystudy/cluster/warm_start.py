@@ -34,6 +34,7 @@ from raystudy.persist.record import (
     MetricRow,
     finite_number,
     flat,
+    is_defended,
     objective_rows,
     rows_of,
     targets_location,
@@ -202,7 +203,10 @@ def _objective_value(spec: StudySpec, manifest, rows: list[MetricRow], metric: s
     per_target = {
         r.target
         for r in rows
-        if r.target is not None and r.target not in AGGREGATE_TARGETS and r.key.rsplit("/", 1)[0] == family
+        if r.target is not None
+        and r.target not in AGGREGATE_TARGETS
+        and not is_defended(r.target)
+        and r.key.rsplit("/", 1)[0] == family
     } - their_endpoints
     value = flat(rows).get(metric)
     if averaged_over_targets(metric) or (metric.endswith("/mean") and per_target):

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from raystudy.errors import RaystudyError
+from raystudy.persist.record import DEFENSE_KINDS, is_defended  # noqa: F401 (is_defended re-exported)
 
 RESIZE_PAD_RATIO = 331 / 299  # the published setting: 299-pixel inputs padded to 331
 # kind -> (whether it takes a value, its bounds, whether it must be whole)
@@ -30,6 +31,7 @@ KINDS: dict[str, tuple[str, float, float, bool]] = {
     "resize_pad": ("optional", 1, 2, False),
 }
 MAX_STEPS = 8
+assert tuple(sorted(KINDS)) == tuple(sorted(DEFENSE_KINDS))  # one list of the kinds, where rows are read
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ class DefenseStep:
     def name(self) -> str:
         if self.value is None:
             return self.kind
-        return f"{self.kind}:{int(self.value) if float(self.value).is_integer() else self.value:g}"
+        return f"{self.kind}:{int(self.value) if float(self.value).is_integer() else self.value!r}"
 
     @property
     def differentiable(self) -> bool:

@@ -124,8 +124,9 @@ class EvalConfig:
         given = self.attack_options
         if isinstance(given, dict):
             given = tuple(given.items())
-        if not isinstance(given, (tuple, list)):
-            raise RaystudyError("attack_options must map attacks to their options ({torchattack/SSA: {...}})")
+        shape = "attack_options must map attacks to their options ({torchattack/BSR: {num_scale: 20}})"
+        if not isinstance(given, (tuple, list)) or not all(isinstance(g, tuple) and len(g) == 2 for g in given):
+            raise RaystudyError(shape)
         resolved = {}
         for attack, options in given:
             name = canonical(attack) if isinstance(attack, str) and is_torchattack(attack) else attack
@@ -134,14 +135,19 @@ class EvalConfig:
                     f"attack_options: {attack!r} is not one of the evaluation's torchattack attacks "
                     "(raystudy's own take steps, step_size, random_start and loss from the evaluation)"
                 )
-            options = dict(options) if isinstance(options, (dict, tuple, list)) else None
+            try:
+                options = dict(options) if isinstance(options, (dict, tuple)) else None
+            except (TypeError, ValueError):
+                options = None
             if options is None:
                 raise RaystudyError(f"attack_options: {attack}: its options must be a mapping")
-            check_attack(name, options, models=())
+            if name in resolved:
+                raise RaystudyError(f"attack_options: {attack} is given twice")
+            check_attack(name, options)
             resolved[name] = tuple(sorted(options.items()))
         for name in filter(is_torchattack, self.attacks):
             if name not in resolved:
-                check_attack(name, {}, models=())
+                check_attack(name, {})
         if self.loss != "ce" and any(map(is_torchattack, self.attacks)):
             raise RaystudyError(f"loss: {self.loss} is raystudy's attacks' option; torchattack's use their own loss")
         object.__setattr__(self, "attack_options", tuple(sorted(resolved.items())))

@@ -54,7 +54,7 @@ from raystudy.config.evaluation import EvalConfig
 from raystudy.config.lgv import LGV_BASES, LgvPhase
 from raystudy.config.loaded import LoadedModel, parse_loaded
 from raystudy.config.sampler import SamplerSpec, check_sampler_fits, parse_sampler
-from raystudy.config.torchattack import check_attack, is_torchattack
+from raystudy.config.torchattack import check_attack, has_targeted_mode, is_torchattack
 from raystudy.config.train import (
     FINITE,
     MAX_NAME,
@@ -822,11 +822,11 @@ def _evaluation(values: Any, where: str) -> EvalConfig:
 
 
 def _check_attacks_fit(spec: "StudySpec") -> None:
-    """torchattack's attacks that need something of the surrogate (a ViT), against the study's models."""
-    models = {spec.model} | {plan.train.model for plan in spec.plans if plan.loaded is None}
+    """torchattack's attacks against what the study's surrogates are (their image size, LGV ensembles)."""
     input_size = 224 if spec.dataset in IMAGENET_SIZED else dict(spec.train).get("image_size", 32)
+    ensembles = any(plan.lgv is not None for plan in spec.plans)
     for attack in filter(is_torchattack, spec.evaluation.attacks):
-        check_attack(attack, spec.evaluation.options_of(attack), models, input_size)
+        check_attack(attack, spec.evaluation.options_of(attack), input_size, ensembles)
 
 
 def _smoothness_shorthand(values: dict[str, Any], where: str) -> dict[str, Any]:
@@ -1093,3 +1093,5 @@ def _check_metric(metric: str, evaluation: EvalConfig, where: str) -> None:
             raise RaystudyError(f"{where}={metric!r}: the evaluation computes no {what} {value!r} ({', '.join(known)})")
     if attack == "autoattack" and mode == "targeted":
         raise RaystudyError(f"{where}={metric!r}: AutoAttack runs untargeted only")
+    if is_torchattack(attack) and mode == "targeted" and not has_targeted_mode(attack):
+        raise RaystudyError(f"{where}={metric!r}: torchattack implements {attack} untargeted only")

@@ -11,7 +11,8 @@ metric names an attack is `torchattack.<Name>` (a metric's parts are separated b
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import math
+from typing import Any
 
 from raystudy.errors import RaystudyError
 
@@ -69,6 +70,10 @@ FROM_DATASET = ("num_classes",)
 REFUSED_CATEGORIES = {
     "GENERATIVE": "a generative attack: it crafts with a pretrained generator, not with the surrogate",
     "NON_EPS": "not an attack within an L-inf budget",
+    # Its hooks expect a bare timm ViT (`model.blocks`); raystudy's models wrap theirs in a
+    # normalization layer first.
+    "GRADIENT_VIT": "it hooks the blocks of a bare timm ViT, and raystudy's models put their input "
+    "normalization in front of the network",
 }
 REFUSED = {
     "PGDL2": "an L2 attack (the study's budgets are L-inf)",
@@ -77,7 +82,6 @@ REFUSED = {
     "BPA": "it hooks torchvision's ResNet module names, which raystudy's models lack",
     "SSP": "it downloads torchvision's pretrained VGG-16 as its feature extractor",
 }
-VIT_ONLY = "it hooks the attention blocks of a ViT surrogate (model: vit_...)"
 # Attacks that draw their noise or crops at 224 x 224: ImageNet-sized inputs only.
 SIZE_224_ONLY = ("SSA", "L2T")
 NEEDS_OPTION = {"feature_layer_cfg": "the name of one of the surrogate's layers (e.g. 1.4 for ResNet-8's second block)"}
@@ -95,35 +99,36 @@ def canonical(attack: str) -> str:
     return CANONICAL + name
 
 
-def check_attack(attack: str, options: dict[str, Any], models: Iterable[str], input_size: int | None = None) -> None:
-    """One line where the attack cannot run on these surrogate models (of `input_size` pixels,
-    None: not known yet) with these options."""
+def check_attack(attack: str, options: dict[str, Any], input_size: int | None = None, ensembles: bool = False) -> None:
+    """One line where the attack cannot run on surrogates of `input_size` pixels (None: not known
+    yet; `ensembles`: LGV ensembles among them) with these options. What only running it shows (a
+    layer name, an option's type or range) raystudy.metrics.attacks.check_torchattack_runs finds."""
     name = attack[len(CANONICAL) :]
     category, _, accepted = REGISTRY[name]
     why = REFUSED_CATEGORIES.get(category) or REFUSED.get(name)
     if why:
         raise RaystudyError(f"attack {attack} cannot run here: {why}")
-    if category == "GRADIENT_VIT":
-        others = sorted({m for m in models if not m.startswith("vit")})
-        if others:
-            raise RaystudyError(f"attack {attack} cannot attack {', '.join(others)}: {VIT_ONLY}")
     if name in SIZE_224_ONLY and input_size not in (None, 224):
         raise RaystudyError(
             f"attack {attack} draws its noise at 224 x 224 pixels (torchattack {TORCHATTACK_VERSION}): "
             f"it cannot attack {input_size}-pixel images"
         )
-    unknown = sorted(set(options) - set(accepted) - set(FROM_DATASET))
+    unknown = sorted(set(options) - (set(accepted) - set(FROM_DATASET)))
     if unknown:
-        raystudy_sets = [k for k in unknown if k in SET_BY_RAYSTUDY]
-        hint = f" ({', '.join(raystudy_sets)}: from the evaluation settings)" if raystudy_sets else ""
+        raystudy_sets = [k for k in unknown if k in SET_BY_RAYSTUDY + FROM_DATASET]
+        hint = f" ({', '.join(raystudy_sets)}: from the evaluation settings and the data)" if raystudy_sets else ""
         valid = ", ".join(o for o in accepted if o not in FROM_DATASET) or "none"
         raise RaystudyError(f"attack {attack}: unknown option(s) {', '.join(unknown)}{hint}; valid: {valid}")
     for option, what in NEEDS_OPTION.items():
         if option in accepted and not options.get(option):
             raise RaystudyError(f"attack {attack} needs the option {option}: {what}")
+        if option in accepted and ensembles:
+            raise RaystudyError(f"attack {attack} names a layer of one model: it cannot attack an LGV ensemble")
     for key, value in options.items():
-        if not isinstance(value, (int, float, str, bool)):
+        if not isinstance(key, str) or not isinstance(value, (int, float, str, bool)):
             raise RaystudyError(f"attack {attack}: option {key}={value!r} must be a number, text or true/false")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RaystudyError(f"attack {attack}: option {key}={value!r} must be a finite number")
 
 
 def has_targeted_mode(attack: str) -> bool:

@@ -177,6 +177,7 @@ def torchattack_examples(
     seed: int,
     batch_size: int,
     num_classes: int,
+    random_start: bool = False,
 ) -> torch.Tensor:
     """AEs of one of torchattack's attacks (`torchattack.<Name>`, raystudy.config.torchattack) on
     `surrogate`: budget, steps, step size (its `alpha`) and mode from raystudy's settings, `labels`
@@ -193,15 +194,54 @@ def torchattack_examples(
 
     name = attack.split(".", 1)[1]
     accepted = inspect.signature(ATTACK_REGISTRY[name].__init__).parameters
+    options = dict(options)
     model = copy.deepcopy(surrogate).eval().requires_grad_(False)
     given = {"eps": eps, "steps": steps, "alpha": step_size, "targeted": targeted, "num_classes": num_classes}
-    kwargs = {k: v for k, v in given.items() if k in accepted}
+    given["random_start"] = options.pop("random_start", random_start) if "random_start" in accepted else None
+    kwargs = {k: v for k, v in given.items() if k in accepted and v is not None}
     crafter = create_attack(name, model=model, normalize=None, device=x.device, **kwargs, **options)
     with _seeded_global_generators(seed, x.device):
         adversarial = torch.cat(
             [crafter(x[i : i + batch_size], labels[i : i + batch_size]).detach() for i in range(0, len(x), batch_size)]
         )
     return round_to_8bit(adversarial, x, eps)
+
+
+def check_torchattack_runs(spec) -> None:
+    """Before anything trains: each of the study's torchattack attacks, with its options, run for
+    one step on two random images of the size the surrogates see, on each surrogate architecture
+    the study trains (without weights), in each of its modes. What only running shows (a layer
+    name that is not the model's, an option of the wrong type or range, a missing optional
+    package of torchattack's) is then one line, not a trial that fails after its training."""
+    from raystudy.config.torchattack import has_targeted_mode, is_torchattack
+    from raystudy.core.data import test_labels_for
+    from raystudy.core.models import build_model
+    from raystudy.errors import RaystudyError
+
+    attacks = [a for a in spec.evaluation.attacks if is_torchattack(a)]
+    plans = [plan for plan in spec.plans if plan.loaded is None] or ([spec.search_corner()] if spec.search else [])
+    if not attacks or not plans:
+        return
+    _, num_classes = test_labels_for(plans[0].train)
+    size = 224 if plans[0].train.dataset in ("imagenette", "imagenet") else plans[0].train.image_size
+    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1 % num_classes])
+    for model_name in sorted({plan.train.model for plan in plans}):
+        model = build_model(model_name, num_classes, input_size=size).eval()
+        for attack in attacks:
+            modes = [m for m in spec.evaluation.modes if m == "untargeted" or has_targeted_mode(attack)]
+            for mode in modes:
+                try:
+                    options = spec.evaluation.options_of(attack)
+                    torchattack_examples(
+                        model, x, y, mode == "targeted", attack, 8 / 255, 1, 2 / 255, options, 0, 2, num_classes
+                    )
+                except Exception as err:  # noqa: BLE001 (whatever the library raises: the user's options are at fault)
+                    reason = (str(err).strip().splitlines() or [""])[0][:200]
+                    raise RaystudyError(
+                        f"attack {attack} with {options or 'no options'} does not run on {model_name} "
+                        f"({mode}): {type(err).__name__}: {reason}"
+                    ) from None
 
 
 @contextmanager

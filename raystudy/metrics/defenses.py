@@ -9,7 +9,9 @@ Inputs and outputs are [0, 1] pixels, (N, C, H, W).
 
 from __future__ import annotations
 
+import hashlib
 import io
+import zlib
 
 import numpy as np
 import torch
@@ -69,22 +71,31 @@ class MedianFilter(nn.Module):
 
 
 class ResizePad(nn.Module):
-    """Random resize-and-pad (Xie et al. 2018): per batch, a side drawn from [side, padded), the
-    batch resized bilinearly to it and zero-padded at a random offset to padded = floor(side * ratio).
-    Its draws come from its own generator, seeded: the same seed shows the same transformations."""
+    """Random resize-and-pad (Xie et al. 2018): each image resized bilinearly to a side drawn from
+    [side, padded) and zero-padded at a random offset to padded = floor(side * ratio). An image's
+    draws depend only on `seed` and its 8-bit content: the same image gets the same transformation
+    whatever batch, order or run it comes in (what makes a defended column reproducible)."""
 
     def __init__(self, ratio: float, seed: int) -> None:
         super().__init__()
-        self.ratio = ratio
-        self.generator = torch.Generator().manual_seed(seed)
+        self.ratio, self.seed = ratio, seed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         side = x.shape[-1]
         padded = max(side + 1, int(side * self.ratio))
-        new = int(torch.randint(side, padded, (1,), generator=self.generator))
-        top, left = (int(v) for v in torch.randint(0, padded - new + 1, (2,), generator=self.generator))
-        resized = F.interpolate(x, size=(new, new), mode="bilinear", align_corners=False)
-        return F.pad(resized, (left, padded - new - left, top, padded - new - top))
+        out = x.new_zeros(*x.shape[:2], padded, padded)
+        for i, image in enumerate(x):
+            generator = torch.Generator().manual_seed(self._seed_of(image))
+            new = int(torch.randint(side, padded, (1,), generator=generator))
+            top, left = (int(v) for v in torch.randint(0, padded - new + 1, (2,), generator=generator))
+            resized = F.interpolate(image[None], size=(new, new), mode="bilinear", align_corners=False)[0]
+            out[i, :, top : top + new, left : left + new] = resized
+        return out
+
+    def _seed_of(self, image: torch.Tensor) -> int:
+        content = to_uint8(image).cpu().numpy().tobytes()
+        digest = hashlib.sha256(self.seed.to_bytes(8, "little", signed=True) + content).digest()
+        return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 class DefendedTarget(nn.Module):
@@ -101,7 +112,9 @@ class DefendedTarget(nn.Module):
 
 
 def defended(target: nn.Module, steps: tuple[DefenseStep, ...], seed: int) -> DefendedTarget:
-    """`target` behind the defense `steps` (applied left to right); `seed` for its random draws."""
+    """`target` behind the defense `steps` (applied left to right); its random draws seeded from
+    `seed` and the defense's name (not its place in a list of defenses)."""
+    seed = seed + zlib.crc32(defense_name(steps).encode())
     layers = []
     for i, step in enumerate(steps):
         if step.kind == "jpeg":

@@ -11,13 +11,13 @@ Metric names (budgets are in 1/255 units, e.g. `8` = 8/255; `<t>` is a target's 
     asr/<attack>/<mode>/<budget>/<t>    Definition 3 ASR (samples both models get right); and /mean
     asr_all/<attack>/<mode>/<budget>/<t> the published code's ASR over all samples; and /mean
     support/<t>                         samples both the surrogate and <t> classify correctly
-<t> also names each target behind each of the evaluation's defenses (`resnet50+jpeg:75`: accuracy,
-ASR, support; no similarity, whose gradients are not taken through a defense; not in the means).
     fooling/<attack>/<mode>/<budget>    fraction of AEs that fool the surrogate itself
     seconds/<part>                      wall time of each part (accuracy, smoothness, similarity, <attack>)
 with <attack> in pgd, mi, di, dim, autoattack and <mode> in untargeted, targeted (AutoAttack is
 untargeted only). An `Ensemble` surrogate (LGV) is attacked one member per iteration, cycling in
 a shuffled order, and measured (accuracy, smoothness, similarity) through its mean logits.
+<t> also names each target behind each of the evaluation's defenses (`resnet50+jpeg:75`: accuracy,
+ASR, support; no similarity, whose gradients are not taken through a defense; not in the means).
 No Ray here: the trainable calls this and reports the rows.
 """
 
@@ -273,6 +273,7 @@ def _craft(surrogate, x, y, goal, attack, budget, config, generator) -> torch.Te
             seed,
             config.batch_size,
             num_classes,
+            config.random_start,
         )
     crafter = make_attack(attack, eps, config.steps_for(mode), config.step_size, config.random_start, config.loss)
     models = list(surrogate.members) if isinstance(surrogate, Ensemble) else surrogate  # LGV: one member per step
@@ -302,10 +303,10 @@ def quick_transfer_asr(
 def defended_targets(targets: Mapping[str, nn.Module], config: EvalConfig) -> dict[str, nn.Module]:
     """Each target behind each of the evaluation's defenses, as `<target>+<defense>`."""
     out = {}
-    for i, name in enumerate(config.defenses):
+    for name in config.defenses:
         steps = parse_defense(name)
         for target_name, target in targets.items():
-            out[f"{target_name}+{name}"] = defended(target, steps, config.seed + 101 * (i + 1))
+            out[f"{target_name}+{name}"] = defended(target, steps, config.seed)
     return out
 
 

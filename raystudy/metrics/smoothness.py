@@ -111,9 +111,12 @@ def input_hessian_lanczos(
     hvp = _ensemble_hvp(model, x, y) if isinstance(model, Ensemble) else _hvp(model, x, y, loss_fn)
     v = _unit(start.to(x.device, x.dtype))
     basis, alphas, betas = [v], [], []
+    closed = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     for step in range(iterations):
         w = hvp(v).detach()
-        alphas.append(_dot(w, v))
+        # A closed sample's later diagonal entries repeat its first Rayleigh quotient, which is never
+        # above the largest eigenvalue of its own (exact) block: that one stays the largest.
+        alphas.append(torch.where(closed, alphas[0], _dot(w, v)) if alphas else _dot(w, v))
         for q in basis:  # full re-orthogonalization (Gram-Schmidt, twice is enough)
             w = w - _dot(w, q).view(-1, *([1] * (w.dim() - 1))) * q
         for q in basis:
@@ -122,7 +125,7 @@ def input_hessian_lanczos(
             break
         beta = w.flatten(1).norm(dim=1)
         # Closed: what is left is rounding error (a few hundred ulps of the largest |alpha|).
-        closed = beta <= 256 * torch.finfo(w.dtype).eps * torch.stack(alphas).abs().amax(0).clamp_min(1e-30)
+        closed = closed | (beta <= 256 * torch.finfo(w.dtype).eps * torch.stack(alphas).abs().amax(0).clamp_min(1e-30))
         if bool(closed.all()):  # every Krylov space closed: the tridiagonal matrices are exact
             break
         betas.append(torch.where(closed, torch.zeros_like(beta), beta))

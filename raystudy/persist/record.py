@@ -69,6 +69,18 @@ def flat(rows: Iterable[MetricRow]) -> dict[str, float]:
 # Target names reserved for rows aggregated over targets: every target, the search's objective
 # targets, and the targets held out from it.
 AGGREGATE_TARGETS = ("mean", "objective", "held_out")
+# The input-transformation defenses a target can be measured behind (raystudy.config.defense): its
+# rows name it `<target>+<defense>`, e.g. `resnet50+jpeg:75` or `vgg16+bits:4+median:3`.
+DEFENSE_KINDS = ("jpeg", "bits", "median", "resize_pad")
+
+
+def is_defended(target: str | None) -> bool:
+    """Whether a row's target is a target behind a defense (every step after its first `+` a
+    defense's): another column of that target, never averaged with the targets as they are."""
+    if not isinstance(target, str) or "+" not in target:
+        return False
+    steps = target.split("+")[1:]
+    return all(step.split(":", 1)[0] in DEFENSE_KINDS for step in steps)
 
 
 def objective_rows(rows: Iterable[MetricRow], metric: str, objective_targets: Iterable[str]) -> list[MetricRow]:
@@ -80,6 +92,7 @@ def objective_rows(rows: Iterable[MetricRow], metric: str, objective_targets: It
         for r in rows
         if (r.name, r.attack, r.mode, str(r.budget)) == (name, attack, mode, budget)
         and r.target not in AGGREGATE_TARGETS
+        and not is_defended(r.target)  # a target behind a defense is another column, not another target
     ]
     chosen = set(objective_targets)
     out = []
