@@ -40,6 +40,31 @@ CLAIMS = {
     "F7": "the better surrogates stay better under MI, DIM and LGV",
 }
 AUGMENTATIONS = ("MU", "CM", "LS")
+# F7 per attack family (the transfer literature's grouping): raystudy's attacks and torchattack's
+# (`torchattack.<Name>`). PGD, I-FGSM, FGSM and AutoAttack are the baselines, in no family.
+ATTACK_FAMILIES = {
+    "gradient stabilization": ("mi", "MIFGSM", "NIFGSM", "VMIFGSM", "VNIFGSM", "GRA", "MIG"),
+    "input transformation": (
+        "di",
+        "dim",
+        "DIFGSM",
+        "TIFGSM",
+        "SINIFGSM",
+        "SSA",
+        "BSR",
+        "Admix",
+        "L2T",
+        "DeCoWA",
+        "MuMoDIG",
+    ),
+    "architecture": ("SGM", "BPA"),
+    "feature level": ("FIA", "NAA", "ILPD", "DANAA", "BFA", "DR", "FDA"),
+}
+
+
+def attack_family(attack: str) -> str | None:
+    name = attack.split(".", 1)[1] if attack.startswith("torchattack.") else attack
+    return next((family for family, members in ATTACK_FAMILIES.items() if name in members), None)
 
 
 @dataclass(frozen=True)
@@ -94,7 +119,8 @@ def findings(tidy: pd.DataFrame) -> list[Verdict]:
         "F6": _f6(surrogates),
         "F7": _f7(data),
     }
-    return [Verdict(k, CLAIMS[k], _combine(c), tuple(c)) for k, c in checks.items()]
+    verdicts = [Verdict(k, CLAIMS[k], _combine(c), tuple(c)) for k, c in checks.items()]
+    return verdicts + _f7_generalized(data)
 
 
 def render(verdicts: list[Verdict]) -> str:
@@ -133,8 +159,9 @@ class _Data:
         )
         self.dataset = surrogates.dataset.iloc[0] if len(surrogates) else "cifar10"
 
-    def values(self, setting: Setting, metric: str, attack: str = "pgd") -> pd.Series:
-        """One value per (seed, target, budget) key; smoothness has no target or budget."""
+    def values(self, setting: Setting, metric: str, attack: str = "pgd", defense: str | None = None) -> pd.Series:
+        """One value per (seed, target, budget) key; smoothness has no target or budget. `defense`:
+        the targets behind that defense (keyed by the target), else the targets as they are."""
         f = self.frame
         rows = f[(f.mechanism == setting.mechanism) & (f.magnitudes == setting.magnitudes) & (f.lgv == setting.lgv)]
         if metric == "asr":
@@ -144,7 +171,13 @@ class _Data:
         else:
             rows = rows[rows.name == metric]
         # The targets as they are: a defended target's column is checked apart (not paired with them).
-        rows = rows[~rows.target.isin(AGGREGATE_TARGETS) & ~rows.target.map(is_defended)]
+        rows = rows[~rows.target.isin(AGGREGATE_TARGETS)]
+        if defense is None:
+            rows = rows[~rows.target.map(is_defended)]
+        else:
+            suffix = f"+{defense}"
+            rows = rows[rows.target.map(lambda t: isinstance(t, str) and t.endswith(suffix) and is_defended(t))]
+            rows = rows.assign(target=rows.target.str[: -len(suffix)])
         keys = list(zip(rows.seed, rows.target.fillna("-"), rows.budget.fillna(-1).astype(int)))
         return pd.Series(rows.value.to_numpy(float), index=pd.MultiIndex.from_tuples(keys) if keys else None)
 
@@ -167,14 +200,23 @@ class _Data:
         values = self.values(setting, metric, attack)
         return float(values.mean()) if len(values) else float("nan")
 
-    def compare(self, a: Setting | str, b: Setting | str, metric: str, side: str, attack: str = "pgd") -> Check:
+    def compare(
+        self,
+        a: Setting | str,
+        b: Setting | str,
+        metric: str,
+        side: str,
+        attack: str = "pgd",
+        defense: str | None = None,
+    ) -> Check:
         """Check `a side b` ('>' or '<') on `metric`, paired over the keys both measured; a str is a
-        setting the experiments lack."""
-        what = f"{a} {side} {b} ({metric}{'' if attack == 'pgd' or metric != 'asr' else ', ' + attack})"
+        setting the experiments lack. `defense`: on the targets behind it."""
+        what = f"{a} {side} {b} ({metric}{'' if attack == 'pgd' or metric != 'asr' else ', ' + attack}"
+        what += f", behind {defense})" if defense else ")"
         missing = [x for x in (a, b) if isinstance(x, str)]
         if missing:
             return Check(what, NOT_ENOUGH, f"{' and '.join(missing)} not in the experiments")
-        left, right = self.values(a, metric, attack), self.values(b, metric, attack)
+        left, right = self.values(a, metric, attack, defense), self.values(b, metric, attack, defense)
         shared = left.index.intersection(right.index)
         differences = (left[shared] - right[shared]).to_numpy(float)
         return Check(what, *_paired_verdict(differences, side, scale=100 if metric == "asr" else 1))
@@ -300,3 +342,43 @@ def _f7(d: _Data) -> list[Check]:
     if not attacks and not d.of("ST", lgv=True):
         checks.append(Check("MI, DIM or LGV measured", NOT_ENOUGH, "only PGD without LGV"))
     return checks
+
+
+def _better_than_st(d: _Data) -> tuple[Setting | str, list[Setting]]:
+    """ST, and the surrogates better than it under PGD (95% CI above it)."""
+    st = d.default("ST")
+    if isinstance(st, str):
+        return st, []
+    candidates = [s for s in d.settings if not s.lgv and s.mechanism != "ST"]
+    return st, [s for s in candidates if d.compare(s, st, "asr", ">").verdict == SUPPORTED]
+
+
+def _f7_generalized(d: _Data) -> list[Verdict]:
+    """F7 per attack family and per defended target, where the experiments measured them: the
+    surrogates better than ST under PGD against ST under each attack of the family (on the targets
+    as they are), and under PGD on the targets behind each defense."""
+    if d.frame.empty:
+        return []
+    st, better = _better_than_st(d)
+    asr = d.frame[d.frame.name == "asr"]
+    attacks = sorted(set(asr.attack.dropna()))
+    defenses = sorted({t.split("+", 1)[1] for t in asr.target.dropna() if is_defended(t)})
+    groups = {
+        f"F7 {family}": (family, [a for a in attacks if attack_family(a) == family], None) for family in ATTACK_FAMILIES
+    }
+    groups.update({f"F7 behind {defense}": (defense, ["pgd"], defense) for defense in defenses})
+    out = []
+    for key, (what, members, defense) in groups.items():
+        if not members:
+            continue
+        claim = (
+            f"the better surrogates stay better under {what} attacks ({', '.join(members)})"
+            if defense is None
+            else f"the better surrogates stay better against the targets behind {defense} (PGD)"
+        )
+        if not better:
+            checks = [Check("a surrogate better than ST under PGD", NOT_ENOUGH, "none is (95% CI above ST)")]
+        else:
+            checks = [d.compare(s, st, "asr", ">", attack=a, defense=defense) for s in better for a in members]
+        out.append(Verdict(key, claim, _combine(checks), tuple(checks)))
+    return out

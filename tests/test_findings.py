@@ -113,7 +113,9 @@ def verdicts_of(folder: Path) -> dict:
 
 def test_every_finding_holds_in_the_papers_world(tmp_path):
     verdicts = verdicts_of(write_world(tmp_path))
-    assert {k: v.verdict for k, v in verdicts.items()} == {f"F{i}": SUPPORTED for i in range(1, 8)}
+    # F7 per attack family too: MI stabilizes the gradient, DIM transforms the input.
+    families = {"F7 gradient stabilization": SUPPORTED, "F7 input transformation": SUPPORTED}
+    assert {k: v.verdict for k, v in verdicts.items()} == {f"F{i}": SUPPORTED for i in range(1, 8)} | families
     f1 = verdicts["F1"]
     assert "AT epsilon=0.03 > ST (asr)" in f1.statistic and "n = 18 pairs" in f1.statistic  # 3 seeds x 3 x 2
     assert "Δ = +15" in f1.checks[0].statistic  # 0.55 - 0.40, in points
@@ -156,6 +158,38 @@ def test_lgv_ensembles_that_reverse_the_order_fail_f7(tmp_path, monkeypatch):
     assert any(c.what.startswith("LGV-SAM&JR") and c.verdict == CONTRADICTED for c in verdicts["F7"].checks)
 
 
+def test_f7_per_attack_family_and_per_defended_target(tmp_path, monkeypatch):
+    """Gradient-stabilizing attacks keep the order, an input transformation (BSR) reverses it, and
+    behind JPEG ST transfers best: each family and defense has its own verdict and statistic."""
+
+    def newer_attacks(mechanism, asr):
+        bsr = 0.8 if mechanism == "ST" else 0.3
+        return {"pgd": asr, "mi": asr + 0.1, "torchattack.VMIFGSM": asr + 0.12, "torchattack.BSR": bsr}
+
+    plain_rows = rows_for
+
+    def with_defended(mechanism, magnitudes, seed, world, attacks_asr):
+        rows = plain_rows(mechanism, magnitudes, seed, world, attacks_asr)
+        behind = [
+            MetricRow(
+                "asr", 0.9 if mechanism == "ST" else 0.1, r.attack, r.mode, r.budget, target=f"{r.target}+jpeg:75"
+            )
+            for r in rows
+            if r.name == "asr" and r.attack == "pgd"
+        ]
+        return rows + behind
+
+    monkeypatch.setattr(sys.modules[__name__], "rows_for", with_defended)
+    verdicts = verdicts_of(write_world(tmp_path, attacks_asr=newer_attacks, lgv=False))
+    assert verdicts["F7 gradient stabilization"].verdict == SUPPORTED
+    assert "torchattack.VMIFGSM" in verdicts["F7 gradient stabilization"].claim
+    assert verdicts["F7 input transformation"].verdict == CONTRADICTED
+    assert verdicts["F7 behind jpeg:75"].verdict == CONTRADICTED
+    assert "behind jpeg:75" in verdicts["F7 behind jpeg:75"].checks[0].what
+    # The plain targets' findings are measured without the defended columns: SAM still beats ST.
+    assert verdicts["F5"].verdict == SUPPORTED and "F7 architecture" not in verdicts
+
+
 def test_missing_settings_say_not_enough_trials(tmp_path):
     small = {k: v for k, v in PAPER.items() if k[0] in ("ST", "SAM", "IR")}
     verdicts = verdicts_of(write_world(tmp_path, small, lgv=False))
@@ -172,9 +206,10 @@ def test_findings_command_prints_the_verdicts_and_writes_json(tmp_path):
         text=True,
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.count("SUPPORTED:") == 7 and "95% CI" in out.stdout
+    assert out.stdout.count("SUPPORTED:") == 9 and "95% CI" in out.stdout
     saved = json.loads((tmp_path / "f.json").read_text())
-    assert [v["finding"] for v in saved] == [f"F{i}" for i in range(1, 8)]
+    families = ["F7 gradient stabilization", "F7 input transformation"]
+    assert [v["finding"] for v in saved] == [f"F{i}" for i in range(1, 8)] + families
     missing = subprocess.run(
         [sys.executable, "-m", "raystudy", "findings", str(tmp_path / "nope")], capture_output=True, text=True
     )
