@@ -204,3 +204,25 @@ def test_what_only_running_shows_is_one_line_before_anything_trains():
     search["search"]["metric"] = "asr/torchattack.FIA/targeted/8/mean"
     with pytest.raises(RaystudyError, match="torchattack implements torchattack.FIA untargeted only"):
         parse_space(search, "s.yaml")
+
+
+def test_plan_prices_an_attack_by_the_gradients_a_step_takes():
+    from raystudy.budget.costs import StepCosts, hook_seconds
+    from raystudy.config.torchattack import gradients_per_step
+
+    assert gradients_per_step("pgd", {}) == 1 and gradients_per_step("torchattack.BSR", {}) == 20
+    assert (
+        gradients_per_step("torchattack.BSR", {"num_scale": 4}) == 4
+        and gradients_per_step("torchattack.VMIFGSM", {}) == 6
+    )
+    costs = StepCosts("estimate", False, "tiny_cnn", "synthetic", 128, {}, {"ST": {1: 1.0}})
+
+    def seconds(evaluation):
+        space = {**SPACE, "evaluation": {"n_eval": 100, "budgets": [8], "modes": ["untargeted"], **evaluation}}
+        return hook_seconds(parse_space(space, "s.yaml"), costs, st_step=1.0, batch_size=100)
+
+    pgd = seconds({"attacks": ["pgd"]})
+    both = seconds({"attacks": ["pgd", "torchattack/BSR"], "attack_options": {"torchattack/BSR": {"num_scale": 10}}})
+    # 20 steps of one gradient, then 20 steps of ten: the attack part grows elevenfold.
+    fixed = pgd - 100 * 20 / 100
+    assert both - fixed == pytest.approx(11 * (pgd - fixed))

@@ -23,6 +23,7 @@ from typing import Any, Mapping
 from raystudy.budget import memory
 from raystudy.config import StudySpec, TrainConfig
 from raystudy.config.study import TrialPlan
+from raystudy.config.torchattack import gradients_per_step
 from raystudy.config.train import show
 from raystudy.errors import RaystudyError
 from raystudy.mechanisms import ORDER
@@ -245,9 +246,13 @@ def hook_seconds(spec: StudySpec, costs: StepCosts, st_step: float, batch_size: 
     ev = spec.evaluation
     n = ev.n_eval or 10_000
     runs = len(ev.attacks) * len(ev.modes) * len(ev.budgets)
-    # Targeted attacks may take their own, longer schedule (`targeted_steps`): the attack steps of
-    # every run, against `steps` in each (what measured timings were taken at).
-    attack_steps = len(ev.attacks) * len(ev.budgets) * sum(ev.steps_for(mode) for mode in ev.modes)
+    # Targeted attacks may take their own, longer schedule (`targeted_steps`), and some of
+    # torchattack's take several gradients a step: the gradients of every run, against `steps`
+    # one-gradient steps in each (what measured timings were taken at).
+    attack_steps = sum(
+        gradients_per_step(attack, ev.options_of(attack)) * len(ev.budgets) * sum(ev.steps_for(m) for m in ev.modes)
+        for attack in ev.attacks
+    )
     if costs.hook_seconds:
         scale = n / costs.hook_n_eval
         parts = costs.hook_seconds

@@ -87,6 +87,43 @@ SIZE_224_ONLY = ("SSA", "L2T")
 NEEDS_OPTION = {"feature_layer_cfg": "the name of one of the surrogate's layers (e.g. 1.4 for ResNet-8's second block)"}
 
 
+# Gradients an attack takes per step, where it takes more than one (what `raystudy plan` prices
+# it by): (its option, that option's default in TORCHATTACK_VERSION, gradients per unit of it, and
+# per step besides). BSR, SSA, L2T, DeCoWA: one per transformed copy; Admix: `size` mixed images
+# at 5 scales; VMI/VNI-FGSM and GRA: one more per neighbour sampled; SI-NI-FGSM: one per scale;
+# MIG: one per interpolation point; the feature-level attacks' aggregate gradient (num_ens
+# gradients, once) is spread over a 10-step attack.
+GRADIENTS_PER_STEP: dict[str, tuple[str, int, float, float]] = {
+    "BSR": ("num_scale", 20, 1, 0),
+    "SSA": ("num_spectrum", 20, 1, 0),
+    "L2T": ("num_scale", 5, 1, 0),
+    "DeCoWA": ("num_warping", 20, 1, 0),
+    "Admix": ("size", 3, 5, 0),
+    "VMIFGSM": ("n", 5, 1, 1),
+    "VNIFGSM": ("n", 5, 1, 1),
+    "GRA": ("num_neighbors", 20, 1, 1),
+    "SINIFGSM": ("m", 3, 1, 0),
+    "MIG": ("s_factor", 25, 1, 0),
+    "MuMoDIG": ("n_trans", 6, 1, 0),
+    "FIA": ("num_ens", 30, 0.1, 1),
+    "NAA": ("num_ens", 30, 0.1, 1),
+    "DANAA": ("num_ens", 30, 0.1, 1),
+    "BFA": ("num_ens", 30, 0.1, 1),
+}
+
+
+def gradients_per_step(attack: str, options: dict[str, Any]) -> float:
+    """About how many surrogate gradients one step of `attack` takes (1 for raystudy's own)."""
+    if not is_torchattack(attack):
+        return 1.0
+    name = attack[len(CANONICAL) :]
+    if name not in GRADIENTS_PER_STEP:
+        return 1.0
+    option, default, per_unit, besides = GRADIENTS_PER_STEP[name]
+    value = options.get(option, default)
+    return float(value) * per_unit + besides if isinstance(value, (int, float)) else float(default)
+
+
 def is_torchattack(attack: str) -> bool:
     return attack.startswith(PREFIXES)
 
