@@ -61,12 +61,7 @@ def input_hessian_top_eigenvalue(
     must be a sum of per-sample losses (summed cross-entropy by default). An LGV `Ensemble` is
     differentiated member by member (one member's graph in memory at a time).
     """
-    if start is None:
-        start = torch.randn(x.shape, generator=generator, device="cpu")
-    if isinstance(model, Ensemble) and loss_fn is not summed_cross_entropy:
-        raise ValueError("an Ensemble is differentiated member by member for the summed cross-entropy only")
-    hvp = _ensemble_hvp(model, x, y) if isinstance(model, Ensemble) else _hvp(model, x, y, loss_fn)
-    v = _unit(start.to(x.device, x.dtype))
+    hvp, v = _products_and_start(model, x, y, loss_fn, generator, start)
     eigenvalues = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
     converged = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     done = 0
@@ -104,12 +99,7 @@ def input_hessian_lanczos(
     (classes - 1), so Lanczos is exact after that many products. Same conventions as
     `input_hessian_top_eigenvalue` (eval mode, summed per-sample loss).
     """
-    if start is None:
-        start = torch.randn(x.shape, generator=generator, device="cpu")
-    if isinstance(model, Ensemble) and loss_fn is not summed_cross_entropy:
-        raise ValueError("an Ensemble is differentiated member by member for the summed cross-entropy only")
-    hvp = _ensemble_hvp(model, x, y) if isinstance(model, Ensemble) else _hvp(model, x, y, loss_fn)
-    v = _unit(start.to(x.device, x.dtype))
+    hvp, v = _products_and_start(model, x, y, loss_fn, generator, start)
     basis, alphas, betas = [v], [], []
     closed = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     for step in range(iterations):
@@ -136,6 +126,16 @@ def input_hessian_lanczos(
         off = torch.diag_embed(torch.stack(betas, 1).double(), offset=1)
         tridiagonal = tridiagonal + off + off.transpose(1, 2)
     return torch.linalg.eigvalsh(tridiagonal)[:, -1].to(x.dtype)
+
+
+def _products_and_start(model, x, y, loss_fn, generator, start):
+    """(v -> H v for every sample at once, the unit start vectors): what both estimators begin with."""
+    if start is None:
+        start = torch.randn(x.shape, generator=generator, device="cpu")
+    if isinstance(model, Ensemble) and loss_fn is not summed_cross_entropy:
+        raise ValueError("an Ensemble is differentiated member by member for the summed cross-entropy only")
+    hvp = _ensemble_hvp(model, x, y) if isinstance(model, Ensemble) else _hvp(model, x, y, loss_fn)
+    return hvp, _unit(start.to(x.device, x.dtype))
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
