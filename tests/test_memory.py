@@ -72,11 +72,45 @@ def test_every_part_of_the_estimate_grows_where_it_should():
     assert inception.hook_per_image > plain.hook_per_image and inception.hook_part == "similarity"
     assert ensemble.hook_fixed == pytest.approx(plain.hook_fixed + 39 * resnet.weights * memory.ALLOCATOR_SLACK)
     # member by member: one member's graph at a time, its HVP holding its Jacobian-vector product too
-    assert ensemble.hook_per_image == pytest.approx(plain.hook_per_image * 4 / 3)
+    vectors = memory.POWER_VECTORS * 3 * 32 * 32 * 4 * memory.ALLOCATOR_SLACK  # power iteration's own
+    assert ensemble.hook_per_image - vectors == pytest.approx((plain.hook_per_image - vectors) * 4 / 3)
     # LGV fine-tunes at batch 256 with its base's step: SAM&JR's finite differences keep two graphs
     fd = TrainConfig.from_preset("fast", mechanism="SAM&JR").shape()
     lgv_fd = memory.trial_memory("LGV", resnet, [], lgv_members=40, lgv_batch=256, lgv_shape=fd, **base)
     assert lgv_fd.training_per_image == pytest.approx(resnet.saved_per_image * 2 * 2 * memory.ALLOCATOR_SLACK)
+
+
+def test_the_evaluation_settings_add_what_they_hold_to_the_hook():
+    """Lanczos keeps one image-sized vector per product, BSR's copies go through the model as one
+    batch, torchattack crafts on a copy of the surrogate, a median holds each pixel's window."""
+    from raystudy.metrics import EvalConfig
+
+    resnet = memory.model_bytes("resnet18", 32)
+    base = dict(pixels=32, train_batch=128, train_images=0, eval_batch=100, eval_images=1000, trains=False)
+    floats = 3 * 32 * 32 * 4 * memory.ALLOCATOR_SLACK
+
+    def planned(**evaluation):
+        shape = memory.HookShape.of(EvalConfig(**evaluation))
+        return memory.trial_memory("x", resnet, [resnet], hook_shape=shape, **base)
+
+    plain = planned()
+    assert plain.hook_part == "smoothness" and plain.hook_fixed == pytest.approx(
+        memory.trial_memory("x", resnet, [resnet], **base).hook_fixed
+    )
+    lanczos = planned(smoothness_method="lanczos", lanczos_iterations=500)
+    assert lanczos.hook_per_image - plain.hook_per_image == pytest.approx(500 * floats)
+    bsr = planned(attacks=("pgd", "torchattack.BSR"), attack_options=(("torchattack.BSR", (("num_scale", 10),)),))
+    assert bsr.hook_part == "attacks"
+    assert bsr.hook_per_image == pytest.approx(10 * resnet.saved_per_image * memory.ALLOCATOR_SLACK + 12 * floats)
+    assert bsr.hook_fixed - plain.hook_fixed == pytest.approx(resnet.weights * memory.ALLOCATOR_SLACK)
+    assert planned(attacks=("pgd", "mi")).hook_fixed == plain.hook_fixed  # raystudy's own: no copy
+    assert memory.defense_images("median:5") == 28 and memory.defense_images("jpeg:75+bits:4") == 2
+    assert memory.defense_images("resize_pad:2") == 9 and memory.defense_images("bits:4+median:3") == 12
+    tiny = memory.model_bytes("tiny_cnn", 32)
+    defended = memory.trial_memory(
+        "x", tiny, [], hook_shape=memory.HookShape.of(EvalConfig(defenses=("median:15",))), **base
+    )
+    assert defended.hook_part == "defenses" and defended.hook_per_image == pytest.approx(228 * floats)
 
 
 def plan(path: Path, *flags: str) -> subprocess.CompletedProcess:

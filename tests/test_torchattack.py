@@ -226,3 +226,21 @@ def test_plan_prices_an_attack_by_the_gradients_a_step_takes():
     # 20 steps of one gradient, then 20 steps of ten: the attack part grows elevenfold.
     fixed = pgd - 100 * 20 / 100
     assert both - fixed == pytest.approx(11 * (pgd - fixed))
+
+
+@pytest.mark.parametrize(
+    "attack, options",
+    [("torchattack.BSR", {"num_scale": 3}), ("torchattack.Admix", {"size": 2}), ("torchattack.VMIFGSM", {"n": 3})],
+)
+def test_the_images_one_forward_holds_are_what_the_library_sends_through_the_model(attack, options):
+    """raystudy plan's memory counts BSR's and Admix's copies as one batch (ONE_FORWARD) and
+    VMI-FGSM's neighbours one at a time: the batches the surrogate's forward sees say which."""
+    from raystudy.config.torchattack import images_per_forward
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 10))
+    seen: list[int] = []
+    model.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[0]))  # kept by the copy
+    x = torch.rand(4, 3, 16, 16)
+    torchattack_examples(model, x, torch.arange(4), False, attack, 8 / 255, 2, 1 / 255, options, 0, 4, 10)
+    assert max(seen) == 4 * images_per_forward(attack, options)

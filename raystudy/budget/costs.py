@@ -512,6 +512,7 @@ def trial_memories(spec: StudySpec, target_plans: list[TrialPlan] | None) -> lis
             lgv_members=plan.lgv.epochs * plan.lgv.models_per_epoch if plan.lgv else 0,
             lgv_batch=plan.lgv.batch_size if plan.lgv else 0,
             lgv_shape=_as_mechanism(train, plan.lgv.base_for(train)).shape() if plan.lgv else None,
+            hook_shape=memory.HookShape.of(spec.evaluation),
         )
     return list(out.values())
 

@@ -10,8 +10,13 @@ to the trial's batches:
 - the trial-end hook: the surrogate's and every target's weights (targets move to the device for
   the hook only), the evaluation set, and the largest part at the evaluation batch: smoothness
   (a double backward through the surrogate), similarity (a backward through the surrogate, then
-  through each target in turn), the attacks (a backward through the surrogate or one LGV member);
-  an LGV ensemble is differentiated member by member, so one member's graph at a time.
+  through each target in turn), the attacks (a backward through the surrogate or one LGV member),
+  the defenses (their buffers before a target's forward, which keeps no graph); an LGV ensemble is
+  differentiated member by member, so one member's graph at a time. What the evaluation settings
+  add (HookShape): Lanczos keeps its Krylov basis (one image-sized vector per product), an attack
+  that sends its transformed copies through the model in one batch (torchattack's BSR, Admix, MIG)
+  keeps that many graphs, torchattack crafts on a frozen copy of the surrogate, and a median
+  defense copies each pixel's window.
 
 A trial's share is `resources.gpu` x the card's memory less CUDA_CONTEXT (the context every process
 makes sits outside PyTorch's per-process cap). Allocator slack is added on top (ALLOCATOR_SLACK).
@@ -27,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from raystudy.config.defense import RESIZE_PAD_RATIO, parse_defense
+from raystudy.config.torchattack import images_per_forward, is_torchattack
 from raystudy.errors import RaystudyError
 
 GiB = 1 << 30
@@ -148,6 +155,49 @@ class TrialMemory:
         return int((cap - self.training_fixed) // self.training_per_image) if self.training_per_image else 0
 
 
+# Image-sized float vectors each smoothness estimate keeps per image besides the graph: power
+# iteration its iterate, its product and the start; Lanczos also its basis, one per product.
+POWER_VECTORS = 3
+
+
+@dataclass(frozen=True)
+class HookShape:
+    """What the evaluation settings add to the hook's memory (HookShape.of(EvalConfig))."""
+
+    smoothness_vectors: int = POWER_VECTORS  # float images kept per image by the estimator
+    attack_copies: float = 1.0  # images per image in one forward of the attack that batches most
+    attack_model_copy: bool = False  # torchattack attacks craft on a frozen copy of the surrogate
+    defense_images: float = 0.0  # float images per image the largest defense holds at once
+
+    @classmethod
+    def of(cls, evaluation: Any) -> "HookShape":
+        lanczos = evaluation.smoothness_method == "lanczos"
+        attacks = evaluation.attacks
+        return cls(
+            smoothness_vectors=evaluation.lanczos_iterations + POWER_VECTORS if lanczos else POWER_VECTORS,
+            attack_copies=max([images_per_forward(a, evaluation.options_of(a)) for a in attacks] or [1.0]),
+            attack_model_copy=any(is_torchattack(a) for a in attacks),
+            defense_images=max([defense_images(d) for d in evaluation.defenses] or [0.0]),
+        )
+
+
+def defense_images(defense: str) -> float:
+    """Float images per image that `defense` holds at once on the device: its input and output, and
+    a median's windows (K x K copies of each pixel, reshaped for torch.median), resize-and-pad's
+    larger canvas. JPEG runs on the host: only its output comes back."""
+    largest = 0.0
+    for step in parse_defense(defense):
+        if step.kind == "median":
+            held = step.value**2 + 2  # the windows, the padded input, the output
+        elif step.kind == "resize_pad":
+            ratio = step.value if step.value is not None else RESIZE_PAD_RATIO
+            held = 2 * ratio**2  # the canvas and the resized image inside it
+        else:
+            held = 1.0
+        largest = max(largest, 1 + held)
+    return largest
+
+
 def step_factor(shape: Any) -> float:
     """Saved activations of one training step relative to a plain forward/backward, from the step's
     shape (`TrainConfig.shape()`: raystudy.mechanisms.StepShape)."""
@@ -175,6 +225,7 @@ def trial_memory(
     lgv_members: int = 0,
     lgv_batch: int = 0,
     lgv_shape: Any = None,
+    hook_shape: HookShape = HookShape(),
 ) -> TrialMemory:
     """The two phases' memory, in bytes, with allocator slack (module docstring)."""
     unknown = tuple(["surrogate"] if surrogate is None else []) + tuple(
@@ -194,10 +245,15 @@ def trial_memory(
     members = max(1, lgv_members)
     # the evaluation set kept as uint8 and in use as float32, and the attacks' float32 AEs of it
     hook_fixed = s.weights * members + sum(t.weights for t in known) + eval_images * image * (1 + 4 + 4)
+    hook_fixed += s.weights if hook_shape.attack_model_copy else 0
+    floats, copies = image * 4, hook_shape.attack_copies
     parts = {  # per image of the hook's batch
-        "smoothness": s.saved_per_image * (ENSEMBLE_HVP_FACTOR if lgv_members else DOUBLE_BACKWARD_FACTOR),
+        "smoothness": s.saved_per_image * (ENSEMBLE_HVP_FACTOR if lgv_members else DOUBLE_BACKWARD_FACTOR)
+        + hook_shape.smoothness_vectors * floats,
         "similarity": max([s.saved_per_image, *(t.saved_per_image for t in known)]),
-        "attacks": s.saved_per_image + 2 * image * 4,  # the graph, the AE and its gradient
+        # each copy's graph and the copy itself, then the AE and its gradient
+        "attacks": copies * (s.saved_per_image + floats) + 2 * floats,
+        "defenses": hook_shape.defense_images * floats,
     }
     part = max(parts, key=parts.get)
     slack = ALLOCATOR_SLACK

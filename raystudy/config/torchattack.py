@@ -112,6 +112,18 @@ GRADIENTS_PER_STEP: dict[str, tuple[str, int, float, float]] = {
 }
 
 
+# Attacks that send all their copies through the model as one batch (the others loop over them):
+# one step's graph holds that many images per image (raystudy.budget.memory).
+ONE_FORWARD = frozenset({"BSR", "Admix", "MIG"})
+
+
+def images_per_forward(attack: str, options: dict[str, Any]) -> float:
+    """Images per attacked image in one forward of `attack` (1 for raystudy's own)."""
+    if is_torchattack(attack) and attack[len(CANONICAL) :] in ONE_FORWARD:
+        return gradients_per_step(attack, options)
+    return 1.0
+
+
 def gradients_per_step(attack: str, options: dict[str, Any]) -> float:
     """About how many surrogate gradients one step of `attack` takes (1 for raystudy's own)."""
     if not is_torchattack(attack):

@@ -277,6 +277,7 @@ def _hook_evaluation(study: StudySpec, plan: TrialPlan, dataset, target_models: 
         eval_images=study.evaluation.n_eval or len(dataset.test),
         trains=False,
         lgv_members=plan.lgv.epochs * plan.lgv.models_per_epoch if plan.lgv else 0,
+        hook_shape=memory.HookShape.of(study.evaluation),
     )
     batch = planned.hook_batch_within(cap) if not planned.unknown else study.evaluation.batch_size
     return dataclasses.replace(study.evaluation, batch_size=max(1, batch or 1))
