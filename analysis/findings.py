@@ -380,5 +380,50 @@ def _f7_generalized(d: _Data) -> list[Verdict]:
             checks = [Check("a surrogate better than ST under PGD", NOT_ENOUGH, "none is (95% CI above ST)")]
         else:
             checks = [d.compare(s, st, "asr", ">", attack=a, defense=defense) for s in better for a in members]
+        checks += [_ranking(d, attack, defense) for attack in members]
         out.append(Verdict(key, claim, _combine(checks), tuple(checks)))
     return out
+
+
+def _ranking(d: _Data, attack: str, defense: str | None) -> Check:
+    """How far the surrogates' order by mean ASR under PGD (targets as they are) holds under `attack`
+    (behind `defense`): Kendall's tau-b over the settings measured under both, and both orders. A
+    figure beside the verdict, which stays with the paired comparisons: at a few seeds the order of
+    close surrogates is partly noise, which the figure alone cannot tell apart."""
+    where = f"{attack}, behind {defense}" if defense else attack
+    what = f"order of the surrogates under PGD kept under {where}"
+    settings = [s for s in d.settings if not s.lgv]
+    pairs = [(s, d.values(s, "asr").mean(), d.values(s, "asr", attack, defense).mean()) for s in settings]
+    pairs = [(s, a, b) for s, a, b in pairs if not (math.isnan(a) or math.isnan(b))]
+    if len(pairs) < 3:
+        return Check(what, REPORTED, f"{len(pairs)} surrogates measured under both (3 or more give an order)")
+    tau = kendall_tau_b([a for _, a, _ in pairs], [b for _, _, b in pairs])
+
+    def order(column: int) -> str:
+        ranked = sorted(pairs, key=lambda p: -p[column])
+        return " > ".join(f"{p[0]} {p[column] * 100:.1f}" for p in ranked)
+
+    return Check(
+        what, REPORTED, f"Kendall τ = {tau:+.2f} over {len(pairs)} surrogates (PGD: {order(1)}; {where}: {order(2)})"
+    )
+
+
+def kendall_tau_b(x: list[float], y: list[float]) -> float:
+    """Kendall's tau-b (ties in either ranking counted as scipy.stats.kendalltau does); nan when
+    one side is all ties."""
+    concordant = discordant = ties_x = ties_y = 0
+    for i in range(len(x)):
+        for j in range(i + 1, len(x)):
+            dx, dy = np.sign(x[i] - x[j]), np.sign(y[i] - y[j])
+            if dx == 0 and dy == 0:
+                continue
+            if dx == 0:
+                ties_x += 1
+            elif dy == 0:
+                ties_y += 1
+            elif dx == dy:
+                concordant += 1
+            else:
+                discordant += 1
+    scale = math.sqrt((concordant + discordant + ties_x) * (concordant + discordant + ties_y))
+    return (concordant - discordant) / scale if scale else float("nan")

@@ -16,7 +16,15 @@ import pandas as pd
 from analysis.figures import magnitude_curves, optuna_figures
 from analysis.findings import findings, findings_table
 from analysis.records import Experiment, load_experiment
-from analysis.tables import accuracy_table, correlation_table, headline_table, metric_gaps, tidy_trials
+from analysis.tables import (
+    accuracy_table,
+    attack_defense_cells,
+    attack_table,
+    correlation_table,
+    headline_table,
+    metric_gaps,
+    tidy_trials,
+)
 from raystudy.config.sampler import IMPORTANCE_EVALUATOR, IMPORTANCE_SETTINGS
 from raystudy.errors import RaystudyError
 from raystudy.persist import storage
@@ -172,6 +180,7 @@ def analyze(
     report = Report()
     _overview(report, experiments, tidy)
     _headline(report, tidy, out)
+    _attacks(report, tidy, out)
     _accuracies(report, tidy, out)
     _curves(report, tidy, out)
     _correlations(report, tidy, out)
@@ -239,6 +248,24 @@ def _headline(report: Report, tidy: pd.DataFrame, out: Path) -> None:
             f"than {0.2} points. Also as headline_{mode}.csv / .md / .tex."
         )
         report.table(table)  # marks styled by each renderer
+
+
+def _attacks(report: Report, tidy: pd.DataFrame, out: Path) -> None:
+    for mode in MODES:
+        table = attack_table(tidy, mode)
+        if table.empty:
+            continue
+        render_headline(table, "csv").to_csv(out / f"attacks_{mode}.csv")
+        cells = attack_defense_cells(tidy, mode)
+        cells.to_csv(out / f"attacks_by_defense_{mode}.csv", index=False)
+        report.heading(f"Transfer ASR by attack: {mode} (%)")
+        report.paragraph(
+            "Each cell: the mean ± standard deviation over seeds of the ASR averaged over the targets as they are "
+            "(the headline's mean column), one column per attack; marks as in the headline table. Also as "
+            f"attacks_{mode}.csv; every attack against the targets behind every defense (mean over those "
+            f"targets) is in attacks_by_defense_{mode}.csv."
+        )
+        report.table(table)
 
 
 def _accuracies(report: Report, tidy: pd.DataFrame, out: Path) -> None:

@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from analysis.records import DONE, Experiment, LoggedTrial, plan_of
 from raystudy.mechanisms import MECHANISMS, mechanism_label
-from raystudy.persist.record import DIMENSIONS, MetricRow, metric_key
+from raystudy.persist.record import DIMENSIONS, MetricRow, is_defended, metric_key
 
 CONFIG_COLUMNS = [
     "experiment",
@@ -169,6 +169,39 @@ def headline_table(tidy: pd.DataFrame, mode: str, attack: str = "pgd") -> pd.Dat
     text.index.name = "mechanism"
     text.columns = pd.MultiIndex.from_tuples([(t, f"{b}/255") for t, b in columns], names=["target", "budget"])
     return text
+
+
+def attack_table(tidy: pd.DataFrame, mode: str) -> pd.DataFrame:
+    """Rows = mechanisms, columns = (attack, budget): the headline table's cells for the hook's mean
+    over the targets as they are (defended columns stay out of it), one column per attack. Empty
+    when the experiments ran one attack only (the headline table says it all)."""
+    rows = tidy[(tidy.name == "asr") & (tidy.target == "mean") & (tidy["mode"] == mode)]
+    if rows.attack.nunique() < 2:
+        return pd.DataFrame()
+    # the headline layout with the attack where the target goes: same cells, spreads and marks
+    table = headline_table(rows.assign(target=rows.attack, attack="pgd"), mode)
+    # PGD (the headline's attack) first, then raystudy's own, then torchattack's
+    order = sorted(table.columns, key=lambda c: (c[0] != "pgd", c[0].startswith("torchattack."), c[0]))
+    table = table[order]
+    table.columns = table.columns.set_names(["attack", "budget"])
+    return table
+
+
+def attack_defense_cells(tidy: pd.DataFrame, mode: str) -> pd.DataFrame:
+    """One row per (mechanism label, attack, defense, budget): the mean over the targets behind the
+    defense ("none": the targets as they are) per trial, then mean, std (ddof=1) and n over seeds,
+    in %. Every attack against every defense, for a table or a plot of one's own."""
+    rows = tidy[(tidy.name == "asr") & (tidy["mode"] == mode) & tidy.target.notna() & (tidy.target != "mean")]
+    if rows.empty:
+        return pd.DataFrame(columns=["label", "attack", "defense", "budget", "mean", "std", "n"])
+    defended = rows.target.map(is_defended)
+    rows = rows.assign(defense=np.where(defended, rows.target.str.split("+", n=1).str[1], "none"))
+    per_trial = rows.groupby(["label", "seed", "trial_id", "attack", "defense", "budget"])["value"].mean()
+    grouped = per_trial.groupby(["label", "attack", "defense", "budget"])
+    cells = pd.DataFrame(
+        {"mean": grouped.mean() * 100, "std": grouped.std(ddof=1).fillna(0.0) * 100, "n": grouped.count()}
+    )
+    return cells.reset_index()
 
 
 def marks_for(means: pd.DataFrame) -> pd.DataFrame:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -158,29 +159,41 @@ def test_lgv_ensembles_that_reverse_the_order_fail_f7(tmp_path, monkeypatch):
     assert any(c.what.startswith("LGV-SAM&JR") and c.verdict == CONTRADICTED for c in verdicts["F7"].checks)
 
 
-def test_f7_per_attack_family_and_per_defended_target(tmp_path, monkeypatch):
-    """Gradient-stabilizing attacks keep the order, an input transformation (BSR) reverses it, and
-    behind JPEG ST transfers best: each family and defense has its own verdict and statistic."""
+def newer_attacks(mechanism, asr):
+    bsr = 1 - asr  # the order reversed
+    return {"pgd": asr, "mi": asr + 0.1, "torchattack.VMIFGSM": asr + 0.12, "torchattack.BSR": bsr}
 
-    def newer_attacks(mechanism, asr):
-        bsr = 0.8 if mechanism == "ST" else 0.3
-        return {"pgd": asr, "mi": asr + 0.1, "torchattack.VMIFGSM": asr + 0.12, "torchattack.BSR": bsr}
 
+def defended_world(tmp_path, monkeypatch, world=PAPER) -> Path:
+    """newer_attacks' world with every target also behind JPEG under PGD (ST 0.9, the rest 0.1) and
+    the hook's mean over the targets as they are per attack and budget."""
     plain_rows = rows_for
 
     def with_defended(mechanism, magnitudes, seed, world, attacks_asr):
         rows = plain_rows(mechanism, magnitudes, seed, world, attacks_asr)
+        asr = [r for r in rows if r.name == "asr"]
         behind = [
             MetricRow(
                 "asr", 0.9 if mechanism == "ST" else 0.1, r.attack, r.mode, r.budget, target=f"{r.target}+jpeg:75"
             )
-            for r in rows
-            if r.name == "asr" and r.attack == "pgd"
+            for r in asr
+            if r.attack == "pgd"
         ]
-        return rows + behind
+        means = [
+            MetricRow("asr", sum(r.value for r in same) / len(same), attack, "untargeted", budget, target="mean")
+            for attack, budget in sorted({(r.attack, r.budget) for r in asr})
+            for same in [[r for r in asr if (r.attack, r.budget) == (attack, budget)]]
+        ]
+        return rows + behind + means
 
     monkeypatch.setattr(sys.modules[__name__], "rows_for", with_defended)
-    verdicts = verdicts_of(write_world(tmp_path, attacks_asr=newer_attacks, lgv=False))
+    return write_world(tmp_path, world, attacks_asr=newer_attacks, lgv=False)
+
+
+def test_f7_per_attack_family_and_per_defended_target(tmp_path, monkeypatch):
+    """Gradient-stabilizing attacks keep the order, an input transformation (BSR) reverses it, and
+    behind JPEG ST transfers best: each family and defense has its own verdict and statistic."""
+    verdicts = verdicts_of(defended_world(tmp_path, monkeypatch))
     assert verdicts["F7 gradient stabilization"].verdict == SUPPORTED
     assert "torchattack.VMIFGSM" in verdicts["F7 gradient stabilization"].claim
     assert verdicts["F7 input transformation"].verdict == CONTRADICTED
@@ -188,6 +201,58 @@ def test_f7_per_attack_family_and_per_defended_target(tmp_path, monkeypatch):
     assert "behind jpeg:75" in verdicts["F7 behind jpeg:75"].checks[0].what
     # The plain targets' findings are measured without the defended columns: SAM still beats ST.
     assert verdicts["F5"].verdict == SUPPORTED and "F7 architecture" not in verdicts
+    # Beside each verdict, how far the order under PGD holds: kept under VMI-FGSM, reversed under BSR
+    # (but for the two settings tied under PGD, which the same noise orders alike), and behind JPEG
+    # ST moves from the middle (5 below, 8 above) to the top with the rest tied: (5 - 8) / sqrt(91 x 13).
+    ranking = {c.what: c for v in verdicts.values() for c in v.checks if c.what.startswith("order of")}
+    kept = ranking["order of the surrogates under PGD kept under torchattack.VMIFGSM"]
+    assert kept.verdict == "reported" and kept.statistic.startswith("Kendall τ = +1.00 over 14 surrogates")
+    reversed_ = ranking["order of the surrogates under PGD kept under torchattack.BSR"].statistic
+    assert reversed_.startswith(f"Kendall τ = {-1 + 2 / 91:+.2f}"), reversed_
+    behind = ranking["order of the surrogates under PGD kept under pgd, behind jpeg:75"].statistic
+    assert behind.startswith(f"Kendall τ = {-3 / math.sqrt(91 * 13):+.2f}") and "behind jpeg:75: ST 90.0 >" in behind
+
+
+def test_the_report_tables_every_attack_and_every_defense(tmp_path, monkeypatch):
+    """The report's table by attack holds the hook's mean over the plain targets, mean and spread
+    over seeds, PGD first; the long table has every attack behind every defense, by hand."""
+    from analysis.report import analyze
+    from analysis.tables import attack_defense_cells, attack_table
+
+    world = {k: v for k, v in PAPER.items() if k[0] in ("ST", "SAM")}
+    folder = defended_world(tmp_path, monkeypatch, world)
+    tidy = tidy_trials([load_experiment(str(folder))])
+    table = attack_table(tidy, "untargeted")
+    assert [a for a, _ in table.columns][:2] == ["pgd", "pgd"] and table.columns[-1][0] == "torchattack.VMIFGSM"
+    sam = [0.58 + 0.02 * i + noise("SAM", (("rho", 0.1),), seed, t, 8) for seed in SEEDS for i, t in enumerate(TARGETS)]
+    per_seed = [sum(sam[3 * k : 3 * k + 3]) / 3 for k in range(3)]  # SAM under PGD at 8/255: + 0.05
+    mean = 100 * (sum(per_seed) / 3 + 0.05)
+    spread = 100 * statistics.stdev(per_seed)
+    assert table.loc["SAM", ("pgd", "8/255")].startswith(f"{mean:.1f} ± {spread:.1f}")
+    assert table.loc["ST", ("torchattack.BSR", "8/255")].endswith("[best]")  # BSR reverses the order
+    cells = attack_defense_cells(tidy, "untargeted").set_index(["label", "attack", "defense", "budget"])
+    assert cells.loc[("SAM", "pgd", "none", 8), "mean"] == pytest.approx(mean)
+    assert cells.loc[("ST", "pgd", "jpeg:75", 8), "mean"] == pytest.approx(90.0)
+    assert cells.loc[("SAM", "pgd", "jpeg:75", 8), ["mean", "std", "n"]].tolist() == pytest.approx([10.0, 0.0, 3])
+    assert ("SAM", "mi", "jpeg:75", 8) not in cells.index  # measured behind JPEG under PGD only
+    report = analyze([str(folder)], tmp_path / "report", log=None).read_text()
+    assert "## Transfer ASR by attack: untargeted (%)" in report
+    assert (tmp_path / "report" / "attacks_by_defense_untargeted.csv").exists()
+
+
+def test_kendalls_tau_b_is_scipys():
+    import numpy as np
+    import scipy.stats
+
+    from analysis.findings import kendall_tau_b
+
+    rng = np.random.default_rng(0)
+    for n in (3, 4, 9):
+        for _ in range(20):
+            x, y = rng.integers(0, 4, n).tolist(), rng.integers(0, 4, n).tolist()  # with ties
+            expected = scipy.stats.kendalltau(x, y).statistic
+            assert kendall_tau_b(x, y) == pytest.approx(expected, abs=1e-12, nan_ok=True)
+    assert kendall_tau_b([1, 2, 3], [3, 2, 1]) == -1 and math.isnan(kendall_tau_b([1, 1, 1], [1, 2, 3]))
 
 
 def test_missing_settings_say_not_enough_trials(tmp_path):
