@@ -247,7 +247,8 @@ def accuracy_table(tidy: pd.DataFrame) -> pd.DataFrame:
     seeds = rows.groupby(["experiment", "setting"])["seed"].nunique().rename("seeds")
     table = table.join(seeds).reset_index().fillna("")
     order = {label: i for i, label in enumerate(label_order(table.setting))}
-    return table.sort_values(["experiment", "setting"], key=lambda c: c.map(order) if c.name == "setting" else c)
+    ordered = table.sort_values(["experiment", "setting"], key=lambda c: c.map(order) if c.name == "setting" else c)
+    return ordered.reset_index(drop=True)  # the order is the rows' own: no index column in the report
 
 
 def correlation_table(tidy: pd.DataFrame, attack: str = "pgd", mode: str = "untargeted") -> pd.DataFrame:

@@ -219,7 +219,7 @@ def test_the_report_tables_every_attack_and_every_defense(tmp_path, monkeypatch)
     from analysis.report import analyze
     from analysis.tables import attack_defense_cells, attack_table
 
-    world = {k: v for k, v in PAPER.items() if k[0] in ("ST", "SAM")}
+    world = {k: v for k, v in PAPER.items() if k[0] in ("ST", "JR", "SAM")}
     folder = defended_world(tmp_path, monkeypatch, world)
     tidy = tidy_trials([load_experiment(str(folder))])
     table = attack_table(tidy, "untargeted")
@@ -237,6 +237,7 @@ def test_the_report_tables_every_attack_and_every_defense(tmp_path, monkeypatch)
     assert ("SAM", "mi", "jpeg:75", 8) not in cells.index  # measured behind JPEG under PGD only
     report = analyze([str(folder)], tmp_path / "report", log=None).read_text()
     assert "## Transfer ASR by attack: untargeted (%)" in report
+    assert "| experiment | setting |" in report and "| index |" not in report  # the accuracy table
     assert (tmp_path / "report" / "attacks_by_defense_untargeted.csv").exists()
 
 
