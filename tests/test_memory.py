@@ -82,16 +82,16 @@ def test_every_part_of_the_estimate_grows_where_it_should():
 
 def test_the_evaluation_settings_add_what_they_hold_to_the_hook():
     """Lanczos keeps one image-sized vector per product, BSR's copies go through the model as one
-    batch, torchattack crafts on a copy of the surrogate, a median holds each pixel's window."""
+    batch, torchattack crafts on a copy of the whole surrogate, a median holds each pixel's window."""
     from raystudy.metrics import EvalConfig
 
     resnet = memory.model_bytes("resnet18", 32)
     base = dict(pixels=32, train_batch=128, train_images=0, eval_batch=100, eval_images=1000, trains=False)
     floats = 3 * 32 * 32 * 4 * memory.ALLOCATOR_SLACK
 
-    def planned(**evaluation):
+    def planned(lgv_members=0, **evaluation):
         shape = memory.HookShape.of(EvalConfig(**evaluation))
-        return memory.trial_memory("x", resnet, [resnet], hook_shape=shape, **base)
+        return memory.trial_memory("x", resnet, [resnet], hook_shape=shape, lgv_members=lgv_members, **base)
 
     plain = planned()
     assert plain.hook_part == "smoothness" and plain.hook_fixed == pytest.approx(
@@ -99,18 +99,29 @@ def test_the_evaluation_settings_add_what_they_hold_to_the_hook():
     )
     lanczos = planned(smoothness_method="lanczos", lanczos_iterations=500)
     assert lanczos.hook_per_image - plain.hook_per_image == pytest.approx(500 * floats)
-    bsr = planned(attacks=("pgd", "torchattack.BSR"), attack_options=(("torchattack.BSR", (("num_scale", 10),)),))
+    bsr_options = (("torchattack.BSR", (("num_scale", 10),)),)
+    bsr = planned(attacks=("pgd", "torchattack.BSR"), attack_options=bsr_options)
     assert bsr.hook_part == "attacks"
     assert bsr.hook_per_image == pytest.approx(10 * resnet.saved_per_image * memory.ALLOCATOR_SLACK + 12 * floats)
     assert bsr.hook_fixed - plain.hook_fixed == pytest.approx(resnet.weights * memory.ALLOCATOR_SLACK)
     assert planned(attacks=("pgd", "mi")).hook_fixed == plain.hook_fixed  # raystudy's own: no copy
-    assert memory.defense_images("median:5") == 28 and memory.defense_images("jpeg:75+bits:4") == 2
-    assert memory.defense_images("resize_pad:2") == 9 and memory.defense_images("bits:4+median:3") == 12
+    # An LGV ensemble: raystudy's attacks go member by member; torchattack's copy of the whole
+    # ensemble runs all 40 members in each forward and is 40 members' weights more.
+    own = planned(lgv_members=40, attacks=("pgd",))
+    theirs = planned(lgv_members=40, attacks=("pgd", "torchattack.BSR"), attack_options=bsr_options)
+    assert own.hook_part == "smoothness" and theirs.hook_part == "attacks"
+    assert theirs.hook_per_image == pytest.approx(
+        10 * 40 * resnet.saved_per_image * memory.ALLOCATOR_SLACK + 12 * floats
+    )
+    assert theirs.hook_fixed - own.hook_fixed == pytest.approx(40 * resnet.weights * memory.ALLOCATOR_SLACK)
+    # A median holds its windows, the padded input, the values and their int64 indices, the input.
+    assert memory.defense_images("median:5") == 30 and memory.defense_images("jpeg:75+bits:4") == 2
+    assert memory.defense_images("resize_pad:2") == 9 and memory.defense_images("bits:4+median:3") == 14
     tiny = memory.model_bytes("tiny_cnn", 32)
     defended = memory.trial_memory(
         "x", tiny, [], hook_shape=memory.HookShape.of(EvalConfig(defenses=("median:15",))), **base
     )
-    assert defended.hook_part == "defenses" and defended.hook_per_image == pytest.approx(228 * floats)
+    assert defended.hook_part == "defenses" and defended.hook_per_image == pytest.approx(230 * floats)
 
 
 def plan(path: Path, *flags: str) -> subprocess.CompletedProcess:

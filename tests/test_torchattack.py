@@ -228,19 +228,38 @@ def test_plan_prices_an_attack_by_the_gradients_a_step_takes():
     assert both - fixed == pytest.approx(11 * (pgd - fixed))
 
 
-@pytest.mark.parametrize(
-    "attack, options",
-    [("torchattack.BSR", {"num_scale": 3}), ("torchattack.Admix", {"size": 2}), ("torchattack.VMIFGSM", {"n": 3})],
-)
-def test_the_images_one_forward_holds_are_what_the_library_sends_through_the_model(attack, options):
-    """raystudy plan's memory counts BSR's and Admix's copies as one batch (ONE_FORWARD) and
-    VMI-FGSM's neighbours one at a time: the batches the surrogate's forward sees say which."""
-    from raystudy.config.torchattack import images_per_forward
+def small_model_options(name: str) -> dict | None:
+    """The options `name` runs with on a 16-pixel model (feature attacks: its first layer), None
+    where it is refused on load (tested apart)."""
+    from raystudy.config.torchattack import CANONICAL, NEEDS_OPTION, check_attack
 
+    options = {o: "0" for o in NEEDS_OPTION if o in REGISTRY[name][2]}
+    try:
+        check_attack(CANONICAL + name, options, 16)
+    except RaystudyError:
+        return None
+    return options
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(REGISTRY) if small_model_options(n) is not None])
+def test_the_images_one_step_holds_are_what_the_library_sends_through_the_model(name):
+    """raystudy plan's memory counts the copies whose graphs one step keeps alive (ONE_FORWARD: BSR's
+    and Admix's copies as one batch, FDA's clean and adversarial batch together) and the others' one
+    at a time (VMI-FGSM's neighbours): the largest batch the surrogate's forward sees says which, for
+    every attack that runs on a small model (L2T and SSA need 224 pixels and a GPU: checked by
+    reading). Every one of them runs through raystudy (NAA and BFA need the copy's weights unfrozen)."""
+    from raystudy.config.torchattack import CANONICAL, images_per_forward
+
+    attack, options = CANONICAL + name, small_model_options(name)
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 10))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 16 * 16, 10)
+    )
     seen: list[int] = []
     model.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[0]))  # kept by the copy
     x = torch.rand(4, 3, 16, 16)
-    torchattack_examples(model, x, torch.arange(4), False, attack, 8 / 255, 2, 1 / 255, options, 0, 4, 10)
-    assert max(seen) == 4 * images_per_forward(attack, options)
+    try:
+        torchattack_examples(model, x, torch.arange(4), False, attack, 8 / 255, 2, 1 / 255, options, 0, 4, 10)
+    except ImportError as missing:  # MuMoDIG needs kornia, an optional package of torchattack's
+        pytest.skip(str(missing))
+    assert max(seen) == 4 * images_per_forward(attack, options), name

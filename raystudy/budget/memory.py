@@ -14,9 +14,9 @@ to the trial's batches:
   the defenses (their buffers before a target's forward, which keeps no graph); an LGV ensemble is
   differentiated member by member, so one member's graph at a time. What the evaluation settings
   add (HookShape): Lanczos keeps its Krylov basis (one image-sized vector per product), an attack
-  that sends its transformed copies through the model in one batch (torchattack's BSR, Admix, MIG)
-  keeps that many graphs, torchattack crafts on a frozen copy of the surrogate, and a median
-  defense copies each pixel's window.
+  whose copies' graphs are alive at once (torchattack's BSR, Admix, MIG, FDA, L2T) keeps that many
+  graphs, torchattack crafts on a frozen copy of the whole surrogate (an LGV ensemble's copy runs
+  every member at once), and a median defense copies each pixel's window.
 
 A trial's share is `resources.gpu` x the card's memory less CUDA_CONTEXT (the context every process
 makes sits outside PyTorch's per-process cap). Allocator slack is added on top (ALLOCATOR_SLACK).
@@ -165,18 +165,19 @@ class HookShape:
     """What the evaluation settings add to the hook's memory (HookShape.of(EvalConfig))."""
 
     smoothness_vectors: int = POWER_VECTORS  # float images kept per image by the estimator
-    attack_copies: float = 1.0  # images per image in one forward of the attack that batches most
-    attack_model_copy: bool = False  # torchattack attacks craft on a frozen copy of the surrogate
+    # images per image whose graphs one step of the torchattack attack that holds most keeps alive
+    # (0: no torchattack attack). It crafts on a frozen copy of the whole surrogate: an LGV
+    # ensemble's copy runs every member in each forward (raystudy's own attacks go member by member).
+    torchattack_copies: float = 0.0
     defense_images: float = 0.0  # float images per image the largest defense holds at once
 
     @classmethod
     def of(cls, evaluation: Any) -> "HookShape":
         lanczos = evaluation.smoothness_method == "lanczos"
-        attacks = evaluation.attacks
+        theirs = [a for a in evaluation.attacks if is_torchattack(a)]
         return cls(
             smoothness_vectors=evaluation.lanczos_iterations + POWER_VECTORS if lanczos else POWER_VECTORS,
-            attack_copies=max([images_per_forward(a, evaluation.options_of(a)) for a in attacks] or [1.0]),
-            attack_model_copy=any(is_torchattack(a) for a in attacks),
+            torchattack_copies=max([images_per_forward(a, evaluation.options_of(a)) for a in theirs] or [0.0]),
             defense_images=max([defense_images(d) for d in evaluation.defenses] or [0.0]),
         )
 
@@ -188,7 +189,7 @@ def defense_images(defense: str) -> float:
     largest = 0.0
     for step in parse_defense(defense):
         if step.kind == "median":
-            held = step.value**2 + 2  # the windows, the padded input, the output
+            held = step.value**2 + 4  # the windows, the padded input, the values and their int64 indices
         elif step.kind == "resize_pad":
             ratio = step.value if step.value is not None else RESIZE_PAD_RATIO
             held = 2 * ratio**2  # the canvas and the resized image inside it
@@ -245,14 +246,15 @@ def trial_memory(
     members = max(1, lgv_members)
     # the evaluation set kept as uint8 and in use as float32, and the attacks' float32 AEs of it
     hook_fixed = s.weights * members + sum(t.weights for t in known) + eval_images * image * (1 + 4 + 4)
-    hook_fixed += s.weights if hook_shape.attack_model_copy else 0
-    floats, copies = image * 4, hook_shape.attack_copies
+    copies = hook_shape.torchattack_copies
+    hook_fixed += s.weights * members if copies else 0  # torchattack's frozen copy of the surrogate
+    floats = image * 4
     parts = {  # per image of the hook's batch
         "smoothness": s.saved_per_image * (ENSEMBLE_HVP_FACTOR if lgv_members else DOUBLE_BACKWARD_FACTOR)
         + hook_shape.smoothness_vectors * floats,
         "similarity": max([s.saved_per_image, *(t.saved_per_image for t in known)]),
-        # each copy's graph and the copy itself, then the AE and its gradient
-        "attacks": copies * (s.saved_per_image + floats) + 2 * floats,
+        # the graph (each copy's, every member's for torchattack) and the copies, the AE, its gradient
+        "attacks": max(s.saved_per_image + floats, copies * (members * s.saved_per_image + floats)) + 2 * floats,
         "defenses": hook_shape.defense_images * floats,
     }
     part = max(parts, key=parts.get)

@@ -88,15 +88,17 @@ NEEDS_OPTION = {"feature_layer_cfg": "the name of one of the surrogate's layers 
 
 
 # Gradients an attack takes per step, where it takes more than one (what `raystudy plan` prices
-# it by): (its option, that option's default in TORCHATTACK_VERSION, gradients per unit of it, and
-# per step besides). BSR, SSA, L2T, DeCoWA: one per transformed copy; Admix: `size` mixed images
-# at 5 scales; VMI/VNI-FGSM and GRA: one more per neighbour sampled; SI-NI-FGSM: one per scale;
-# MIG: one per interpolation point; the feature-level attacks' aggregate gradient (num_ens
-# gradients, once) is spread over a 10-step attack.
-GRADIENTS_PER_STEP: dict[str, tuple[str, int, float, float]] = {
+# it by): (its option or None, that option's default in TORCHATTACK_VERSION, gradients per unit of
+# it, and per step besides). BSR, SSA, DeCoWA: one per transformed copy; L2T: per scale, two
+# augmentations chained, each of which makes 5.8 copies on average over its 15 operations (up to
+# 15): about 34 images per scale; Admix: `size` mixed images at 5 scales; VMI/VNI-FGSM and GRA:
+# one more per neighbour sampled; SI-NI-FGSM: one per scale; MIG: one per interpolation point;
+# FDA: the clean and the adversarial batch in one forward; the feature-level attacks' aggregate
+# gradient (num_ens gradients, once) is spread over a 10-step attack.
+GRADIENTS_PER_STEP: dict[str, tuple[str | None, int, float, float]] = {
     "BSR": ("num_scale", 20, 1, 0),
     "SSA": ("num_spectrum", 20, 1, 0),
-    "L2T": ("num_scale", 5, 1, 0),
+    "L2T": ("num_scale", 5, 34, 0),
     "DeCoWA": ("num_warping", 20, 1, 0),
     "Admix": ("size", 3, 5, 0),
     "VMIFGSM": ("n", 5, 1, 1),
@@ -109,12 +111,15 @@ GRADIENTS_PER_STEP: dict[str, tuple[str, int, float, float]] = {
     "NAA": ("num_ens", 30, 0.1, 1),
     "DANAA": ("num_ens", 30, 0.1, 1),
     "BFA": ("num_ens", 30, 0.1, 1),
+    "FDA": (None, 2, 1, 0),
 }
 
 
-# Attacks that send all their copies through the model as one batch (the others loop over them):
-# one step's graph holds that many images per image (raystudy.budget.memory).
-ONE_FORWARD = frozenset({"BSR", "Admix", "MIG"})
+# Attacks whose copies' graphs are all alive at once: sent through the model as one batch (BSR,
+# Admix, MIG, FDA), or each scale's loss kept until one gradient of their mean (L2T). The others
+# loop, one copy's graph at a time. One step then holds that many images' graphs per image
+# (raystudy.budget.memory; tests/test_torchattack.py holds it against the batches the library sends).
+ONE_FORWARD = frozenset({"BSR", "Admix", "MIG", "FDA", "L2T"})
 
 
 def images_per_forward(attack: str, options: dict[str, Any]) -> float:
@@ -132,7 +137,7 @@ def gradients_per_step(attack: str, options: dict[str, Any]) -> float:
     if name not in GRADIENTS_PER_STEP:
         return 1.0
     option, default, per_unit, besides = GRADIENTS_PER_STEP[name]
-    value = options.get(option, default)
+    value = options.get(option, default) if option else default
     return float(value) * per_unit + besides if isinstance(value, (int, float)) else float(default)
 
 

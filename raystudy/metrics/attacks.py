@@ -181,8 +181,8 @@ def torchattack_examples(
 ) -> torch.Tensor:
     """AEs of one of torchattack's attacks (`torchattack.<Name>`, raystudy.config.torchattack) on
     `surrogate`: budget, steps, step size (its `alpha`) and mode from raystudy's settings, `labels`
-    the true classes (untargeted) or the target classes (targeted). It runs on a frozen copy of the
-    surrogate (some attacks hook the modules they attack, or step parameter gradients), seeded
+    the true classes (untargeted) or the target classes (targeted). It runs on a copy of the
+    surrogate (some attacks hook the modules they attack), frozen but for NAA and BFA, seeded
     (torchattack draws from the global generators: seeded here, then left as they were), and its AEs
     are rounded to 8-bit pixels as raystudy's own attacks' are."""
     import copy
@@ -195,7 +195,11 @@ def torchattack_examples(
     name = attack.split(".", 1)[1]
     accepted = inspect.signature(ATTACK_REGISTRY[name].__init__).parameters
     options = dict(options)
-    model = copy.deepcopy(surrogate).eval().requires_grad_(False)
+    model = copy.deepcopy(surrogate).eval()
+    if "feature_layer_cfg" not in accepted:
+        # Frozen: the input's gradient alone is wanted (most call loss.backward()). NAA and BFA
+        # differentiate a feature map of an input that needs no gradient: through the copy's weights.
+        model.requires_grad_(False)
     given = {"eps": eps, "steps": steps, "alpha": step_size, "targeted": targeted, "num_classes": num_classes}
     given["random_start"] = options.pop("random_start", random_start) if "random_start" in accepted else None
     kwargs = {k: v for k, v in given.items() if k in accepted and v is not None}
