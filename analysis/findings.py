@@ -172,11 +172,13 @@ class _Data:
             rows = rows[rows.name == metric]
         # The targets as they are: a defended target's column is checked apart (not paired with them).
         rows = rows[~rows.target.isin(AGGREGATE_TARGETS)]
+        # (masks as booleans: an empty map's object dtype would select columns instead of rows)
         if defense is None:
-            rows = rows[~rows.target.map(is_defended)]
+            rows = rows[~rows.target.map(is_defended).astype(bool)]
         else:
             suffix = f"+{defense}"
-            rows = rows[rows.target.map(lambda t: isinstance(t, str) and t.endswith(suffix) and is_defended(t))]
+            behind = rows.target.map(lambda t: isinstance(t, str) and t.endswith(suffix) and is_defended(t))
+            rows = rows[behind.astype(bool)]
             rows = rows.assign(target=rows.target.str[: -len(suffix)])
         keys = list(zip(rows.seed, rows.target.fillna("-"), rows.budget.fillna(-1).astype(int)))
         return pd.Series(rows.value.to_numpy(float), index=pd.MultiIndex.from_tuples(keys) if keys else None)
@@ -387,30 +389,38 @@ def _f7_generalized(d: _Data) -> list[Verdict]:
 
 def _ranking(d: _Data, attack: str, defense: str | None) -> Check:
     """How far the surrogates' order by mean ASR under PGD (targets as they are) holds under `attack`
-    (behind `defense`): Kendall's tau-b over the settings measured under both, and both orders. A
-    figure beside the verdict, which stays with the paired comparisons: at a few seeds the order of
-    close surrogates is partly noise, which the figure alone cannot tell apart."""
+    (behind `defense`): Kendall's tau-b over the settings (LGV ensembles too) measured under both,
+    each setting's ASR averaged over seeds, then over the (target, budget) pairs every one of them
+    measured under both (an order of like with like), and both orders. A figure beside the verdict,
+    which stays with the paired comparisons: at a few seeds the order of close surrogates is partly
+    noise, which the figure alone cannot tell apart."""
     where = f"{attack}, behind {defense}" if defense else attack
     what = f"order of the surrogates under PGD kept under {where}"
-    settings = [s for s in d.settings if not s.lgv]
-    pairs = [(s, d.values(s, "asr").mean(), d.values(s, "asr", attack, defense).mean()) for s in settings]
-    pairs = [(s, a, b) for s, a, b in pairs if not (math.isnan(a) or math.isnan(b))]
-    if len(pairs) < 3:
-        return Check(what, REPORTED, f"{len(pairs)} surrogates measured under both (3 or more give an order)")
+    per_pair = {}  # setting -> (PGD, attack) mean ASR per (target, budget), over seeds
+    for s in d.settings:
+        pgd, other = d.values(s, "asr"), d.values(s, "asr", attack, defense)
+        if len(pgd) and len(other):
+            per_pair[s] = (pgd.groupby(level=[1, 2]).mean(), other.groupby(level=[1, 2]).mean())
+    common = set.intersection(*(set(a.index) & set(b.index) for a, b in per_pair.values())) if per_pair else set()
+    if len(per_pair) < 3 or not common:
+        return Check(what, REPORTED, f"{len(per_pair)} surrogates measured alike under both (3 or more give an order)")
+    keys = sorted(common)
+    pairs = [(s, float(a[keys].mean()), float(b[keys].mean())) for s, (a, b) in per_pair.items()]
     tau = kendall_tau_b([a for _, a, _ in pairs], [b for _, _, b in pairs])
 
     def order(column: int) -> str:
         ranked = sorted(pairs, key=lambda p: -p[column])
         return " > ".join(f"{p[0]} {p[column] * 100:.1f}" for p in ranked)
 
-    return Check(
-        what, REPORTED, f"Kendall τ = {tau:+.2f} over {len(pairs)} surrogates (PGD: {order(1)}; {where}: {order(2)})"
-    )
+    over = f"{len(pairs)} surrogates, {len(keys)} target × budget pairs"
+    return Check(what, REPORTED, f"Kendall τ = {tau:+.2f} over {over} (PGD: {order(1)}; {where}: {order(2)})")
 
 
 def kendall_tau_b(x: list[float], y: list[float]) -> float:
     """Kendall's tau-b (ties in either ranking counted as scipy.stats.kendalltau does); nan when
-    one side is all ties."""
+    one side is all ties or a value is nan."""
+    if any(math.isnan(v) for v in [*x, *y]):
+        return float("nan")
     concordant = discordant = ties_x = ties_y = 0
     for i in range(len(x)):
         for j in range(i + 1, len(x)):

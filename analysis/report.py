@@ -180,7 +180,7 @@ def analyze(
     report = Report()
     _overview(report, experiments, tidy)
     _headline(report, tidy, out)
-    _attacks(report, tidy, out)
+    _attacks(report, experiments, tidy, out)
     _accuracies(report, tidy, out)
     _curves(report, tidy, out)
     _correlations(report, tidy, out)
@@ -250,13 +250,14 @@ def _headline(report: Report, tidy: pd.DataFrame, out: Path) -> None:
         report.table(table)  # marks styled by each renderer
 
 
-def _attacks(report: Report, tidy: pd.DataFrame, out: Path) -> None:
+def _attacks(report: Report, experiments: list[Experiment], tidy: pd.DataFrame, out: Path) -> None:
+    black_box = {name for e in experiments for name in e.record.get("endpoints") or []}
     for mode in MODES:
         table = attack_table(tidy, mode)
         if table.empty:
             continue
         render_headline(table, "csv").to_csv(out / f"attacks_{mode}.csv")
-        cells = attack_defense_cells(tidy, mode)
+        cells = attack_defense_cells(tidy, mode, black_box)
         cells.to_csv(out / f"attacks_by_defense_{mode}.csv", index=False)
         report.heading(f"Transfer ASR by attack: {mode} (%)")
         report.paragraph(

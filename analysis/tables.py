@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from analysis.records import DONE, Experiment, LoggedTrial, plan_of
 from raystudy.mechanisms import MECHANISMS, mechanism_label
-from raystudy.persist.record import DIMENSIONS, MetricRow, is_defended, metric_key
+from raystudy.persist.record import AGGREGATE_TARGETS, DIMENSIONS, MetricRow, is_defended, metric_key
 
 CONFIG_COLUMNS = [
     "experiment",
@@ -187,21 +187,33 @@ def attack_table(tidy: pd.DataFrame, mode: str) -> pd.DataFrame:
     return table
 
 
-def attack_defense_cells(tidy: pd.DataFrame, mode: str) -> pd.DataFrame:
-    """One row per (mechanism label, attack, defense, budget): the mean over the targets behind the
-    defense ("none": the targets as they are) per trial, then mean, std (ddof=1) and n over seeds,
-    in %. Every attack against every defense, for a table or a plot of one's own."""
-    rows = tidy[(tidy.name == "asr") & (tidy["mode"] == mode) & tidy.target.notna() & (tidy.target != "mean")]
+def attack_defense_cells(tidy: pd.DataFrame, mode: str, black_box: Iterable[str] = ()) -> pd.DataFrame:
+    """One row per (mechanism label, attack, defense, budget): the mean over the hook's targets
+    behind the defense ("none": as they are; not the aggregates, not the `black_box` endpoints,
+    which are queried for some attacks only) per trial, then mean, std (ddof=1) and n over seeds as
+    in the headline table (one value per label, seed, model, dataset and preset), in %. Every attack
+    against every defense, for a table or a plot of one's own."""
+    columns = ["label", "attack", "defense", "budget", "mean", "std", "n"]
+    rows = tidy[(tidy.name == "asr") & (tidy["mode"] == mode) & tidy.target.notna()]
+    rows = rows[~rows.target.isin(AGGREGATE_TARGETS)]
     if rows.empty:
-        return pd.DataFrame(columns=["label", "attack", "defense", "budget", "mean", "std", "n"])
-    defended = rows.target.map(is_defended)
-    rows = rows.assign(defense=np.where(defended, rows.target.str.split("+", n=1).str[1], "none"))
-    per_trial = rows.groupby(["label", "seed", "trial_id", "attack", "defense", "budget"])["value"].mean()
-    grouped = per_trial.groupby(["label", "attack", "defense", "budget"])
+        return pd.DataFrame(columns=columns)
+    defended = rows.target.map(is_defended).astype(bool)
+    rows = rows.assign(
+        defense=np.where(defended, rows.target.str.split("+", n=1).str[1], "none"),
+        plain=np.where(defended, rows.target.str.split("+", n=1).str[0], rows.target),
+    )
+    rows = rows[~rows.plain.isin(set(black_box))]
+    if rows.empty:
+        return pd.DataFrame(columns=columns)
+    trial = ["label", "seed", "model", "dataset", "preset", "attack", "defense", "budget"]
+    per_trial = rows.groupby(trial + ["trial_id"])["value"].mean().reset_index()
+    per_trial = per_trial.drop_duplicates(trial)  # one value per seed, as headline_cells keeps
+    grouped = per_trial.groupby(["label", "attack", "defense", "budget"])["value"]
     cells = pd.DataFrame(
         {"mean": grouped.mean() * 100, "std": grouped.std(ddof=1).fillna(0.0) * 100, "n": grouped.count()}
     )
-    return cells.reset_index()
+    return cells.reset_index()[columns]
 
 
 def marks_for(means: pd.DataFrame) -> pd.DataFrame:

@@ -4,6 +4,7 @@ as the trainable writes them (records in result.json) and read through the real 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -11,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from analysis import load_experiment, tidy_trials
@@ -235,10 +237,38 @@ def test_the_report_tables_every_attack_and_every_defense(tmp_path, monkeypatch)
     assert cells.loc[("ST", "pgd", "jpeg:75", 8), "mean"] == pytest.approx(90.0)
     assert cells.loc[("SAM", "pgd", "jpeg:75", 8), ["mean", "std", "n"]].tolist() == pytest.approx([10.0, 0.0, 3])
     assert ("SAM", "mi", "jpeg:75", 8) not in cells.index  # measured behind JPEG under PGD only
+    # A search's aggregates and a black-box endpoint (queried under some attacks only) stay out.
+    extra = tidy[(tidy.name == "asr") & (tidy.target == "t1")].assign(value=0.99)
+    more = pd.concat([tidy, *(extra.assign(target=t) for t in ("objective", "held_out", "our_api"))])
+    again = attack_defense_cells(more, "untargeted", black_box=["our_api"]).set_index(cells.index.names)
+    assert again["mean"].tolist() == pytest.approx(cells["mean"].tolist()) and len(again) == len(cells)
+    with_api = attack_defense_cells(more, "untargeted").set_index(cells.index.names)
+    assert with_api.loc[("SAM", "pgd", "none", 8), "mean"] > mean + 5  # not filtered: it would move
     report = analyze([str(folder)], tmp_path / "report", log=None).read_text()
     assert "## Transfer ASR by attack: untargeted (%)" in report
     assert "| experiment | setting |" in report and "| index |" not in report  # the accuracy table
     assert (tmp_path / "report" / "attacks_by_defense_untargeted.csv").exists()
+
+
+def test_the_order_is_taken_over_what_every_surrogate_measured_alike(tmp_path, monkeypatch):
+    """SAM&JR > SAM > JR > ST under PGD and BSR alike at every shared key, but SAM's BSR at 8/255 (the larger
+    ASR) is missing: averaged as they come SAM would fall last; over the pairs all measured, the
+    order holds. LGV ensembles are ranked with the others."""
+    world = {k: v for k, v in PAPER.items() if k[0] in ("ST", "JR", "SAM", "SAM&JR")}
+    plain_rows = rows_for
+
+    def without_sams_bsr_at_8(mechanism, magnitudes, seed, world, attacks_asr):
+        rows = plain_rows(mechanism, magnitudes, seed, world, attacks_asr)
+        if {r.attack for r in rows if r.name == "asr"} == {"pgd"}:  # an LGV ensemble: BSR as for the others
+            rows += [dataclasses.replace(r, attack="torchattack.BSR", value=r.value - 0.1) for r in rows if r.attack]
+        return [r for r in rows if not (mechanism == "SAM" and r.attack == "torchattack.BSR" and r.budget == 8)]
+
+    monkeypatch.setattr(sys.modules[__name__], "rows_for", without_sams_bsr_at_8)
+    same_order = lambda mechanism, asr: {"pgd": asr, "torchattack.BSR": asr - 0.1}  # noqa: E731
+    verdicts = verdicts_of(write_world(tmp_path, world, attacks_asr=same_order, lgv=True))
+    check = next(c for c in verdicts["F7 input transformation"].checks if c.what.startswith("order of"))
+    assert check.statistic.startswith("Kendall τ = +1.00 over 6 surrogates, 3 target × budget pairs"), check.statistic
+    assert "LGV-SAM&JR" in check.statistic and "LGV-ST" in check.statistic
 
 
 def test_kendalls_tau_b_is_scipys():
@@ -254,6 +284,7 @@ def test_kendalls_tau_b_is_scipys():
             expected = scipy.stats.kendalltau(x, y).statistic
             assert kendall_tau_b(x, y) == pytest.approx(expected, abs=1e-12, nan_ok=True)
     assert kendall_tau_b([1, 2, 3], [3, 2, 1]) == -1 and math.isnan(kendall_tau_b([1, 1, 1], [1, 2, 3]))
+    assert math.isnan(kendall_tau_b([1, 2, math.nan], [1, 2, 3]))
 
 
 def test_missing_settings_say_not_enough_trials(tmp_path):
