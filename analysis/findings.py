@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,7 +27,7 @@ import scipy.special
 
 from analysis.tables import _pearson, _r2, wide
 from raystudy.mechanisms import get_mechanism
-from raystudy.persist.record import AGGREGATE_TARGETS, MetricRow, is_defended
+from raystudy.persist.record import AGGREGATE_TARGETS, MetricRow, defended_parts, is_defended
 
 SUPPORTED, CONTRADICTED, INCONCLUSIVE, NOT_ENOUGH = "supported", "not supported", "inconclusive", "not enough trials"
 REPORTED = "reported"  # a figure shown beside the checks (F6's R²), not a check
@@ -177,8 +178,8 @@ class _Data:
             rows = rows[~rows.target.map(is_defended).astype(bool)]
         else:
             suffix = f"+{defense}"
-            behind = rows.target.map(lambda t: isinstance(t, str) and t.endswith(suffix) and is_defended(t))
-            rows = rows[behind.astype(bool)]
+            parts = rows.target.map(defended_parts)
+            rows = rows[parts.map(lambda p: bool(p) and p[1] == defense).astype(bool)]
             rows = rows.assign(target=rows.target.str[: -len(suffix)])
         keys = list(zip(rows.seed, rows.target.fillna("-"), rows.budget.fillna(-1).astype(int)))
         return pd.Series(rows.value.to_numpy(float), index=pd.MultiIndex.from_tuples(keys) if keys else None)
@@ -364,7 +365,7 @@ def _f7_generalized(d: _Data) -> list[Verdict]:
     st, better = _better_than_st(d)
     asr = d.frame[d.frame.name == "asr"]
     attacks = sorted(set(asr.attack.dropna()))
-    defenses = sorted({t.split("+", 1)[1] for t in asr.target.dropna() if is_defended(t)})
+    defenses = sorted({parts[1] for parts in map(defended_parts, asr.target.dropna()) if parts})
     groups = {
         f"F7 {family}": (family, [a for a in attacks if attack_family(a) == family], None) for family in ATTACK_FAMILIES
     }
@@ -390,29 +391,38 @@ def _f7_generalized(d: _Data) -> list[Verdict]:
 def _ranking(d: _Data, attack: str, defense: str | None) -> Check:
     """How far the surrogates' order by mean ASR under PGD (targets as they are) holds under `attack`
     (behind `defense`): Kendall's tau-b over the settings (LGV ensembles too) measured under both,
-    each setting's ASR averaged over seeds, then over the (target, budget) pairs every one of them
-    measured under both (an order of like with like), and both orders. A figure beside the verdict,
+    each setting's ASR averaged over seeds, then over the (target, budget) pairs that most settings
+    measured under both (an order of like with like; a setting lacking one of them is left out),
+    and both orders. A figure beside the verdict,
     which stays with the paired comparisons: at a few seeds the order of close surrogates is partly
     noise, which the figure alone cannot tell apart."""
     where = f"{attack}, behind {defense}" if defense else attack
     what = f"order of the surrogates under PGD kept under {where}"
     per_pair = {}  # setting -> (PGD, attack) mean ASR per (target, budget), over seeds
     for s in d.settings:
-        pgd, other = d.values(s, "asr"), d.values(s, "asr", attack, defense)
+        # NaN: no image both models classify correctly (Definition 3): not a measurement
+        pgd, other = d.values(s, "asr").dropna(), d.values(s, "asr", attack, defense).dropna()
         if len(pgd) and len(other):
-            per_pair[s] = (pgd.groupby(level=[1, 2]).mean(), other.groupby(level=[1, 2]).mean())
-    common = set.intersection(*(set(a.index) & set(b.index) for a, b in per_pair.values())) if per_pair else set()
-    if len(per_pair) < 3 or not common:
-        return Check(what, REPORTED, f"{len(per_pair)} surrogates measured alike under both (3 or more give an order)")
-    keys = sorted(common)
-    pairs = [(s, float(a[keys].mean()), float(b[keys].mean())) for s, (a, b) in per_pair.items()]
+            a, b = pgd.groupby(level=[1, 2]).mean(), other.groupby(level=[1, 2]).mean()
+            both = a.index.intersection(b.index)
+            if len(both):
+                per_pair[s] = (a[both], b[both])
+    # The (target, budget) pairs the most settings measured under both; the settings measuring all of them.
+    counts = Counter(key for a, _ in per_pair.values() for key in a.index)
+    most = max(counts.values(), default=0)
+    keys = sorted(key for key, n in counts.items() if n == most)
+    ranked = {s: (a, b) for s, (a, b) in per_pair.items() if set(keys) <= set(a.index)}
+    if len(ranked) < 3:
+        return Check(what, REPORTED, f"{len(ranked)} surrogates measured the same pairs under both (3 give an order)")
+    pairs = [(s, float(a[keys].mean()), float(b[keys].mean())) for s, (a, b) in ranked.items()]
     tau = kendall_tau_b([a for _, a, _ in pairs], [b for _, _, b in pairs])
 
     def order(column: int) -> str:
         ranked = sorted(pairs, key=lambda p: -p[column])
         return " > ".join(f"{p[0]} {p[column] * 100:.1f}" for p in ranked)
 
-    over = f"{len(pairs)} surrogates, {len(keys)} target × budget pairs"
+    left = f", {len(per_pair) - len(ranked)} measured on other pairs left out" if len(ranked) < len(per_pair) else ""
+    over = f"{len(pairs)} surrogates, {len(keys)} target × budget pairs{left}"
     return Check(what, REPORTED, f"Kendall τ = {tau:+.2f} over {over} (PGD: {order(1)}; {where}: {order(2)})")
 
 

@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from analysis.records import DONE, Experiment, LoggedTrial, plan_of
 from raystudy.mechanisms import MECHANISMS, mechanism_label
-from raystudy.persist.record import AGGREGATE_TARGETS, DIMENSIONS, MetricRow, is_defended, metric_key
+from raystudy.persist.record import AGGREGATE_TARGETS, DIMENSIONS, MetricRow, defended_parts, metric_key
 
 CONFIG_COLUMNS = [
     "experiment",
@@ -198,18 +198,14 @@ def attack_defense_cells(tidy: pd.DataFrame, mode: str, black_box: Iterable[str]
     rows = rows[~rows.target.isin(AGGREGATE_TARGETS)]
     if rows.empty:
         return pd.DataFrame(columns=columns)
-    defended = rows.target.map(is_defended).astype(bool)
-    rows = rows.assign(
-        defense=np.where(defended, rows.target.str.split("+", n=1).str[1], "none"),
-        plain=np.where(defended, rows.target.str.split("+", n=1).str[0], rows.target),
-    )
+    parts = rows.target.map(lambda t: defended_parts(t) or (t, "none"))
+    rows = rows.assign(plain=parts.str[0], defense=parts.str[1])
     rows = rows[~rows.plain.isin(set(black_box))]
     if rows.empty:
         return pd.DataFrame(columns=columns)
-    trial = ["label", "seed", "model", "dataset", "preset", "attack", "defense", "budget"]
-    per_trial = rows.groupby(trial + ["trial_id"])["value"].mean().reset_index()
-    per_trial = per_trial.drop_duplicates(trial)  # one value per seed, as headline_cells keeps
-    grouped = per_trial.groupby(["label", "attack", "defense", "budget"])["value"]
+    rows = rows.drop_duplicates(["label", "seed", "model", "dataset", "preset", "metric"])  # as headline_cells
+    per_trial = rows.groupby(["label", "seed", "model", "dataset", "preset", "attack", "defense", "budget"])["value"]
+    grouped = per_trial.mean().groupby(["label", "attack", "defense", "budget"])
     cells = pd.DataFrame(
         {"mean": grouped.mean() * 100, "std": grouped.std(ddof=1).fillna(0.0) * 100, "n": grouped.count()}
     )

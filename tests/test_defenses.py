@@ -207,3 +207,21 @@ def test_defended_columns_stay_out_of_the_objective_and_held_out_means():
     means = {r.target: r.value for r in objective_rows(rows, "asr/pgd/untargeted/8/mean", ["t1"])}
     assert means == {"objective": 0.5, "held_out": 0.7}
     assert is_defended("t2+bits:4+median:3") and not is_defended("vgg16_JR_lambda1e+06") and not is_defended("t1")
+
+
+def test_a_defended_name_splits_at_its_defenses_and_a_target_named_like_one_is_refused(tmp_path):
+    from raystudy.config import parse_space
+    from raystudy.persist.record import defended_parts
+
+    assert defended_parts("resnet50+augmix+jpeg:75") == ("resnet50+augmix", "jpeg:75")
+    assert defended_parts("vgg16+bits:4+median:3") == ("vgg16", "bits:4+median:3")
+    assert defended_parts("resnet50+augmix") is None and defended_parts("+jpeg:75") is None
+    assert defended_parts("vgg16_JR_lambda1e+06") is None and defended_parts(None) is None
+    base = {"name": "t", "kind": "targets", "dataset": "synthetic", "model": "tiny_cnn", "train": {"image_size": 16}}
+    endpoint = {"name": "api+jpeg", "url": "https://labels.example.com/v1"}
+    with pytest.raises(RaystudyError, match=r"the name api\+jpeg reads as a target behind a defense"):
+        parse_space({**base, "trials": [{"model": "tiny_cnn"}, {"endpoint": endpoint}]}, "t.yaml")
+    (tmp_path / "vgg+bits:4.pt").write_bytes(b"")
+    with pytest.raises(RaystudyError, match=r"the name vgg\+bits:4 reads as a target behind a defense"):
+        parse_space({**base, "trials": [{"weights": str(tmp_path / "vgg+bits:4.pt")}]}, "t.yaml")
+    parse_space({**base, "trials": [{"endpoint": {**endpoint, "name": "api+v2"}}]}, "t.yaml")  # a '+' alone is fine

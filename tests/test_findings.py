@@ -15,8 +15,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from analysis import load_experiment, tidy_trials
-from analysis.findings import CONTRADICTED, NOT_ENOUGH, SUPPORTED, findings
+from analysis import headline_cells, load_experiment, tidy_trials
+from analysis.findings import CONTRADICTED, NOT_ENOUGH, SUPPORTED, _Data, _ranking, findings
 from raystudy.config import STUDY_MANIFEST, parse_space
 from raystudy.persist.record import MetricRow, make_record
 
@@ -239,11 +239,27 @@ def test_the_report_tables_every_attack_and_every_defense(tmp_path, monkeypatch)
     assert ("SAM", "mi", "jpeg:75", 8) not in cells.index  # measured behind JPEG under PGD only
     # A search's aggregates and a black-box endpoint (queried under some attacks only) stay out.
     extra = tidy[(tidy.name == "asr") & (tidy.target == "t1")].assign(value=0.99)
-    more = pd.concat([tidy, *(extra.assign(target=t) for t in ("objective", "held_out", "our_api"))])
+    more = pd.concat(
+        [
+            tidy,
+            *(
+                extra.assign(target=t, metric=extra.metric.str.replace("/t1", f"/{t}"))
+                for t in ("objective", "held_out", "our_api")
+            ),
+        ]
+    )
     again = attack_defense_cells(more, "untargeted", black_box=["our_api"]).set_index(cells.index.names)
     assert again["mean"].tolist() == pytest.approx(cells["mean"].tolist()) and len(again) == len(cells)
     with_api = attack_defense_cells(more, "untargeted").set_index(cells.index.names)
     assert with_api.loc[("SAM", "pgd", "none", 8), "mean"] > mean + 5  # not filtered: it would move
+    # Two trials of one label and seed (two experiments): the headline's choice, the first in the table.
+    twice = pd.concat([tidy, tidy[tidy.label == "SAM"].assign(trial_id="zz", value=0.0)])
+    first = attack_defense_cells(twice, "untargeted").set_index(cells.index.names)
+    assert first["mean"].tolist() == pytest.approx(cells["mean"].tolist())
+    zero_first = pd.concat([tidy[tidy.label == "SAM"].assign(trial_id="00", value=0.0), tidy])
+    headline = headline_cells(zero_first, "untargeted").set_index(["label", "target", "budget"])
+    defense_cells = attack_defense_cells(zero_first, "untargeted").set_index(cells.index.names)
+    assert defense_cells.loc[("SAM", "pgd", "none", 8), "mean"] == headline.loc[("SAM", "mean", 8), "mean"] == 0.0
     report = analyze([str(folder)], tmp_path / "report", log=None).read_text()
     assert "## Transfer ASR by attack: untargeted (%)" in report
     assert "| experiment | setting |" in report and "| index |" not in report  # the accuracy table
@@ -251,9 +267,9 @@ def test_the_report_tables_every_attack_and_every_defense(tmp_path, monkeypatch)
 
 
 def test_the_order_is_taken_over_what_every_surrogate_measured_alike(tmp_path, monkeypatch):
-    """SAM&JR > SAM > JR > ST under PGD and BSR alike at every shared key, but SAM's BSR at 8/255 (the larger
-    ASR) is missing: averaged as they come SAM would fall last; over the pairs all measured, the
-    order holds. LGV ensembles are ranked with the others."""
+    """SAM&JR > SAM > JR > ST under PGD and BSR alike at every shared key, BSR far stronger at 8/255,
+    and SAM's BSR at 8/255 missing: averaged as they come SAM would fall below JR; over the pairs
+    all measured (4/255), the order holds. LGV ensembles are ranked with the others."""
     world = {k: v for k, v in PAPER.items() if k[0] in ("ST", "JR", "SAM", "SAM&JR")}
     plain_rows = rows_for
 
@@ -261,14 +277,33 @@ def test_the_order_is_taken_over_what_every_surrogate_measured_alike(tmp_path, m
         rows = plain_rows(mechanism, magnitudes, seed, world, attacks_asr)
         if {r.attack for r in rows if r.name == "asr"} == {"pgd"}:  # an LGV ensemble: BSR as for the others
             rows += [dataclasses.replace(r, attack="torchattack.BSR", value=r.value - 0.1) for r in rows if r.attack]
+        rows = [
+            dataclasses.replace(r, value=r.value + 0.3) if (r.attack, r.budget) == ("torchattack.BSR", 8) else r
+            for r in rows
+        ]
         return [r for r in rows if not (mechanism == "SAM" and r.attack == "torchattack.BSR" and r.budget == 8)]
 
     monkeypatch.setattr(sys.modules[__name__], "rows_for", without_sams_bsr_at_8)
     same_order = lambda mechanism, asr: {"pgd": asr, "torchattack.BSR": asr - 0.1}  # noqa: E731
     verdicts = verdicts_of(write_world(tmp_path, world, attacks_asr=same_order, lgv=True))
     check = next(c for c in verdicts["F7 input transformation"].checks if c.what.startswith("order of"))
-    assert check.statistic.startswith("Kendall τ = +1.00 over 6 surrogates, 3 target × budget pairs"), check.statistic
-    assert "LGV-SAM&JR" in check.statistic and "LGV-ST" in check.statistic
+    assert check.statistic.startswith("Kendall τ = +1.00 over 6 surrogates, 3 target × budget pairs ("), check.statistic
+
+    def names(order: str) -> list[str]:
+        return [part.split(" ")[0] for part in order.rstrip(")").split(" > ")]
+
+    pgd, bsr = check.statistic.split("(PGD: ", 1)[1].split("; torchattack.BSR: ")
+    assert names(pgd) == names(bsr) == ["LGV-SAM&JR", "SAM&JR", "SAM", "JR", "LGV-ST", "ST"]
+    # A setting whose every ASR under the attack is NaN (no image both classify correctly) is left out.
+    tidy = tidy_trials([load_experiment(str(tmp_path / "world"))])
+    d = _Data(tidy[tidy.kind != "targets"].copy())
+    sam = next(s for s in d.settings if s.mechanism == "SAM")
+    d.frame.loc[(d.frame.mechanism == "SAM") & (d.frame.attack == "torchattack.BSR"), "value"] = math.nan
+    statistic = _ranking(d, "torchattack.BSR", None).statistic
+    assert (
+        statistic.startswith("Kendall τ = +1.00 over 5 surrogates, 6 target × budget pairs")
+        and str(sam) not in statistic
+    )
 
 
 def test_kendalls_tau_b_is_scipys():

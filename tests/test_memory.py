@@ -114,6 +114,10 @@ def test_the_evaluation_settings_add_what_they_hold_to_the_hook():
         10 * 40 * resnet.saved_per_image * memory.ALLOCATOR_SLACK + 12 * floats
     )
     assert theirs.hook_fixed - own.hook_fixed == pytest.approx(40 * resnet.weights * memory.ALLOCATOR_SLACK)
+    # AutoAttack, given the whole ensemble too: every member's graph, but no copy of it.
+    auto = planned(lgv_members=40, attacks=("pgd", "autoattack"))
+    assert auto.hook_part == "attacks" and auto.hook_fixed == own.hook_fixed
+    assert auto.hook_per_image == pytest.approx(40 * resnet.saved_per_image * memory.ALLOCATOR_SLACK + 3 * floats)
     # A median holds its windows, the padded input, the values and their int64 indices, the input.
     assert memory.defense_images("median:5") == 30 and memory.defense_images("jpeg:75+bits:4") == 2
     assert memory.defense_images("resize_pad:2") == 9 and memory.defense_images("bits:4+median:3") == 14

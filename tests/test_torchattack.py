@@ -215,6 +215,14 @@ def test_plan_prices_an_attack_by_the_gradients_a_step_takes():
         gradients_per_step("torchattack.BSR", {"num_scale": 4}) == 4
         and gradients_per_step("torchattack.VMIFGSM", {}) == 6
     )
+    from raystudy.config.torchattack import images_per_forward
+
+    # MuMoDIG: (1 + n_trans) x n_base x n_interpolate; L2T priced at its mean copies, planned at a peak
+    assert gradients_per_step("torchattack.MuMoDIG", {}) == 7
+    assert gradients_per_step("torchattack.MuMoDIG", {"n_trans": 3, "n_base": 2, "n_interpolate": 3}) == 24
+    assert gradients_per_step("torchattack.L2T", {}) == 5 * 34 and images_per_forward("torchattack.L2T", {}) == 5 * 58
+    assert gradients_per_step("torchattack.Admix", {"size": "three"}) == 15  # not a number: its default, priced
+    assert images_per_forward("torchattack.VMIFGSM", {}) == 1 and images_per_forward("pgd", {}) == 1
     costs = StepCosts("estimate", False, "tiny_cnn", "synthetic", 128, {}, {"ST": {1: 1.0}})
 
     def seconds(evaluation):
@@ -256,10 +264,18 @@ def test_the_images_one_step_holds_are_what_the_library_sends_through_the_model(
         torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 16 * 16, 10)
     )
     seen: list[int] = []
-    model.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[0]))  # kept by the copy
+    trainable: set[bool] = set()
+
+    def watch(module, args):  # kept by the copy
+        seen.append(args[0].shape[0])
+        trainable.add(any(p.requires_grad for p in module.parameters()))
+
+    model.register_forward_pre_hook(watch)
     x = torch.rand(4, 3, 16, 16)
     try:
         torchattack_examples(model, x, torch.arange(4), False, attack, 8 / 255, 2, 1 / 255, options, 0, 4, 10)
     except ImportError as missing:  # MuMoDIG needs kornia, an optional package of torchattack's
         pytest.skip(str(missing))
     assert max(seen) == 4 * images_per_forward(attack, options), name
+    assert trainable == {name in ("NAA", "BFA")}  # frozen but for those two: no weight gradients to compute
+    assert all(p.requires_grad for p in model.parameters())  # the surrogate itself untouched

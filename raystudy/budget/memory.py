@@ -15,8 +15,8 @@ to the trial's batches:
   differentiated member by member, so one member's graph at a time. What the evaluation settings
   add (HookShape): Lanczos keeps its Krylov basis (one image-sized vector per product), an attack
   whose copies' graphs are alive at once (torchattack's BSR, Admix, MIG, FDA, L2T) keeps that many
-  graphs, torchattack crafts on a frozen copy of the whole surrogate (an LGV ensemble's copy runs
-  every member at once), and a median defense copies each pixel's window.
+  graphs, torchattack crafts on a copy of the whole surrogate, torchattack's attacks and AutoAttack
+  run an LGV ensemble's every member in each forward, and a median defense copies each pixel's window.
 
 A trial's share is `resources.gpu` x the card's memory less CUDA_CONTEXT (the context every process
 makes sits outside PyTorch's per-process cap). Allocator slack is added on top (ALLOCATOR_SLACK).
@@ -165,19 +165,22 @@ class HookShape:
     """What the evaluation settings add to the hook's memory (HookShape.of(EvalConfig))."""
 
     smoothness_vectors: int = POWER_VECTORS  # float images kept per image by the estimator
-    # images per image whose graphs one step of the torchattack attack that holds most keeps alive
-    # (0: no torchattack attack). It crafts on a frozen copy of the whole surrogate: an LGV
-    # ensemble's copy runs every member in each forward (raystudy's own attacks go member by member).
-    torchattack_copies: float = 0.0
+    # Images per image whose graphs one step keeps alive, of the attacks that differentiate the whole
+    # surrogate at once (0: none): torchattack's and AutoAttack. An LGV ensemble then runs every
+    # member in each forward (raystudy's own iterative attacks go member by member).
+    whole_surrogate_copies: float = 0.0
+    surrogate_copy: bool = False  # torchattack crafts on a copy of the surrogate
     defense_images: float = 0.0  # float images per image the largest defense holds at once
 
     @classmethod
     def of(cls, evaluation: Any) -> "HookShape":
         lanczos = evaluation.smoothness_method == "lanczos"
         theirs = [a for a in evaluation.attacks if is_torchattack(a)]
+        whole = [images_per_forward(a, evaluation.options_of(a)) for a in theirs]
         return cls(
             smoothness_vectors=evaluation.lanczos_iterations + POWER_VECTORS if lanczos else POWER_VECTORS,
-            torchattack_copies=max([images_per_forward(a, evaluation.options_of(a)) for a in theirs] or [0.0]),
+            whole_surrogate_copies=max(whole + ([1.0] if "autoattack" in evaluation.attacks else []), default=0.0),
+            surrogate_copy=bool(theirs),
             defense_images=max([defense_images(d) for d in evaluation.defenses] or [0.0]),
         )
 
@@ -246,14 +249,14 @@ def trial_memory(
     members = max(1, lgv_members)
     # the evaluation set kept as uint8 and in use as float32, and the attacks' float32 AEs of it
     hook_fixed = s.weights * members + sum(t.weights for t in known) + eval_images * image * (1 + 4 + 4)
-    copies = hook_shape.torchattack_copies
-    hook_fixed += s.weights * members if copies else 0  # torchattack's frozen copy of the surrogate
+    copies = hook_shape.whole_surrogate_copies
+    hook_fixed += s.weights * members if hook_shape.surrogate_copy else 0  # torchattack's copy of the surrogate
     floats = image * 4
     parts = {  # per image of the hook's batch
         "smoothness": s.saved_per_image * (ENSEMBLE_HVP_FACTOR if lgv_members else DOUBLE_BACKWARD_FACTOR)
         + hook_shape.smoothness_vectors * floats,
         "similarity": max([s.saved_per_image, *(t.saved_per_image for t in known)]),
-        # the graph (each copy's, every member's for torchattack) and the copies, the AE, its gradient
+        # the graph (each copy's, every member's for the whole surrogate) and the copies, the AE, its gradient
         "attacks": max(s.saved_per_image + floats, copies * (members * s.saved_per_image + floats)) + 2 * floats,
         "defenses": hook_shape.defense_images * floats,
     }

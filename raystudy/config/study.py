@@ -72,6 +72,7 @@ from raystudy.config.train import (
 )
 from raystudy.config.train import LIMITS as TRAIN_LIMITS
 from raystudy.errors import RaystudyError
+from raystudy.persist.record import DEFENSE_KINDS, is_defended
 
 KINDS = ("grid", "targets", "search")
 IMAGENET_SIZED = ("imagenette", "imagenet")  # 224-pixel images: timm models
@@ -1024,6 +1025,12 @@ def _validate(spec: StudySpec, entries: tuple[TrialSpec, ...], where: str) -> St
         if clashes:
             raise RaystudyError(
                 f"two targets would be saved as {', '.join(clashes)}: give them other models or magnitudes"
+            )
+        read_as_defended = sorted({name for name in names + loaded if is_defended(name)})
+        if read_as_defended:  # its rows would be taken for another target's column behind a defense
+            raise RaystudyError(
+                f"the name {', '.join(read_as_defended)} reads as a target behind a defense "
+                f"(<target>+<defense>, defenses: {', '.join(DEFENSE_KINDS)}): rename the weights file or endpoint"
             )
         if spec.search is not None:
             _validate_search(spec)

@@ -93,8 +93,9 @@ NEEDS_OPTION = {"feature_layer_cfg": "the name of one of the surrogate's layers 
 # augmentations chained, each of which makes 5.8 copies on average over its 15 operations (up to
 # 15): about 34 images per scale; Admix: `size` mixed images at 5 scales; VMI/VNI-FGSM and GRA:
 # one more per neighbour sampled; SI-NI-FGSM: one per scale; MIG: one per interpolation point;
-# FDA: the clean and the adversarial batch in one forward; the feature-level attacks' aggregate
-# gradient (num_ens gradients, once) is spread over a 10-step attack.
+# FDA: the clean and the adversarial batch in one forward; MuMoDIG: (1 + n_trans) x n_base x
+# n_interpolate (gradients_per_step); the feature-level attacks' aggregate gradient (num_ens
+# gradients, once) is spread over a 10-step attack.
 GRADIENTS_PER_STEP: dict[str, tuple[str | None, int, float, float]] = {
     "BSR": ("num_scale", 20, 1, 0),
     "SSA": ("num_spectrum", 20, 1, 0),
@@ -106,7 +107,6 @@ GRADIENTS_PER_STEP: dict[str, tuple[str | None, int, float, float]] = {
     "GRA": ("num_neighbors", 20, 1, 1),
     "SINIFGSM": ("m", 3, 1, 0),
     "MIG": ("s_factor", 25, 1, 0),
-    "MuMoDIG": ("n_trans", 6, 1, 0),
     "FIA": ("num_ens", 30, 0.1, 1),
     "NAA": ("num_ens", 30, 0.1, 1),
     "DANAA": ("num_ens", 30, 0.1, 1),
@@ -122,23 +122,42 @@ GRADIENTS_PER_STEP: dict[str, tuple[str | None, int, float, float]] = {
 ONE_FORWARD = frozenset({"BSR", "Admix", "MIG", "FDA", "L2T"})
 
 
+# Memory needs a step's peak, not its mean: L2T draws two of its 98 augmentations per scale (1 to
+# 15 copies each, 5.8 on average), so a step's five scales hold 170 images per image on average and
+# 289 at the 95th percentile (uniform draws, where its search starts): 58 per scale, against 34.
+PEAK_PER_UNIT = {"L2T": 58}
+
+
 def images_per_forward(attack: str, options: dict[str, Any]) -> float:
-    """Images per attacked image in one forward of `attack` (1 for raystudy's own)."""
-    if is_torchattack(attack) and attack[len(CANONICAL) :] in ONE_FORWARD:
-        return gradients_per_step(attack, options)
-    return 1.0
+    """Images per attacked image whose graphs one step of `attack` holds at once (1 for raystudy's
+    own and for attacks that loop over their copies)."""
+    if not is_torchattack(attack) or attack[len(CANONICAL) :] not in ONE_FORWARD:
+        return 1.0
+    name = attack[len(CANONICAL) :]
+    return gradients_per_step(attack, options, per_unit=PEAK_PER_UNIT.get(name))
 
 
-def gradients_per_step(attack: str, options: dict[str, Any]) -> float:
+def gradients_per_step(attack: str, options: dict[str, Any], per_unit: float | None = None) -> float:
     """About how many surrogate gradients one step of `attack` takes (1 for raystudy's own)."""
     if not is_torchattack(attack):
         return 1.0
     name = attack[len(CANONICAL) :]
+    if name == "MuMoDIG":  # integrated gradients over n_base x n_interpolate points, then n_trans times more
+        n_trans, n_base, n_interpolate = (
+            _number(options, k, d) for k, d in (("n_trans", 6), ("n_base", 1), ("n_interpolate", 1))
+        )
+        return (1 + n_trans) * n_base * n_interpolate
     if name not in GRADIENTS_PER_STEP:
         return 1.0
-    option, default, per_unit, besides = GRADIENTS_PER_STEP[name]
-    value = options.get(option, default) if option else default
-    return float(value) * per_unit + besides if isinstance(value, (int, float)) else float(default)
+    option, default, unit, besides = GRADIENTS_PER_STEP[name]
+    value = _number(options, option, default) if option else default
+    return float(value) * (unit if per_unit is None else per_unit) + besides
+
+
+def _number(options: dict[str, Any], key: str, default: float) -> float:
+    """An option's number, its default where it is not one (a wrong type is refused by a trial step)."""
+    value = options.get(key, default)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else float(default)
 
 
 def is_torchattack(attack: str) -> bool:

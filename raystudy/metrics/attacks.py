@@ -164,6 +164,11 @@ def autoattack(
     return round_to_8bit(adversarial, x, eps)
 
 
+# NAA and BFA differentiate a feature map of an input that needs no gradient: only through the
+# weights, which their copy of the surrogate keeps differentiable (the others' copies are frozen).
+DIFFERENTIATE_THROUGH_WEIGHTS = frozenset({"NAA", "BFA"})
+
+
 def torchattack_examples(
     surrogate: nn.Module,
     x: torch.Tensor,
@@ -196,10 +201,8 @@ def torchattack_examples(
     accepted = inspect.signature(ATTACK_REGISTRY[name].__init__).parameters
     options = dict(options)
     model = copy.deepcopy(surrogate).eval()
-    if "feature_layer_cfg" not in accepted:
-        # Frozen: the input's gradient alone is wanted (most call loss.backward()). NAA and BFA
-        # differentiate a feature map of an input that needs no gradient: through the copy's weights.
-        model.requires_grad_(False)
+    if name not in DIFFERENTIATE_THROUGH_WEIGHTS:
+        model.requires_grad_(False)  # the input's gradient alone (most call loss.backward(): no weight gradients)
     given = {"eps": eps, "steps": steps, "alpha": step_size, "targeted": targeted, "num_classes": num_classes}
     given["random_start"] = options.pop("random_start", random_start) if "random_start" in accepted else None
     kwargs = {k: v for k, v in given.items() if k in accepted and v is not None}

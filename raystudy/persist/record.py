@@ -75,12 +75,23 @@ DEFENSE_KINDS = ("jpeg", "bits", "median", "resize_pad")
 
 
 def is_defended(target: str | None) -> bool:
-    """Whether a row's target is a target behind a defense (every step after its first `+` a
-    defense's): another column of that target, never averaged with the targets as they are."""
+    """Whether a row's target is a target behind a defense: another column of that target, never
+    averaged with the targets as they are."""
+    return defended_parts(target) is not None
+
+
+def defended_parts(target: str | None) -> tuple[str, str] | None:
+    """(the target, the defense) of `<target>+<defense>`: the defense is the longest tail of
+    `+`-separated steps that are all defenses' (`resnet50+augmix+jpeg:75` is resnet50+augmix behind
+    jpeg:75); None for a target as it is. A target or endpoint whose own name would read as defended
+    is refused where it is named (raystudy.config.loaded, raystudy.config.endpoint)."""
     if not isinstance(target, str) or "+" not in target:
-        return False
-    steps = target.split("+")[1:]
-    return all(step.split(":", 1)[0] in DEFENSE_KINDS for step in steps)
+        return None
+    parts = target.split("+")
+    for i in range(1, len(parts)):
+        if all(step.split(":", 1)[0] in DEFENSE_KINDS for step in parts[i:]) and parts[i - 1]:
+            return "+".join(parts[:i]), "+".join(parts[i:])
+    return None
 
 
 def objective_rows(rows: Iterable[MetricRow], metric: str, objective_targets: Iterable[str]) -> list[MetricRow]:
