@@ -393,9 +393,8 @@ def _ranking(d: _Data, attack: str, defense: str | None) -> Check:
     (behind `defense`): Kendall's tau-b over the settings (LGV ensembles too) measured under both,
     each setting's ASR averaged over seeds, then over the (target, budget) pairs that most settings
     measured under both (an order of like with like; a setting lacking one of them is left out),
-    and both orders. A figure beside the verdict,
-    which stays with the paired comparisons: at a few seeds the order of close surrogates is partly
-    noise, which the figure alone cannot tell apart."""
+    and both orders. A figure beside the verdict, which stays with the paired comparisons: at a few
+    seeds the order of close surrogates is partly noise, which the figure alone cannot tell apart."""
     where = f"{attack}, behind {defense}" if defense else attack
     what = f"order of the surrogates under PGD kept under {where}"
     per_pair = {}  # setting -> (PGD, attack) mean ASR per (target, budget), over seeds
@@ -418,8 +417,7 @@ def _ranking(d: _Data, attack: str, defense: str | None) -> Check:
     tau = kendall_tau_b([a for _, a, _ in pairs], [b for _, _, b in pairs])
 
     def order(column: int) -> str:
-        ranked = sorted(pairs, key=lambda p: -p[column])
-        return " > ".join(f"{p[0]} {p[column] * 100:.1f}" for p in ranked)
+        return " > ".join(f"{p[0]} {p[column] * 100:.1f}" for p in sorted(pairs, key=lambda p: -p[column]))
 
     left = f", {len(per_pair) - len(ranked)} measured on other pairs left out" if len(ranked) < len(per_pair) else ""
     over = f"{len(pairs)} surrogates, {len(keys)} target × budget pairs{left}"
