@@ -84,17 +84,18 @@ class ResizePad(nn.Module):
         side = x.shape[-1]
         padded = max(side + 1, int(side * self.ratio))
         out = x.new_zeros(*x.shape[:2], padded, padded)
+        contents = to_uint8(x).cpu().numpy()  # one transfer for the batch, not one per image
         for i, image in enumerate(x):
-            generator = torch.Generator().manual_seed(self._seed_of(image))
+            generator = torch.Generator().manual_seed(self._seed_of(contents[i]))
             new = int(torch.randint(side, padded, (1,), generator=generator))
             top, left = (int(v) for v in torch.randint(0, padded - new + 1, (2,), generator=generator))
             resized = F.interpolate(image[None], size=(new, new), mode="bilinear", align_corners=False)[0]
             out[i, :, top : top + new, left : left + new] = resized
         return out
 
-    def _seed_of(self, image: torch.Tensor) -> int:
-        content = to_uint8(image).cpu().numpy().tobytes()
-        digest = hashlib.sha256(self.seed.to_bytes(8, "little", signed=True) + content).digest()
+    def _seed_of(self, pixels: np.ndarray) -> int:
+        """The image's own seed: from the study's and its 8-bit pixels (C, H, W)."""
+        digest = hashlib.sha256(self.seed.to_bytes(8, "little", signed=True) + pixels.tobytes()).digest()
         return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 

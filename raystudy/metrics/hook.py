@@ -245,8 +245,7 @@ def _similarities(surrogate, targets, x, y, size) -> list[MetricRow]:
 def _craft(surrogate, x, y, goal, attack, budget, config, generator) -> torch.Tensor:
     eps = budget * PIXEL
     if attack == "autoattack":
-        with torch.no_grad():
-            num_classes = surrogate(x[:1]).shape[1]
+        num_classes = _num_classes(surrogate, x)
         return torch.cat(
             [
                 autoattack(surrogate, x[s], y[s], eps, num_classes, config.seed, config.autoattack_steps)
@@ -255,8 +254,7 @@ def _craft(surrogate, x, y, goal, attack, budget, config, generator) -> torch.Te
         )
     mode = "untargeted" if goal is None else "targeted"
     if is_torchattack(attack):
-        with torch.no_grad():
-            num_classes = surrogate(x[:1]).shape[1]
+        num_classes = _num_classes(surrogate, x)
         labels = y if goal is None else goal
         options = config.options_of(attack)
         steps, seed = config.steps_for(mode), config.seed + budget
@@ -283,6 +281,11 @@ def _craft(surrogate, x, y, goal, attack, budget, config, generator) -> torch.Te
             for s in _batches(len(x), config.batch_size)
         ]
     )
+
+
+def _num_classes(surrogate: nn.Module, x: torch.Tensor) -> int:
+    with torch.no_grad():
+        return surrogate(x[:1]).shape[1]
 
 
 def quick_transfer_asr(

@@ -107,10 +107,9 @@ def input_hessian_lanczos(
         # A closed sample's later diagonal entries repeat its first Rayleigh quotient, which is never
         # above the largest eigenvalue of its own (exact) block: that one stays the largest.
         alphas.append(torch.where(closed, alphas[0], _dot(w, v)) if alphas else _dot(w, v))
-        for q in basis:  # full re-orthogonalization (Gram-Schmidt, twice is enough)
-            w = w - _dot(w, q).view(-1, *([1] * (w.dim() - 1))) * q
-        for q in basis:
-            w = w - _dot(w, q).view(-1, *([1] * (w.dim() - 1))) * q
+        for _ in range(2):  # full re-orthogonalization (Gram-Schmidt, twice is enough)
+            for q in basis:
+                w = w - _dot(w, q).view(-1, *([1] * (w.dim() - 1))) * q
         if step == iterations - 1:
             break
         beta = w.flatten(1).norm(dim=1)

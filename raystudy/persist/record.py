@@ -84,7 +84,7 @@ def defended_parts(target: str | None) -> tuple[str, str] | None:
     """(the target, the defense) of `<target>+<defense>`: the defense is the longest tail of
     `+`-separated steps that are all defenses' (`resnet50+augmix+jpeg:75` is resnet50+augmix behind
     jpeg:75); None for a target as it is. A target or endpoint whose own name would read as defended
-    is refused where it is named (raystudy.config.loaded, raystudy.config.endpoint)."""
+    is refused when the study file is read (raystudy.config.study)."""
     if not isinstance(target, str) or "+" not in target:
         return None
     parts = target.split("+")
