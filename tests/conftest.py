@@ -227,9 +227,19 @@ def raystudy_in_env(env: dict, *args, cwd: Path, home: Path, timeout=600) -> sub
     home.mkdir(parents=True, exist_ok=True)
     full = {**os.environ, **env, "HOME": str(home)}
     full.pop("AWS_ENDPOINT_URL", None)  # only RAYSTUDY_S3_ENDPOINT points at the server
-    return subprocess.run(
-        RAYSTUDY + [str(a) for a in args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=full
-    )
+    try:
+        return subprocess.run(
+            RAYSTUDY + [str(a) for a in args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=full
+        )
+    except subprocess.TimeoutExpired as err:  # say where it stood: the tails, not pytest's cut repr
+        pytest.fail(f"raystudy {' '.join(map(str, args))} ran past {timeout} s:\n{_tails(err)}")
+
+
+def _tails(err: subprocess.TimeoutExpired, chars: int = 6000) -> str:
+    def text(value) -> str:
+        return value.decode(errors="replace") if isinstance(value, bytes) else value or ""
+
+    return f"--- stdout (end) ---\n{text(err.stdout)[-chars:]}\n--- stderr (end) ---\n{text(err.stderr)[-chars:]}"
 
 
 def _client(env: dict):
@@ -253,20 +263,31 @@ def put_smoke_targets(env: dict, smoke_storage: Path, prefix: str) -> None:
         client.put_object(Bucket=BUCKET, Key=f"{prefix}/smoke_targets/targets/{path.name}", Body=path.read_bytes())
 
 
-def bucket_files(env: dict, prefix: str, suffix: str = "") -> dict[str, bytes]:
-    """The objects under s3://studies/<prefix> (ending in `suffix`), read through the same S3 API;
-    one deleted between listing and reading (Ray drops old checkpoints) is left out."""
+def bucket_keys(env: dict, prefix: str) -> list[str]:
+    """The names of the objects under s3://studies/<prefix>."""
+    pages = _client(env).get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
+def bucket_files(env: dict, prefix: str, suffix: str = "", where=None) -> dict[str, bytes]:
+    """The objects under s3://studies/<prefix> (ending in `suffix`, with a name `where` accepts),
+    read through the same S3 API; one deleted between listing and reading (Ray drops old
+    checkpoints) is left out."""
     client = _client(env)
     out = {}
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
-        for item in page.get("Contents", []):
-            if not item["Key"].endswith(suffix):
-                continue
-            try:
-                out[item["Key"]] = client.get_object(Bucket=BUCKET, Key=item["Key"])["Body"].read()
-            except client.exceptions.NoSuchKey:
-                continue
+    for key in bucket_keys(env, prefix):
+        if not key.endswith(suffix) or (where is not None and not where(key)):
+            continue
+        try:
+            out[key] = client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+        except client.exceptions.NoSuchKey:
+            continue
     return out
+
+
+def put_in_bucket(env: dict, files: dict[str, bytes]) -> None:
+    for key, body in files.items():
+        _client(env).put_object(Bucket=BUCKET, Key=key, Body=body)
 
 
 def finals_in_bucket(env: dict, experiment: str) -> dict[str, list[dict]]:

@@ -24,8 +24,10 @@ from conftest import (
     RAYSTUDY,
     ROOT,
     bucket_files,
+    bucket_keys,
     finals_in_bucket,
     finished_once,
+    put_in_bucket,
     put_smoke_targets,
     raystudy_in_env,
     smoke_search,
@@ -107,6 +109,17 @@ def test_targets_grid_status_and_analysis_through_s3_and_no_secret_anywhere(secr
     assert objects_holding(env, "p/", values) == []
 
 
+def ray_state_files(env: dict, experiment: str) -> dict[str, bytes]:
+    """Ray's experiment state in the bucket: its trial list and its searcher's files, as objects."""
+    names = ("experiment_state-", "search_gen_state-", "searcher-state-")
+    return bucket_files(env, experiment + "/", where=lambda key: key[len(experiment) + 1 :].startswith(names))
+
+
+def trial_folders(env: dict, experiment: str) -> set[str]:
+    inside = (key[len(experiment) + 1 :] for key in bucket_keys(env, experiment + "/"))
+    return {name.split("/")[0] for name in inside if name.startswith("trial_") and "/" in name}
+
+
 def test_search_survives_losing_its_driver(s3, smoke_storage, tmp_path):
     import optuna
 
@@ -127,13 +140,31 @@ def test_search_survives_losing_its_driver(s3, smoke_storage, tmp_path):
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
+    # Ray uploads its experiment's trial list and its searcher's files (with its own counts of the
+    # search's trials) as separate objects, and a driver lost between two uploads leaves them out
+    # of step. Made certain here: the kill lands once the trial list was uploaded again after the
+    # second trial began, and the searcher's files are put back as Ray first uploaded them (the
+    # first trial running), which once left the resumed search waiting forever.
+    first_searcher_files: dict[str, bytes] = {}
+    trial_list_at_second = None
     deadline = time.time() + 300
-    while time.time() < deadline and sum(bool(rows) for rows in finals_in_bucket(s3, "q/s3_search").values()) < 1:
+    while time.time() < deadline:
+        files = ray_state_files(s3, "q/s3_search")
+        searcher_files = {k: v for k, v in files.items() if "experiment_state-" not in k}
+        first_searcher_files = {**searcher_files, **first_searcher_files}
+        trial_list = {k: v for k, v in files.items() if "experiment_state-" in k}
+        if len(trial_folders(s3, "q/s3_search")) >= 2:
+            if trial_list_at_second is None:
+                trial_list_at_second = trial_list
+            elif trial_list != trial_list_at_second:
+                break
         time.sleep(1)
     os.killpg(driver.pid, signal.SIGKILL)  # the driver machine is gone, with its local Ray and files
     driver.wait()
     done_before = {name for name, rows in finals_in_bucket(s3, "q/s3_search").items() if rows}
     assert 1 <= len(done_before) < 4, "the kill should land mid-search"
+    assert first_searcher_files and first_searcher_files != ray_state_files(s3, "q/s3_search")
+    put_in_bucket(s3, first_searcher_files)
 
     second = tmp_path / "second"
     second.mkdir()

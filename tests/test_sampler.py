@@ -23,7 +23,7 @@ def objective(config: dict) -> float:
 
 def drawn(tmp_path, sampler: str, seed: int, n: int = 12) -> list[float]:
     """The rho values a seeded search draws, each told its objective before the next is drawn."""
-    searcher = searcher_of(tmp_path, sampler=sampler, seed=seed)
+    searcher = searcher_of(tmp_path, sampler=sampler, seed=seed, num_samples=n)
     values = []
     for i in range(n):
         config = searcher.suggest(f"t{i}")

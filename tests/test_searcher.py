@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import pickle
+from types import SimpleNamespace
 
 import pytest
 
 optuna = pytest.importorskip("optuna")
 
+from ray.tune.search import ConcurrencyLimiter, Searcher  # noqa: E402
+
 from raystudy.cluster.experiment import Experiment, history_of  # noqa: E402
+from raystudy.cluster.searcher import OptunaSearcher, RayTrials  # noqa: E402
 from raystudy.config import parse_space  # noqa: E402
 
 METRIC = "asr/pgd/untargeted/8/mean"
@@ -57,7 +61,7 @@ def test_ray_restores_it_from_its_pickled_state_and_it_goes_on(tmp_path):
 
 
 def test_a_search_over_mechanisms_draws_only_the_chosen_ones_magnitudes(tmp_path):
-    searcher = searcher_of(tmp_path, mechanism=["SAM", "MU"], params={})
+    searcher = searcher_of(tmp_path, mechanism=["SAM", "MU"], params={}, num_samples=12)
     drawn = [searcher.suggest(str(i)) for i in range(12)]
     for config in drawn:
         expected = {"mechanism", "SAM.rho"} if config["mechanism"] == "SAM" else {"mechanism", "MU.p"}
@@ -71,3 +75,68 @@ def test_several_objectives_are_told_as_optuna_directions(tmp_path):
     searcher.on_trial_complete("a", {METRIC: 0.5, "test_acc": 0.8, "final": 1, "config": config})
     trial = searcher.study.get_trials(deepcopy=False)[0]
     assert trial.values == [0.5, 0.8] and len(searcher.study.directions) == 2
+
+
+def running_trials(*ids: str, finished: tuple[str, ...] = ()) -> list:
+    """Ray's trial list as a Tune callback sees it (what `RayTrials` reads)."""
+    return [SimpleNamespace(trial_id=i, is_finished=lambda i=i: i in finished) for i in ids]
+
+
+class CountedByRay(OptunaSearcher):
+    """The searcher as it was: Ray's limiter keeps the count of running trials itself."""
+
+    set_max_concurrency = Searcher.set_max_concurrency
+
+
+def test_a_resumed_search_is_not_held_by_a_trial_ray_never_recorded(tmp_path):
+    """Ray saves the limiter's running set with the searcher and uploads the trial list apart: a
+    driver lost between the two uploads left a limiter that waits for a trial Ray never runs."""
+
+    def restored(searcher_type, trial_list: list):
+        searcher = searcher_of(tmp_path / searcher_type.__name__)
+        searcher.__class__ = searcher_type
+        limiter = ConcurrencyLimiter(searcher, max_concurrent=1)  # as Ray wraps it for max_concurrent_trials
+        assert limiter.suggest("a") is not None and limiter.suggest("b") is None
+        saved, path = limiter.get_state(), str(tmp_path / f"{searcher_type.__name__}.pkl")
+        searcher.save(path)
+        again = pickle.loads(pickle.dumps(searcher))  # the new driver: tuner.pkl, then Ray's restore
+        again_limiter = ConcurrencyLimiter(again, max_concurrent=1)
+        again_limiter.set_state(saved)
+        again.restore(path)
+        RayTrials("s").on_step_begin(0, trial_list)
+        return again_limiter
+
+    assert restored(CountedByRay, []).suggest("b") is None  # Ray would ask again forever
+    assert restored(OptunaSearcher, []).suggest("b") is not None  # Ray knows no running trial: go on
+    assert restored(OptunaSearcher, running_trials("a")).suggest("b") is None  # it does: wait for it
+
+
+def test_the_limit_counts_rays_unfinished_trials_and_this_drivers_suggestions(tmp_path):
+    searcher = searcher_of(tmp_path, num_samples=8)
+    limiter = ConcurrencyLimiter(searcher, max_concurrent=2)
+    steps = RayTrials("s")
+    steps.on_step_begin(0, running_trials("r"))  # a resumed trial, not yet reporting
+    assert limiter.suggest("a") is not None and limiter.suggest("b") is None
+    steps.on_step_begin(1, running_trials("r", "a", finished=("a",)))
+    limiter.on_trial_complete("a", None, error=True)
+    assert limiter.suggest("b") is not None and limiter.suggest("c") is None
+    steps.on_step_begin(2, running_trials("r", "a", "b", finished=("a", "r")))
+    assert limiter.suggest("c") is not None and limiter.suggest("d") is None
+    # Without Ray's steps (called directly): its own suggestions that did not complete.
+    alone = searcher_of(tmp_path / "alone")
+    alone.set_max_concurrency(1)
+    assert alone.suggest("x") is not None and alone.suggest("y") is None
+    alone.on_trial_complete("x", None, error=True)
+    assert alone.suggest("y") is not None
+
+
+def test_the_search_ends_at_num_samples_of_the_trials_ray_holds(tmp_path):
+    """Ray's own count of suggestions is saved apart from its trial list: restored, it ran one trial
+    more or fewer than asked. The searcher counts the trials Ray holds (num_samples: 4)."""
+    searcher = searcher_of(tmp_path)
+    steps = RayTrials("s")
+    steps.on_step_begin(0, running_trials("a", "b", finished=("a", "b")))  # two done before the loss
+    assert searcher.suggest("c") is not None and searcher.suggest("d") is not None
+    assert searcher.suggest("e") is Searcher.FINISHED
+    steps.on_step_begin(1, running_trials("a", "b", "c", finished=("a", "b")))  # d: lost with a driver
+    assert searcher.suggest("e") is not None and searcher.suggest("f") is Searcher.FINISHED

@@ -256,10 +256,12 @@ def tune(experiment: Experiment, ray: RayOptions):
 
     scheduler = searcher = None
     num_samples = 1
+    callbacks = tracking_callbacks(ray.trackers, spec.name)
     if spec.kind == "search":
         searcher, scheduler = _search_setup(experiment)
         param_space: dict[str, Any] = {}
-        num_samples = spec.search.num_samples
+        num_samples = -1  # the searcher counts the trials (raystudy.cluster.searcher)
+        callbacks.append(search.RayTrials(spec.name))
     else:
         param_space = {"plan": ray_tune.grid_search([plan.to_dict() for plan in spec.plans])}
     tuner = ray_tune.Tuner(
@@ -285,7 +287,7 @@ def tune(experiment: Experiment, ray: RayOptions):
             failure_config=ray_tune.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=ray_tune.CheckpointConfig(num_to_keep=2),
             progress_reporter=_reporter(spec),
-            callbacks=tracking_callbacks(ray.trackers, spec.name),
+            callbacks=callbacks,
             verbose=1,
         ),
     )
@@ -300,7 +302,14 @@ def history_of(experiment: Experiment) -> search.OptunaSearcher:
     metrics = spec.search.objective_metrics
     modes = spec.search.modes if spec.search.multi_objective else (spec.search.mode,)
     return search.OptunaSearcher(
-        search.SearchSpace.of(spec), metrics, modes, spec.name, place, spec.search.seed, spec.search.sampler
+        search.SearchSpace.of(spec),
+        metrics,
+        modes,
+        spec.name,
+        place,
+        spec.search.seed,
+        spec.search.sampler,
+        num_samples=spec.search.num_samples,
     )
 
 
