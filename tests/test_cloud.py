@@ -34,7 +34,9 @@ from conftest import (
 )
 from test_secrets import fake_secrets, files_holding, objects_holding
 
+from raystudy.config import parse_space
 from raystudy.persist.optuna_history import journal_storage
+from raystudy.training.trial import progress_columns
 
 pytestmark = pytest.mark.slow
 
@@ -111,13 +113,65 @@ def test_targets_grid_status_and_analysis_through_s3_and_no_secret_anywhere(secr
 
 def ray_state_files(env: dict, experiment: str) -> dict[str, bytes]:
     """Ray's experiment state in the bucket: its trial list and its searcher's files, as objects."""
-    names = ("experiment_state-", "search_gen_state-", "searcher-state-")
+    names = ("experiment_state-", "search_gen_state-", "searcher-state-", "basic-variant-state-")
     return bucket_files(env, experiment + "/", where=lambda key: key[len(experiment) + 1 :].startswith(names))
 
 
 def trial_folders(env: dict, experiment: str) -> set[str]:
     inside = (key[len(experiment) + 1 :] for key in bucket_keys(env, experiment + "/"))
     return {name.split("/")[0] for name in inside if name.startswith("trial_") and "/" in name}
+
+
+def lose_the_driver_between_rays_uploads(s3: dict, experiment: str, command: list[str], cwd: Path) -> set[str]:
+    """Run `raystudy <command>` and lose its driver between two of Ray's uploads; returns the trials
+    finished before. Ray uploads the experiment's trial list and its searcher's files (its own
+    counts of the trials) as separate objects, so a driver lost between two uploads leaves them out
+    of step. Made certain here: the kill lands once the trial list was uploaded again after the
+    second trial began, and the searcher's files are put back as Ray first uploaded them (the first
+    trial running), which once left the resumed study waiting forever."""
+    driver = subprocess.Popen(
+        RAYSTUDY + command,
+        cwd=cwd,
+        # Ray's snapshot every second, not every 10 s: the kill lands soon after the second trial began.
+        env={**os.environ, **s3, "HOME": str(cwd / "home"), "TUNE_GLOBAL_CHECKPOINT_S": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+    def searchers_and_trial_list() -> tuple[dict, dict]:
+        files = ray_state_files(s3, experiment)
+        trial_list = {k: v for k, v in files.items() if "experiment_state-" in k}
+        return {k: v for k, v in files.items() if k not in trial_list}, trial_list
+
+    first_searcher_files: dict[str, bytes] = {}
+    trial_list_at_second = None
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        searcher_files, trial_list = searchers_and_trial_list()
+        first_searcher_files = {**searcher_files, **first_searcher_files}
+        if len(trial_folders(s3, experiment)) >= 2:
+            if trial_list_at_second is None:
+                trial_list_at_second = trial_list
+            elif trial_list != trial_list_at_second:
+                break
+        time.sleep(1)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver machine is gone, with its local Ray and files
+    driver.wait()
+    assert first_searcher_files and first_searcher_files != searchers_and_trial_list()[0]
+    put_in_bucket(s3, first_searcher_files)
+    return {name for name, rows in finals_in_bucket(s3, experiment).items() if rows}
+
+
+def resumed_on_another_machine(s3: dict, experiment: str, tmp_path: Path) -> dict[str, list[dict]]:
+    """`raystudy resume` from another working folder and HOME; the finals in the bucket after it."""
+    second = tmp_path / "second"
+    second.mkdir()
+    out = raystudy_in_env(
+        s3, "resume", f"s3://{BUCKET}/{experiment}", "--num-cpus", 2, cwd=second, home=second / "home"
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return finals_in_bucket(s3, experiment)
 
 
 def test_search_survives_losing_its_driver(s3, smoke_storage, tmp_path):
@@ -131,46 +185,15 @@ def test_search_survives_losing_its_driver(s3, smoke_storage, tmp_path):
     path.write_text(yaml.safe_dump(space))
     first = tmp_path / "first"
     first.mkdir()
-    env = {**os.environ, **s3, "HOME": str(first / "home")}
-    driver = subprocess.Popen(
-        RAYSTUDY + ["search", str(path), "--storage", targets, "--num-cpus", "2", "--max-concurrent", "1"],
+    done_before = lose_the_driver_between_rays_uploads(
+        s3,
+        "q/s3_search",
+        ["search", str(path), "--storage", targets, "--num-cpus", "2", "--max-concurrent", "1"],
         cwd=first,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
     )
-    # Ray uploads its experiment's trial list and its searcher's files (with its own counts of the
-    # search's trials) as separate objects, and a driver lost between two uploads leaves them out
-    # of step. Made certain here: the kill lands once the trial list was uploaded again after the
-    # second trial began, and the searcher's files are put back as Ray first uploaded them (the
-    # first trial running), which once left the resumed search waiting forever.
-    first_searcher_files: dict[str, bytes] = {}
-    trial_list_at_second = None
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        files = ray_state_files(s3, "q/s3_search")
-        searcher_files = {k: v for k, v in files.items() if "experiment_state-" not in k}
-        first_searcher_files = {**searcher_files, **first_searcher_files}
-        trial_list = {k: v for k, v in files.items() if "experiment_state-" in k}
-        if len(trial_folders(s3, "q/s3_search")) >= 2:
-            if trial_list_at_second is None:
-                trial_list_at_second = trial_list
-            elif trial_list != trial_list_at_second:
-                break
-        time.sleep(1)
-    os.killpg(driver.pid, signal.SIGKILL)  # the driver machine is gone, with its local Ray and files
-    driver.wait()
-    done_before = {name for name, rows in finals_in_bucket(s3, "q/s3_search").items() if rows}
     assert 1 <= len(done_before) < 4, "the kill should land mid-search"
-    assert first_searcher_files and first_searcher_files != ray_state_files(s3, "q/s3_search")
-    put_in_bucket(s3, first_searcher_files)
 
-    second = tmp_path / "second"
-    second.mkdir()
-    out = raystudy_in_env(s3, "resume", f"{targets}/s3_search", "--num-cpus", 2, cwd=second, home=second / "home")
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    finals = finals_in_bucket(s3, "q/s3_search")
+    finals = resumed_on_another_machine(s3, "q/s3_search", tmp_path)
     assert len(finals) == 4 and all(finished_once(rows) for rows in finals.values())
     # The search's history came back from the bucket: the Optuna study holds the 4 trials, complete.
     segments = bucket_files(s3, "q/s3_search/optuna-journal/")
@@ -186,3 +209,26 @@ def test_search_survives_losing_its_driver(s3, smoke_storage, tmp_path):
     assert sum(len(body) for body in segments.values()) == journal.stat().st_size
     best = json.loads(bucket_files(s3, "q/s3_search/best_config.json")["q/s3_search/best_config.json"])
     assert best["value"] == pytest.approx(max(t.value for t in study.trials if t.value is not None))
+
+
+def test_a_grid_held_back_by_max_concurrent_survives_losing_its_driver(s3, smoke_storage, tmp_path):
+    """Ray's grid saves the plans it has handed out and its running trials apart from its trial
+    list: resumed out of step, it waited forever (or ran a plan twice, or never). raystudy hands
+    out a grid's plans itself, against the trials Ray holds."""
+    put_smoke_targets(s3, smoke_storage, "r")
+    targets = f"s3://{BUCKET}/r"
+    space = yaml.safe_load((ROOT / "search_spaces" / "smoke.yaml").read_text())
+    space["name"] = "s3_grid"
+    path = tmp_path / "s3_grid.yaml"
+    path.write_text(yaml.safe_dump(space))
+    first = tmp_path / "first"
+    first.mkdir()
+    command = ["run", str(path), "--storage", targets, "--num-cpus", "2", "--max-concurrent", "1"]
+    done_before = lose_the_driver_between_rays_uploads(s3, "r/s3_grid", command, cwd=first)
+    assert 1 <= len(done_before) < 5, "the kill should land mid-grid"
+
+    finals = resumed_on_another_machine(s3, "r/s3_grid", tmp_path)
+    assert len(finals) == 5 and all(finished_once(rows) for rows in finals.values())
+    ran = sorted((rows[0]["mechanism"], rows[0]["magnitudes"]) for rows in finals.values())
+    columns = [progress_columns(plan) for plan in parse_space(space, str(path)).plans]
+    assert ran == sorted((c["mechanism"], c["magnitudes"]) for c in columns)  # each plan once

@@ -12,7 +12,8 @@ optuna = pytest.importorskip("optuna")
 from ray.tune.search import ConcurrencyLimiter, Searcher  # noqa: E402
 
 from raystudy.cluster.experiment import Experiment, history_of  # noqa: E402
-from raystudy.cluster.searcher import OptunaSearcher, RayTrials  # noqa: E402
+from raystudy.cluster.searcher import OptunaSearcher  # noqa: E402
+from raystudy.cluster.trial_count import RayTrials  # noqa: E402
 from raystudy.config import parse_space  # noqa: E402
 
 METRIC = "asr/pgd/untargeted/8/mean"
@@ -77,9 +78,11 @@ def test_several_objectives_are_told_as_optuna_directions(tmp_path):
     assert trial.values == [0.5, 0.8] and len(searcher.study.directions) == 2
 
 
-def running_trials(*ids: str, finished: tuple[str, ...] = ()) -> list:
-    """Ray's trial list as a Tune callback sees it (what `RayTrials` reads)."""
-    return [SimpleNamespace(trial_id=i, is_finished=lambda i=i: i in finished) for i in ids]
+def running_trials(*ids: str, finished: tuple[str, ...] = (), plans: dict | None = None) -> list:
+    """Ray's trial list as a Tune callback sees it (what `RayTrials` reads): `plans`, a grid's
+    trials' plans by id."""
+    configs = {i: {"plan": plan} for i, plan in (plans or {}).items()}
+    return [SimpleNamespace(trial_id=i, is_finished=lambda i=i: i in finished, config=configs.get(i, {})) for i in ids]
 
 
 class CountedByRay(OptunaSearcher):

@@ -21,6 +21,7 @@ from raystudy.blackbox.query import load_endpoints, save_endpoints
 from raystudy.cluster import searcher as search
 from raystudy.cluster import warm_start
 from raystudy.cluster.session import init_ray
+from raystudy.cluster.trial_count import PlanSearcher, RayTrials
 from raystudy.config import STUDY_MANIFEST, StudySpec, parse_space
 from raystudy.config.sampler import search_settings
 from raystudy.config.torchattack import is_torchattack
@@ -254,24 +255,25 @@ def tune(experiment: Experiment, ray: RayOptions):
             return tuner.fit()
     from raystudy.cluster.tracking import tracking_callbacks
 
-    scheduler = searcher = None
-    num_samples = 1
+    scheduler = None
     callbacks = tracking_callbacks(ray.trackers, spec.name)
+    # The searcher counts the trials against those Ray holds (raystudy.cluster.trial_count): Ray
+    # gets no number of samples, and its limiter hands the limit over.
+    callbacks.append(RayTrials(spec.name))
+    max_concurrent = ray.max_concurrent
     if spec.kind == "search":
         searcher, scheduler = _search_setup(experiment)
-        param_space: dict[str, Any] = {}
-        num_samples = -1  # the searcher counts the trials (raystudy.cluster.searcher)
-        callbacks.append(search.RayTrials(spec.name))
-    else:
-        param_space = {"plan": ray_tune.grid_search([plan.to_dict() for plan in spec.plans])}
+    else:  # not Ray's grid_search, whose saved counts of handed-out plans go out of step with its trials
+        searcher = PlanSearcher([plan.to_dict() for plan in spec.plans], spec.name)
+        # Ray lets as many trials wait for resources as the limit: every plan at once, as its grid did.
+        max_concurrent = max_concurrent or max(1, len(spec.plans))
     tuner = ray_tune.Tuner(
         trainable,
-        param_space=param_space,
         tune_config=ray_tune.TuneConfig(
             search_alg=searcher,
             scheduler=scheduler,
-            num_samples=num_samples,
-            max_concurrent_trials=ray.max_concurrent,
+            num_samples=-1,
+            max_concurrent_trials=max_concurrent,
             trial_dirname_creator=trial_dirname,
             # A trial actor that ended well runs the next trial with the same resources: the next
             # trial skips a new process's imports (and on a GPU its CUDA start), about 3 s a trial

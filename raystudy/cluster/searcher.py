@@ -14,28 +14,21 @@ last upload before a driver was lost) is added back, and a trial asked by a lost
 never ran is marked failed. A warm start's trials (raystudy.cluster.warm_start) are added to the
 history as completed trials before the first suggestion (`add_known`).
 
-A search's trials are counted here, not by Ray: `--max-concurrent` (Ray's ConcurrencyLimiter
-hands it over through its public `set_max_concurrency`) and `num_samples` (Ray is given -1, no
-limit, and the searcher answers FINISHED). Ray saves the limiter's running set and its own count
-of suggestions with the searcher and uploads those files and the experiment's trial list
-separately; a driver lost between the uploads left a resumed search waiting forever for a trial
-Ray never recorded, or running one trial more or fewer than asked. Here both counts come from
-the trials Ray holds at the start of its step (`RayTrials`, a Tune callback) and those suggested
-since: nothing of it is saved, so a resumed driver counts what the restored Ray holds.
+The trials are counted as raystudy.cluster.trial_count counts them (`num_samples` and
+`--max-concurrent` against the trials Ray holds, never against counts Ray saved).
 No torch here.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import pickle
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from ray.tune import Callback
 from ray.tune.search import Searcher
 
+from raystudy.cluster.trial_count import CountedSearcher
 from raystudy.config import StudySpec
 from raystudy.config.sampler import CMAES_WARM_START_MIN, UNRECORDED_TPE_OPTIONS, SamplerSpec
 from raystudy.config.study import SearchParam
@@ -45,26 +38,6 @@ from raystudy.persist import optuna_history, storage
 MECHANISM = "mechanism"
 # The user attributes that mark a trial of an earlier experiment (a warm start's) in the history.
 KNOWN_EXPERIMENT, KNOWN_TRIAL = "warm_start_experiment", "warm_start_trial"
-
-
-# Per search (its study name), in the driver: (the number of Ray's step, the ids of every trial
-# it holds, the ids of those not finished) when the step began, as `RayTrials` last saw them.
-_AT_STEP: dict[str, tuple[int, frozenset[str], frozenset[str]]] = {}
-_NO_STEP = (-1, frozenset(), frozenset())
-_steps = itertools.count()
-
-
-class RayTrials(Callback):
-    """Shows a search's searcher the trials Ray holds, at the start of every step of Ray's loop
-    (before it asks the searcher for new trials)."""
-
-    def __init__(self, study_name: str) -> None:
-        self.study_name = study_name
-
-    def on_step_begin(self, iteration: int, trials: list, **info) -> None:
-        every = frozenset(t.trial_id for t in trials)
-        unfinished = frozenset(t.trial_id for t in trials if not t.is_finished())
-        _AT_STEP[self.study_name] = (next(_steps), every, unfinished)
 
 
 @dataclass(frozen=True)
@@ -192,7 +165,7 @@ def build_sampler(spec: SamplerSpec, seed: int, source_trials: Sequence[Any] = (
         return kinds[spec.name](seed=seed, **dict(spec.options), **extra)
 
 
-class OptunaSearcher(Searcher):
+class OptunaSearcher(CountedSearcher):
     def __init__(
         self,
         space: SearchSpace,
@@ -212,13 +185,11 @@ class OptunaSearcher(Searcher):
         self.num_samples = num_samples
         self.max_concurrent: int | None = None
         self._study = self._mirror = self._history = None
-        self._suggested: dict[str, int] = {}  # this driver's suggestions -> the step they were made at
-        self._completed: set[str] = set()  # ... and those Ray reported complete
-        _AT_STEP.pop(study_name, None)  # an earlier search's of this name, in this process
+        self._forget_counts()
 
     # Ray pickles the searcher into the experiment (tuner.pkl, searcher-state-*.pkl): plain data only.
     def __getstate__(self) -> dict[str, Any]:
-        unsaved = ("_study", "_mirror", "_history", "_suggested", "_completed")
+        unsaved = ("_study", "_mirror", "_history", *self.UNSAVED)
         return {k: v for k, v in self.__dict__.items() if k not in unsaved}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -228,21 +199,8 @@ class OptunaSearcher(Searcher):
         # One saved before the searcher counted its trials: Ray's ConcurrencyLimiter and counter do.
         state.setdefault("num_samples", None)
         state.setdefault("max_concurrent", None)
-        self.__dict__.update(state, _study=None, _mirror=None, _history=None, _suggested={}, _completed=set())
-        _AT_STEP.pop(self.study_name, None)  # Ray's next step says which trials it holds
-
-    def set_max_concurrency(self, max_concurrent: int) -> bool:
-        """Ray's ConcurrencyLimiter offers its limit here; True: this searcher keeps it (module docstring)."""
-        self.max_concurrent = max_concurrent
-        return True
-
-    def trials_held(self) -> tuple[set[str], set[str]]:
-        """(every trial of the search, those still running): what Ray held at the start of its last
-        step and what was suggested since; before any step was seen (called directly), this
-        driver's suggestions and those of them not complete."""
-        step, every, unfinished = _AT_STEP.get(self.study_name, _NO_STEP)
-        since = {trial_id for trial_id, at in self._suggested.items() if at >= step}
-        return every | since, unfinished | (since - self._completed)
+        self.__dict__.update(state, _study=None, _mirror=None, _history=None)
+        self._forget_counts()
 
     def start(self) -> None:
         """Create the search's Optuna study (a new experiment); its history exists before any trial.
@@ -323,23 +281,22 @@ class OptunaSearcher(Searcher):
         return self._study
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
-        every, running = self.trials_held()
-        if self.num_samples is not None and len(every) >= self.num_samples:
+        if self.num_samples is not None and len(self.trials_held()[0]) >= self.num_samples:
             return Searcher.FINISHED
-        if self.max_concurrent is not None and len(running) >= self.max_concurrent:
+        if self.at_limit():
             return None  # Ray asks again at a later step
         trial = self.study.ask()
         config = self.space.draw(trial)
         self.asked[trial_id] = trial.number
-        self._suggested[trial_id] = _AT_STEP.get(self.study_name, _NO_STEP)[0]
+        self._note_suggested(trial_id)
         self.sync()
         return config
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         import optuna
 
+        super().on_trial_complete(trial_id, result, error)
         result = result or {}
-        self._completed.add(trial_id)
         number = self._number_of(trial_id, result)
         if number is None:
             print(f"optuna: trial {trial_id} is not in the search's history; left to the end of the tune phase")
