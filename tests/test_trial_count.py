@@ -12,7 +12,7 @@ pytest.importorskip("ray")
 from ray.tune.search import ConcurrencyLimiter, Searcher  # noqa: E402
 from test_searcher import running_trials  # noqa: E402
 
-from raystudy.cluster.trial_count import PlanSearcher, RayTrials  # noqa: E402
+from raystudy.cluster.trial_count import PlanSearcher, RayTrials, counted_search  # noqa: E402
 
 PLANS = [{"mechanism": name, "seed": 0} for name in ("ST", "SAM", "JR")]
 
@@ -54,3 +54,15 @@ def test_its_saved_limit_is_json_and_a_bad_file_keeps_the_given_limit(tmp_path):
         (tmp_path / "bad").write_bytes(hostile)
         again.restore(str(tmp_path / "bad"))
         assert again.max_concurrent == 2
+
+
+def test_rays_saved_count_and_finished_are_not_restored():
+    """Ray's saved "finished" and count of suggestions, uploaded ahead of a trial list that lacks
+    the last plan, would end the resumed grid one plan short, and every resume after it."""
+    searcher = PlanSearcher(PLANS, "g")
+    search = counted_search(searcher, max_concurrent=1)
+    search.set_state({"counter": 3, "total_samples": 3, "finished": True, "experiment": None})
+    assert not search.is_finished()
+    holds = running_trials("a", "b", finished=("a", "b"), plans={"a": PLANS[0], "b": PLANS[1]})
+    RayTrials("g").on_step_begin(0, holds)
+    assert search.searcher.suggest("c") == {"plan": PLANS[2]}

@@ -21,7 +21,7 @@ from raystudy.blackbox.query import load_endpoints, save_endpoints
 from raystudy.cluster import searcher as search
 from raystudy.cluster import warm_start
 from raystudy.cluster.session import init_ray
-from raystudy.cluster.trial_count import PlanSearcher, RayTrials
+from raystudy.cluster.trial_count import PlanSearcher, RayTrials, counted_search
 from raystudy.config import STUDY_MANIFEST, StudySpec, parse_space
 from raystudy.config.sampler import search_settings
 from raystudy.config.torchattack import is_torchattack
@@ -257,23 +257,21 @@ def tune(experiment: Experiment, ray: RayOptions):
 
     scheduler = None
     callbacks = tracking_callbacks(ray.trackers, spec.name)
-    # The searcher counts the trials against those Ray holds (raystudy.cluster.trial_count): Ray
-    # gets no number of samples, and its limiter hands the limit over.
+    # The searcher counts the trials against those Ray holds, never against Ray's saved counts
+    # (raystudy.cluster.trial_count).
     callbacks.append(RayTrials(spec.name))
-    max_concurrent = ray.max_concurrent
     if spec.kind == "search":
         searcher, scheduler = _search_setup(experiment)
-    else:  # not Ray's grid_search, whose saved counts of handed-out plans go out of step with its trials
+        num_samples, max_concurrent = spec.search.num_samples, ray.max_concurrent
+    else:  # not Ray's grid_search, whose saved position among the plans goes out of step with its trials
         searcher = PlanSearcher([plan.to_dict() for plan in spec.plans], spec.name)
-        # Ray lets as many trials wait for resources as the limit: every plan at once, as its grid did.
-        max_concurrent = max_concurrent or max(1, len(spec.plans))
+        num_samples, max_concurrent = len(spec.plans), ray.max_concurrent or grid_pending_limit(len(spec.plans))
     tuner = ray_tune.Tuner(
         trainable,
         tune_config=ray_tune.TuneConfig(
-            search_alg=searcher,
+            search_alg=counted_search(searcher, max_concurrent),
             scheduler=scheduler,
-            num_samples=-1,
-            max_concurrent_trials=max_concurrent,
+            num_samples=num_samples,
             trial_dirname_creator=trial_dirname,
             # A trial actor that ended well runs the next trial with the same resources: the next
             # trial skips a new process's imports (and on a GPU its CUDA start), about 3 s a trial
@@ -294,6 +292,15 @@ def tune(experiment: Experiment, ray: RayOptions):
         ),
     )
     return tuner.fit()
+
+
+def grid_pending_limit(num_plans: int) -> int:
+    """The trials of a grid without --max-concurrent that may wait for resources at once (Ray's
+    limit is also the most that run): as many as Ray's own grid let wait, max(200, 1.1 x the
+    cluster's CPUs), so an autoscaler sees the demand."""
+    import ray
+
+    return max(1, min(num_plans, max(200, int(ray.cluster_resources().get("CPU", 1) * 1.1))))
 
 
 def history_of(experiment: Experiment) -> search.OptunaSearcher:

@@ -281,7 +281,7 @@ class OptunaSearcher(CountedSearcher):
         return self._study
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
-        if self.num_samples is not None and len(self.trials_held()[0]) >= self.num_samples:
+        if self.num_samples is not None and self.trials_held() >= self.num_samples:
             return Searcher.FINISHED
         if self.at_limit():
             return None  # Ray asks again at a later step

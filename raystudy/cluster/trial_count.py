@@ -4,11 +4,12 @@ Ray saves its own counts (its ConcurrencyLimiter's running trials, a search's nu
 suggestions, a grid generator's running trials and the grid points it has handed out) in files it
 uploads apart from the experiment's trial list. A driver lost between two such uploads left a
 resumed study out of step with its trials: waiting forever for a trial Ray never recorded, or
-running one trial more or fewer than asked. A searcher here takes `--max-concurrent` through the
-limiter's public `set_max_concurrency`, answers FINISHED itself (Ray is given num_samples -1), and
-counts the trials `RayTrials` (a Tune callback) saw at the start of Ray's last step plus those it
-suggested since: nothing of it is saved, so a resumed driver counts what the restored Ray holds.
-`PlanSearcher` hands out a grid's plans this way.
+running one trial more or fewer than asked, and every later resume the same. A searcher here
+takes `--max-concurrent` through the limiter's public `set_max_concurrency` and answers FINISHED
+itself, counting the trials `RayTrials` (a Tune callback) saw at the start of Ray's last step plus
+those it suggested since: nothing of it is saved, so a resumed driver counts what the restored Ray
+holds; Ray's own count and "finished" are not restored (`CountedSearch`). `PlanSearcher` hands out
+a grid's plans this way.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ray.tune import Callback
-from ray.tune.search import Searcher
+from ray.tune.search import ConcurrencyLimiter, Searcher, SearchGenerator
 
 
 @dataclass(frozen=True)
@@ -48,26 +49,57 @@ class RayTrials(Callback):
 
     def __init__(self, study_name: str) -> None:
         self.study_name = study_name
+        self._plan_of: dict[str, str] = {}  # a trial's plan key, made once per trial
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"study_name": self.study_name}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["study_name"])
 
     def on_step_begin(self, iteration: int, trials: list, **info) -> None:
+        for trial in trials:
+            if trial.trial_id not in self._plan_of and "plan" in (trial.config or {}):
+                self._plan_of[trial.trial_id] = plan_key(trial.config["plan"])
+        every = frozenset(t.trial_id for t in trials)
         _AT_STEP[self.study_name] = Step(
             next(_steps),
-            frozenset(t.trial_id for t in trials),
+            every,
             frozenset(t.trial_id for t in trials if not t.is_finished()),
-            frozenset(plan_key(t.config["plan"]) for t in trials if "plan" in (t.config or {})),
+            frozenset(self._plan_of[i] for i in every if i in self._plan_of),
         )
 
 
-class CountedSearcher(Searcher):
-    """The counting both searchers share; subclasses call `_forget_counts` when made or restored."""
+class CountedSearch(SearchGenerator):
+    """Ray's wrapper of a searcher, given to the Tuner as it is (with Ray's ConcurrencyLimiter
+    inside where a limit is set) and restored without Ray's saved count of suggestions and
+    "finished": the searcher inside counts against the trials Ray holds. Ray still stops at the
+    number of samples it is given, which the searcher never exceeds."""
 
-    UNSAVED = ("_suggested", "_completed")  # this driver's: never in what Ray saves
+    def set_state(self, state: dict) -> None:
+        super().set_state({**state, "counter": 0, "finished": False})
+
+
+def counted_search(searcher: "CountedSearcher", max_concurrent: int | None) -> CountedSearch:
+    """What the Tuner gets as its search algorithm (with max_concurrent_trials left unset)."""
+    return CountedSearch(ConcurrencyLimiter(searcher, max_concurrent) if max_concurrent else searcher)
+
+
+class CountedSearcher(Searcher):
+    """The counting both searchers share, kept up as it goes (a grid of thousands of plans asks
+    for them all at Ray's first step). Subclasses call `_forget_counts` when made or restored."""
+
+    UNSAVED = ("_step", "_since", "_since_plans", "_since_open", "_completed", "_next")  # this driver's
     study_name: str
     max_concurrent: int | None
 
     def _forget_counts(self) -> None:
-        self._suggested: dict[str, tuple[int, str | None]] = {}  # suggestion -> (step made at, plan)
-        self._completed: set[str] = set()  # ... and those Ray reported complete
+        self._step = _NO_STEP.number  # the step the suggestions below were made after
+        self._since: set[str] = set()  # suggested since Ray's step `_step` began
+        self._since_plans: set[str] = set()  # ... the plans they run
+        self._since_open = 0  # ... how many of them Ray has not reported complete
+        self._completed: set[str] = set()
+        self._next = 0  # PlanSearcher: plans before this one are all held
         _AT_STEP.pop(self.study_name, None)  # Ray's next step says which trials it holds
 
     def set_max_concurrency(self, max_concurrent: int) -> bool:
@@ -75,28 +107,31 @@ class CountedSearcher(Searcher):
         self.max_concurrent = max_concurrent
         return True
 
-    def _since_step(self) -> tuple[Step, dict[str, str | None]]:
+    def ray_step(self) -> Step:
+        """What Ray held at the start of its last step; the suggestions made before that step are
+        in it. Before any step was seen (called directly), every suggestion counts as since."""
         step = _AT_STEP.get(self.study_name, _NO_STEP)
-        return step, {tid: plan for tid, (at, plan) in self._suggested.items() if at >= step.number}
+        if step.number != self._step:
+            self._step, self._since, self._since_plans, self._since_open = step.number, set(), set(), 0
+        return step
 
-    def trials_held(self) -> tuple[set[str], set[str]]:
-        """(every trial, those still running): what Ray held at the start of its last step and what
-        was suggested since; before any step was seen (called directly), this driver's suggestions
-        and those of them not complete."""
-        step, since = self._since_step()
-        return set(step.every | since.keys()), set(step.unfinished | (since.keys() - self._completed))
-
-    def plans_held(self) -> set[str]:
-        step, since = self._since_step()
-        return set(step.plans) | {plan for plan in since.values() if plan is not None}
+    def trials_held(self) -> int:
+        return len(self.ray_step().every) + len(self._since)
 
     def at_limit(self) -> bool:
-        return self.max_concurrent is not None and len(self.trials_held()[1]) >= self.max_concurrent
+        running = len(self.ray_step().unfinished) + self._since_open
+        return self.max_concurrent is not None and running >= self.max_concurrent
 
     def _note_suggested(self, trial_id: str, plan: str | None = None) -> None:
-        self._suggested[trial_id] = (_AT_STEP.get(self.study_name, _NO_STEP).number, plan)
+        self.ray_step()
+        self._since.add(trial_id)
+        self._since_open += 1
+        if plan is not None:
+            self._since_plans.add(plan)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._since and trial_id not in self._completed:
+            self._since_open -= 1
         self._completed.add(trial_id)
 
 
@@ -110,21 +145,29 @@ class PlanSearcher(CountedSearcher):
         self._forget_counts()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in self.UNSAVED}
+        return {k: v for k, v in self.__dict__.items() if k not in (*self.UNSAVED, "_keys")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._forget_counts()
 
+    def _forget_counts(self) -> None:
+        super()._forget_counts()
+        self._keys = [plan_key(plan) for plan in self.plans]
+
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
-        held = self.plans_held()
-        left = [plan for plan in self.plans if plan_key(plan) not in held]
-        if not left:
+        held = self.ray_step().plans
+        # Plans once held stay held (Ray's list only grows): the first one not held is after them.
+        while self._next < len(self._keys) and (
+            self._keys[self._next] in held or self._keys[self._next] in self._since_plans
+        ):
+            self._next += 1
+        if self._next == len(self._keys):
             return Searcher.FINISHED
         if self.at_limit():
             return None  # Ray asks again at a later step
-        self._note_suggested(trial_id, plan_key(left[0]))
-        return {"plan": left[0]}
+        self._note_suggested(trial_id, self._keys[self._next])
+        return {"plan": self.plans[self._next]}
 
     # The plans are in tuner.pkl, and Ray saves the searcher at every snapshot of the experiment:
     # the saved state is only the limit, as JSON (read back from storage: checked, never unpickled).
