@@ -25,12 +25,12 @@ from ray.tune.search import ConcurrencyLimiter, Searcher, SearchGenerator
 
 @dataclass(frozen=True)
 class Step:
-    """Ray's trials when one step of its loop began: every trial's id, the unfinished ones' ids,
-    and the plans the trials run (a grid's; a search's trials have none)."""
+    """Ray's trials when one step of its loop began: how many, how many unfinished, and the plans
+    they run (a grid's; a search's trials have none)."""
 
     number: int
-    every: frozenset[str] = frozenset()
-    unfinished: frozenset[str] = frozenset()
+    trials: int = 0
+    unfinished: int = 0
     plans: frozenset[str] = frozenset()
 
 
@@ -61,12 +61,11 @@ class RayTrials(Callback):
         for trial in trials:
             if trial.trial_id not in self._plan_of and "plan" in (trial.config or {}):
                 self._plan_of[trial.trial_id] = plan_key(trial.config["plan"])
-        every = frozenset(t.trial_id for t in trials)
         _AT_STEP[self.study_name] = Step(
             next(_steps),
-            every,
-            frozenset(t.trial_id for t in trials if not t.is_finished()),
-            frozenset(self._plan_of[i] for i in every if i in self._plan_of),
+            len(trials),
+            sum(not t.is_finished() for t in trials),
+            frozenset(self._plan_of[t.trial_id] for t in trials if t.trial_id in self._plan_of),
         )
 
 
@@ -116,10 +115,10 @@ class CountedSearcher(Searcher):
         return step
 
     def trials_held(self) -> int:
-        return len(self.ray_step().every) + len(self._since)
+        return self.ray_step().trials + len(self._since)
 
     def at_limit(self) -> bool:
-        running = len(self.ray_step().unfinished) + self._since_open
+        running = self.ray_step().unfinished + self._since_open
         return self.max_concurrent is not None and running >= self.max_concurrent
 
     def _note_suggested(self, trial_id: str, plan: str | None = None) -> None:
